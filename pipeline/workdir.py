@@ -1,0 +1,40 @@
+"""Where a run keeps its intermediate files, keyed so a changed config never reuses stale work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from schemas.config import BuildConfig, config_hash, section_hash
+
+
+class WorkDir:
+    """Paths of one run. Stage folders carry a hash of the config sections that stage depends on."""
+
+    def __init__(self, cfg: BuildConfig) -> None:
+        self.out = Path(cfg.output.dir)
+        self.root = self.out / ".longloom"
+        self.config_hash = config_hash(cfg)
+        # Reading, tokenizing and per-document filtering depend on these sections only, so a new
+        # packing config reuses the tokenized documents.
+        self.prepare_key = section_hash(cfg, "sources", "tokenizer", "filters", "run")
+
+    @property
+    def prepare_dir(self) -> Path:
+        return self.root / f"prepare-{self.prepare_key}"
+
+    def prepare_record(self, shard_id: str) -> Path:
+        return self.prepare_dir / "done" / f"{shard_id}.json"
+
+    @property
+    def select_dir(self) -> Path:
+        return self.root / f"select-{self.config_hash}"
+
+    def written_record(self, config_name: str, shard: int) -> Path:
+        return self.select_dir / "written" / f"{config_name}-{shard:05d}.json"
+
+    def data_dir(self, config_name: str) -> Path:
+        return self.out / "data" / config_name
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.out / "audit"

@@ -1,0 +1,306 @@
+"""The build configuration: one validated model, loaded from YAML, shared by CLI, flows and library.
+
+Every field a user can set lives here. Sections other issues own (diversity, synthesis, card, ...)
+are separate models in their own modules and plugged in below, so each stays small.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from schemas.diversity import DiversityConfig
+from schemas.publish import CardConfig, PublishConfig
+from schemas.synthesis import ProceduralConfig, RewriterConfig
+
+SourceName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
+
+
+class Strict(BaseModel):
+    """Base for config sections: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ShortDocDownsample(Strict):
+    """Keep documents shorter than `below_tokens` with probability `keep_prob` (Fu et al. 2024)."""
+
+    below_tokens: int = Field(gt=0)
+    keep_prob: float = Field(ge=0.0, le=1.0)
+
+
+class CodeOptions(Strict):
+    """How a source-code repository directory becomes one repository-level document."""
+
+    include_extensions: list[str] | None = Field(
+        default=None,
+        description="Only these file extensions (e.g. ['.py', '.md']); None keeps every text file.",
+    )
+    exclude_dirs: list[str] = Field(
+        default_factory=lambda: [
+            ".git",
+            ".hg",
+            ".svn",
+            "node_modules",
+            "vendor",
+            "vendors",
+            "third_party",
+            "third-party",
+            "site-packages",
+            "dist-packages",
+            "__pycache__",
+            ".venv",
+            "venv",
+            "env",
+            "build",
+            "dist",
+            ".tox",
+            ".mypy_cache",
+            ".pytest_cache",
+            ".ruff_cache",
+            ".idea",
+            ".vscode",
+            "bower_components",
+        ]
+    )
+    max_file_bytes: int = Field(
+        default=2_000_000, gt=0, description="Larger files are quarantined as too_large."
+    )
+
+
+class SourceConfig(Strict):
+    name: SourceName
+    kind: Literal["jsonl", "parquet", "hf", "code"]
+    paths: list[str] = Field(default_factory=list, description="Glob patterns, relative to the config file.")
+    dataset: str | None = Field(default=None, description="hf: a local dataset folder or a hub id.")
+    subset: str | None = Field(default=None, description="hf: the dataset config name.")
+    split: str = "train"
+    revision: str | None = Field(default=None, description="hf: a hub revision; recorded in lineage.")
+    text_field: str = "text"
+    id_field: str | None = None
+    license: str | None = None
+    language: str | None = None
+    token_budget: int | None = Field(
+        default=None, gt=0, description="Keep at most this many tokens of this source."
+    )
+    short_docs: ShortDocDownsample | None = None
+    code: CodeOptions = Field(default_factory=CodeOptions)
+
+    @model_validator(mode="after")
+    def _inputs_given(self) -> SourceConfig:
+        if self.kind == "hf":
+            if not self.dataset:
+                raise ValueError(
+                    f"source {self.name!r}: kind 'hf' needs `dataset` (a local folder or a hub id)"
+                )
+        elif not self.paths:
+            raise ValueError(
+                f"source {self.name!r}: kind {self.kind!r} needs `paths` (one or more glob patterns)"
+            )
+        return self
+
+
+class TokenizerConfig(Strict):
+    name: str = Field(
+        default="quicktok:llama3",
+        description="'quicktok:<encoding>', 'tiktoken:<encoding>' or 'hf:<tokenizer.json path, folder or hub id>'.",
+    )
+    max_piece_chars: int = Field(
+        default=65_536, ge=1024, description="Longer documents are split at line ends before tokenizing."
+    )
+    threads: int = Field(default=0, ge=0, description="Tokenizer threads; 0 = all cores.")
+
+    @field_validator("name")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        backend = v.split(":", 1)[0]
+        if ":" not in v or backend not in ("quicktok", "tiktoken", "hf"):
+            raise ValueError(
+                f"tokenizer {v!r}: expected '<backend>:<name>' with backend one of 'quicktok', 'tiktoken', 'hf'"
+            )
+        return v
+
+
+class FilterConfig(Strict):
+    min_tokens: int = Field(default=1, ge=0, description="Drop documents with fewer tokens.")
+    max_tokens: int | None = Field(default=None, gt=0, description="Drop documents with more tokens.")
+    exact_dedup: bool = True
+
+
+class TargetConfig(Strict):
+    length: int = Field(ge=16, le=16_777_216, description="Tokens per row.")
+    token_budget: int | None = Field(
+        default=None, gt=0, description="Stop routing documents here after this many."
+    )
+    weight: float = Field(
+        default=1.0, gt=0, description="Share of documents routed here while budgets allow."
+    )
+
+
+class PackingConfig(Strict):
+    strategy: Literal["greedy", "best_fit", "similarity"] = "best_fit"
+    targets: list[TargetConfig] = Field(min_length=1)
+    separator: str = Field(
+        default="<|end_of_text|>", description="Special token placed after every document."
+    )
+    pad_token: str | None = Field(
+        default=None, description="Special token for padding; defaults to the separator."
+    )
+    last_row: Literal["drop", "pad"] = Field(
+        default="pad", description="What happens to a final partial row."
+    )
+    doc_order: Literal["input", "shuffle"] = "input"
+    open_bins: int = Field(default=1024, ge=1, le=65536, description="best_fit: rows kept open at once.")
+    lookahead_docs: int = Field(default=16384, ge=1, description="best_fit: documents sorted together.")
+
+    @field_validator("targets")
+    @classmethod
+    def _distinct_lengths(cls, v: list[TargetConfig]) -> list[TargetConfig]:
+        lengths = [t.length for t in v]
+        if len(set(lengths)) != len(lengths):
+            raise ValueError(f"target lengths must be distinct, got {lengths}")
+        return v
+
+
+class OutputConfig(Strict):
+    dir: str = Field(default="out/sample", description="Output folder, relative to the current directory.")
+    shard_tokens: int = Field(
+        default=16_777_216, ge=1024, description="Tokens per output shard (at least one row)."
+    )
+    row_group_tokens: int = Field(default=4_194_304, ge=1024, description="Tokens per Parquet row group.")
+    store_text: bool = Field(default=False, description="Also store each row's decoded text.")
+    compression_level: int = Field(default=1, ge=1, le=22)
+
+
+class RunConfig(Strict):
+    name: str = "longloom"
+    seed: int = 0
+    task_runner: Literal["threads", "dask"] = "threads"
+    workers: int = Field(default=2, ge=1, description="Concurrent tasks (threads, or local Dask workers).")
+    dask_address: str | None = Field(
+        default=None, description="tcp://host:8786 of an existing Dask scheduler."
+    )
+    retries: int = Field(default=2, ge=0)
+    retry_delay_seconds: float = Field(default=2.0, ge=0)
+
+
+class BuildConfig(Strict):
+    """The whole run. `base_dir` (where relative input paths start) is set by the loader, not in YAML."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    sources: list[SourceConfig] = Field(min_length=1)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+    diversity: DiversityConfig = Field(default_factory=DiversityConfig)
+    packing: PackingConfig
+    procedural: ProceduralConfig = Field(default_factory=ProceduralConfig)
+    rewriter: RewriterConfig = Field(default_factory=RewriterConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    card: CardConfig = Field(default_factory=CardConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+    base_dir: str = Field(default=".", description="Set by the loader: the config file's folder.")
+
+    @field_validator("sources")
+    @classmethod
+    def _distinct_sources(cls, v: list[SourceConfig]) -> list[SourceConfig]:
+        names = [s.name for s in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be distinct, got {names}")
+        return v
+
+    @model_validator(mode="after")
+    def _strategy_needs_embeddings(self) -> BuildConfig:
+        if self.packing.strategy == "similarity" and not self.diversity.embedder:
+            raise ValueError("packing.strategy 'similarity' needs diversity.embedder to be set")
+        return self
+
+    def source(self, name: str) -> SourceConfig:
+        for s in self.sources:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def resolve(self, path: str) -> Path:
+        """An input path from the config, made absolute against the config file's folder."""
+        p = Path(path)
+        return p if p.is_absolute() else (Path(self.base_dir) / p)
+
+
+# Fields that change how a run executes but never what it writes: left out of the config hash,
+# so moving a run to Dask or changing worker counts reuses completed work.
+_EXECUTION_ONLY: dict[str, Any] = {
+    "base_dir": True,
+    "run": {"task_runner", "workers", "dask_address", "retries", "retry_delay_seconds", "name"},
+    "output": {"dir"},
+    "card": True,
+    "publish": True,
+}
+
+
+def config_hash(cfg: BuildConfig) -> str:
+    """A stable hash of everything that determines the output bytes."""
+    payload = cfg.model_dump(mode="json", exclude=_EXECUTION_ONLY)
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def section_hash(cfg: BuildConfig, *sections: str) -> str:
+    """Hash of a few config sections: lets a stage's cached work survive changes to later stages."""
+    dump = cfg.model_dump(mode="json", exclude=_EXECUTION_ONLY)
+    payload = {s: dump.get(s) for s in sections}
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the person who wrote the YAML."""
+
+
+def _describe(err: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: invalid configuration"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = e.get("input")
+        shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field; `longloom schema` lists the fields of every section"
+        lines.append(f"  - {loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], base_dir: str | Path = ".", origin: str = "<config>") -> BuildConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping of sections, got {type(data).__name__}")
+    data = {**data, "base_dir": str(Path(base_dir).resolve())}
+    try:
+        return BuildConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, origin)) from None
+
+
+def with_overrides(cfg: BuildConfig, section: str, **values: Any) -> BuildConfig:
+    """A copy of `cfg` with some fields of one section replaced, validated like the YAML was."""
+    data = cfg.model_dump(mode="json")
+    data[section] = {**data[section], **{k: v for k, v in values.items() if v is not None}}
+    try:
+        return BuildConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, "command-line options")) from None
+
+
+def load_config(path: str | Path) -> BuildConfig:
+    """Read and validate a YAML config; relative input paths start at the file's folder."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such config file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    return parse_config(data or {}, base_dir=p.parent, origin=str(p))
