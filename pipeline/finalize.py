@@ -93,8 +93,15 @@ def finalize_run(
     stages: dict[str, StageReport],
     command: str | None = None,
     extra: dict | None = None,
+    extra_configs: dict[str, list[FileEntry]] | None = None,
+    audit_extra: dict[str, list[FileEntry]] | None = None,
 ) -> Manifest:
-    """Assemble and write manifest.json (atomically), the audit tables and a minimal README."""
+    """Assemble and write manifest.json (atomically), the audit tables and a minimal README.
+
+    Optional stages hand in what they wrote: `extra_configs` (e.g. synthesized chat sets, files under
+    data/<name>/), `audit_extra` (e.g. the `pruned` table under audit/<name>/) and `extra` (their
+    statistics, keyed by stage name), so the manifest stays the one account of the run.
+    """
     out = work.out
     level = cfg.output.compression_level
     filtered_files = _merge_audit(
@@ -188,7 +195,8 @@ def finalize_run(
         ],
         sources=counts,
         targets=targets,
-        audit={"filtered": filtered_files, "quarantine": quarantine_files},
+        audit={"filtered": filtered_files, "quarantine": quarantine_files, **(audit_extra or {})},
+        extra_configs=extra_configs or {},
         stages=stages,
         checks=checks,
         extra=extra or {},

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
+import os
 import random
 import shutil
 import subprocess
@@ -35,7 +37,9 @@ def make_cfg(base: Path, *sources: dict[str, Any]) -> BuildConfig:
     return parse_config({"sources": list(sources), "packing": {"targets": [{"length": 1024}]}}, base_dir=base)
 
 
-def read_all(cfg: BuildConfig, shard: InputShard, batch_bytes: int = 16 << 20) -> tuple[pa.Table, pa.Table, Any]:
+def read_all(
+    cfg: BuildConfig, shard: InputShard, batch_bytes: int = 16 << 20
+) -> tuple[pa.Table, pa.Table, Any]:
     """Docs and quarantine of a whole shard, checking schemas and the records identity on every batch."""
     reader = read_shard(cfg, shard, batch_bytes=batch_bytes)
     batches: list[ReadBatch] = list(reader)
@@ -90,12 +94,16 @@ def test_jsonl_every_line_is_a_doc_or_quarantined(tmp_path: Path) -> None:
     assert docs.column("record").to_pylist() == [1, 12, 13]
     assert docs.column("doc_id").to_pylist() == ["a1", "x.jsonl#12", "42"]
     assert docs.column("text").to_pylist() == ["first document", "no id here é😀", "last line has no newline"]
-    assert set(docs.column("source").to_pylist()) == {"web"} and set(docs.column("uri").to_pylist()) == {"x.jsonl"}
+    assert set(docs.column("source").to_pylist()) == {"web"} and set(docs.column("uri").to_pylist()) == {
+        "x.jsonl"
+    }
 
     expected = [(i + 1, reason) for i, (_, reason) in enumerate(BAD_LINES) if reason]
     assert list(zip(q.column("record").to_pylist(), q.column("reason").to_pylist(), strict=True)) == expected
     rows = {r["record"]: r for r in q.to_pylist()}
-    assert rows[7]["detail"] == "line 7 of x.jsonl: no field 'text' (fields: body, id); set sources[].text_field"
+    assert (
+        rows[7]["detail"] == "line 7 of x.jsonl: no field 'text' (fields: body, id); set sources[].text_field"
+    )
     assert rows[3]["raw"] == BAD_LINES[2][0]
     assert rows[5]["raw"] == BAD_LINES[4][0]
     assert "UTF-8" in rows[5]["detail"] and "surrogate" in rows[6]["detail"]
@@ -186,7 +194,10 @@ def test_jsonl_truncated_stream_quarantined_once(tmp_path: Path, ext: str) -> No
     assert info.records == docs.num_rows + 1
     with pytest.raises(DocumentNotFound):
         fetch_document_text(cfg, "t", f"t.jsonl{ext}", docs.num_rows + 1)
-    assert fetch_document_text(cfg, "t", f"t.jsonl{ext}", docs.num_rows) == orjson.loads(lines[docs.num_rows - 1])["text"]
+    assert (
+        fetch_document_text(cfg, "t", f"t.jsonl{ext}", docs.num_rows)
+        == orjson.loads(lines[docs.num_rows - 1])["text"]
+    )
 
 
 def test_jsonl_corrupt_gzip_is_truncated_stream(tmp_path: Path) -> None:
@@ -206,8 +217,10 @@ def test_jsonl_10mb_single_line_document(tmp_path: Path, ext: str, monkeypatch: 
     # small chunks: the line spans ~160 of them, which a quadratic join would make very slow
     monkeypatch.setattr(jsonl_mod, "CHUNK_BYTES", 64 << 10)
     monkeypatch.setattr(jsonl_mod, "COMPRESSED_CHUNK_BYTES", 64 << 10)
-    big = "".join(random.Random(2).choices("abcdefghij \n\"é", k=10_000_000))
-    data = orjson.dumps({"text": "short"}) + b"\n" + orjson.dumps({"text": big}) + b"\n" + b'{"text": "after"}\n'
+    big = "".join(random.Random(2).choices('abcdefghij \n"é', k=10_000_000))
+    data = (
+        orjson.dumps({"text": "short"}) + b"\n" + orjson.dumps({"text": big}) + b"\n" + b'{"text": "after"}\n'
+    )
     path = tmp_path / f"big.jsonl{ext}"
     path.write_bytes(zstandard.ZstdCompressor().compress(data) if ext else data)
     cfg = make_cfg(tmp_path, {"name": "big", "kind": "jsonl", "paths": [path.name]})
@@ -233,12 +246,16 @@ def test_jsonl_batches_follow_batch_bytes(tmp_path: Path) -> None:
 
 def test_jsonl_fetch_document_text(tmp_path: Path) -> None:
     rng = random.Random(3)
-    texts = ["".join(rng.choices("abc é\n\t\"\\", k=rng.randint(1, 3000))) + "z" for _ in range(500)]
+    texts = ["".join(rng.choices('abc é\n\t"\\', k=rng.randint(1, 3000))) + "z" for _ in range(500)]
     (tmp_path / "f.jsonl").write_bytes(b"".join(orjson.dumps({"text": t}) + b"\n" for t in texts))
     cfg = make_cfg(tmp_path, {"name": "f", "kind": "jsonl", "paths": ["f.jsonl"]})
     docs, _, _ = read_all(cfg, list_input_shards(cfg)[0])
     for rec in (1, 2, 250, 499, 500):
-        assert fetch_document_text(cfg, "f", "f.jsonl", rec) == docs.column("text")[rec - 1].as_py() == texts[rec - 1]
+        assert (
+            fetch_document_text(cfg, "f", "f.jsonl", rec)
+            == docs.column("text")[rec - 1].as_py()
+            == texts[rec - 1]
+        )
     with pytest.raises(DocumentNotFound):
         fetch_document_text(cfg, "f", "f.jsonl", 501)
 
@@ -261,7 +278,9 @@ def test_shard_listing_is_deterministic(tmp_path: Path) -> None:
     names = ["data/b.jsonl", "data/a.jsonl", "data/sub/c.jsonl", "data/a2.jsonl.gz"]
     random.Random(4).shuffle(names)
     for n in names:
-        (tmp_path / n).write_bytes(gzip.compress(b'{"text":"x"}\n') if n.endswith(".gz") else b'{"text":"x"}\n')
+        (tmp_path / n).write_bytes(
+            gzip.compress(b'{"text":"x"}\n') if n.endswith(".gz") else b'{"text":"x"}\n'
+        )
     outside = tmp_path.parent / f"{tmp_path.name}-outside.jsonl"
     outside.write_bytes(b'{"text":"x"}\n')
     try:
@@ -355,17 +374,20 @@ def test_parquet_config_errors(tmp_path: Path) -> None:
     msg = str(err.value)
     assert "nobody.parquet" in msg and "'text'" in msg and "columns: body, n" in msg and "text_field" in msg
 
-    cfg = make_cfg(tmp_path, {"name": "pq", "kind": "parquet", "paths": ["nobody.parquet"], "text_field": "n"})
+    cfg = make_cfg(
+        tmp_path, {"name": "pq", "kind": "parquet", "paths": ["nobody.parquet"], "text_field": "n"}
+    )
     with pytest.raises(ConfigError, match="not string"):
         list_input_shards(cfg)
     cfg = make_cfg(
-        tmp_path, {"name": "pq", "kind": "parquet", "paths": ["nobody.parquet"], "text_field": "body", "id_field": "x"}
+        tmp_path,
+        {"name": "pq", "kind": "parquet", "paths": ["nobody.parquet"], "text_field": "body", "id_field": "x"},
     )
     with pytest.raises(ConfigError, match="id_field"):
         list_input_shards(cfg)
     (tmp_path / "junk.parquet").write_bytes(b"not parquet")
     cfg = make_cfg(tmp_path, {"name": "pq", "kind": "parquet", "paths": ["junk.parquet"]})
-    with pytest.raises(ConfigError, match="junk.parquet is not a readable Parquet file"):
+    with pytest.raises(ConfigError, match=r"junk\.parquet is not a readable Parquet file"):
         list_input_shards(cfg)
 
 
@@ -381,7 +403,9 @@ def test_hf_local_parquet_folder(tmp_path: Path) -> None:
         if f == 1:
             texts[2] = ""
         all_texts.append(texts)
-        pq.write_table(pa.table({"text": texts, "id": [f"{f}-{i}" for i in range(7)]}), folder / f"part-{f}.parquet")
+        pq.write_table(
+            pa.table({"text": texts, "id": [f"{f}-{i}" for i in range(7)]}), folder / f"part-{f}.parquet"
+        )
     cfg = make_cfg(tmp_path, {"name": "hub", "kind": "hf", "dataset": "hfdata", "id_field": "id"})
     shards = list_input_shards(cfg)
     assert [(s.uri, s.index, s.hf_num_shards, s.shard_id) for s in shards] == [
@@ -483,19 +507,27 @@ REPO: dict[str, bytes | str] = {
 
 
 def code_cfg(tmp_path: Path, **code: Any) -> BuildConfig:
-    return make_cfg(tmp_path, {"name": "code", "kind": "code", "paths": ["repos/*"], "code": {"max_file_bytes": 2000, **code}})
+    return make_cfg(
+        tmp_path,
+        {"name": "code", "kind": "code", "paths": ["repos/*"], "code": {"max_file_bytes": 2000, **code}},
+    )
 
 
 def headers(text: str) -> list[str]:
-    return [line[len("# ===== ") : -len(" =====")] for line in text.split("\n") if line.startswith("# ===== ")]
+    return [
+        line[len("# ===== ") : -len(" =====")] for line in text.split("\n") if line.startswith("# ===== ")
+    ]
 
 
-def test_code_repository_document(tmp_path: Path) -> None:
+def test_code_repository_document(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     write_repo(tmp_path / "repos" / "demo", REPO)
     cfg = code_cfg(tmp_path)
     [shard] = list_input_shards(cfg)
     assert (shard.kind, shard.uri, shard.shard_id) == ("code", "repos/demo", "code-00000")
-    docs, q, info = read_all(cfg, shard)
+    with caplog.at_level(logging.INFO, logger="longloom.readers"):
+        docs, q, info = read_all(cfg, shard)
+    # vendor/, node_modules/ and .hidden/ are policy, not data: counted, not quarantined
+    assert "9 files in the document, 3 quarantined, 3 skipped by policy" in caplog.text
     assert docs.num_rows == 1
     doc = docs.to_pylist()[0]
     assert (doc["record"], doc["doc_id"], doc["uri"]) == (0, "repos/demo", "repos/demo")
@@ -569,8 +601,19 @@ def test_code_git_revision(tmp_path: Path) -> None:
 def test_code_git_revision_of_a_real_checkout(tmp_path: Path) -> None:
     repo = tmp_path / "repos" / "real"
     write_repo(repo, {"m.py": "M = 1\n"})
-    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    run = lambda *a: subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True, env=env, text=True)  # noqa: E731
+    ident = {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    env = {**os.environ, **ident}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], check=True, capture_output=True, env=env, text=True
+        )
+
     run("init", "-q")
     run("add", ".")
     run("commit", "-qm", "init")
@@ -611,6 +654,16 @@ def test_python_import_resolution() -> None:
     assert deps["scripts/run.py"] == {"scripts/tool.py", "src/lib/__init__.py"}
     assert deps["scripts/tool.py"] == set() and deps["broken.py"] == set()
 
+    # a repository folder that is itself the package `mypkg`
+    pkg = {
+        "__init__.py": "from mypkg.b import x\n",
+        "a.py": "from mypkg import b\nimport mypkg\n",
+        "b.py": "",
+    }
+    index = ModuleIndex(pkg, root_package="mypkg")
+    assert imports_of("a.py", pkg["a.py"], index) == {"b.py", "__init__.py"}
+    assert imports_of("__init__.py", pkg["__init__.py"], index) == {"b.py"}
+
 
 def test_dependency_order_breaks_cycles_deterministically() -> None:
     paths = ["a.py", "b.py", "c.py", "d.py", "e.md"]
@@ -618,5 +671,5 @@ def test_dependency_order_breaks_cycles_deterministically() -> None:
     order = dependency_order(paths, deps)
     assert order == dependency_order(list(reversed(paths)), deps)
     assert sorted(order) == paths
-    # the cycle {b, c} is released at b; d follows c; a follows d
-    assert order == ["b.py", "c.py", "d.py", "a.py", "e.md"]
+    # e.md waits on nothing; the cycle {b, c} is released at b; d follows c; a follows d
+    assert order == ["e.md", "b.py", "c.py", "d.py", "a.py"]

@@ -159,7 +159,7 @@ def read_repo(repo: Path, uri: str, opts: CodeOptions) -> RepoDocument:
                 )
             )
     if texts:
-        index = ModuleIndex(texts)
+        index = ModuleIndex(texts, root_package=repo.resolve().name)
         deps = {p: imports_of(p, t, index) for p, t in texts.items() if p.endswith(".py")}
         doc.files = dependency_order(sorted(texts), deps)
         doc.text = render([(p, texts[p]) for p in doc.files])

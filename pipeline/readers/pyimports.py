@@ -12,14 +12,20 @@ from __future__ import annotations
 import ast
 import heapq
 import posixpath
+import warnings
 from collections.abc import Iterable
 
 
 class ModuleIndex:
-    """Which repository files a dotted module name can refer to."""
+    """Which repository files a dotted module name can refer to.
 
-    def __init__(self, paths: Iterable[str]) -> None:
+    `root_package`: the import name of the repository folder itself when it is a package (a folder
+    like `requests/` read as the repository), so `import requests.utils` resolves inside it.
+    """
+
+    def __init__(self, paths: Iterable[str], root_package: str | None = None) -> None:
         self.files = {p for p in paths if p.endswith(".py")}
+        self.root_package = root_package if "__init__.py" in self.files else None
         self.dirs: set[str] = set()
         for p in self.files:
             d = posixpath.dirname(p)
@@ -54,6 +60,8 @@ class ModuleIndex:
         return self.module_file(base, parts) is not None or stem in self.dirs  # namespace packages too
 
     def resolve_absolute(self, importer: str, parts: list[str]) -> str | None:
+        if self.root_package is not None and parts[0] == self.root_package:
+            return self._deepest("", parts[1:], shallowest=0)
         here = posixpath.dirname(importer)
         bases = ([] if self._is_package(here) else [here]) + self.roots
         for base in bases:
@@ -84,8 +92,10 @@ class ModuleIndex:
 def imports_of(path: str, source: str, index: ModuleIndex) -> set[str]:
     """Repository files that `path` imports; a file that does not parse imports nothing."""
     try:
-        tree = ast.parse(source, filename=path)
-    except (SyntaxError, ValueError):
+        with warnings.catch_warnings():  # e.g. SyntaxWarning for invalid escapes: not ours to report
+            warnings.simplefilter("ignore")
+            tree = ast.parse(source, filename=path)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return set()
     deps: set[str] = set()
     for node in ast.walk(tree):
