@@ -8,8 +8,10 @@ themselves, so a rerun of the flow, even after a crash, skips what is done and v
 
 from __future__ import annotations
 
+import re
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
@@ -18,6 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 import flows
 from pipeline.build import group_by_target, lineage_steps, output_units, preflight
+from pipeline.card import headline_rows, split_front_matter
 from pipeline.finalize import finalize_run
 from pipeline.prepare import PrepareResult, prepare_shard
 from pipeline.readers import InputShard
@@ -88,6 +91,37 @@ def finalize_task(
     )
 
 
+@task(name="publish", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def publish_task(cfg: BuildConfig) -> dict[str, Any]:
+    """Push the finished output to the hub (`publish:` config); uploads only what changed."""
+    from pipeline.publish import publish_configured
+
+    res = publish_configured(Path(cfg.output.dir), cfg.publish)
+    logger = get_run_logger()
+    for line in res.plan.lines():
+        logger.info(line)
+    return {
+        "repo_id": res.plan.repo_id,
+        "commit": res.commit,
+        "uploaded": [c.path for c in res.plan.of("add", "update")],
+        "deleted": [c.path for c in res.plan.of("delete")],
+    }
+
+
+def card_artifacts(cfg: BuildConfig, manifest: Manifest) -> None:
+    """Attach the dataset card (Markdown) and its headline figures (a table) to the flow run."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    key = re.sub(r"[^a-z0-9-]+", "-", cfg.run.name.lower()).strip("-") or "longloom"
+    _, body = split_front_matter((Path(cfg.output.dir) / "README.md").read_text(encoding="utf-8"))
+    create_markdown_artifact(markdown=body, key=f"{key}-card", description="Dataset card (README.md)")
+    create_table_artifact(
+        table=headline_rows(manifest),
+        key=f"{key}-headline",
+        description=f"Rows and tokens per config and source, config {manifest.config_hash}",
+    )
+
+
 def summary_lines(m: Manifest) -> list[str]:
     """The end-of-run summary: rows, tokens, per-source mixture, drops by reason, reconciliation."""
     lines = [f"config {m.config_hash}, tokenizer {m.tokenizer.name} ({m.tokenizer.vocab_hash})"]
@@ -148,13 +182,17 @@ def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
     manifest = finalize_task(cfg, prepared, selected, entries, stages, command or "python -m flows.build")
     for line in summary_lines(manifest):
         logger.info(line)
-    return {
+    card_artifacts(cfg, manifest)
+    result: dict[str, Any] = {
         "output_dir": cfg.output.dir,
         "config_hash": manifest.config_hash,
         "rows": {t.config_name: t.rows for t in manifest.targets},
         "tokens": {t.config_name: t.tokens for t in manifest.targets},
         "checks_ok": manifest.ok,
     }
+    if cfg.publish.enabled:
+        result["published"] = publish_task(cfg)
+    return result
 
 
 def task_runner_for(cfg: BuildConfig) -> Any:

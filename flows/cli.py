@@ -28,6 +28,12 @@ def cmd_build(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
         manifest = run_build(cfg, command=command)
         print("\n".join(summary_lines(manifest)))
+        if manifest.ok and cfg.publish.enabled:
+            from pathlib import Path
+
+            from pipeline.publish import publish_configured
+
+            print("\n".join(publish_configured(Path(cfg.output.dir), cfg.publish).plan.lines()))
         return 0 if manifest.ok else 1
     from flows.build import run as run_flow
 
@@ -52,6 +58,58 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_card(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.card import CardError, write_card
+
+    try:
+        card = write_card(Path(args.output_dir))
+    except CardError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    bad = [c for c in card.checks if not c.ok]
+    print(
+        f"wrote {card.path} and {len(card.plots)} images; {len(card.checks) - len(bad)}/{len(card.checks)} recounts agree"
+    )
+    for c in bad:
+        print(f"  FAILED {c.name}: {c.detail}", file=sys.stderr)
+    return 0 if not bad else 1
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.card import CardError, load_manifest
+    from pipeline.publish import PublishError, publish
+
+    out = Path(args.output_dir)
+    try:
+        repo_id = args.repo_id or (load_manifest(out).config.get("publish") or {}).get("repo_id")
+        if not repo_id:
+            raise PublishError("no repo: pass --repo-id ORG/NAME (or set publish.repo_id in the config)")
+        res = publish(
+            out,
+            repo_id,
+            private=args.private,
+            revision=args.revision,
+            dry_run=args.dry_run,
+            delete_stale=not args.keep_stale,
+            allow_failed_checks=args.allow_failed_checks,
+        )
+    except (CardError, PublishError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(res.plan.lines()))
+    if res.dry_run:
+        print("dry run: nothing uploaded")
+    elif res.commit:
+        print(f"committed {res.commit}: {res.url}")
+    else:
+        print("nothing changed: no commit")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="longloom",
@@ -71,6 +129,31 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a config and its inputs without running anything")
     v.add_argument("config", nargs="?")
     v.set_defaults(func=cmd_validate)
+
+    c = sub.add_parser(
+        "card", help="(re)write OUTPUT_DIR/README.md, the dataset card, from the manifest and rows"
+    )
+    c.add_argument("output_dir")
+    c.set_defaults(func=cmd_card)
+
+    pub = sub.add_parser(
+        "publish",
+        help="upload OUTPUT_DIR to a Hugging Face-compatible hub (HF_ENDPOINT; token from HF_TOKEN)",
+    )
+    pub.add_argument("output_dir")
+    pub.add_argument("--repo-id", help="ORG/NAME of the dataset repo; default: publish.repo_id of the run")
+    pub.add_argument("--private", action="store_true", help="create the repo private (if it does not exist)")
+    pub.add_argument("--revision", default="main", help="branch to commit to (default: main)")
+    pub.add_argument(
+        "--dry-run", action="store_true", help="list what would be uploaded or deleted; change nothing"
+    )
+    pub.add_argument(
+        "--keep-stale", action="store_true", help="do not delete hub files this run did not write"
+    )
+    pub.add_argument(
+        "--allow-failed-checks", action="store_true", help="publish even if reconciliation failed"
+    )
+    pub.set_defaults(func=cmd_publish)
 
     s = sub.add_parser(
         "schema", help="print the config schema (every field, type, default and allowed value)"

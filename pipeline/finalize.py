@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import __version__
-from pipeline.card import write_readme
+from pipeline.card import write_card
 from pipeline.parquet_io import ParquetSink, sha256_file, write_json_atomic
 from pipeline.prepare import PrepareResult, tokenizer_for
 from pipeline.select import SelectResult
@@ -96,7 +96,7 @@ def finalize_run(
     extra_configs: dict[str, list[FileEntry]] | None = None,
     audit_extra: dict[str, list[FileEntry]] | None = None,
 ) -> Manifest:
-    """Assemble and write manifest.json (atomically), the audit tables and a minimal README.
+    """Assemble and write manifest.json (atomically), the audit tables and the dataset card (README.md).
 
     Optional stages hand in what they wrote: `extra_configs` (e.g. synthesized chat sets, files under
     data/<name>/), `audit_extra` (e.g. the `pruned` table under audit/<name>/) and `extra` (their
@@ -203,7 +203,7 @@ def finalize_run(
     )
     _remove_stale(out, manifest)
     write_json_atomic(out / "manifest.json", manifest.model_dump(mode="json"))
-    write_readme(out, manifest)
+    write_card(out, manifest, cfg.card)
     return manifest
 
 
