@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import re
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import flows
@@ -23,11 +24,20 @@ from pipeline.build import group_by_target, lineage_steps, output_units, preflig
 from pipeline.card import headline_rows, split_front_matter
 from pipeline.finalize import finalize_run
 from pipeline.prepare import PrepareResult, prepare_shard
+from pipeline.progress import LogReporter, Reporter, active_reporter, throttled
 from pipeline.readers import InputShard
-from pipeline.rows import write_output_shard
+from pipeline.report import (
+    RunClock,
+    build_report,
+    prepare_counts,
+    select_counts,
+    write_counts,
+    write_report,
+)
+from pipeline.rows import WrittenShard, write_shard
 from pipeline.select import SelectResult, select_and_layout
 from pipeline.workdir import WorkDir
-from schemas.config import BuildConfig, load_config
+from schemas.config import BuildConfig, load_config, with_overrides
 from schemas.manifest import Manifest, ShardEntry, StageReport
 
 DEFAULT_CONFIG = flows.DEFAULT_CONFIG
@@ -35,15 +45,17 @@ DEFAULT_CONFIG = flows.DEFAULT_CONFIG
 
 @task(name="prepare-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def prepare_task(cfg: BuildConfig, shard: InputShard) -> PrepareResult:
-    res = prepare_shard(cfg, shard, WorkDir(cfg))
-    get_run_logger().info(
-        "%s: %d records, %d documents, %d kept (%d tokens), %d quarantined",
+    logger = get_run_logger()
+    res = prepare_shard(cfg, shard, WorkDir(cfg), throttled(logger.info, shard.shard_id))
+    logger.info(
+        "%s: %d records, %d documents, %d kept (%d tokens), %d quarantined%s",
         shard.shard_id,
         res.records_read,
         res.documents,
         res.kept,
         res.kept_tokens,
         sum(res.quarantined.values()),
+        " (reused a verified earlier result)" if res.reused else "",
     )
     return res
 
@@ -70,11 +82,15 @@ def write_task(
     selected: SelectResult,
     prepared: list[PrepareResult],
     steps: list[str],
-) -> ShardEntry:
+) -> WrittenShard:
     ti, k = unit
-    entry = write_output_shard(cfg, WorkDir(cfg), selected, prepared, ti, k, steps)
-    get_run_logger().info("wrote %s: %d rows, %d tokens", entry.path, entry.rows, entry.tokens)
-    return entry
+    logger = get_run_logger()
+    label = f"{selected.targets[ti].config_name}/{k}"
+    w = write_shard(cfg, WorkDir(cfg), selected, prepared, ti, k, steps, throttled(logger.info, label))
+    e = w.entry
+    verb = "kept verified" if w.reused else "wrote"
+    logger.info("%s %s: %d rows, %d tokens", verb, e.path, e.rows, e.tokens)
+    return w
 
 
 @task(name="finalize", cache_policy=NO_CACHE)
@@ -144,51 +160,90 @@ def summary_lines(m: Manifest) -> list[str]:
     return lines
 
 
+R = TypeVar("R")
+
+
+def gather(
+    futures: list[PrefectFuture[R]],
+    rep: Reporter,
+    stage: str,
+    describe: Callable[[R], tuple[str, dict[str, int]]],
+) -> list[R]:
+    """Results in submission order, advancing the stage's progress (label, counts) as each unit finishes."""
+    index = {f.task_run_id: i for i, f in enumerate(futures)}
+    out: list[Any] = [None] * len(futures)
+    for f in as_completed(futures):
+        r = f.result()
+        out[index[f.task_run_id]] = r
+        label, counts = describe(r)
+        rep.advance(stage, label=label, **counts)
+    return out
+
+
 @flow(name="longloom-build", log_prints=True, validate_parameters=False)
 def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
     """Read, filter, tokenize and pack every source into exact-length rows with lineage."""
     logger = get_run_logger()
     cfg = config
-    stages: dict[str, StageReport] = {}
-    t0 = time.perf_counter()
-    shards = preflight(cfg)
-    logger.info("%d input shards from %d sources -> %s", len(shards), len(cfg.sources), cfg.output.dir)
-    prep = prepare_task.with_options(retries=cfg.run.retries, retry_delay_seconds=cfg.run.retry_delay_seconds)
-    prepared = [f.result() for f in prep.map(unmapped(cfg), shards)]
-    stages["prepare"] = StageReport(
-        seconds=round(time.perf_counter() - t0, 3),
-        items_in=sum(r.records_read for r in prepared),
-        items_out=sum(r.kept for r in prepared),
-        tokens_in=sum(r.tokens_read for r in prepared),
-        tokens_out=sum(r.kept_tokens for r in prepared),
-    )
-    t0 = time.perf_counter()
-    selected = select_task(cfg, prepared)
-    stages["select"] = StageReport(seconds=round(time.perf_counter() - t0, 3))
-    t0 = time.perf_counter()
-    steps = lineage_steps(prepared, selected)
-    write = write_task.with_options(retries=cfg.run.retries, retry_delay_seconds=cfg.run.retry_delay_seconds)
-    entries = [
-        f.result()
-        for f in write.map(
-            unmapped(cfg), output_units(selected), unmapped(selected), unmapped(prepared), unmapped(steps)
-        )
-    ]
-    stages["write"] = StageReport(
-        seconds=round(time.perf_counter() - t0, 3),
-        items_out=sum(e.rows for e in entries),
-        tokens_out=sum(e.tokens for e in entries),
-    )
-    manifest = finalize_task(cfg, prepared, selected, entries, stages, command or "python -m flows.build")
+    command = command or "python -m flows.build"
+    rep = active_reporter() or LogReporter(logger.info)
+    work = WorkDir(cfg)
+    shards = preflight(cfg)  # a bad config or missing input fails here, before anything is written
+    with work.lock(logger.info):
+        work.remove_temporaries()
+        clock = RunClock()
+        stages: dict[str, StageReport] = {}
+        with clock.stage("prepare") as st:
+            logger.info(
+                "%d input shards from %d sources -> %s", len(shards), len(cfg.sources), cfg.output.dir
+            )
+            rep.start("prepare", len(shards), "shards")
+            prep = prepare_task.with_options(
+                retries=cfg.run.retries, retry_delay_seconds=cfg.run.retry_delay_seconds
+            )
+            prepared = gather(
+                prep.map(unmapped(cfg), shards),
+                rep,
+                "prepare",
+                lambda r: (r.shard_id, {"tokens": r.kept_tokens}),
+            )
+            st.units, st.reused = len(prepared), sum(r.reused for r in prepared)
+        stages["prepare"] = prepare_counts(prepared)
+        with clock.stage("select") as st:
+            rep.start("select", 1, "step")
+            selected = select_task(cfg, prepared)
+            rep.advance("select", tokens=sum(t.content_tokens for t in selected.targets))
+            st.units, st.reused = 1, int(selected.reused)
+        stages["select"] = select_counts(prepared, selected)
+        with clock.stage("write") as st:
+            steps = lineage_steps(prepared, selected)
+            write = write_task.with_options(
+                retries=cfg.run.retries, retry_delay_seconds=cfg.run.retry_delay_seconds
+            )
+            units = output_units(selected)
+            rep.start("write", len(units), "shards")
+            futures = write.map(unmapped(cfg), units, unmapped(selected), unmapped(prepared), unmapped(steps))
+            written = gather(futures, rep, "write", lambda w: (w.entry.path, {"rows": w.entry.rows}))
+            st.units, st.reused = len(written), sum(w.reused for w in written)
+        entries = [w.entry for w in written]
+        stages["write"] = write_counts(selected, entries)
+        with clock.stage("finalize") as st:
+            manifest = finalize_task(cfg, prepared, selected, entries, stages, command)
+            st.units = 1
+        rep.close()
+        runner = f"dask {cfg.run.dask_address or 'local'}" if cfg.run.task_runner == "dask" else "threads"
+        md = write_report(work.out, build_report(manifest, clock, cfg.output.dir, runner, command))
     for line in summary_lines(manifest):
         logger.info(line)
     card_artifacts(cfg, manifest)
+    logger.info("run report (%s):\n%s", work.out / "report.md", md)
     result: dict[str, Any] = {
         "output_dir": cfg.output.dir,
         "config_hash": manifest.config_hash,
         "rows": {t.config_name: t.rows for t in manifest.targets},
         "tokens": {t.config_name: t.tokens for t in manifest.targets},
         "checks_ok": manifest.ok,
+        "report": str(work.out / "report.md"),
     }
     if cfg.publish.enabled:
         result["published"] = publish_task(cfg)
@@ -208,6 +263,9 @@ def task_runner_for(cfg: BuildConfig) -> Any:
 
 def run(cfg: BuildConfig, command: str | None = None) -> dict[str, Any]:
     """Run the flow with the task runner the config asks for."""
+    if cfg.run.task_runner == "dask":
+        # workers may start elsewhere: give them an output path that does not depend on their cwd
+        cfg = with_overrides(cfg, "output", dir=str(Path(cfg.output.dir).resolve()))
     return build.with_options(task_runner=task_runner_for(cfg))(cfg, command=command)
 
 

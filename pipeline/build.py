@@ -7,14 +7,21 @@ flow in `flows/build.py` calls the same stage functions as tasks, mapped over sh
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.finalize import finalize_run
 from pipeline.prepare import PrepareResult, prepare_shard, tokenizer_for
+from pipeline.progress import Reporter
 from pipeline.readers import InputShard, list_input_shards
-from pipeline.rows import write_output_shard
+from pipeline.report import (
+    RunClock,
+    build_report,
+    prepare_counts,
+    select_counts,
+    write_counts,
+    write_report,
+)
+from pipeline.rows import write_shard
 from pipeline.select import SelectResult, select_and_layout
 from pipeline.workdir import WorkDir
 from schemas.config import BuildConfig, ConfigError
@@ -66,47 +73,61 @@ def group_by_target(selected: SelectResult, entries: list[ShardEntry]) -> list[l
 
 
 def run_build(
-    cfg: BuildConfig, command: str | None = None, on_stage: Callable[[str, StageReport], None] | None = None
+    cfg: BuildConfig,
+    command: str | None = None,
+    reporter: Reporter | None = None,
 ) -> Manifest:
-    """Run every stage in this process, one unit after another."""
-    stages: dict[str, StageReport] = {}
+    """Run every stage in this process, one unit after another; write the manifest and the run report.
 
-    def stage(name: str, t0: float, **kw: int) -> None:
-        stages[name] = StageReport(seconds=round(time.perf_counter() - t0, 3), **kw)
-        if on_stage:
-            on_stage(name, stages[name])
-
+    Holds the output folder's lock for the whole run and first clears what a killed run left behind.
+    """
+    rep = reporter or Reporter()
     work = WorkDir(cfg)
-    t0 = time.perf_counter()
-    shards = preflight(cfg)
-    prepared = []
-    for s in shards:
-        prepared.append(prepare_shard(cfg, s, work))
-        log.info("prepared %s: %d documents, %d kept", s.shard_id, prepared[-1].documents, prepared[-1].kept)
-    stage(
-        "prepare",
-        t0,
-        items_in=sum(r.records_read for r in prepared),
-        items_out=sum(r.kept for r in prepared),
-        tokens_in=sum(r.tokens_read for r in prepared),
-        tokens_out=sum(r.kept_tokens for r in prepared),
-    )
-    t0 = time.perf_counter()
-    selected = select_and_layout(cfg, work, prepared)
-    stage(
-        "select",
-        t0,
-        items_out=sum(t.documents for t in selected.targets),
-        tokens_out=sum(t.content_tokens for t in selected.targets),
-    )
-    t0 = time.perf_counter()
-    steps = lineage_steps(prepared, selected)
-    entries = [
-        write_output_shard(cfg, work, selected, prepared, ti, k, steps) for ti, k in output_units(selected)
-    ]
-    stage("write", t0, items_out=sum(e.rows for e in entries), tokens_out=sum(e.tokens for e in entries))
-    t0 = time.perf_counter()
-    manifest = finalize_run(
-        cfg, work, prepared, selected, group_by_target(selected, entries), stages, command
-    )
+    shards = preflight(cfg)  # a bad config or missing input fails here, before anything is written
+    with work.lock(log.info):
+        work.remove_temporaries()
+        clock = RunClock()
+        stages: dict[str, StageReport] = {}
+        with clock.stage("prepare") as st:
+            rep.start("prepare", len(shards), "shards")
+            prepared = []
+            for s in shards:
+                r = prepare_shard(cfg, s, work, rep.unit("prepare", s.shard_id))
+                prepared.append(r)
+                rep.advance("prepare", label=s.shard_id, tokens=r.kept_tokens)
+                log.info(
+                    "prepared %s: %d documents, %d kept%s",
+                    s.shard_id,
+                    r.documents,
+                    r.kept,
+                    " (reused)" if r.reused else "",
+                )
+            st.units, st.reused = len(prepared), sum(r.reused for r in prepared)
+        stages["prepare"] = prepare_counts(prepared)
+        with clock.stage("select") as st:
+            rep.start("select", 1, "step")
+            selected = select_and_layout(cfg, work, prepared)
+            rep.advance("select", tokens=sum(t.content_tokens for t in selected.targets))
+            st.units, st.reused = 1, int(selected.reused)
+        stages["select"] = select_counts(prepared, selected)
+        with clock.stage("write") as st:
+            steps = lineage_steps(prepared, selected)
+            units = output_units(selected)
+            rep.start("write", len(units), "shards")
+            written = []
+            for ti, k in units:
+                label = f"{selected.targets[ti].config_name}/{k}"
+                w = write_shard(cfg, work, selected, prepared, ti, k, steps, rep.unit("write", label))
+                written.append(w)
+                rep.advance("write", label=label, rows=w.entry.rows)
+            st.units, st.reused = len(written), sum(w.reused for w in written)
+        entries = [w.entry for w in written]
+        stages["write"] = write_counts(selected, entries)
+        with clock.stage("finalize") as st:
+            manifest = finalize_run(
+                cfg, work, prepared, selected, group_by_target(selected, entries), stages, command
+            )
+            st.units = 1
+        rep.close()
+        write_report(work.out, build_report(manifest, clock, cfg.output.dir, "in-process", command))
     return manifest

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from pipeline import __version__
 from pipeline.card import write_card
+from pipeline.faults import crash_point
 from pipeline.parquet_io import ParquetSink, sha256_file, write_json_atomic
 from pipeline.prepare import PrepareResult, tokenizer_for
 from pipeline.select import SelectResult
@@ -197,13 +198,17 @@ def finalize_run(
         targets=targets,
         audit={"filtered": filtered_files, "quarantine": quarantine_files, **(audit_extra or {})},
         extra_configs=extra_configs or {},
-        stages=stages,
+        # timings differ run to run; they go to report.json so the manifest is reproducible
+        stages={k: v.model_copy(update={"seconds": None}) for k, v in stages.items()},
         checks=checks,
         extra=extra or {},
     )
-    _remove_stale(out, manifest)
+    crash_point("finalize")
+    # account first, clean-up last: a crash in between leaves extra files, never a manifest or
+    # README naming files that are gone; the rerun removes the leftovers
     write_json_atomic(out / "manifest.json", manifest.model_dump(mode="json"))
     write_card(out, manifest, cfg.card)
+    _remove_stale(out, manifest)
     return manifest
 
 

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,11 +59,12 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success fsync and rename it into place.
 
     Readers never see a half-written file: either the old one (or none) or the complete new one.
-    A crash leaves only a `.tmp-*` file, which the next run ignores and overwrites.
+    A crash leaves only a `.tmp-*` file: readers skip dot-files, and the next run deletes it (WorkDir).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{os.getpid()}-{final.name}"
+    # unique per writer: Dask may run a task twice at once, on machines whose pids collide
+    tmp = final.parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{final.name}"
     try:
         yield tmp
         with open(tmp, "rb+") as f:

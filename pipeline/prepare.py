@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.faults import crash_point
 from pipeline.filters import DocColumns, filters_for_source
 from pipeline.parquet_io import ParquetSink, sha256_file, write_json_atomic
+from pipeline.progress import UnitProgress
 from pipeline.readers import InputShard, read_shard
 from pipeline.tokenizer import Tokenizer, load_tokenizer
 from pipeline.workdir import WorkDir
@@ -49,17 +53,45 @@ class PrepareResult:
     sha256: dict[str, str] = field(default_factory=dict)  # kind -> checksum
     seconds: float = 0.0
     steps: list[str] = field(default_factory=list)
+    input_stamp: str = ""  # what the input looked like when read (see `input_stamp`)
+    reused: bool = False  # set when loaded from an earlier run's record, never stored as True
 
     @property
     def records_in_documents(self) -> int:
         return self.records_read - sum(self.quarantined.values())
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "reused": False}
 
     @classmethod
     def from_json(cls, d: dict) -> PrepareResult:
         return cls(**d)
+
+
+def input_stamp(cfg: BuildConfig, shard: InputShard) -> str:
+    """A cheap fingerprint of a shard's input (path, size and mtime of every file in it).
+
+    A completion record is reused only while the stamp matches, so an input that grew or was
+    replaced, or a new file that shifts shard numbering, is read again rather than trusted.
+    """
+    h = hashlib.sha256(f"{shard.kind}|{shard.uri}|{shard.index}|{shard.hf_num_shards}".encode())
+    path = cfg.resolve(shard.uri)
+    if path.is_file():
+        st = path.stat()
+        h.update(f"|{st.st_size}|{st.st_mtime_ns}".encode())
+    elif path.is_dir():
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                p = Path(root) / name
+                try:
+                    st = p.lstat()
+                except OSError:
+                    continue
+                h.update(f"|{p.relative_to(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    else:  # a hub dataset: its revision is all we know without downloading
+        h.update(f"|hub|{cfg.source(shard.source).revision}".encode())
+    return h.hexdigest()[:32]
 
 
 def content_hashes(texts: list[str]) -> list[str]:
@@ -75,10 +107,16 @@ def _add(counter: dict[str, int], key: str, n: int) -> None:
         counter[key] = counter.get(key, 0) + n
 
 
-def prepare_shard(cfg: BuildConfig, shard: InputShard, work: WorkDir) -> PrepareResult:
-    """Read one input shard to tokenized, filtered documents (or reuse a verified earlier result)."""
+def prepare_shard(
+    cfg: BuildConfig, shard: InputShard, work: WorkDir, progress: UnitProgress | None = None
+) -> PrepareResult:
+    """Read one input shard to tokenized, filtered documents (or reuse a verified earlier result).
+
+    `progress`, if given, is called after every batch with the records, tokens and documents so far.
+    """
     done = work.prepare_record(shard.shard_id)
-    previous = load_verified(work, shard.shard_id)
+    stamp = input_stamp(cfg, shard)
+    previous = load_verified(work, shard.shard_id, stamp)
     if previous is not None:
         return previous
     started = time.perf_counter()
@@ -106,6 +144,7 @@ def prepare_shard(cfg: BuildConfig, shard: InputShard, work: WorkDir) -> Prepare
         kept_tokens=0,
         files=paths,
         steps=[f"{shard.kind}_reader@1", "tokenize@1", *(f.step for f in filters)],
+        input_stamp=stamp,
     )
     level = cfg.output.compression_level
     with (
@@ -124,6 +163,9 @@ def prepare_shard(cfg: BuildConfig, shard: InputShard, work: WorkDir) -> Prepare
                 kept, dropped = _tokenize_and_filter(batch.docs, tok, filters, shard.source, res)
                 docs_out.write(kept)
                 filtered_out.write(dropped)
+            if progress is not None:
+                progress({"records": res.records_read, "tokens": res.tokens_read, "kept": res.kept})
+            crash_point("read")
         info = reader.info
         res.revision = info.revision
         res.input_bytes = info.bytes
@@ -131,11 +173,13 @@ def prepare_shard(cfg: BuildConfig, shard: InputShard, work: WorkDir) -> Prepare
         res.sha256[kind] = sha256_file(folder / rel)
     res.seconds = round(time.perf_counter() - started, 3)
     write_json_atomic(done, res.to_json())
+    crash_point("prepared")
     return res
 
 
-def load_verified(work: WorkDir, shard_id: str) -> PrepareResult | None:
-    """An earlier result for this shard, if its record exists and every file matches its checksum."""
+def load_verified(work: WorkDir, shard_id: str, stamp: str) -> PrepareResult | None:
+    """An earlier result for this shard, if its record exists, was made from the same input (`stamp`)
+    and every file it lists still matches its checksum."""
     done = work.prepare_record(shard_id)
     if not done.exists():
         return None
@@ -143,10 +187,13 @@ def load_verified(work: WorkDir, shard_id: str) -> PrepareResult | None:
         res = PrepareResult.from_json(json.loads(done.read_text()))
     except (ValueError, TypeError):
         return None
+    if res.input_stamp != stamp:
+        return None
     for kind, rel in res.files.items():
         p = work.prepare_dir / rel
         if not p.exists() or sha256_file(p) != res.sha256.get(kind):
             return None
+    res.reused = True
     return res
 
 
@@ -220,4 +267,4 @@ def _tokenize_and_filter(
     return kept, dropped
 
 
-__all__ = ["PREPARE_STEP", "PrepareResult", "load_verified", "prepare_shard", "tokenizer_for"]
+__all__ = ["PREPARE_STEP", "PrepareResult", "input_stamp", "load_verified", "prepare_shard", "tokenizer_for"]

@@ -7,8 +7,8 @@ and renamed into place, then recorded with its checksum, so a rerun skips it aft
 
 from __future__ import annotations
 
+import hashlib
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +18,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import __version__
+from pipeline.faults import crash_point
 from pipeline.parquet_io import ParquetSink, sha256_file, write_json_atomic
 from pipeline.prepare import PrepareResult, tokenizer_for
+from pipeline.progress import UnitProgress
 from pipeline.select import SelectResult, TargetPlan
 from pipeline.tokenizer import Tokenizer
 from pipeline.workdir import WorkDir
@@ -231,6 +233,34 @@ def _read_layout_rows(path: Path, first_row: int, last_row: int) -> pa.Table:
     return t.sort_by([("row", "ascending"), ("row_start", "ascending")])
 
 
+@dataclass
+class WrittenShard:
+    """One output shard's manifest entry, and whether an earlier run's verified shard was kept."""
+
+    entry: ShardEntry
+    reused: bool
+
+
+def unit_key(selected: SelectResult, plan: TargetPlan) -> str:
+    """What a shard's bytes depend on beyond the config: the documents and the layout they were cut by."""
+    blob = f"{selected.inputs_key}|{plan.layout_sha256}|{plan.n_shards}|{plan.rows_per_shard}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _verified_entry(record: Path, final: Path, key: str) -> ShardEntry | None:
+    """The recorded entry, if it belongs to this layout and the file on disk still has its checksum."""
+    if not (record.exists() and final.exists()):
+        return None
+    try:
+        saved = json.loads(record.read_text())
+        if saved.get("key") != key:
+            return None
+        entry = ShardEntry.model_validate(saved["entry"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return entry if sha256_file(final) == entry.sha256 else None
+
+
 def write_output_shard(
     cfg: BuildConfig,
     work: WorkDir,
@@ -239,16 +269,34 @@ def write_output_shard(
     target_index: int,
     k: int,
     steps: list[str],
+    progress: UnitProgress | None = None,
 ) -> ShardEntry:
     """Write shard k of a target (or return its verified entry from an earlier run)."""
+    return write_shard(cfg, work, selected, prepared, target_index, k, steps, progress).entry
+
+
+def write_shard(
+    cfg: BuildConfig,
+    work: WorkDir,
+    selected: SelectResult,
+    prepared: list[PrepareResult],
+    target_index: int,
+    k: int,
+    steps: list[str],
+    progress: UnitProgress | None = None,
+) -> WrittenShard:
+    """Write shard k of a target, or keep the one an earlier run wrote if its record and checksum verify.
+
+    `progress`, if given, is called after every row group with the rows written so far.
+    """
     plan = selected.targets[target_index]
     rel = shard_path(plan, k)
     record = work.written_record(plan.config_name, k)
     final = work.out / rel
-    if record.exists() and final.exists():
-        entry = ShardEntry.model_validate(json.loads(record.read_text()))
-        if sha256_file(final) == entry.sha256:
-            return entry
+    key = unit_key(selected, plan)
+    previous = _verified_entry(record, final, key)
+    if previous is not None:
+        return WrittenShard(previous, reused=True)
     tok = tokenizer_for(cfg)
     sep_id = tok.special_token_id(cfg.packing.separator)
     pad_id = tok.special_token_id(cfg.packing.pad_token or cfg.packing.separator)
@@ -268,7 +316,6 @@ def write_output_shard(
     }
     content = seps = pads = splits = 0
     doc_keys: set[tuple[int, int]] = set()
-    started = time.perf_counter()
     with ParquetSink(final, row_schema(cfg.output.store_text), cfg.output.compression_level) as sink:
         for g0 in range(first, last, rows_per_group):
             g1 = min(last, g0 + rows_per_group)
@@ -289,6 +336,9 @@ def write_output_shard(
             splits += int(pc.sum(pc.cast(segs.field("is_split"), pa.int64())).as_py() or 0)
             pads += pad_here
             doc_keys.update(zip(shard_idx.tolist(), doc_row.tolist(), strict=True))
+            if progress is not None:
+                progress({"rows": g1 - first, "tokens": (g1 - first) * L})
+            crash_point("write")
     n = last - first
     entry = ShardEntry(
         path=rel,
@@ -303,6 +353,6 @@ def write_output_shard(
         split_segments=splits,
     )
     assert content + seps + pads == n * L, f"{rel}: tokens do not add up"
-    write_json_atomic(record, entry.model_dump())
-    _ = time.perf_counter() - started
-    return entry
+    write_json_atomic(record, {"key": key, "entry": entry.model_dump()})
+    crash_point("written")
+    return WrittenShard(entry, reused=False)

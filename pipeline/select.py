@@ -8,6 +8,7 @@ The layouts say which token span of which document goes where; stage 3 fills row
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.faults import crash_point
 from pipeline.filters import stable_uniform
 from pipeline.packing import Layout, pack_best_fit, pack_greedy
 from pipeline.parquet_io import ParquetSink, sha256_file, write_json_atomic
@@ -189,15 +191,29 @@ class SelectResult:
     steps: list[str]
     seconds: float
     extra: dict = field(default_factory=dict)
+    inputs_key: str = ""  # `inputs_key(prepared)` of the documents this selection was made from
+    reused: bool = False  # set when loaded from an earlier run's record, never stored as True
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "reused": False}
 
     @classmethod
     def from_json(cls, d: dict) -> SelectResult:
         d = dict(d)
         d["targets"] = [TargetPlan(**t) for t in d["targets"]]
         return cls(**d)
+
+
+def inputs_key(prepared: list[PrepareResult]) -> str:
+    """Identity of the tokenized documents a selection is made from: shard ids and file checksums.
+
+    The select folder is keyed by the config; this key ties its record to the inputs too, so a
+    rerun after the corpus changed lays out rows again instead of reusing a stale layout.
+    """
+    h = hashlib.sha256()
+    for r in prepared:
+        h.update(f"{r.shard_id}|{r.sha256.get('documents')}|{r.sha256.get('filtered')}\n".encode())
+    return h.hexdigest()[:32]
 
 
 def _route(cfg: BuildConfig, idx: DocIndex, alive: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
@@ -247,7 +263,8 @@ def _layout(cfg: BuildConfig, footprints: np.ndarray, L: int) -> Layout:
 def select_and_layout(cfg: BuildConfig, work: WorkDir, prepared: list[PrepareResult]) -> SelectResult:
     """Run stage 2, or reuse its verified result from an earlier run with the same config."""
     record = work.select_dir / "select.json"
-    previous = _load_verified(work, record)
+    key = inputs_key(prepared)
+    previous = _load_verified(work, record, key)
     if previous is not None:
         return previous
     started = time.perf_counter()
@@ -307,6 +324,7 @@ def select_and_layout(cfg: BuildConfig, work: WorkDir, prepared: list[PrepareRes
         np.add.at(packed, idx.source[ordered[lay.item]], c_tok)
         plans.append(_write_layout(cfg, work, idx, ordered, sims, lay, L, strategy, ntok))
         steps.append(strategy)
+        crash_point("layout")
 
     filtered_file, filtered_sha, by_reason, by_reason_tokens = _write_drops(work, idx, drops, prepared)
     result = SelectResult(
@@ -319,6 +337,7 @@ def select_and_layout(cfg: BuildConfig, work: WorkDir, prepared: list[PrepareRes
         filtered_sha256=filtered_sha,
         steps=steps,
         seconds=round(time.perf_counter() - started, 3),
+        inputs_key=key,
     )
     write_json_atomic(record, result.to_json())
     return result
@@ -446,12 +465,15 @@ def _drop_table(work: WorkDir, idx: DocIndex, d: Drop, prepared: list[PrepareRes
     )
 
 
-def _load_verified(work: WorkDir, rec: Path) -> SelectResult | None:
+def _load_verified(work: WorkDir, rec: Path, key: str) -> SelectResult | None:
+    """The earlier selection, if it was made from the same documents and its files match their checksums."""
     if not rec.exists():
         return None
     try:
         res = SelectResult.from_json(json.loads(rec.read_text()))
     except (ValueError, TypeError, KeyError):
+        return None
+    if res.inputs_key != key:
         return None
     checks = [(res.filtered_file, res.filtered_sha256)] + [
         (t.layout_file, t.layout_sha256) for t in res.targets
@@ -460,4 +482,5 @@ def _load_verified(work: WorkDir, rec: Path) -> SelectResult | None:
         p = work.select_dir / rel
         if not p.exists() or sha256_file(p) != sha:
             return None
+    res.reused = True
     return res

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from schemas.config import BuildConfig, config_hash, section_hash
 
@@ -38,3 +43,31 @@ class WorkDir:
     @property
     def audit_dir(self) -> Path:
         return self.out / "audit"
+
+    @contextlib.contextmanager
+    def lock(self, log: Callable[[str], Any] = print) -> Iterator[None]:
+        """Hold the output folder for one run; a second run on it waits (e.g. overlapping schedules).
+
+        An flock dies with its process, so a run killed by SIGKILL never leaves the folder locked.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log(f"{self.out}: another run holds this output folder; waiting for it to finish")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def remove_temporaries(self) -> int:
+        """Delete `.tmp-*` files a killed run left behind (call while holding the lock, before work)."""
+        n = 0
+        if self.out.is_dir():
+            for p in self.out.rglob(".tmp-*"):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    n += 1
+        return n

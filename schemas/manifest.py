@@ -94,7 +94,8 @@ class Check(Model):
 
 
 class StageReport(Model):
-    seconds: float
+    # None in the manifest, which must be byte-identical across runs of one config; timings live in report.json
+    seconds: float | None = None
     items_in: int | None = None
     items_out: int | None = None
     tokens_in: int | None = None

@@ -45,3 +45,12 @@ def prefect_harness():  # type: ignore[no-untyped-def]
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A real `prefect server start` subprocess (own PREFECT_HOME, free port); yields a client env."""
+    from tests.opskit import prefect_server as start
+
+    with start(tmp_path_factory.mktemp("prefect-home")) as env:
+        yield env

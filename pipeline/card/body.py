@@ -461,7 +461,6 @@ class CardBody:
             rows.append(
                 [
                     name,
-                    f"{st.seconds:.2f}",
                     "–" if st.items_in is None else st.items_in,
                     "–" if st.items_out is None else st.items_out,
                     "–" if st.tokens_in is None else st.tokens_in,
@@ -470,7 +469,7 @@ class CardBody:
                 ]
             )
         lines += table(
-            ["Stage", "Seconds", "Items in", "Items out", "Tokens in", "Tokens out", "Notes"], rows
+            ["Stage", "Items in", "Items out", "Tokens in", "Tokens out", "Notes"], rows
         )
         params = {k: m.config[k] for k in PARAMETER_SECTIONS if k in m.config and _enabled(m.config[k])}
         params["sources"] = [_compact_source(x) for x in m.config.get("sources", [])]

@@ -1,0 +1,211 @@
+"""Helpers for the operations tests (resume, schedules, Dask): real processes, configs on disk, digests."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import yaml
+
+from tests.conftest import DATA, ROOT, sample_dict
+
+# Small shards and row groups, so a kill can land between shards and inside one.
+SMALL_OUTPUT = {"shard_tokens": 131072, "row_group_tokens": 32768}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(folder: Path, out: Path, **overrides: Any) -> Path:
+    """The sample config with absolute input paths and `out` as output, saved as folder/c.yaml."""
+    cfg = sample_dict()
+    for s in cfg["sources"]:
+        s["paths"] = [str(DATA / p) for p in s["paths"]]
+    cfg["output"] = {**cfg["output"], **SMALL_OUTPUT, "dir": str(out)}
+    for key, value in overrides.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "LONGLOOM_FAULT"}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+    )
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    args: list[str], env: dict[str, str] | None = None, fault: str | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """`python -m flows.cli ARGS` in its own process group; stray children are killed afterwards."""
+    env = dict(env or base_env())
+    if fault:
+        env["LONGLOOM_FAULT"] = fault
+    return run_group([sys.executable, "-m", "flows.cli", *args], env, timeout)
+
+
+def run_group(cmd: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    p = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        kill_group(p)
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def kill_group(p: subprocess.Popen[Any], sig: int = signal.SIGKILL) -> None:
+    """Signal the process group `p` leads (it and anything it started), ignoring a group that is gone."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(p.pid, sig)
+
+
+def normalized_manifest(out: Path) -> dict[str, Any]:
+    """The manifest minus what says how and where a run was started (command line, output folder, runner)."""
+    m = json.loads((out / "manifest.json").read_text())
+    m.pop("command")
+    m["config"]["output"].pop("dir")
+    for k in ("task_runner", "workers", "dask_address", "retries", "retry_delay_seconds"):
+        m["config"]["run"].pop(k, None)
+    return m
+
+
+def output_digest(out: Path) -> dict[str, Any]:
+    """sha256 of every published file (shards, audit tables, README) plus the normalized manifest."""
+    from pipeline.parquet_io import sha256_file
+
+    files = {
+        str(p.relative_to(out)): sha256_file(p)
+        for p in sorted(out.rglob("*"))
+        if p.is_file()
+        and ".longloom" not in p.parts
+        and p.name not in ("manifest.json", "report.json", "report.md", "README.md")
+    }
+    # the card quotes the command line that started the run; everything else in it must match
+    command = json.loads((out / "manifest.json").read_text())["command"]
+    card = (out / "README.md").read_text(encoding="utf-8").replace(command, "<command>")
+    files["README.md"] = hashlib.sha256(card.encode()).hexdigest()
+    return {"files": files, "manifest": normalized_manifest(out)}
+
+
+def temporaries(out: Path) -> list[Path]:
+    return sorted(out.rglob(".tmp-*")) if out.exists() else []
+
+
+def assert_readers_see_only_whole_files(out: Path) -> None:
+    """Every visible Parquet file opens (a half-written one has no footer); readers skip `.tmp-*`."""
+    import pyarrow.dataset as ds
+
+    for p in sorted(out.glob("[!.]*/**/*.parquet")):
+        if not p.name.startswith("."):
+            pq.ParquetFile(p).metadata  # noqa: B018 (raises on a truncated file)
+    for folder in sorted((out / "data").glob("*")) if (out / "data").exists() else []:
+        ds.dataset(folder, format="parquet").count_rows()
+    if (out / "manifest.json").exists():
+        json.loads((out / "manifest.json").read_text())
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path) -> Iterator[dict[str, str]]:
+    """A real `prefect server start` on a free loopback port with its own PREFECT_HOME (SQLite).
+
+    Yields the environment a client process needs to use it.
+    """
+    import urllib.request
+
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = base_env(
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=api,
+        # create scheduled runs within seconds of a deployment appearing, not once a minute
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",
+        PREFECT_RUNNER_POLL_FREQUENCY="2",
+    )
+    server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    log = open(home / "server.log", "w")  # noqa: SIM115 (kept open for the server's lifetime)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=server_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if p.poll() is not None:
+                raise RuntimeError(f"prefect server exited: {(home / 'server.log').read_text()[-3000:]}")
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("prefect server did not become healthy in 240 s")
+            time.sleep(0.5)
+        yield env
+    finally:
+        kill_group(p, signal.SIGTERM)
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            kill_group(p)
+            p.wait()
+        log.close()
+
+
+def api_post(env: dict[str, str], path: str, body: dict[str, Any]) -> Any:
+    import urllib.request
+
+    req = urllib.request.Request(
+        env["PREFECT_API_URL"] + path,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def api_get(env: dict[str, str], path: str) -> Any:
+    import urllib.request
+
+    with urllib.request.urlopen(env["PREFECT_API_URL"] + path, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def wait_for(predicate: Any, timeout: float, what: str, every: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
