@@ -82,9 +82,17 @@ def finalize_task(
     entries: list[ShardEntry],
     stages: dict[str, StageReport],
     command: str,
+    optional: dict[str, dict] | None = None,
 ) -> Manifest:
     return finalize_run(
-        cfg, WorkDir(cfg), prepared, selected, group_by_target(selected, entries), stages, command
+        cfg,
+        WorkDir(cfg),
+        prepared,
+        selected,
+        group_by_target(selected, entries),
+        stages,
+        command,
+        **(optional or {}),
     )
 
 
@@ -145,7 +153,16 @@ def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
         items_out=sum(e.rows for e in entries),
         tokens_out=sum(e.tokens for e in entries),
     )
-    manifest = finalize_task(cfg, prepared, selected, entries, stages, command or "python -m flows.build")
+    optional: dict[str, dict] = {"extra": {}, "extra_configs": {}, "audit_extra": {}}
+    if cfg.procedural.enabled:
+        from flows.procedural import procedural_stage
+
+        proc, stages["procedural"] = procedural_stage(cfg, selected, entries, steps)
+        optional["extra"]["procedural"] = proc.extra
+        optional["extra_configs"].update(proc.extra_configs)
+    manifest = finalize_task(
+        cfg, prepared, selected, entries, stages, command or "python -m flows.build", optional
+    )
     for line in summary_lines(manifest):
         logger.info(line)
     return {

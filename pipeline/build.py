@@ -105,8 +105,28 @@ def run_build(
         write_output_shard(cfg, work, selected, prepared, ti, k, steps) for ti, k in output_units(selected)
     ]
     stage("write", t0, items_out=sum(e.rows for e in entries), tokens_out=sum(e.tokens for e in entries))
+    extra: dict = {}
+    extra_configs: dict = {}
+    audit_extra: dict = {}
+    if cfg.procedural.enabled:
+        from pipeline.procedural.stage import run_procedural
+
+        t0 = time.perf_counter()
+        proc = run_procedural(cfg, work, group_by_target(selected, entries), steps)
+        stage("procedural", t0, items_out=proc.samples, tokens_out=proc.tokens)
+        extra["procedural"] = proc.extra
+        extra_configs.update(proc.extra_configs)
     t0 = time.perf_counter()
     manifest = finalize_run(
-        cfg, work, prepared, selected, group_by_target(selected, entries), stages, command
+        cfg,
+        work,
+        prepared,
+        selected,
+        group_by_target(selected, entries),
+        stages,
+        command,
+        extra=extra,
+        extra_configs=extra_configs,
+        audit_extra=audit_extra,
     )
     return manifest

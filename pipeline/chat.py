@@ -451,18 +451,32 @@ class Haystack:
         return cls(tok, cls.JOIN.join(texts), parts)
 
     @classmethod
-    def from_rows(cls, tok: Tokenizer, rows: Sequence[Mapping[str, Any]]) -> Haystack:
+    def from_rows(
+        cls, tok: Tokenizer, rows: Sequence[Mapping[str, Any]], max_tokens: int | None = None
+    ) -> Haystack:
         """Packed rows (`row_id`, `input_ids`, `segments`) decoded segment by segment, joined by blank lines.
 
-        Separators and padding are not text and never enter the haystack.
+        Separators and padding are not text and never enter the haystack. With `max_tokens`, only the
+        first `max_tokens` row tokens of text are used (the last segment is cut short and marked split).
         """
         texts: list[str] = []
         parts: list[HaystackPart] = []
         pos = 0
+        used = 0
         for row in rows:
             ids = np.asarray(row["input_ids"])
             for seg in row["segments"]:
-                raw = tok.decode_bytes(ids[seg["row_token_start"] : seg["row_token_end"]])
+                if max_tokens is not None and used >= max_tokens:
+                    break
+                a, b = int(seg["row_token_start"]), int(seg["row_token_end"])
+                if max_tokens is not None and used + (b - a) > max_tokens:
+                    cut = max_tokens - used
+                    seg = {**seg, "row_token_end": a + cut, "is_split": True}
+                    if seg.get("doc_token_start") is not None:
+                        seg["doc_token_end"] = int(seg["doc_token_start"]) + cut
+                    b = a + cut
+                used += b - a
+                raw = tok.decode_bytes(ids[a:b])
                 # a split segment may begin or end inside a multi-byte character: drop the partial bytes
                 head_cut = 0
                 while head_cut < len(raw) and head_cut < 3 and raw[head_cut] & 0xC0 == 0x80:
@@ -863,10 +877,13 @@ def _try_context(
         placement: Placement = p.placement
         b: int | None = None
         if placement == "inline":
-            b = _snap(sent_b, x, max(h0, int(x) - inline_window), min(s, int(x) + inline_window))
+            lo, hi = max(h0, int(x) - inline_window), min(s, int(x) + inline_window)
+            b = _snap(sent_b, x, lo, hi)
+            # no sentence end nearby (verse, code, lists): a line of its own reads better than a
+            # sentence dropped mid-sentence; mid-sentence only where there are no lines either
+            if b is None and _snap(line_b, x, lo, hi) is None:
+                b = _snap(inline_b, x, lo, hi)
             if b is None:
-                b = _snap(inline_b, x, max(h0, int(x) - inline_window), min(s, int(x) + inline_window))
-            if b is None:  # no prose nearby (code, lists): fall back to a line of its own
                 placement = "line"
                 texts[k] = texts[k].strip() + "\n"
                 piece_ids[k] = tok.encode(texts[k])

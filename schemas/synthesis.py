@@ -4,11 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-
-class ProceduralConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: bool = False
+from schemas.procedural import ProceduralConfig as ProceduralConfig  # issue 4: the `procedural:` section
 
 
 class RewriterConfig(BaseModel):
