@@ -160,6 +160,14 @@ def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
         proc, stages["procedural"] = procedural_stage(cfg, selected, entries, steps)
         optional["extra"]["procedural"] = proc.extra
         optional["extra_configs"].update(proc.extra_configs)
+    if cfg.rewriter.enabled:
+        from flows.rewriter import rewriter_stage
+
+        rw = rewriter_stage(cfg, selected)
+        stages["rewriter"] = rw.report
+        optional["extra"]["rewriter"] = rw.stats
+        optional["extra_configs"].update(rw.extra_configs)
+        optional["audit_extra"].update(rw.audit_extra)
     manifest = finalize_task(
         cfg, prepared, selected, entries, stages, command or "python -m flows.build", optional
     )

@@ -116,6 +116,14 @@ def run_build(
         stage("procedural", t0, items_out=proc.samples, tokens_out=proc.tokens)
         extra["procedural"] = proc.extra
         extra_configs.update(proc.extra_configs)
+    if cfg.rewriter.enabled:
+        from pipeline.rewriter.stage import run_rewriter
+
+        rw = run_rewriter(cfg, work, selected)
+        stages["rewriter"] = rw.report
+        extra["rewriter"] = rw.stats
+        extra_configs.update(rw.extra_configs)
+        audit_extra.update(rw.audit_extra)
     t0 = time.perf_counter()
     manifest = finalize_run(
         cfg,
