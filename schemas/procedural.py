@@ -66,7 +66,10 @@ class MultiNeedleTask(_Task):
     """RULER's multi-key / multi-value / multi-query needles, classic or written like the text around them."""
 
     task: Literal["multi_needle"] = "multi_needle"
-    keys: int = Field(default=4, ge=1, le=500, description="Keys with needles (those not asked distract).")
+    # not `keys`: a model attribute named keys makes dict(model) (Prefect's parameter walk) call it
+    num_keys: int = Field(
+        default=4, ge=1, le=500, description="Keys with needles (those not asked distract)."
+    )
     values_per_key: int = Field(default=1, ge=1, le=20)
     queries: int = Field(default=1, ge=1, description="Keys asked about, one user turn each.")
     style: Literal["classic", "stealth", "mixed"] = Field(
@@ -78,8 +81,8 @@ class MultiNeedleTask(_Task):
 
     @model_validator(mode="after")
     def _fits(self) -> MultiNeedleTask:
-        if self.queries > self.keys:
-            raise ValueError(f"queries ({self.queries}) cannot exceed keys ({self.keys})")
+        if self.queries > self.num_keys:
+            raise ValueError(f"queries ({self.queries}) cannot exceed num_keys ({self.num_keys})")
         return self
 
 

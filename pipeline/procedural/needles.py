@@ -65,12 +65,12 @@ class MultiNeedle:
     ) -> Draft:
         p = params
         style = self.style_of(p, index)
-        values = _values(rng, p.keys * p.values_per_key, p.value_kind)
+        values = _values(rng, p.num_keys * p.values_per_key, p.value_kind)
         multi = p.values_per_key > 1
         texts: list[tuple[int, str]] = []  # (key index, sentence)
         questions: list[str] = []
         if style == "classic":
-            keys = _classic_keys(rng, p.keys)
+            keys = _classic_keys(rng, p.num_keys)
             for k, key in enumerate(keys):
                 for v in values[k * p.values_per_key : (k + 1) * p.values_per_key]:
                     lead = "One of the special magic numbers" if multi else "The special magic number"
@@ -84,7 +84,7 @@ class MultiNeedle:
                 )
             placement = "line"
         else:
-            skeys = _stealth_keys(rng, p.keys)
+            skeys = _stealth_keys(rng, p.num_keys)
             for k, (who, thing, street) in enumerate(skeys):
                 for v in values[k * p.values_per_key : (k + 1) * p.values_per_key]:
                     texts.append((k, f"{who} wrote down {v} as the code for the {thing} on {street}."))
@@ -102,7 +102,7 @@ class MultiNeedle:
             Needle(t, slots[int(slot_of[i])], "needle", placement)  # type: ignore[arg-type]
             for i, (_, t) in enumerate(texts)
         ]
-        asked = sorted(rng.choice(p.keys, size=p.queries, replace=False).tolist())
+        asked = sorted(rng.choice(p.num_keys, size=p.queries, replace=False).tolist())
         queries = []
         for k in asked:
             vals = values[k * p.values_per_key : (k + 1) * p.values_per_key]
