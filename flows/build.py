@@ -112,6 +112,10 @@ def summary_lines(m: Manifest) -> list[str]:
             f"  source {name}: {c.records_read} read, {c.kept} kept ({c.packed_tokens} tokens, "
             f"{100 * c.packed_tokens / packed:.1f}% of output); dropped: {drops}"
         )
+    if "procedural" in m.extra:
+        from pipeline.procedural.stage import describe
+
+        lines += describe(m.extra["procedural"])
     bad = [c for c in m.checks if not c.ok]
     lines.append(f"  reconciliation: {len(m.checks) - len(bad)}/{len(m.checks)} checks pass")
     lines += [f"    FAILED {c.name}: {c.detail}" for c in bad]

@@ -15,7 +15,6 @@ from pipeline.procedural.stage import (
     BatchResult,
     ProceduralBatch,
     ProceduralSummary,
-    describe,
     generate_batch,
     plan_procedural,
     pool_shards,
@@ -58,8 +57,7 @@ def procedural_stage(
     )
     results = [f.result() for f in run.map(unmapped(cfg), plan, unmapped(shards), unmapped(steps))]
     summary = summarize_procedural(cfg, WorkDir(cfg), results)
-    for line in describe(summary):
-        logger.info(line)
+    logger.info("procedural: %d samples, %d tokens", summary.samples, summary.tokens)
     report = StageReport(
         seconds=round(time.perf_counter() - t0, 3), items_out=summary.samples, tokens_out=summary.tokens
     )

@@ -39,6 +39,10 @@ def preflight(cfg: BuildConfig) -> list[InputShard]:
     out = Path(cfg.output.dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output.dir: {out} exists and is not a folder")
+    if cfg.procedural.enabled:
+        from pipeline.procedural.stage import check_procedural
+
+        check_procedural(cfg)
     return shards
 
 

@@ -419,11 +419,19 @@ class Haystack:
 
     JOIN = "\n\n"  # between documents: a blank line, never a special token
 
-    def __init__(self, tok: Tokenizer, text: str, parts: list[HaystackPart] | None = None) -> None:
+    def __init__(
+        self,
+        tok: Tokenizer,
+        text: str,
+        parts: list[HaystackPart] | None = None,
+        ids: np.ndarray | None = None,
+    ) -> None:
+        """`ids`, if given, must be the tokenization of `text` (`from_rows` assembles it from the rows)."""
         _require_byte_level(tok)
         self.tok = tok
         self.text = text
-        self.ids = tok.encode(text)
+        self.ids = tok.encode(text) if ids is None else np.asarray(ids, np.int32)
+        self.reused_ids = ids is not None
         self.parts = parts if parts is not None else [HaystackPart(0, len(text))]
         self._part_starts = [p.char_start for p in self.parts]
 
@@ -478,17 +486,31 @@ class Haystack:
             pos += len(body)
         return cls(tok, cls.JOIN.join(texts), parts)
 
+    def retokenized(self) -> Haystack:
+        """The same text and parts with ids from a full tokenization (the fallback for reused ids)."""
+        return Haystack(self.tok, self.text, self.parts)
+
     @classmethod
     def from_rows(
-        cls, tok: Tokenizer, rows: Sequence[Mapping[str, Any]], max_tokens: int | None = None
+        cls,
+        tok: Tokenizer,
+        rows: Sequence[Mapping[str, Any]],
+        max_tokens: int | None = None,
+        reuse_ids: bool = True,
     ) -> Haystack:
         """Packed rows (`row_id`, `input_ids`, `segments`) decoded segment by segment, joined by blank lines.
 
         Separators and padding are not text and never enter the haystack. With `max_tokens`, only the
         first `max_tokens` row tokens of text are used (the last segment is cut short and marked split).
+
+        With `reuse_ids`, the haystack is not tokenized again: a segment's row tokens between its first
+        and last safe boundary are the tokenization of that text wherever it stands, so only the short
+        head and tail of each segment (where it was cut from its document, stripped, and joined to the
+        next) are re-tokenized, in one batch.
         """
         texts: list[str] = []
         parts: list[HaystackPart] = []
+        plans: list[tuple[np.ndarray, np.ndarray, int] | None] = []  # per part: (seg ids, char starts, lead)
         pos = 0
         used = 0
         for row in rows:
@@ -528,7 +550,12 @@ class Haystack:
                 )
                 texts.append(body)
                 pos += len(body)
-        return cls(tok, cls.JOIN.join(texts), parts)
+                seg_ids = ids[a:b]
+                plans.append((seg_ids, token_char_starts(tok, seg_ids), lead) if head_cut == 0 else None)
+        text = cls.JOIN.join(texts)
+        if not reuse_ids:
+            return cls(tok, text, parts)
+        return cls(tok, text, parts, _reuse_row_ids(tok, texts, plans, cls.JOIN))
 
     def parts_in(self, char_start: int, char_end: int) -> list[tuple[HaystackPart, int, int]]:
         """The parts overlapping haystack chars [char_start, char_end), with the overlap."""
@@ -541,6 +568,50 @@ class Haystack:
                 out.append((p, a, b))
             k += 1
         return out
+
+
+def _reuse_row_ids(
+    tok: Tokenizer,
+    bodies: list[str],
+    plans: list[tuple[np.ndarray, np.ndarray, int] | None],
+    join: str,
+) -> np.ndarray:
+    """Ids of `join.join(bodies)` from each body's row tokens, re-tokenizing only heads and tails."""
+    t = boundary_tables(tok)
+    chunks: list[str | np.ndarray] = []  # text to tokenize, or ids to keep, in order
+    last = len(bodies) - 1
+    for k, (body, plan) in enumerate(zip(bodies, plans, strict=True)):
+        tail_join = join if k < last else ""
+        if plan is None:
+            chunks.append(body + tail_join)
+            continue
+        seg, cs, lead = plan
+        seg64 = seg.astype(np.int64)
+        prev, cur = seg64[:-1], seg64[1:]
+        safe = (t.ends_newline[prev] & t.starts_nonspace[cur]) | (t.ends_nonspace[prev] & t.starts_space[cur])
+        cand = np.flatnonzero(safe) + 1  # token index t >= 1 where a cut is safe
+        end = lead + len(body)
+        # the characters on both sides of a cut decide whether it is safe, so both must be in the body
+        # (what was stripped around it is not in the haystack: a boundary at the body's end is unsafe)
+        cand = cand[(cs[cand] >= lead) & (cs[cand] < end)]
+        if len(cand) < 2:
+            chunks.append(body + tail_join)
+            continue
+        f, last_b = int(cand[0]), int(cand[-1])
+        chunks.append(body[: int(cs[f]) - lead])
+        chunks.append(seg[f:last_b])
+        chunks.append(body[int(cs[last_b]) - lead :] + tail_join)
+    texts = [c for c in chunks if isinstance(c, str)]
+    flat, offs = tok.encode_batch(texts)
+    out: list[np.ndarray] = []
+    j = 0
+    for c in chunks:
+        if isinstance(c, str):
+            out.append(flat[offs[j] : offs[j + 1]])
+            j += 1
+        else:
+            out.append(np.asarray(c, np.int32))
+    return np.concatenate(out).astype(np.int32) if out else np.zeros(0, np.int32)
 
 
 # --- assembly -------------------------------------------------------------------------------------------

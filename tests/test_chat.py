@@ -228,3 +228,67 @@ def test_haystack_from_rows_keeps_segment_lineage(tok) -> None:  # type: ignore[
         ]
     )
     assert table.schema == CHAT_SCHEMA and table.column("input_ids").null_count == 1
+
+
+def _rows_of(tok, docs: list[str], split_every: int = 0) -> list[dict]:  # type: ignore[no-untyped-def]
+    """Packed rows of `docs` as the writer makes them (optionally cutting documents every n tokens)."""
+    ids, offs = tok.encode_batch(docs)
+    sep = tok.special_token_id("<|end_of_text|>")
+    row: list[int] = []
+    segments = []
+    for k in range(len(docs)):
+        part = ids[offs[k] : offs[k + 1]].tolist()
+        step = split_every or max(1, len(part))
+        for a in range(0, max(1, len(part)), step):
+            piece = part[a : a + step]
+            segments.append(
+                {
+                    "doc_id": f"d{k}",
+                    "char_start": 0,
+                    "byte_start": 0,
+                    "doc_token_start": a,
+                    "row_token_start": len(row),
+                    "row_token_end": len(row) + len(piece),
+                }
+            )
+            row += [*piece, sep]
+    return [{"row_id": "r0", "input_ids": np.asarray(row, np.int32), "segments": segments}]
+
+
+def test_reused_row_ids_equal_a_full_tokenization(tok) -> None:  # type: ignore[no-untyped-def]
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    alphabet = st.sampled_from(
+        [
+            "a",
+            "b",
+            "Z",
+            " ",
+            "  ",
+            "\n",
+            "\n\n",
+            "\t",
+            ".",
+            ",",
+            "1",
+            "22",
+            "é",
+            "ü",
+            "\r\n",
+            "😀",
+            "  x",
+            "'s",
+        ]
+    )
+    doc = st.lists(alphabet, min_size=0, max_size=40).map("".join)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(doc, min_size=1, max_size=6), st.sampled_from([0, 1, 3, 7]), st.sampled_from([None, 5, 40])
+    )
+    def check(docs: list[str], split: int, limit: int | None) -> None:
+        h = Haystack.from_rows(tok, _rows_of(tok, docs, split), max_tokens=limit)
+        assert np.array_equal(h.ids, tok.encode(h.text)), (docs, split, limit)
+
+    check()

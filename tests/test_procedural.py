@@ -324,3 +324,17 @@ def test_one_million_token_sample(tok) -> None:  # type: ignore[no-untyped-def]
     for q in draft.queries:
         assert gen.solve(ctx, q.question, draft.params) == q.expected
     assert max(q["dependency_distance"] for q in r["questions"]) > 900_000
+
+
+def test_preflight_catches_procedural_problems_before_work(tmp_path: Path) -> None:
+    from pipeline.build import preflight
+
+    cfg = make_config(tmp_path / "a", procedural={"enabled": True, "chat_template": "chatml"})
+    with pytest.raises(ConfigError, match=r"procedural.chat_template.*chatml"):
+        preflight(cfg)
+    big = {"task": "aggregation", "top_k": 20, "frequent_count": 40, "rare_items": 100, "rare_count": 5}
+    cfg = make_config(tmp_path / "b", procedural={"enabled": True, "target_lengths": [2048], "tasks": [big]})
+    with pytest.raises(ConfigError, match=r"procedural.tasks.0 \(aggregation\).*2048"):
+        preflight(cfg)
+    assert not (tmp_path / "b").exists()
+    preflight(make_config(tmp_path / "c", procedural={"enabled": True, "target_lengths": [4096]}))

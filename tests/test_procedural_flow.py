@@ -65,6 +65,8 @@ def test_library_run_outputs_and_distance_report(library_run) -> None:  # type: 
     out, m = library_run
     proc = m.extra["procedural"]
     assert m.ok and proc["ok"]
+    # the stage's own reconciliation is part of the manifest's checks (and of `checks_ok`)
+    assert sum(c.name.startswith("procedural:") for c in m.checks) == len(proc["checks"]) == 5
     chat = ds.dataset(str(out / "data" / "procedural"), format="parquet").to_table()
     assert chat.num_rows == proc["samples"] == 12
     lengths = dict(zip(chat.column("sample_id").to_pylist(), chat.column("length").to_pylist(), strict=True))
@@ -147,3 +149,36 @@ def test_score_command_grades_the_export(library_run, tmp_path: Path) -> None:  
     bad.write_text('{"eval_id": "x"}\n')
     res = subprocess.run([*cmd[:-1], str(bad)], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and "bad.jsonl:1" in res.stderr
+
+
+def test_haystack_reuses_row_ids_exactly(library_run) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.chat import Haystack
+
+    out, _ = library_run
+    tok = load_tokenizer("quicktok:llama3")
+    for f in sorted((out / "data").glob("pretrain_*/*.parquet")):
+        rows = pq.read_table(f, columns=["row_id", "input_ids", "segments"]).to_pylist()
+        for limit in (None, 3000, 40_000):
+            h = Haystack.from_rows(tok, rows, max_tokens=limit)
+            assert h.reused_ids and np.array_equal(h.ids, tok.encode(h.text))
+
+
+def test_wrong_reused_ids_fall_back_to_a_full_tokenization(
+    library_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    import pipeline.chat as chat
+
+    real = chat._reuse_row_ids
+
+    def broken(*args: Any, **kw: Any) -> np.ndarray:
+        ids = real(*args, **kw)
+        ids[len(ids) // 3 : len(ids) // 3 + 5] = 15339  # five wrong tokens a third of the way in
+        return ids
+
+    monkeypatch.setattr(chat, "_reuse_row_ids", broken)
+    m = run_build(
+        config(tmp_path / "out", target_lengths=[4096], tasks=[{"task": "hash_chain", "samples": 2}])
+    )
+    assert m.ok
+    assert m.extra["procedural"]["target_lengths"]["4096"]["retokenized_haystacks"] >= 1
+    assert procedural_files(tmp_path / "out")  # written, and checked against the text by finalize
