@@ -108,7 +108,7 @@ def main() -> None:
             f"{mean(verifies):>9.3f} {mean(fulls):>10.3f} {L / mean(totals):>12,.0f}"
         )
     print(
-        "\nhaystack = read rows + decode + tokenize once; assemble = place needles at safe boundaries, size the "
+        "\nhaystack = read rows + decode + token ids (reused from the rows, only segment edges re-tokenized); assemble = place needles at safe boundaries, size the "
         "tail, lineage, and one verifying full tokenization ((verify) column, timed again on its own). "
         "A sizing loop that re-tokenizes the context per try pays '1 full tok' each iteration "
         "(a binary search over 1M tokens: about 20 of them)."

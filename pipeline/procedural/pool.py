@@ -24,6 +24,8 @@ class PoolFile:
 class RowPool:
     """Every packed row of a run, addressable by one index; consecutive rows make long haystacks."""
 
+    CACHED_GROUPS = 4  # row groups hold <= output.row_group_tokens tokens each (16 MB of ids at 4M)
+
     def __init__(self, files: list[PoolFile]) -> None:
         self.files = [f for f in files if f.rows > 0]
         if not self.files:
@@ -32,7 +34,7 @@ class RowPool:
             )
         self._ends = np.cumsum([f.rows for f in self.files])
         self._meta: dict[int, np.ndarray] = {}  # file -> row-group ends
-        self._cache: tuple[tuple[int, int], Any] | None = None
+        self._cache: dict[tuple[int, int], Any] = {}  # a few recently read row groups
 
     @property
     def n_rows(self) -> int:
@@ -51,10 +53,12 @@ class RowPool:
         local = i - (int(self._ends[fi - 1]) if fi else 0)
         ends = self._group_ends(fi)
         g = int(np.searchsorted(ends, local, side="right"))
-        if self._cache is None or self._cache[0] != (fi, g):
+        table = self._cache.pop((fi, g), None)
+        if table is None:
             table = pq.ParquetFile(self.files[fi].path).read_row_group(g, columns=ROW_COLUMNS)
-            self._cache = ((fi, g), table)
-        table = self._cache[1]
+            while len(self._cache) >= self.CACHED_GROUPS:
+                self._cache.pop(next(iter(self._cache)))
+        self._cache[(fi, g)] = table  # most recent last
         j = local - (int(ends[g - 1]) if g else 0)
         one = table.slice(j, 1)
         ids = one.column("input_ids").combine_chunks().values.to_numpy(zero_copy_only=False)
