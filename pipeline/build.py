@@ -43,6 +43,10 @@ def preflight(cfg: BuildConfig) -> list[InputShard]:
         from pipeline.procedural.stage import check_procedural
 
         check_procedural(cfg)
+    if cfg.rewriter.enabled:
+        from pipeline.rewriter.stage import check_rewriter
+
+        check_rewriter(cfg)
     return shards
 
 

@@ -62,20 +62,23 @@ def rewriter_section(base_url: str, **kw: Any) -> dict[str, Any]:
     return section
 
 
-@pytest.fixture(scope="module")
-def packed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SelectResult]:
-    """The bundled sample packed once (no rewriter): its output folder and its select result."""
-    out = tmp_path_factory.mktemp("packed") / "out"
+def pack_sample(out: Path) -> tuple[Path, SelectResult]:
+    """The bundled sample packed (no rewriter) into `out`: the folder and its select result."""
+    from pipeline.build import lineage_steps
+
     cfg = make_config(out)
     work = WorkDir(cfg)
     prepared = [prepare_shard(cfg, s, work) for s in preflight(cfg)]
     selected = select_and_layout(cfg, work, prepared)
-    from pipeline.build import lineage_steps
-
     steps = lineage_steps(prepared, selected)
     for ti, k in output_units(selected):
         write_output_shard(cfg, work, selected, prepared, ti, k, steps)
     return out, selected
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SelectResult]:
+    return pack_sample(tmp_path_factory.mktemp("packed") / "out")
 
 
 @pytest.fixture
@@ -151,6 +154,11 @@ def test_tolerant_parsing() -> None:
     with pytest.raises(ParseFailure) as err:
         parse_json_answer('{"question": "abc", "answer": "de', finish_reason="length")
     assert err.value.reason == "truncated_output"
+    with pytest.raises(ParseFailure) as err:  # an inner object of a cut answer is not the answer
+        parse_json_answer(
+            '{"messages": [{"role": "user", "content": "hi"}, {"role": "assi', finish_reason="length"
+        )
+    assert err.value.reason == "truncated_output"
     with pytest.raises(ParseFailure) as err:
         parse_json_answer("no json at all")
     assert err.value.reason == "unparseable"
@@ -178,6 +186,10 @@ def test_templates_are_versioned_files() -> None:
         assert t.version and t.kind and t.response_schema
         msgs = t.render(passage="P", passages=["A", "B"], turns=3, conversation="[]")
         assert msgs[-1]["role"] == "user" and msgs[-1]["content"]
+    rf = load_template("rephrase").response_format("json_schema", {"messages": 4})
+    assert rf is not None and rf["json_schema"]["schema"]["properties"]["messages"]["maxItems"] == 4
+    assert "maxItems" not in load_template("rephrase").response_schema["properties"]["messages"]  # type: ignore[index]
+    assert load_template("rephrase").response_format("json_object") == {"type": "json_object"}
     with pytest.raises(TemplateError, match=r"x\.txt: front matter needs `version`"):
         parse_template("---\nname: x\nkind: chunk_qa\n---\n=== user ===\nhi\n", "x.txt")
 
@@ -211,6 +223,32 @@ def test_retry_after_and_endpoint_host() -> None:
     assert retry_after_seconds({}) is None
     assert endpoint_host("https://user:pw@api.example.com:8443/v1?key=abc") == "api.example.com:8443"
     assert Redactor(["sk-abcdef"])("error sk-abcdef here") == "error *** here"
+
+
+def test_bad_rewriter_config_fails_before_work(tmp_path: Path) -> None:
+    section = rewriter_section(
+        "http://127.0.0.1:9/v1",
+        chat_template="nope",
+        context_target=1234,
+        strategies=[
+            {"kind": "chunk_qa", "samples": 1, "template": "session_state"},
+            {"kind": "multi_hop", "samples": 1, "template": "missing"},
+            {"kind": "rephrase", "samples": 1, "inputs": ["no/such/*.jsonl"]},
+        ],
+    )
+    cfg = make_config(tmp_path / "out", rewriter=section)
+    with pytest.raises(ConfigError) as err:
+        run_build(cfg)
+    msg = str(err.value)
+    for part in (
+        "rewriter.chat_template: 'nope'",
+        "rewriter.context_target: 1234",
+        "strategies.0.template: 'session_state' is for 'session_state', not 'chunk_qa'",
+        "strategies.1.template: no prompt template 'missing'",
+        "strategies.2.inputs: rewriter rephrase input 'no/such/*.jsonl': no file matches",
+    ):
+        assert part in msg
+    assert not (tmp_path / "out" / "data").exists()  # nothing ran
 
 
 def test_config_errors_never_echo_the_key() -> None:
@@ -519,6 +557,10 @@ def test_run_build_reports_rewriter_in_manifest(tmp_path: Path, monkeypatch: pyt
     assert [e.rows for e in m.audit["rewriter_rejected"]] == [1]
     assert m.stages["rewriter"].items_out == 3
     assert m.ok
+    assert {c.name for c in m.checks} >= {
+        "rewriter: requested = accepted + rejected + failed",
+        "rewriter: files match counts",
+    }
     assert m.config["rewriter"]["api_key"] is None
     from datasets import load_dataset
 

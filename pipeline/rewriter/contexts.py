@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.chat import Haystack
@@ -134,18 +135,28 @@ class ContextReader:
         self.out = out
         self.tok = tok
         self._files: dict[str, pq.ParquetFile] = {}
+        self._groups: dict[tuple[str, int], pa.Table] = {}
 
     def _file(self, path: str) -> pq.ParquetFile:
         if path not in self._files:
             self._files[path] = pq.ParquetFile(self.out / path)
         return self._files[path]
 
+    def _group(self, path: str, g: int) -> pa.Table:
+        """Row group g of a shard; the last few stay in memory (contexts of a batch are neighbours)."""
+        key = (path, g)
+        if key not in self._groups:
+            if len(self._groups) >= 2:
+                self._groups.pop(next(iter(self._groups)))
+            self._groups[key] = self._file(path).read_row_group(g, columns=list(self.COLUMNS))
+        return self._groups[key]
+
     def row(self, ref: ContextRef) -> dict[str, Any]:
         f = self._file(ref.path)
         ends = np.cumsum([f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)])
         g = int(np.searchsorted(ends, ref.index, side="right"))
         first = int(ends[g - 1]) if g else 0
-        t = f.read_row_group(g, columns=list(self.COLUMNS)).slice(ref.index - first, 1)
+        t = self._group(ref.path, g).slice(ref.index - first, 1)
         row_id = t.column("row_id")[0].as_py()
         if row_id != ref.row_id:
             raise ValueError(f"{ref.path} row {ref.index}: expected {ref.row_id}, found {row_id}")

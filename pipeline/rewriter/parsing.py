@@ -47,6 +47,16 @@ def parse_json_answer(content: str | None, finish_reason: str | None = None) -> 
     if not content or not content.strip():
         raise ParseFailure("empty_response", "the model returned no content")
     text = content.strip()
+    if finish_reason == "length":
+        # Cut at max_tokens: an inner object may still decode, but it is not the answer.
+        for cand in _candidates(text):
+            try:
+                obj = json.loads(cand.strip())
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                return obj
+        raise ParseFailure("truncated_output", "the answer was cut at max_tokens before its JSON closed")
     for cand in _candidates(text):
         try:
             obj = json.loads(cand.strip())
@@ -57,8 +67,6 @@ def parse_json_answer(content: str | None, finish_reason: str | None = None) -> 
                 continue
         if isinstance(obj, dict):
             return obj
-    if finish_reason == "length":
-        raise ParseFailure("truncated_output", "the answer was cut at max_tokens before its JSON closed")
     raise ParseFailure("unparseable", "no JSON object could be read from the answer")
 
 

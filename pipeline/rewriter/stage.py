@@ -40,7 +40,7 @@ from pipeline.rewriter.strategies import Rejection, build_request, interpret, pa
 from pipeline.rewriter.templates import load_template
 from pipeline.select import SelectResult
 from pipeline.workdir import WorkDir
-from schemas.config import BuildConfig
+from schemas.config import BuildConfig, ConfigError
 from schemas.manifest import FileEntry, StageReport
 from schemas.records import CHAT_SCHEMA, REWRITER_AUDIT_SCHEMA
 
@@ -296,6 +296,11 @@ def _write_sharded(
     return entries
 
 
+def _in_plan_order(table: pa.Table, order: dict[str, int]) -> pa.Table:
+    rank = np.array([order[s] for s in table.column("sample_id").to_pylist()], np.int64)
+    return table.take(pa.array(np.argsort(rank, kind="stable"), pa.int64()))
+
+
 def merge(cfg: BuildConfig, work: WorkDir, plan: RewriterPlan, results: list[BatchResult]) -> RewriterOutput:
     """Drop repeated questions across the run, write the chat set and the audit table, add up the report."""
     t0 = time.perf_counter()
@@ -312,9 +317,7 @@ def merge(cfg: BuildConfig, work: WorkDir, plan: RewriterPlan, results: list[Bat
         else CHAT_SCHEMA.empty_table()
     )
     order = {p.sample_id: i for i, p in enumerate(pl for b in plan.batches for pl in b.plans)}
-    parts = parts.take(
-        pa.array(sorted(range(parts.num_rows), key=lambda i: order[parts["sample_id"][i].as_py()]))
-    )
+    parts = _in_plan_order(parts, order)
 
     counts: dict[str, dict[str, Any]] = {}
     for r in results:
@@ -369,9 +372,7 @@ def merge(cfg: BuildConfig, work: WorkDir, plan: RewriterPlan, results: list[Bat
     audit = pa.Table.from_pylist(audit_rows, schema=REWRITER_AUDIT_SCHEMA)
     keep_mask = pc.invert(pc.is_in(samples.column("sample_id"), pa.array(list(dup_of), pa.string())))
     kept = samples.filter(keep_mask)
-    kept = kept.take(
-        pa.array(sorted(range(kept.num_rows), key=lambda i: order[kept["sample_id"][i].as_py()]))
-    )
+    kept = _in_plan_order(kept, order)
 
     out = work.out
     level = cfg.output.compression_level
@@ -438,8 +439,22 @@ def _report(
         else []
     )
     hist = np.histogram(np.asarray(depths, float), bins=10, range=(0, 1))[0].tolist() if depths else [0] * 10
+    checks = [
+        {
+            "name": "rewriter: requested = accepted + rejected + failed",
+            "ok": requested == configured == accepted + sum(rejected.values()) + sum(failed.values()),
+            "detail": f"{requested} = {accepted} + {sum(rejected.values())} + {sum(failed.values())} "
+            f"({configured} configured)",
+        },
+        {
+            "name": "rewriter: files match counts",
+            "ok": bool(files_ok),
+            "detail": f"{kept.num_rows} samples written, {audit.num_rows} audit rows",
+        },
+    ]
     return {
         "step": STEP,
+        "checks": checks,
         "model": rw.model,
         "endpoint_host": endpoint_host(rw.base_url),
         "context_config": plan.context_config,
@@ -459,6 +474,48 @@ def _report(
         "currency_note": "cost = tokens x rewriter.prices[model] per million",
         "batches": len(results),
     }
+
+
+def check_rewriter(cfg: BuildConfig) -> None:
+    """Config problems found before any work starts: templates, chat template, targets, inputs."""
+    from pipeline.chat import TEMPLATES
+    from pipeline.rewriter.inputs import load_conversations
+    from pipeline.rewriter.plan import template_for
+    from pipeline.rewriter.templates import TemplateError
+
+    rw = cfg.rewriter
+    errors: list[str] = []
+    if rw.chat_template not in TEMPLATES:
+        errors.append(f"rewriter.chat_template: {rw.chat_template!r} is not one of {sorted(TEMPLATES)}")
+    else:
+        try:
+            load_chat_template(rw.chat_template, tokenizer_for(cfg))
+        except Exception as err:
+            errors.append(f"rewriter.chat_template: {err}")
+    lengths = [t.length for t in cfg.packing.targets]
+    if rw.context_target is not None and rw.context_target not in lengths:
+        errors.append(
+            f"rewriter.context_target: {rw.context_target} is not a packing target length {lengths}"
+        )
+    for i, st in enumerate(rw.strategies):
+        try:
+            t = load_template(template_for(st))
+            if t.kind != st.kind:
+                errors.append(
+                    f"rewriter.strategies.{i}.template: {t.name!r} is for {t.kind!r}, not {st.kind!r}"
+                )
+        except TemplateError as err:
+            errors.append(f"rewriter.strategies.{i}.template: {err}")
+        if st.kind == "rephrase":
+            try:
+                next(
+                    iter(load_conversations(st.inputs, Path(cfg.base_dir), st.max_input_chars, Counter())),
+                    None,
+                )
+            except FileNotFoundError as err:
+                errors.append(f"rewriter.strategies.{i}.inputs: {err}")
+    if errors:
+        raise ConfigError("invalid rewriter configuration:\n  - " + "\n  - ".join(errors))
 
 
 def run_rewriter(cfg: BuildConfig, work: WorkDir, selected: SelectResult) -> RewriterOutput:

@@ -114,12 +114,15 @@ def build_request(
             [{"role": r, "content": c} for r, c in plan.conversation.turns], ensure_ascii=False
         )
     messages = template.render(**values)
+    items = {"messages": len(plan.conversation.turns)} if plan.conversation is not None else {}
+    if plan.kind == "session_state":
+        items = {"turns": strategy.turns}
     return ChatRequest.build(
         template.name,
         template.version,
         messages,
         sampling_params(rw, plan.seed),
-        template.response_format(rw.json_mode),
+        template.response_format(rw.json_mode, items),
     )
 
 

@@ -7,6 +7,7 @@ part of every sample's lineage and of the response-cache key; bump it whenever t
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -49,14 +50,19 @@ class PromptTemplate:
         out.append({"role": "user", "content": self.user.render(**values).strip()})
         return out
 
-    def response_format(self, mode: str) -> dict[str, Any] | None:
-        """The `response_format` request field for a json_mode setting."""
+    def response_format(self, mode: str, array_items: dict[str, int] | None = None) -> dict[str, Any] | None:
+        """The `response_format` request field for a json_mode setting; `array_items` pins the length of
+        top-level array properties (an endpoint that enforces the schema then cannot add or drop turns)."""
         if mode == "off":
             return None
         if mode == "json_schema" and self.response_schema:
+            schema = copy.deepcopy(self.response_schema)
+            for prop, n in (array_items or {}).items():
+                if prop in schema.get("properties", {}):
+                    schema["properties"][prop].update(minItems=n, maxItems=n)
             return {
                 "type": "json_schema",
-                "json_schema": {"name": self.name, "schema": self.response_schema, "strict": False},
+                "json_schema": {"name": self.name, "schema": schema, "strict": False},
             }
         return {"type": "json_object"}
 
