@@ -101,9 +101,17 @@ def finalize_task(
     entries: list[ShardEntry],
     stages: dict[str, StageReport],
     command: str,
+    optional: dict[str, dict] | None = None,
 ) -> Manifest:
     return finalize_run(
-        cfg, WorkDir(cfg), prepared, selected, group_by_target(selected, entries), stages, command
+        cfg,
+        WorkDir(cfg),
+        prepared,
+        selected,
+        group_by_target(selected, entries),
+        stages,
+        command,
+        **(optional or {}),
     )
 
 
@@ -154,6 +162,10 @@ def summary_lines(m: Manifest) -> list[str]:
             f"  source {name}: {c.records_read} read, {c.kept} kept ({c.packed_tokens} tokens, "
             f"{100 * c.packed_tokens / packed:.1f}% of output); dropped: {drops}"
         )
+    if "procedural" in m.extra:
+        from pipeline.procedural.stage import describe
+
+        lines += describe(m.extra["procedural"])
     bad = [c for c in m.checks if not c.ok]
     lines.append(f"  reconciliation: {len(m.checks) - len(bad)}/{len(m.checks)} checks pass")
     lines += [f"    FAILED {c.name}: {c.detail}" for c in bad]
@@ -227,8 +239,27 @@ def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
             st.units, st.reused = len(written), sum(w.reused for w in written)
         entries = [w.entry for w in written]
         stages["write"] = write_counts(selected, entries)
+        optional: dict[str, dict] = {"extra": {}, "extra_configs": {}, "audit_extra": {}}
+        if cfg.procedural.enabled:
+            from flows.procedural import procedural_stage
+
+            with clock.stage("procedural") as st:
+                proc, stages["procedural"] = procedural_stage(cfg, selected, entries, steps)
+                st.units = 1
+            optional["extra"]["procedural"] = proc.extra
+            optional["extra_configs"].update(proc.extra_configs)
+        if cfg.rewriter.enabled:
+            from flows.rewriter import rewriter_stage
+
+            with clock.stage("rewriter") as st:
+                rw = rewriter_stage(cfg, selected)
+                st.units = 1
+            stages["rewriter"] = rw.report
+            optional["extra"]["rewriter"] = rw.stats
+            optional["extra_configs"].update(rw.extra_configs)
+            optional["audit_extra"].update(rw.audit_extra)
         with clock.stage("finalize") as st:
-            manifest = finalize_task(cfg, prepared, selected, entries, stages, command)
+            manifest = finalize_task(cfg, prepared, selected, entries, stages, command, optional)
             st.units = 1
         rep.close()
         runner = f"dask {cfg.run.dask_address or 'local'}" if cfg.run.task_runner == "dask" else "threads"

@@ -87,6 +87,22 @@ def cmd_server(args: argparse.Namespace) -> int:
     return start_server(args.host, args.port)
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from pipeline.procedural.score import load_eval, read_predictions, reference_predictions, score_table
+
+    try:
+        table = load_eval(args.eval, args.config)
+        preds = (
+            reference_predictions(table) if args.predictions is None else read_predictions(args.predictions)
+        )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    report = score_table(table, preds).as_dict()
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     print(json.dumps(BuildConfig.model_json_schema(), indent=2))
     return 0
@@ -203,6 +219,14 @@ def parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=4200)
     srv.set_defaults(func=cmd_server)
+
+    sc = sub.add_parser("score", help="grade model answers against a procedural evaluation export")
+    sc.add_argument("eval", help="output folder of a run (or the eval Parquet files)")
+    sc.add_argument(
+        "predictions", nargs="?", help='JSONL of {"eval_id", "prediction"}; omitted: grade the references'
+    )
+    sc.add_argument("--config", default="procedural_eval", help="eval config name in the output folder")
+    sc.set_defaults(func=cmd_score)
 
     s = sub.add_parser(
         "schema", help="print the config schema (every field, type, default and allowed value)"

@@ -46,6 +46,14 @@ def preflight(cfg: BuildConfig) -> list[InputShard]:
     out = Path(cfg.output.dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output.dir: {out} exists and is not a folder")
+    if cfg.procedural.enabled:
+        from pipeline.procedural.stage import check_procedural
+
+        check_procedural(cfg)
+    if cfg.rewriter.enabled:
+        from pipeline.rewriter.stage import check_rewriter
+
+        check_rewriter(cfg)
     return shards
 
 
@@ -123,9 +131,40 @@ def run_build(
             st.units, st.reused = len(written), sum(w.reused for w in written)
         entries = [w.entry for w in written]
         stages["write"] = write_counts(selected, entries)
+        extra: dict = {}
+        extra_configs: dict = {}
+        audit_extra: dict = {}
+        if cfg.procedural.enabled:
+            from pipeline.procedural.stage import run_procedural
+
+            with clock.stage("procedural") as st:
+                proc = run_procedural(cfg, work, group_by_target(selected, entries), steps)
+                st.units = 1
+            stages["procedural"] = StageReport(items_out=proc.samples, tokens_out=proc.tokens)
+            extra["procedural"] = proc.extra
+            extra_configs.update(proc.extra_configs)
+        if cfg.rewriter.enabled:
+            from pipeline.rewriter.stage import run_rewriter
+
+            with clock.stage("rewriter") as st:
+                rw = run_rewriter(cfg, work, selected)
+                st.units = 1
+            stages["rewriter"] = rw.report
+            extra["rewriter"] = rw.stats
+            extra_configs.update(rw.extra_configs)
+            audit_extra.update(rw.audit_extra)
         with clock.stage("finalize") as st:
             manifest = finalize_run(
-                cfg, work, prepared, selected, group_by_target(selected, entries), stages, command
+                cfg,
+                work,
+                prepared,
+                selected,
+                group_by_target(selected, entries),
+                stages,
+                command,
+                extra=extra,
+                extra_configs=extra_configs,
+                audit_extra=audit_extra,
             )
             st.units = 1
         rep.close()

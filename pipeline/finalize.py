@@ -166,6 +166,10 @@ def finalize_run(
         )
 
     checks = _checks(cfg, out, counts, targets, selected, filtered_files, quarantine_files)
+    # optional stages reconcile their own outputs and report the results as extra[<stage>]["checks"]
+    for stats in (extra or {}).values():
+        if isinstance(stats, dict):
+            checks += [Check.model_validate(c) for c in stats.get("checks", [])]
     tok = tokenizer_for(cfg)
     pad = cfg.packing.pad_token or cfg.packing.separator
     manifest = Manifest(

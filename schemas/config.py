@@ -239,6 +239,20 @@ _EXECUTION_ONLY: dict[str, Any] = {
     "output": {"dir"},
     "card": True,
     "publish": True,
+    "rewriter": {
+        "api_key",
+        "api_key_env",
+        "concurrency",
+        "timeout_seconds",
+        "max_attempts",
+        "backoff_seconds",
+        "backoff_max_seconds",
+        "retry_after_max_seconds",
+        "cache_dir",
+        "contexts_per_task",
+        "progress",
+        "prices",
+    },
 }
 
 

@@ -2,6 +2,13 @@
 
 Writers build tables against these schemas, readers and tests check against them, and the dataset
 card derives its `dataset_info.features` from them. Change a schema here and bump its version.
+
+Changes:
+- chat@2 (issue 4, additive): CHAT_SCHEMA gains nullable `input_ids` (the rendered sample's token ids)
+  and `haystack_rows` (row_id of each packed row whose text is in the context); `length_counts` may
+  also be "context_only". `haystack` segments give the span in the *sample* in row_token_start/end.
+  Build tables with `pipeline.chat.chat_table`, which fills nullable columns a writer leaves out.
+- EVAL_SCHEMA (issue 4, new): one row per question of a synthesized sample, for evaluation.
 """
 
 from __future__ import annotations
@@ -188,7 +195,9 @@ CHAT_SCHEMA = pa.schema(
         pa.field("chat_template", pa.string(), nullable=False),
         pa.field("target_length", pa.int32(), nullable=False),
         pa.field("length", pa.int32(), nullable=False),  # tokens counted under `length_counts`
-        pa.field("length_counts", pa.string(), nullable=False),  # "full_chat" | "without_answers"
+        pa.field(
+            "length_counts", pa.string(), nullable=False
+        ),  # "full_chat" | "without_answers" | "context_only"
         pa.field("context_tokens", pa.int32(), nullable=False),
         pa.field("evidence", pa.list_(EVIDENCE_TYPE), nullable=False),
         pa.field("questions", pa.list_(QUESTION_TYPE), nullable=False),
@@ -196,6 +205,50 @@ CHAT_SCHEMA = pa.schema(
         pa.field("haystack", pa.list_(SEGMENT_TYPE), nullable=False),  # lineage of the real text around it
         pa.field("model", MODEL_TYPE),  # null for procedural samples
         pa.field("lineage", LINEAGE_TYPE, nullable=False),
+        pa.field("input_ids", pa.list_(pa.int32())),  # the rendered sample (chat template applied)
+        pa.field("haystack_rows", pa.list_(pa.string())),  # packed rows the context text came from
     ],
-    metadata={"longloom.table": "chat@1"},
+    metadata={"longloom.table": "chat@2"},
+)
+
+# One row per question: the prompt up to that question (earlier turns with their reference answers),
+# what a correct answer is, and where the evidence lies.
+EVAL_SCHEMA = pa.schema(
+    [
+        pa.field("eval_id", pa.string(), nullable=False),  # "<sample_id>/q<k>"
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("question_index", pa.int32(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("generator", pa.string(), nullable=False),
+        pa.field("prompt", pa.list_(MESSAGE_TYPE), nullable=False),  # ends with the user's question
+        pa.field("expected", pa.list_(pa.string()), nullable=False),
+        pa.field("match", pa.string(), nullable=False),  # "exact" | "set" | "ordered"
+        pa.field("depth", pa.float32(), nullable=False),  # of the earliest needed evidence, 0..1
+        pa.field("evidence_depths", pa.list_(pa.float32()), nullable=False),
+        pa.field("target_length", pa.int32(), nullable=False),
+        pa.field("prompt_tokens", pa.int32(), nullable=False),  # rendered prompt + generation header
+        pa.field("dependency_distance", pa.int64(), nullable=False),
+        pa.field("chat_template", pa.string(), nullable=False),
+    ],
+    metadata={"longloom.table": "eval@1"},
+)
+
+# --- LLM rewriter audit: every requested sample that was not kept, with the raw answer -----------------
+
+REWRITER_AUDIT_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # "rejected" (validation) | "failed" (no usable answer)
+        pa.field("reason", pa.string(), nullable=False),  # e.g. evidence_not_found, http_429, budget_exhausted
+        pa.field("detail", pa.string(), nullable=False),
+        pa.field("template", pa.string()),
+        pa.field("template_version", pa.string()),
+        pa.field("prompt_hash", pa.string()),
+        pa.field("seed", pa.int64()),
+        pa.field("context_row", pa.string()),  # the packed row the context came from
+        pa.field("attempts", pa.int32()),  # HTTP requests made (0: served from the cache or never sent)
+        pa.field("raw_response", pa.large_string()),  # the model's answer as received (secrets redacted)
+    ],
+    metadata={"longloom.table": "rewriter_audit@1"},
 )

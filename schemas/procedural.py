@@ -1,0 +1,175 @@
+"""Config of the procedural long-range-dependency generators (issue 4): the `procedural:` section.
+
+Each task entry names its generator in `task:` and carries that generator's parameters beside the
+sample count, so a typo in a parameter is a config error naming the field, before any work starts.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Task(_Strict):
+    samples: int = Field(default=2, ge=0, description="Samples of this task per target length.")
+    name: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9][a-z0-9_]*$",
+        description="Label for this entry (sample ids, reports); defaults to the task name.",
+    )
+
+    @property
+    def label(self) -> str:
+        return self.name or str(getattr(self, "task"))  # noqa: B009  (every subclass defines `task`)
+
+    def params(self) -> dict:
+        """The generator parameters: everything but the bookkeeping fields."""
+        return self.model_dump(mode="json", exclude={"samples", "name"})
+
+
+class HashChainTask(_Task):
+    """Magic's HashHop: hash pairs `a → b` shuffled through the context; follow a chain from its start."""
+
+    task: Literal["hash_chain"] = "hash_chain"
+    hash_length: int = Field(default=16, ge=4, le=64)
+    alphabet: str = Field(default="0123456789abcdef", min_length=2, description="Characters of a hash.")
+    chains: int = Field(default=4, ge=1, le=1000, description="Chains in the context (the rest distract).")
+    hops: int = Field(default=4, ge=1, le=100, description="Links per chain.")
+    queries: int = Field(default=1, ge=1, description="Chains asked about, one user turn each.")
+    completion: Literal["chain_of_thought", "skip", "two_hop"] = Field(
+        default="chain_of_thought",
+        description="Answer with every hash of the chain, only the last one, or every second one.",
+    )
+
+    @field_validator("alphabet")
+    @classmethod
+    def _distinct_plain(cls, v: str) -> str:
+        if len(set(v)) != len(v) or any(c.isspace() or c in "→" for c in v):
+            raise ValueError("alphabet must be distinct, non-whitespace characters")
+        return v
+
+    @model_validator(mode="after")
+    def _fits(self) -> HashChainTask:
+        if self.queries > self.chains:
+            raise ValueError(f"queries ({self.queries}) cannot exceed chains ({self.chains})")
+        if len(self.alphabet) ** self.hash_length < 1e9:
+            raise ValueError("alphabet ** hash_length is too small for collision-free random hashes")
+        return self
+
+
+class MultiNeedleTask(_Task):
+    """RULER's multi-key / multi-value / multi-query needles, classic or written like the text around them."""
+
+    task: Literal["multi_needle"] = "multi_needle"
+    # not `keys`: a model attribute named keys makes dict(model) (Prefect's parameter walk) call it
+    num_keys: int = Field(
+        default=4, ge=1, le=500, description="Keys with needles (those not asked distract)."
+    )
+    values_per_key: int = Field(default=1, ge=1, le=20)
+    queries: int = Field(default=1, ge=1, description="Keys asked about, one user turn each.")
+    style: Literal["classic", "stealth", "mixed"] = Field(
+        default="mixed",
+        description="classic: 'The special magic number for K is: V.' on its own line; stealth: a "
+        "sentence inside the prose that does not stand out; mixed: alternate per sample.",
+    )
+    value_kind: Literal["number", "uuid"] = "number"
+
+    @model_validator(mode="after")
+    def _fits(self) -> MultiNeedleTask:
+        if self.queries > self.num_keys:
+            raise ValueError(f"queries ({self.queries}) cannot exceed num_keys ({self.num_keys})")
+        return self
+
+
+class VariableTrackingTask(_Task):
+    """RULER's variable tracking: `VAR A = 12345`, `VAR B = VAR A`, ...; which names hold the value?"""
+
+    task: Literal["variable_tracking"] = "variable_tracking"
+    chains: int = Field(default=1, ge=1, le=50, description="Chains asked about (one turn each).")
+    hops: int = Field(default=4, ge=1, le=100, description="Assignments after the first, per chain.")
+    distractors: int = Field(default=2, ge=0, le=200, description="Chains with other values.")
+    name_length: int = Field(default=5, ge=3, le=12)
+
+
+class AggregationTask(_Task):
+    """RULER's common-word extraction over log entries spread through the whole context."""
+
+    task: Literal["aggregation"] = "aggregation"
+    top_k: int = Field(default=5, ge=1, le=50, description="How many most frequent items to name.")
+    frequent_count: int = Field(default=8, ge=2, le=200, description="Entries of each frequent item.")
+    rare_items: int = Field(default=15, ge=0, le=500, description="Items that appear less often.")
+    rare_count: int = Field(default=2, ge=1, le=100, description="Entries of each rare item.")
+
+    @model_validator(mode="after")
+    def _separable(self) -> AggregationTask:
+        if self.rare_count >= self.frequent_count:
+            raise ValueError("rare_count must be smaller than frequent_count")
+        return self
+
+
+TaskConfig = Annotated[
+    HashChainTask | MultiNeedleTask | VariableTrackingTask | AggregationTask, Field(discriminator="task")
+]
+
+DEFAULT_SYSTEM = "You are a careful assistant. Answer using only the document the user gives you."
+
+
+def _default_tasks() -> list[TaskConfig]:
+    return [HashChainTask(), MultiNeedleTask(), VariableTrackingTask(), AggregationTask()]
+
+
+class ProceduralConfig(_Strict):
+    enabled: bool = False
+    tasks: list[TaskConfig] = Field(default_factory=_default_tasks)
+    target_lengths: list[int] | None = Field(
+        default=None, description="Sample lengths in tokens; default: the packing target lengths."
+    )
+    chat_template: Literal["llama3", "chatml"] = "llama3"
+    system_prompt: str | None = Field(default=DEFAULT_SYSTEM, description="None: no system message.")
+    length_counts: Literal["full_chat", "without_answers", "context_only"] = Field(
+        default="full_chat",
+        description="What target_length counts: the whole chat, the chat without the assistant turns, "
+        "or the context alone.",
+    )
+    seed: int | None = Field(default=None, description="Default: run.seed.")
+    depth_range: tuple[float, float] = Field(
+        default=(0.0, 1.0), description="Evidence depths are spread evenly over this part of the context."
+    )
+    samples_per_batch: int = Field(default=16, ge=1, description="Samples per flow task and output file.")
+    config_name: str = Field(default="procedural", pattern=r"^[a-z0-9][a-z0-9_]*$")
+    eval_config_name: str | None = Field(
+        default="procedural_eval",
+        pattern=r"^[a-z0-9][a-z0-9_]*$",
+        description="Evaluation export (one row per question); None: no export.",
+    )
+
+    @field_validator("target_lengths")
+    @classmethod
+    def _lengths(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            if any(x < 512 or x > 16_777_216 for x in v):
+                raise ValueError("target lengths must be between 512 and 16777216 tokens")
+            if len(set(v)) != len(v):
+                raise ValueError(f"target lengths must be distinct, got {v}")
+        return v
+
+    @field_validator("depth_range")
+    @classmethod
+    def _depths(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= v[0] < v[1] <= 1.0:
+            raise ValueError("depth_range must be (lo, hi) with 0 <= lo < hi <= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct_labels(self) -> ProceduralConfig:
+        labels = [t.label for t in self.tasks]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"task labels must be distinct (set `name:` on repeated tasks), got {labels}")
+        if self.eval_config_name == self.config_name:
+            raise ValueError("eval_config_name must differ from config_name")
+        return self
