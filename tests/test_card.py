@@ -110,7 +110,8 @@ def png_data(path: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[BuildConfig, Manifest, Path]:
-    cfg = make_config(tmp_path_factory.mktemp("card") / "out")
+    # procedural samples off: the synthetic-set tests below add a chat config of their own
+    cfg = make_config(tmp_path_factory.mktemp("card") / "out", procedural={"enabled": False})
     manifest = run_build(cfg, command="longloom build data/sample.yaml")
     return cfg, manifest, Path(cfg.output.dir)
 
@@ -533,3 +534,16 @@ def test_flow_run_attaches_the_card_as_artifacts(tmp_path: Path, prefect_harness
     by_item = {r["item"]: r for r in table}
     for t in manifest.targets:
         assert by_item[t.config_name]["rows"] == t.rows and by_item[t.config_name]["tokens"] == t.tokens
+
+
+def test_card_of_a_run_with_procedural_samples(tmp_path: Path) -> None:
+    """The bundled sample run writes procedural chat samples: the card lists and plots them."""
+    manifest = run_build(make_config(tmp_path / "out"))
+    body = (tmp_path / "out" / "README.md").read_text()
+    meta, _ = split_front_matter(body)
+    names = [c["config_name"] for c in meta["configs"]]
+    assert "procedural" in names and "procedural_eval" in names
+    assert "images/dependency_distance.png" in body
+    samples = datasets.load_dataset(str(tmp_path / "out"), "procedural", split="train")
+    assert samples.num_rows == sum(e.rows for e in manifest.extra_configs["procedural"])
+    assert str(max(samples["dependency_distance"])) in body.replace(",", "")

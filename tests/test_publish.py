@@ -34,7 +34,7 @@ REPO = "longloom-org/sample"
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("publish") / "out"
-    manifest = run_build(make_config(out))
+    manifest = run_build(make_config(out, procedural={"enabled": False}))
     assert manifest.ok
     return out
 
@@ -292,7 +292,11 @@ def test_flow_publish_stage(
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.setenv("HF_TOKEN", token)
         monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-        cfg = make_config(tmp_path / "out", publish={"enabled": True, "repo_id": REPO, "private": True})
+        cfg = make_config(
+            tmp_path / "out",
+            procedural={"enabled": False},
+            publish={"enabled": True, "repo_id": REPO, "private": True},
+        )
         state = build.with_options(task_runner=task_runner_for(cfg))(cfg, return_state=True)
         assert state.is_completed(), state
         result = state.result()
