@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import flows
-from pipeline.build import group_by_target, lineage_steps, output_units, preflight
+from pipeline.build import diversity_outputs, group_by_target, lineage_steps, output_units, preflight
 from pipeline.finalize import finalize_run
 from pipeline.prepare import PrepareResult, prepare_shard
 from pipeline.readers import InputShard
@@ -41,6 +41,23 @@ def prepare_task(cfg: BuildConfig, shard: InputShard) -> PrepareResult:
         res.kept,
         res.kept_tokens,
         sum(res.quarantined.values()),
+    )
+    return res
+
+
+@task(name="embed-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def embed_task(cfg: BuildConfig, prepared: PrepareResult) -> Any:
+    from pipeline.embed_stage import embed_shard
+
+    res = embed_shard(cfg, WorkDir(cfg), prepared)
+    get_run_logger().info(
+        "%s: %d documents embedded (%d cache hits, %d misses, %d model calls%s)",
+        res.shard_id,
+        res.documents,
+        res.cache_hits,
+        res.cache_misses,
+        res.model_calls,
+        ", reused" if res.reused else "",
     )
     return res
 
@@ -82,9 +99,20 @@ def finalize_task(
     entries: list[ShardEntry],
     stages: dict[str, StageReport],
     command: str,
+    embedded: list | None = None,
 ) -> Manifest:
+    work = WorkDir(cfg)
+    audit_extra, extra = diversity_outputs(cfg, work, embedded or [], selected)
     return finalize_run(
-        cfg, WorkDir(cfg), prepared, selected, group_by_target(selected, entries), stages, command
+        cfg,
+        work,
+        prepared,
+        selected,
+        group_by_target(selected, entries),
+        stages,
+        command,
+        extra=extra,
+        audit_extra=audit_extra,
     )
 
 
@@ -128,6 +156,18 @@ def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
         tokens_in=sum(r.tokens_read for r in prepared),
         tokens_out=sum(r.kept_tokens for r in prepared),
     )
+    embedded = []
+    if cfg.diversity.embedder:  # a task per prepared shard, like prepare
+        t0 = time.perf_counter()
+        emb = embed_task.with_options(
+            retries=cfg.run.retries, retry_delay_seconds=cfg.run.retry_delay_seconds
+        )
+        embedded = [f.result() for f in emb.map(unmapped(cfg), prepared)]
+        stages["embed"] = StageReport(
+            seconds=round(time.perf_counter() - t0, 3),
+            items_in=sum(r.kept for r in prepared),
+            items_out=sum(e.documents for e in embedded),
+        )
     t0 = time.perf_counter()
     selected = select_task(cfg, prepared)
     stages["select"] = StageReport(seconds=round(time.perf_counter() - t0, 3))
@@ -145,7 +185,9 @@ def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
         items_out=sum(e.rows for e in entries),
         tokens_out=sum(e.tokens for e in entries),
     )
-    manifest = finalize_task(cfg, prepared, selected, entries, stages, command or "python -m flows.build")
+    manifest = finalize_task(
+        cfg, prepared, selected, entries, stages, command or "python -m flows.build", embedded
+    )
     for line in summary_lines(manifest):
         logger.info(line)
     return {

@@ -33,6 +33,13 @@ def preflight(cfg: BuildConfig) -> list[InputShard]:
         tok.special_token_id(cfg.packing.pad_token or cfg.packing.separator)
     except TokenizerError as err:
         raise ConfigError(f"tokenizer / packing.separator / packing.pad_token: {err}") from None
+    if cfg.diversity.embedder:
+        from pipeline.embed import EmbedderError, check_embedder_spec
+
+        try:
+            check_embedder_spec(cfg.diversity.embedder)
+        except EmbedderError as err:
+            raise ConfigError(str(err)) from None
     shards = list_input_shards(cfg)
     if not shards:
         raise ConfigError("sources: no input shards found")
@@ -91,6 +98,15 @@ def run_build(
         tokens_in=sum(r.tokens_read for r in prepared),
         tokens_out=sum(r.kept_tokens for r in prepared),
     )
+    embedded = []
+    if cfg.diversity.embedder:
+        from pipeline.embed_stage import embed_shard
+
+        t0 = time.perf_counter()
+        embedded = [embed_shard(cfg, work, r) for r in prepared]
+        stage(
+            "embed", t0, items_in=sum(r.kept for r in prepared), items_out=sum(e.documents for e in embedded)
+        )
     t0 = time.perf_counter()
     selected = select_and_layout(cfg, work, prepared)
     stage(
@@ -106,7 +122,27 @@ def run_build(
     ]
     stage("write", t0, items_out=sum(e.rows for e in entries), tokens_out=sum(e.tokens for e in entries))
     t0 = time.perf_counter()
+    audit_extra, extra = diversity_outputs(cfg, work, embedded, selected)
     manifest = finalize_run(
-        cfg, work, prepared, selected, group_by_target(selected, entries), stages, command
+        cfg,
+        work,
+        prepared,
+        selected,
+        group_by_target(selected, entries),
+        stages,
+        command,
+        extra=extra,
+        audit_extra=audit_extra,
     )
     return manifest
+
+
+def diversity_outputs(
+    cfg: BuildConfig, work: WorkDir, embedded: list, selected: SelectResult
+) -> tuple[dict, dict]:
+    """The diversity stage's audit tables and statistics for finalize_run ({} when it is off)."""
+    if not cfg.diversity.embedder:
+        return {}, {}
+    from pipeline.diversity import diversity_outputs as outputs
+
+    return outputs(cfg, work, embedded, selected)
