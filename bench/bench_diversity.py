@@ -40,6 +40,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: unlike ru_maxrss it is not inherited from the parent over exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -151,6 +155,7 @@ def child_real(n: int, workdir: Path) -> dict:
         "documents": m.sources["mix"].documents,
         "ok": m.ok,
         "stages": {k: v.seconds for k, v in m.stages.items()},
+        "threshold": d["semdedup"]["threshold"],
         "semdedup_seconds": d["semdedup"]["seconds"],
         "clusters": d["semdedup"]["clusters"],
         "pruned": d["semdedup"]["pruned"],
@@ -187,6 +192,7 @@ def synthetic(n: int, path: Path, dim: int = 256, seed: int = 0) -> None:
 def child_synthetic(n: int, workdir: Path, order: bool) -> dict:
     from pipeline.diversity.order import interleave_runs, nn_path
     from pipeline.diversity.prune import semdedup_arrays
+    from pipeline.embed import default_threshold
     from schemas.diversity import DiversityConfig
 
     path = workdir / f"synthetic-{n}.npy"
@@ -194,7 +200,7 @@ def child_synthetic(n: int, workdir: Path, order: bool) -> dict:
     ntok = np.random.default_rng(1).integers(50, 5000, n)
     cfg = DiversityConfig(embedder="static-minilm")
     t0 = time.perf_counter()
-    r = semdedup_arrays(x, ntok, 0.95, cfg.semdedup, cfg.index, 0)
+    r = semdedup_arrays(x, ntok, default_threshold("static-minilm"), cfg.semdedup, cfg.index, 0)
     dedup = time.perf_counter() - t0
     planted = np.arange(n - n // 20, n)
     caught = np.isin(planted, r.dropped).sum() + np.isin(planted, r.nearest).sum()

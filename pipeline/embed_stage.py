@@ -149,9 +149,8 @@ def embed_documents(
     cache = EmbeddingCache(cache_dir(cfg), key, embedder.dim, d.dtype)
     chunk = chunk_tokens_for(cfg, embedder)
     pf = pq.ParquetFile(docs_path)
-    meta = pf.read(columns=["content_hash", "n_tokens"])
+    meta = pf.read(columns=["content_hash"])
     keys = np.array(meta.column("content_hash").to_pylist(), dtype=KEY_DTYPE)
-    n_tokens = meta.column("n_tokens").to_numpy()
     n = len(keys)
     calls_before = embedder.calls
     res = EmbedResult(
@@ -186,7 +185,7 @@ def embed_documents(
         todo = miss_rows[first]
         res.cache_misses = len(todo)
         if len(todo):
-            _embed_rows(cfg, embedder, tok, pf, todo, n_tokens, chunk, out, res, shard_id)
+            _embed_rows(cfg, embedder, tok, pf, todo, chunk, out, res, shard_id)
             out[miss_rows] = out[todo[inverse]]
             cache.add(keys[todo], np.asarray(out[todo]))
         out.flush()
@@ -204,7 +203,6 @@ def _embed_rows(
     tok: Tokenizer,
     pf: pq.ParquetFile,
     rows: np.ndarray,
-    n_tokens: np.ndarray,
     chunk: int,
     out: np.ndarray,
     res: EmbedResult,
@@ -234,7 +232,7 @@ def _embed_rows(
     with tqdm(
         total=len(rows), desc=f"embed {shard_id}", unit="doc", disable=not d.progress, leave=False
     ) as bar:
-        for batch in pf.iter_batches(batch_size=1024, columns=["input_ids"]):
+        for batch in pf.iter_batches(batch_size=128, columns=["input_ids"]):
             col = batch.column(0)
             here = [r for r in range(base, base + batch.num_rows) if r in wanted]
             if here:
@@ -254,4 +252,3 @@ def _embed_rows(
                         flush()
             base += batch.num_rows
         flush()
-    assert int(n_tokens[rows].min(initial=0)) >= 0

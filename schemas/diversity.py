@@ -2,7 +2,7 @@
 
 diversity:
   embedder: static-minilm        # or minilm, st:<path|hub id>, model2vec:<path|hub id>; null = off
-  semdedup: {threshold: 0.95, keep: longest}
+  semdedup: {threshold: 0.9, keep: longest}
   d4: {keep_fraction: 0.8}       # optional: keep 80% per cluster, the least prototypical
   grouping: {docs_per_cluster: 1000}
 packing: {strategy: similarity}  # related documents side by side in a row
@@ -59,7 +59,7 @@ class SemDedupConfig(_Strict):
         le=1.0,
         description=(
             "Cosine similarity above which a document is a duplicate; None = the embedder's calibrated "
-            "default (0.85 for transformer models such as minilm, 0.95 for static models)."
+            "default (0.85 for transformer models such as minilm, 0.97 for static models)."
         ),
     )
     keep: Literal["longest", "shortest", "first", "farthest_from_centroid", "nearest_to_centroid"] = Field(
