@@ -50,13 +50,19 @@ class Embedder(ABC):
             return 512
         return max(16, int(self.max_seq_tokens * 0.75))
 
-    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    @property
+    def default_batch_size(self) -> int:
+        """Static models are cheap per text: big batches amortise the per-call overhead."""
+        return 64 if self.max_seq_tokens is not None else 512
+
+    def encode(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         with self._lock:  # one model, shared by threads of the task runner
             self.calls += 1
             self.texts += len(texts)
-            out = np.asarray(self._encode(list(texts), batch_size), dtype=np.float32)
+            bs = batch_size or self.default_batch_size
+            out = np.asarray(self._encode(list(texts), bs), dtype=np.float32)
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.maximum(norms, 1e-12)
 

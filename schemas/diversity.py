@@ -104,7 +104,12 @@ class DiversityConfig(_Strict):
         ),
     )
     device: str = Field(default="cpu", description="torch device for the embedder.")
-    batch_size: int = Field(default=64, ge=1, le=65536, description="Chunks per model call.")
+    batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=65536,
+        description="Chunks per model call; None = 64, or 512 for static models.",
+    )
     chunk_tokens: int | None = Field(
         default=None,
         ge=16,
