@@ -20,7 +20,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import flows
-from pipeline.build import group_by_target, lineage_steps, output_units, preflight
+from pipeline.build import diversity_outputs, group_by_target, lineage_steps, output_units, preflight
 from pipeline.card import headline_rows, split_front_matter
 from pipeline.finalize import finalize_run
 from pipeline.prepare import PrepareResult, prepare_shard
@@ -56,6 +56,23 @@ def prepare_task(cfg: BuildConfig, shard: InputShard) -> PrepareResult:
         res.kept_tokens,
         sum(res.quarantined.values()),
         " (reused a verified earlier result)" if res.reused else "",
+    )
+    return res
+
+
+@task(name="embed-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def embed_task(cfg: BuildConfig, prepared: PrepareResult) -> Any:
+    from pipeline.embed_stage import embed_shard
+
+    res = embed_shard(cfg, WorkDir(cfg), prepared)
+    get_run_logger().info(
+        "%s: %d documents embedded (%d cache hits, %d misses, %d model calls%s)",
+        res.shard_id,
+        res.documents,
+        res.cache_hits,
+        res.cache_misses,
+        res.model_calls,
+        ", reused" if res.reused else "",
     )
     return res
 
@@ -102,16 +119,22 @@ def finalize_task(
     stages: dict[str, StageReport],
     command: str,
     optional: dict[str, dict] | None = None,
+    embedded: list | None = None,
 ) -> Manifest:
+    work = WorkDir(cfg)
+    opt = optional or {}
+    audit_extra, extra = diversity_outputs(cfg, work, embedded or [], selected)
     return finalize_run(
         cfg,
-        WorkDir(cfg),
+        work,
         prepared,
         selected,
         group_by_target(selected, entries),
         stages,
         command,
-        **(optional or {}),
+        extra={**opt.get("extra", {}), **extra},
+        extra_configs=opt.get("extra_configs", {}),
+        audit_extra={**opt.get("audit_extra", {}), **audit_extra},
     )
 
 
@@ -221,6 +244,20 @@ def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
             )
             st.units, st.reused = len(prepared), sum(r.reused for r in prepared)
         stages["prepare"] = prepare_counts(prepared)
+        embedded: list = []
+        if cfg.diversity.embedder:  # a task per prepared shard, like prepare
+            with clock.stage("embed") as st:
+                rep.start("embed", len(prepared), "shards")
+                emb = embed_task.with_options(
+                    retries=cfg.run.retries, retry_delay_seconds=cfg.run.retry_delay_seconds
+                )
+                embedded = gather(
+                    emb.map(unmapped(cfg), prepared), rep, "embed", lambda e: (e.shard_id, {"docs": e.documents})
+                )
+                st.units = len(embedded)
+            stages["embed"] = StageReport(
+                items_in=sum(r.kept for r in prepared), items_out=sum(e.documents for e in embedded)
+            )
         with clock.stage("select") as st:
             rep.start("select", 1, "step")
             selected = select_task(cfg, prepared)
@@ -245,7 +282,7 @@ def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
 
             with clock.stage("procedural") as st:
                 proc, stages["procedural"] = procedural_stage(cfg, selected, entries, steps)
-                st.units = 1
+                st.units, st.reused = proc.batches, proc.reused
             optional["extra"]["procedural"] = proc.extra
             optional["extra_configs"].update(proc.extra_configs)
         if cfg.rewriter.enabled:
@@ -259,7 +296,7 @@ def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
             optional["extra_configs"].update(rw.extra_configs)
             optional["audit_extra"].update(rw.audit_extra)
         with clock.stage("finalize") as st:
-            manifest = finalize_task(cfg, prepared, selected, entries, stages, command, optional)
+            manifest = finalize_task(cfg, prepared, selected, entries, stages, command, optional, embedded)
             st.units = 1
         rep.close()
         runner = f"dask {cfg.run.dask_address or 'local'}" if cfg.run.task_runner == "dask" else "threads"

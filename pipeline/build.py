@@ -40,6 +40,13 @@ def preflight(cfg: BuildConfig) -> list[InputShard]:
         tok.special_token_id(cfg.packing.pad_token or cfg.packing.separator)
     except TokenizerError as err:
         raise ConfigError(f"tokenizer / packing.separator / packing.pad_token: {err}") from None
+    if cfg.diversity.embedder:
+        from pipeline.embed import EmbedderError, check_embedder_spec
+
+        try:
+            check_embedder_spec(cfg.diversity.embedder)
+        except EmbedderError as err:
+            raise ConfigError(str(err)) from None
     shards = list_input_shards(cfg)
     if not shards:
         raise ConfigError("sources: no input shards found")
@@ -112,6 +119,19 @@ def run_build(
                 )
             st.units, st.reused = len(prepared), sum(r.reused for r in prepared)
         stages["prepare"] = prepare_counts(prepared)
+        embedded: list = []
+        if cfg.diversity.embedder:
+            from pipeline.embed_stage import embed_shard
+
+            with clock.stage("embed") as st:
+                rep.start("embed", len(prepared), "shards")
+                for r in prepared:
+                    embedded.append(embed_shard(cfg, work, r))
+                    rep.advance("embed", label=r.shard_id)
+                st.units = len(embedded)
+            stages["embed"] = StageReport(
+                items_in=sum(r.kept for r in prepared), items_out=sum(e.documents for e in embedded)
+            )
         with clock.stage("select") as st:
             rep.start("select", 1, "step")
             selected = select_and_layout(cfg, work, prepared)
@@ -131,15 +151,14 @@ def run_build(
             st.units, st.reused = len(written), sum(w.reused for w in written)
         entries = [w.entry for w in written]
         stages["write"] = write_counts(selected, entries)
-        extra: dict = {}
+        audit_extra, extra = diversity_outputs(cfg, work, embedded, selected)
         extra_configs: dict = {}
-        audit_extra: dict = {}
         if cfg.procedural.enabled:
             from pipeline.procedural.stage import run_procedural
 
             with clock.stage("procedural") as st:
                 proc = run_procedural(cfg, work, group_by_target(selected, entries), steps)
-                st.units = 1
+                st.units, st.reused = proc.batches, proc.reused
             stages["procedural"] = StageReport(items_out=proc.samples, tokens_out=proc.tokens)
             extra["procedural"] = proc.extra
             extra_configs.update(proc.extra_configs)
@@ -170,3 +189,14 @@ def run_build(
         rep.close()
         write_report(work.out, build_report(manifest, clock, cfg.output.dir, "in-process", command))
     return manifest
+
+
+def diversity_outputs(
+    cfg: BuildConfig, work: WorkDir, embedded: list, selected: SelectResult
+) -> tuple[dict, dict]:
+    """The diversity stage's audit tables and statistics for finalize_run ({} when it is off)."""
+    if not cfg.diversity.embedder:
+        return {}, {}
+    from pipeline.diversity import diversity_outputs as outputs
+
+    return outputs(cfg, work, embedded, selected)

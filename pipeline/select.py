@@ -58,6 +58,7 @@ class DocIndex:
     content_hash: np.ndarray  # S64
     doc_id: list[str]
     sources: list[str]
+    files: list[str] = field(default_factory=list)  # documents file of each shard (embeddings live beside)
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -89,6 +90,7 @@ def load_doc_index(work: WorkDir, prepared: list[PrepareResult], sources: list[s
         cat(hash_parts, "S64"),
         doc_ids,
         sources,
+        [str(work.prepare_dir / r.files["documents"]) for r in prepared],
     )
 
 
@@ -239,13 +241,15 @@ def _route(cfg: BuildConfig, idx: DocIndex, alive: np.ndarray) -> tuple[list[np.
     return per_target, alive[choice < 0]
 
 
-def _order(cfg: BuildConfig, idx: DocIndex, members: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, str]:
+def _order(
+    cfg: BuildConfig, idx: DocIndex, members: np.ndarray, target_length: int
+) -> tuple[np.ndarray, np.ndarray | None, str]:
     """The order documents are packed in, neighbour similarities if known, and the step name."""
     strategy = cfg.packing.strategy
     if strategy == "similarity":
         from pipeline.diversity import similarity_order
 
-        order, sims = similarity_order(cfg, idx, members)
+        order, sims = similarity_order(cfg, idx, members, target_length=target_length)
         return members[order], sims, "similarity@1"
     if cfg.packing.doc_order == "shuffle":
         rng = np.random.default_rng(cfg.run.seed)
@@ -297,7 +301,7 @@ def select_and_layout(cfg: BuildConfig, work: WorkDir, prepared: list[PrepareRes
     tail = np.zeros(len(sources), np.int64)
     for t_cfg, members in zip(cfg.packing.targets, per_target, strict=True):
         L = t_cfg.length
-        ordered, sims, order_step = _order(cfg, idx, members)
+        ordered, sims, order_step = _order(cfg, idx, members, L)
         ntok = idx.n_tokens[ordered]
         lay = _layout(cfg, ntok + 1, L)  # +1: the separator after each document
         strategy = order_step or lay.strategy

@@ -237,6 +237,7 @@ _EXECUTION_ONLY: dict[str, Any] = {
     "base_dir": True,
     "run": {"task_runner", "workers", "dask_address", "retries", "retry_delay_seconds", "name"},
     "output": {"dir"},
+    "diversity": {"cache_dir", "progress"},
     "card": True,
     "publish": True,
     "rewriter": {

@@ -62,6 +62,34 @@ FILTERED_SCHEMA = pa.schema(
     metadata={"longloom.table": "filtered@1"},
 )
 
+# --- pruned: documents the diversity stage removed, with what explains each decision -----------------
+# Every pruned document is also a `filtered` row (same step and reason), so counts reconcile; this table
+# adds what is needed to check the decision from the embeddings (manifest extra["diversity"] names the
+# embedder, its cache key and the chunking).
+
+PRUNED_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("record", pa.int64(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("content_hash", pa.string(), nullable=False),
+        pa.field("n_tokens", pa.int64(), nullable=False),
+        pa.field("step", pa.string(), nullable=False),  # the rule: "semdedup@1" or "d4@1"
+        pa.field("reason", pa.string(), nullable=False),  # "semantic_duplicate" or "prototypical"
+        pa.field("similarity", pa.float32(), nullable=False),  # cosine to nearest_kept
+        pa.field("nearest_kept", pa.string()),  # doc_id of the most similar kept document of the cluster
+        pa.field("nearest_kept_hash", pa.string()),
+        pa.field("threshold", pa.float32(), nullable=False),  # semdedup: cosine threshold; d4: cluster cutoff
+        pa.field("cluster", pa.int32(), nullable=False),
+        pa.field("cluster_size", pa.int32(), nullable=False),
+        pa.field("centroid_similarity", pa.float32(), nullable=False),
+        pa.field("keep_rule", pa.string(), nullable=False),  # e.g. "longest", "farthest_from_centroid"
+        pa.field("detail", pa.string(), nullable=False),
+    ],
+    metadata={"longloom.table": "pruned@1"},
+)
+
 # --- tokenized documents: the intermediate between prepare and pack ---------------------------------
 
 DOC_SCHEMA = pa.schema(

@@ -46,7 +46,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     reference_seconds = time.monotonic() - t0
     assert done.returncode == 0, done.stderr[-3000:]
     digest = output_digest(folder / "out")
-    assert sum(p.startswith("data/") for p in digest["files"]) == 10  # 5 shards per target length
+    assert sum(p.startswith("data/pretrain_") for p in digest["files"]) == 10  # 5 shards per target length
+    assert any(p.startswith("data/procedural/") for p in digest["files"])  # the synthesis stage resumes too
     return {**digest, "seconds": reference_seconds}
 
 

@@ -74,6 +74,7 @@ class BatchResult(BaseModel):
     chat: FileEntry
     eval: FileEntry | None
     stats: list[SampleStat]
+    reused: bool = False  # set when a rerun found this batch already written and verified
 
 
 @dataclass
@@ -82,6 +83,8 @@ class ProceduralSummary:
     extra: dict[str, Any]  # goes to manifest extra["procedural"]
     samples: int
     tokens: int
+    batches: int = 0
+    reused: int = 0
 
 
 def target_lengths(cfg: BuildConfig) -> list[int]:
@@ -180,7 +183,7 @@ def generate_batch(
     """Generate, verify and write one batch of samples (or return its verified result from a rerun)."""
     done = _verified(work, batch)
     if done is not None:
-        return done
+        return done.model_copy(update={"reused": True})
     p = cfg.procedural
     tok = tokenizer_for(cfg)
     template = load_template(p.chat_template, tok)
@@ -400,7 +403,6 @@ def summarize_procedural(cfg: BuildConfig, work: WorkDir, results: list[BatchRes
         ss = [s for s in stats if s.target_length == L]
         by_length[str(L)] = {
             "samples": len(ss),
-            "seconds_per_sample": _quantiles([s.seconds for s in ss]),
             "repeated_rows": sum(s.repeated_rows for s in ss),
             "retokenized_haystacks": sum(s.retokenized for s in ss),
         }
@@ -421,7 +423,10 @@ def summarize_procedural(cfg: BuildConfig, work: WorkDir, results: list[BatchRes
     configs = {p.config_name: [r.chat for r in results]}
     if p.eval_config_name:
         configs[p.eval_config_name] = [r.eval for r in results if r.eval]
-    return ProceduralSummary(configs, extra, len(stats), sum(s.length for s in stats))
+    # per-sample seconds stay out of `extra`: the manifest must be byte-identical across runs
+    return ProceduralSummary(
+        configs, extra, len(stats), sum(s.length for s in stats), len(results), sum(r.reused for r in results)
+    )
 
 
 def run_procedural(

@@ -1,0 +1,254 @@
+"""The embedding stage, one prepared shard at a time: token ids -> text chunks -> one vector per document.
+
+Tokenized documents store token ids, not text, so each document is decoded with the pipeline tokenizer.
+A document longer than one chunk is embedded from up to `max_chunks` chunks of `chunk_tokens` tokens:
+when that covers the document the chunks tile it, otherwise they are spread evenly over it (first chunk
+at the start, last at the end) and the shortfall is counted (`partial_documents`, `min_coverage`), never
+silently truncated. Chunk vectors are averaged and re-normalised.
+
+Output per shard: `<work>/.longloom/embed-<key>/<shard_id>.npy`, an (n_documents, dim) float16/float32
+array row-aligned with the shard's documents file, read later through a memmap; and a JSON record with its
+checksum, so a rerun verifies and skips it. Vectors come from the embedding cache where it has them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline.embed import Embedder, load_embedder
+from pipeline.embed_cache import KEY_DTYPE, EmbeddingCache
+from pipeline.embed_distill import cache_root
+from pipeline.parquet_io import atomic_path, sha256_file, write_json_atomic
+from pipeline.prepare import PrepareResult, tokenizer_for
+from pipeline.tokenizer import Tokenizer
+from pipeline.workdir import WorkDir
+from schemas.config import BuildConfig
+
+EMBED_STEP = "embed@1"
+ENCODE_BLOCK_CHUNKS = 2048  # chunks decoded and handed to the model at once (bounded memory)
+
+
+@dataclass
+class EmbedResult:
+    """What embedding one shard did; persisted as its completion record."""
+
+    shard_id: str
+    documents: int
+    dim: int
+    dtype: str
+    file: str  # relative to the embed folder
+    sha256: str
+    documents_sha256: str  # of the tokenized documents file the vectors are aligned with
+    embedder: str  # the embedder's identity (weights fingerprint)
+    cache_key: str
+    chunk_tokens: int
+    max_chunks: int
+    cache_hits: int
+    cache_misses: int
+    model_calls: int
+    chunks: int
+    partial_documents: int  # longer than max_chunks x chunk_tokens: embedded from spread-out chunks
+    min_coverage: float  # smallest fraction of a document's tokens that was embedded
+    seconds: float
+    reused: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def embed_dir(cfg: BuildConfig, work: WorkDir) -> Path:
+    """Per-run embedding files: keyed by the prepared documents and the embedding settings."""
+    d = cfg.diversity
+    blob = json.dumps([EMBED_STEP, d.embedder, d.chunk_tokens, d.max_chunks, d.dtype]).encode()
+    return work.root / f"embed-{work.prepare_key}-{hashlib.sha256(blob).hexdigest()[:12]}"
+
+
+def cache_dir(cfg: BuildConfig) -> Path:
+    return (
+        Path(cfg.diversity.cache_dir).expanduser() if cfg.diversity.cache_dir else cache_root() / "embeddings"
+    )
+
+
+def chunk_tokens_for(cfg: BuildConfig, embedder: Embedder) -> int:
+    return cfg.diversity.chunk_tokens or embedder.default_chunk_tokens
+
+
+def embedding_key(cfg: BuildConfig, embedder: Embedder, tok: Tokenizer) -> str:
+    """Everything a cached vector depends on besides the text: weights, chunking, tokenizer, dtype."""
+    d = cfg.diversity
+    parts = [EMBED_STEP, embedder.identity, chunk_tokens_for(cfg, embedder), d.max_chunks]
+    parts += [tok.identity.vocab_hash, d.dtype]
+    digest = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in embedder.identity.split("@")[0])
+    return f"{safe}-{digest}"
+
+
+def chunk_spans(n_tokens: int, chunk: int, max_chunks: int) -> list[tuple[int, int]]:
+    """Token spans to embed: tiles of at most `chunk` tokens if `max_chunks` suffice, else evenly spread."""
+    if n_tokens <= chunk:
+        return [(0, n_tokens)]
+    need = -(-n_tokens // chunk)
+    if need <= max_chunks:
+        bounds = np.linspace(0, n_tokens, need + 1).round().astype(np.int64)
+        return [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+    starts = np.linspace(0, n_tokens - chunk, max_chunks).round().astype(np.int64)
+    return [(int(s), int(s) + chunk) for s in starts]
+
+
+def open_embeddings(cfg: BuildConfig, work: WorkDir, shard_id: str) -> np.ndarray:
+    """The shard's embeddings as a read-only memmap (rows = documents)."""
+    return np.load(embed_dir(cfg, work) / f"{shard_id}.npy", mmap_mode="r")
+
+
+def embed_shard(cfg: BuildConfig, work: WorkDir, prepared: PrepareResult) -> EmbedResult:
+    """Embed one prepared shard (or reuse its verified result)."""
+    docs = work.prepare_dir / prepared.files["documents"]
+    return embed_documents(cfg, work, prepared.shard_id, docs, prepared.sha256.get("documents"))
+
+
+def load_verified(cfg: BuildConfig, work: WorkDir, shard_id: str, docs_sha: str) -> EmbedResult | None:
+    rec = embed_dir(cfg, work) / f"{shard_id}.json"
+    if not rec.exists():
+        return None
+    try:
+        res = EmbedResult(**json.loads(rec.read_text()))
+    except (ValueError, TypeError):
+        return None
+    path = embed_dir(cfg, work) / res.file
+    if res.documents_sha256 != docs_sha or not path.exists() or sha256_file(path) != res.sha256:
+        return None
+    res.reused = True
+    res.cache_hits = res.cache_misses = res.model_calls = res.chunks = 0
+    res.seconds = 0.0
+    return res
+
+
+def embed_documents(
+    cfg: BuildConfig, work: WorkDir, shard_id: str, docs_path: Path, docs_sha: str | None = None
+) -> EmbedResult:
+    """Embed every document of a tokenized documents file into `<embed dir>/<shard_id>.npy`."""
+    docs_sha = docs_sha or sha256_file(docs_path)
+    previous = load_verified(cfg, work, shard_id, docs_sha)
+    if previous is not None:
+        return previous
+    started = time.perf_counter()
+    d = cfg.diversity
+    assert d.embedder, "embedding needs diversity.embedder"
+    embedder = load_embedder(d.embedder, d.device)
+    tok = tokenizer_for(cfg)
+    key = embedding_key(cfg, embedder, tok)
+    cache = EmbeddingCache(cache_dir(cfg), key, embedder.dim, d.dtype)
+    chunk = chunk_tokens_for(cfg, embedder)
+    pf = pq.ParquetFile(docs_path)
+    meta = pf.read(columns=["content_hash"])
+    keys = np.array(meta.column("content_hash").to_pylist(), dtype=KEY_DTYPE)
+    n = len(keys)
+    calls_before = embedder.calls
+    res = EmbedResult(
+        shard_id=shard_id,
+        documents=n,
+        dim=embedder.dim,
+        dtype=d.dtype,
+        file=f"{shard_id}.npy",
+        sha256="",
+        documents_sha256=docs_sha,
+        embedder=embedder.identity,
+        cache_key=key,
+        chunk_tokens=chunk,
+        max_chunks=d.max_chunks,
+        cache_hits=0,
+        cache_misses=0,
+        model_calls=0,
+        chunks=0,
+        partial_documents=0,
+        min_coverage=1.0,
+        seconds=0.0,
+    )
+    final = embed_dir(cfg, work) / res.file
+    with atomic_path(final) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(d.dtype), shape=(n, embedder.dim))
+        found, vecs = cache.lookup(keys)
+        out[found] = vecs
+        res.cache_hits = int(found.sum())
+        # each distinct missing text is embedded once, then copied to its repeats in the shard
+        miss_rows = np.flatnonzero(~found)
+        _, first, inverse = np.unique(keys[miss_rows], return_index=True, return_inverse=True)
+        todo = miss_rows[first]
+        res.cache_misses = len(todo)
+        if len(todo):
+            _embed_rows(cfg, embedder, tok, pf, todo, chunk, out, res, shard_id)
+            out[miss_rows] = out[todo[inverse]]
+            cache.add(keys[todo], np.asarray(out[todo]))
+        out.flush()
+        del out
+    res.sha256 = sha256_file(final)
+    res.model_calls = embedder.calls - calls_before
+    res.seconds = round(time.perf_counter() - started, 3)
+    write_json_atomic(embed_dir(cfg, work) / f"{shard_id}.json", res.to_json())
+    return res
+
+
+def _embed_rows(
+    cfg: BuildConfig,
+    embedder: Embedder,
+    tok: Tokenizer,
+    pf: pq.ParquetFile,
+    rows: np.ndarray,
+    chunk: int,
+    out: np.ndarray,
+    res: EmbedResult,
+    shard_id: str,
+) -> None:
+    """Decode the chunks of documents `rows` (sorted), embed them in blocks, pool per document into `out`."""
+    d = cfg.diversity
+    texts: list[str] = []
+    owner: list[int] = []  # document row of each pending chunk
+
+    def flush() -> None:
+        if not texts:
+            return
+        vecs = embedder.encode(texts, d.batch_size)
+        own = np.asarray(owner)
+        starts = np.flatnonzero(np.r_[True, own[1:] != own[:-1]])
+        pooled = np.add.reduceat(vecs, starts, axis=0)
+        pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+        out[own[starts]] = pooled
+        res.chunks += len(texts)
+        bar.update(len(starts))
+        texts.clear()
+        owner.clear()
+
+    wanted = set(rows.tolist())
+    base = 0
+    with tqdm(
+        total=len(rows), desc=f"embed {shard_id}", unit="doc", disable=not d.progress, leave=False
+    ) as bar:
+        for batch in pf.iter_batches(batch_size=128, columns=["input_ids"]):
+            col = batch.column(0)
+            here = [r for r in range(base, base + batch.num_rows) if r in wanted]
+            if here:
+                flat = col.values.to_numpy(zero_copy_only=False)
+                offsets = col.offsets.to_numpy()
+                for r in here:
+                    lo, hi = int(offsets[r - base]), int(offsets[r - base + 1])
+                    spans = chunk_spans(hi - lo, chunk, d.max_chunks)
+                    covered = sum(b - a for a, b in spans)
+                    if covered < hi - lo:
+                        res.partial_documents += 1
+                        res.min_coverage = min(res.min_coverage, covered / (hi - lo))
+                    for a, b in spans:
+                        texts.append(tok.decode(flat[lo + a : lo + b]))
+                        owner.append(r)
+                    if len(texts) >= ENCODE_BLOCK_CHUNKS:
+                        flush()
+            base += batch.num_rows
+        flush()
