@@ -120,6 +120,13 @@ def hf_cl100k(cache: Path) -> Path:
 # --- child processes: one measurement each ----------------------------------------------------------
 
 
+def _maxrss() -> int:
+    """This process' RSS high-water mark so far, in bytes (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _cpu() -> float:
     t = os.times()
     return t.user + t.system
@@ -185,13 +192,17 @@ def child_build(config: dict[str, Any]) -> dict[str, Any]:
 
     def on_stage(name: str, report: Any) -> None:
         now_cpu, now_t = _cpu(), time.perf_counter()
-        stages[name] = {"seconds": now_t - mark["t"], "cpu": now_cpu - mark["cpu"]}
+        stages[name] = {"seconds": now_t - mark["t"], "cpu": now_cpu - mark["cpu"], "peak_rss": _maxrss()}
         mark.update(cpu=now_cpu, t=now_t)
 
     c0, t0 = _cpu(), time.perf_counter()
     manifest = run_build(cfg, command="bench/bench_build.py", on_stage=on_stage)
     seconds = time.perf_counter() - t0
-    stages["finalize"] = {"seconds": time.perf_counter() - mark["t"], "cpu": _cpu() - mark["cpu"]}
+    stages["finalize"] = {
+        "seconds": time.perf_counter() - mark["t"],
+        "cpu": _cpu() - mark["cpu"],
+        "peak_rss": _maxrss(),
+    }
     tokens_read = sum(s.tokens_read for s in manifest.sources.values())
     out = Path(cfg.output.dir)
     out_bytes = sum(p.stat().st_size for p in (out / "data").rglob("*.parquet"))

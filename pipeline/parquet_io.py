@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -37,6 +39,26 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
         if f.name not in _NO_DICTIONARY:
             walk(f.name, f.type)
     return out
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
+        return trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc only).
+
+    Batches of text and token ids are large, short-lived and allocated from several threads, so
+    glibc keeps their freed pages and fragments; without this, RSS creeps up over a long run.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

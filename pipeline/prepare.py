@@ -24,7 +24,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.filters import DocColumns, filters_for_source
-from pipeline.parquet_io import Background, ParquetSink, TokenFileSink, sha256_file, write_json_atomic
+from pipeline.parquet_io import (
+    Background,
+    ParquetSink,
+    TokenFileSink,
+    sha256_file,
+    trim_heap,
+    write_json_atomic,
+)
 from pipeline.readers import InputShard, read_shard
 from pipeline.tokenizer import Tokenizer, load_tokenizer
 from pipeline.workdir import WorkDir
@@ -32,7 +39,7 @@ from schemas.config import BuildConfig
 from schemas.records import DOC_SCHEMA, FILTERED_SCHEMA, QUARANTINE_SCHEMA
 
 PREPARE_STEP = "prepare@1"
-READ_AHEAD = 2  # input batches read ahead of the tokenizer
+READ_AHEAD = 1  # input batches waiting for the tokenizer (one more is being read)
 T = TypeVar("T")
 
 
@@ -153,6 +160,8 @@ def prepare_shard(cfg: BuildConfig, shard: InputShard, work: WorkDir) -> Prepare
                         batch.docs, tok, filters, shard.source, res, res.kept_tokens, hasher
                     )
                     io.submit(_write_documents, docs_out, tokens_out, filtered_out, kept, kept_ids, dropped)
+                    del kept, kept_ids, dropped, batch
+                    trim_heap()
         info = reader.info
         res.revision = info.revision
         res.input_bytes = info.bytes
@@ -162,6 +171,7 @@ def prepare_shard(cfg: BuildConfig, shard: InputShard, work: WorkDir) -> Prepare
             res.sha256[kind] = sha256_file(folder / rel)
     res.seconds = round(time.perf_counter() - started, 3)
     write_json_atomic(done, res.to_json())
+    trim_heap()
     return res
 
 

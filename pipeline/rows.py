@@ -18,7 +18,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import __version__
-from pipeline.parquet_io import Background, ParquetSink, read_tokens_into, sha256_file, write_json_atomic
+from pipeline.parquet_io import (
+    Background,
+    ParquetSink,
+    read_tokens_into,
+    sha256_file,
+    trim_heap,
+    write_json_atomic,
+)
 from pipeline.prepare import PrepareResult, tokenizer_for
 from pipeline.select import SelectResult, TargetPlan
 from pipeline.tokenizer import Tokenizer
@@ -62,7 +69,8 @@ class DocumentStore:
         self._revisions = [r.revision for r in prepared]
         self._meta: OrderedDict[int, pa.Table] = OrderedDict()
         self._fds: OrderedDict[int, int] = OrderedDict()
-        self._prefix: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._prefix: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._codes: np.ndarray | None = None
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -146,33 +154,36 @@ class DocumentStore:
                     o = int(dest[j])
                     out[o : o + m] = buf[x - base : x - base + m]
 
-    def prefix_sums(
-        self, shard: int, token_start: int, n_tok: int, tok: Tokenizer
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """UTF-8 bytes and characters before every CHECKPOINT-th token of a document (cached)."""
+    def _span_codes(self, tok: Tokenizer) -> np.ndarray:
+        """Per token id: UTF-8 bytes in the low 32 bits, characters started in the high 32 bits.
+
+        One gather and one sum then give both span lengths (a 4096-token block sums far below 2**32).
+        """
+        if self._codes is None:
+            self._codes = tok.token_nbytes | (tok.token_nchars << 32)
+        return self._codes
+
+    def prefix_sums(self, shard: int, token_start: int, n_tok: int, tok: Tokenizer) -> np.ndarray:
+        """Packed (bytes, characters) before every CHECKPOINT-th token of a document (cached)."""
         key = (shard, token_start)
         if key in self._prefix:
             self._prefix.move_to_end(key)
             return self._prefix[key]
         step = self.CHECKPOINT
-        nb, nc = tok.token_nbytes, tok.token_nchars
-        cb = np.zeros(n_tok // step + 1, np.int64)
-        cc = np.zeros(n_tok // step + 1, np.int64)
+        codes = self._span_codes(tok)
+        ck = np.zeros(n_tok // step + 1, np.int64)
         block = step * 256  # read a long document in bounded blocks
         for b0 in range(0, n_tok, block):
             ids = self.read(shard, token_start + b0, min(block, n_tok - b0))
-            k0 = b0 // step
             full = len(ids) // step
             if full:
-                chunks = ids[: full * step].reshape(full, step)
-                cb[k0 + 1 : k0 + 1 + full] = nb[chunks].sum(axis=1)
-                cc[k0 + 1 : k0 + 1 + full] = nc[chunks].sum(axis=1)
-        np.cumsum(cb, out=cb)
-        np.cumsum(cc, out=cc)
-        self._prefix[key] = (cb, cc)
+                k0 = b0 // step
+                ck[k0 + 1 : k0 + 1 + full] = codes[ids[: full * step].reshape(full, step)].sum(axis=1)
+        np.cumsum(ck, out=ck)  # bytes and characters each stay far below 2**31 per document
+        self._prefix[key] = ck
         if len(self._prefix) > self.MAX_CHECKPOINTED:
             self._prefix.popitem(last=False)
-        return cb, cc
+        return ck
 
     def span_before(
         self, shard: int, token_start: int, n_tok: int, pos: int, tok: Tokenizer
@@ -180,10 +191,11 @@ class DocumentStore:
         """(UTF-8 bytes, characters) of a document's first `pos` tokens."""
         if pos == 0:
             return 0, 0
-        cb, cc = self.prefix_sums(shard, token_start, n_tok, tok)
+        ck = self.prefix_sums(shard, token_start, n_tok, tok)
         k = pos // self.CHECKPOINT
         rest = self.read(shard, token_start + k * self.CHECKPOINT, pos - k * self.CHECKPOINT)
-        return int(cb[k] + tok.token_nbytes[rest].sum()), int(cc[k] + tok.token_nchars[rest].sum())
+        packed = int(ck[k]) + int(self._span_codes(tok)[rest].sum())
+        return packed & 0xFFFFFFFF, packed >> 32
 
 
 _GAP = 16_384  # tokens: spans closer than this in a tokens file are read together
@@ -387,4 +399,5 @@ def write_output_shard(
     )
     assert content + seps + pads == n * L, f"{rel}: tokens do not add up"
     write_json_atomic(record, entry.model_dump())
+    trim_heap()
     return entry
