@@ -63,9 +63,28 @@ def bench_config(
         "tokenizer": {"name": tokenizer},
         # every tokenized token reaches the output unless dedup is on: the heaviest case for the writer
         "filters": {"min_tokens": 1, "exact_dedup": dedup},
-        "packing": {"strategy": strategy, "targets": [{"length": t} for t in targets], "last_row": "pad"},
+        "packing": {
+            "strategy": strategy,
+            "targets": [{"length": t} for t in targets],
+            "last_row": "pad",
+            "separator": separator_for(tokenizer),
+        },
         "output": {"dir": str(out), "store_text": False},
     }
+
+
+def separator_for(tokenizer: str) -> str:
+    """The tokenizer's end-of-text token: Llama-3 spells it <|end_of_text|>, cl100k <|endoftext|>."""
+    from pipeline.tokenizer import TokenizerError, load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    for name in ("<|end_of_text|>", "<|endoftext|>"):
+        try:
+            tok.special_token_id(name)
+            return name
+        except TokenizerError:
+            continue
+    raise SystemExit(f"{tokenizer}: no end-of-text special token to separate documents with")
 
 
 def ensure_corpus(folder: Path, mb: float) -> Path:
@@ -180,8 +199,12 @@ def child_read(corpus: Path) -> dict[str, Any]:
     return {"docs": docs, "seconds": time.perf_counter() - t0, "cpu": _cpu() - c0}
 
 
-def child_build(config: dict[str, Any]) -> dict[str, Any]:
-    """run_build on the config; stage wall and CPU seconds from its stage callbacks."""
+def child_build(config: dict[str, Any], runner: str = "library") -> dict[str, Any]:
+    """One build; stage wall and CPU seconds from its stage callbacks (library) or its manifest (flow).
+
+    runner "library" calls pipeline.build.run_build (stages one after another in this process);
+    "flow" runs the Prefect flow with its task runner (threads, `run.workers` tasks at once).
+    """
     from pipeline.build import run_build
     from schemas.config import parse_config
 
@@ -196,13 +219,29 @@ def child_build(config: dict[str, Any]) -> dict[str, Any]:
         mark.update(cpu=now_cpu, t=now_t)
 
     c0, t0 = _cpu(), time.perf_counter()
-    manifest = run_build(cfg, command="bench/bench_build.py", on_stage=on_stage)
-    seconds = time.perf_counter() - t0
-    stages["finalize"] = {
-        "seconds": time.perf_counter() - mark["t"],
-        "cpu": _cpu() - mark["cpu"],
-        "peak_rss": _maxrss(),
-    }
+    if runner == "flow":
+        from flows.build import run
+        from schemas.manifest import Manifest
+
+        run(cfg, command="bench/bench_build.py")
+        seconds = time.perf_counter() - t0
+        manifest = Manifest.model_validate_json((Path(cfg.output.dir) / "manifest.json").read_text())
+        nan = float("nan")
+        for name, rep in manifest.stages.items():
+            stages[name] = {"seconds": rep.seconds, "cpu": nan, "peak_rss": nan}
+        stages["finalize"] = {
+            "seconds": seconds - sum(r.seconds for r in manifest.stages.values()),
+            "cpu": nan,
+            "peak_rss": nan,
+        }
+    else:
+        manifest = run_build(cfg, command="bench/bench_build.py", on_stage=on_stage)
+        seconds = time.perf_counter() - t0
+        stages["finalize"] = {
+            "seconds": time.perf_counter() - mark["t"],
+            "cpu": _cpu() - mark["cpu"],
+            "peak_rss": _maxrss(),
+        }
     tokens_read = sum(s.tokens_read for s in manifest.sources.values())
     out = Path(cfg.output.dir)
     out_bytes = sum(p.stat().st_size for p in (out / "data").rglob("*.parquet"))
@@ -217,6 +256,7 @@ def child_build(config: dict[str, Any]) -> dict[str, Any]:
         "output_bytes": out_bytes,
         "work_bytes": work_bytes,
         "checks_ok": all(c.ok for c in manifest.checks),
+        "self_maxrss": _maxrss(),
     }
     shutil.rmtree(out, ignore_errors=True)
     return result
@@ -231,21 +271,24 @@ CHILDREN = {"bare": child_bare, "read": child_read, "build": child_build}
 @dataclass
 class Measured:
     result: dict[str, Any]
-    peak_rss: int  # bytes
+    peak_rss: int  # bytes, the whole process tree
+    own_peak_rss: int  # bytes, the measured process alone (without e.g. a Prefect API subprocess)
 
 
-def _tree_rss(proc: Any) -> int:
+def _tree_rss(proc: Any) -> tuple[int, int]:
+    """(RSS of the process and all its descendants, RSS of the process alone)."""
     import psutil
 
-    total = 0
     try:
-        procs = [proc, *proc.children(recursive=True)]
+        own = proc.memory_info().rss
+        children = proc.children(recursive=True)
     except psutil.Error:
-        return 0
-    for p in procs:
+        return 0, 0
+    total = own
+    for p in children:
         with contextlib.suppress(psutil.Error):
             total += p.memory_info().rss
-    return total
+    return total, own
 
 
 def run_child(mode: str, payload: dict[str, Any]) -> Measured:
@@ -254,18 +297,23 @@ def run_child(mode: str, payload: dict[str, Any]) -> Measured:
 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, json.dumps(payload)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # for --runner flow: Prefect's ephemeral API, offline and patient on a busy machine
+    env.setdefault("PREFECT_HOME", "/tmp/prefect-bench")
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
-    peak = 0
+    peak = own_peak = 0
     done = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak, own_peak
         try:
             p = psutil.Process(proc.pid)
         except psutil.Error:
             return
         while not done.is_set():
-            peak = max(peak, _tree_rss(p))
+            total, own = _tree_rss(p)
+            peak, own_peak = max(peak, total), max(own_peak, own)
             done.wait(0.02)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -279,7 +327,9 @@ def run_child(mode: str, payload: dict[str, Any]) -> Measured:
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child {mode} failed with exit code {proc.returncode}")
     result = json.loads(out.decode().strip().splitlines()[-1])
-    return Measured(result, max(peak, usage.ru_maxrss * 1024))
+    # wait4's high-water mark covers the child and the descendants it waited for, between samples too
+    own = max(own_peak, int(result.get("self_maxrss", 0)))
+    return Measured(result, max(peak, usage.ru_maxrss * 1024, own), own)
 
 
 # --- the benchmark ---------------------------------------------------------------------------------------
@@ -294,6 +344,9 @@ class Row:
     bare: list[float] = field(default_factory=list)  # seconds per repeat
     build: list[float] = field(default_factory=list)
     build_rss: list[int] = field(default_factory=list)
+    build_own_rss: list[int] = field(default_factory=list)
+    bare_cpu: list[float] = field(default_factory=list)
+    build_cpu: list[float] = field(default_factory=list)
     bare_rss: list[int] = field(default_factory=list)
     best_build: dict[str, Any] = field(default_factory=dict)
     best_bare: dict[str, Any] = field(default_factory=dict)
@@ -312,7 +365,7 @@ def bench_one(corpus: Path, tokenizer: str, args: argparse.Namespace, out: Path)
     config = bench_config(corpus, out, tokenizer, args.targets, args.dedup, args.strategy)
     for rep in range(args.repeats):
         bare = run_child("bare", {"corpus": str(corpus), "tokenizer": tokenizer})
-        build = run_child("build", {"config": config})
+        build = run_child("build", {"config": config, "runner": args.runner})
         if build.result["tokens_read"] != bare.result["tokens"]:
             raise RuntimeError(
                 f"{tokenizer}: the build tokenized {build.result['tokens_read']} tokens, the bare run "
@@ -325,6 +378,9 @@ def bench_one(corpus: Path, tokenizer: str, args: argparse.Namespace, out: Path)
         row.build.append(build.result["seconds"])
         row.bare_rss.append(bare.peak_rss)
         row.build_rss.append(build.peak_rss)
+        row.build_own_rss.append(build.own_peak_rss)
+        row.bare_cpu.append(bare.result["cpu"])
+        row.build_cpu.append(build.result["cpu"])
         if build.result["seconds"] <= min(row.build):
             row.best_build = build.result
         if bare.result["seconds"] <= min(row.bare):
@@ -345,17 +401,17 @@ def spread(xs: list[float]) -> str:
 
 def print_results(rows: list[Row], reads: dict[str, Measured]) -> None:
     print()
-    head = (
+    print(
         "| corpus | tokenizer | tokens | bare encoder M tok/s | end-to-end M tok/s | ratio "
-        "| build peak RSS | spread bare / build |"
+        "| CPU-time ratio | peak RSS (tree) | build process | spread bare / build |"
     )
-    print(head)
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r.corpus_mb:,.0f} MB | `{r.tokenizer}` | {r.tokens / 1e6:.1f} M | {r.bare_tps / 1e6:.2f} "
-            f"| {r.build_tps / 1e6:.2f} | {r.build_tps / r.bare_tps:.2f} | {max(r.build_rss) / 2**20:,.0f} MiB "
-            f"| {spread(r.bare)} / {spread(r.build)} |"
+            f"| {r.build_tps / 1e6:.2f} | {r.build_tps / r.bare_tps:.2f} "
+            f"| {min(r.bare_cpu) / min(r.build_cpu):.2f} | {max(r.build_rss) / 2**20:,.0f} MiB "
+            f"| {max(r.build_own_rss) / 2**20:,.0f} MiB | {spread(r.bare)} / {spread(r.build)} |"
         )
     print()
     print("Per stage, best build run (wall s / CPU s; CPU counts every thread):")
@@ -378,6 +434,18 @@ def print_results(rows: list[Row], reads: dict[str, Measured]) -> None:
             f"| {r.best_build['seconds']:.2f} / {r.best_build['cpu']:.2f} "
             f"| {r.best_build['output_bytes'] / MB:,.0f} MB | {r.best_build['work_bytes'] / MB:,.0f} MB |"
         )
+    print()
+    print("RSS high-water mark of the build process at the end of each stage (library runner):")
+    print()
+    print("| corpus | tokenizer | prepare | select | write | finalize |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        st = r.best_build["stages"]
+        cells = " | ".join(
+            f"{st[n]['peak_rss'] / 2**20:,.0f} MiB" if st[n]["peak_rss"] == st[n]["peak_rss"] else "-"
+            for n in ("prepare", "select", "write", "finalize")
+        )
+        print(f"| {r.corpus_mb:,.0f} MB | `{r.tokenizer}` | {cells} |")
 
 
 def machine_notes() -> str:
@@ -426,6 +494,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategy", default="best_fit", choices=["best_fit", "greedy"])
     ap.add_argument("--dedup", action="store_true", help="keep exact dedup on (drops the corpus' repeats)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--runner",
+        default="library",
+        choices=["library", "flow"],
+        help="library: pipeline.build.run_build; flow: the Prefect flow with run.workers=2 threads",
+    )
     ap.add_argument("--work", type=Path, default=Path("/tmp/longloom-bench"), help="scratch folder")
     args = ap.parse_args(argv)
 
@@ -436,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         elif mode == "read":
             res = child_read(Path(payload["corpus"]))
         else:
-            res = child_build(payload["config"])
+            res = child_build(payload["config"], payload.get("runner", "library"))
         print(json.dumps(res))
         return 0
 

@@ -161,7 +161,6 @@ def prepare_shard(cfg: BuildConfig, shard: InputShard, work: WorkDir) -> Prepare
                     )
                     io.submit(_write_documents, docs_out, tokens_out, filtered_out, kept, kept_ids, dropped)
                     del kept, kept_ids, dropped, batch
-                    trim_heap()
         info = reader.info
         res.revision = info.revision
         res.input_bytes = info.bytes
