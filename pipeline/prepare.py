@@ -196,30 +196,33 @@ def _value_counts(col: pa.ChunkedArray | pa.Array) -> dict[str, int]:
 
 
 def prefetched(items: Iterable[T], depth: int) -> Iterator[T]:
-    """Iterate `items` on a helper thread, up to `depth` items ahead of the consumer.
+    """Iterate `items` on a helper thread, at most `depth` items ahead of the consumer.
 
+    An item counts from the moment the helper starts producing it, so with depth 1 the next batch
+    is read while the current one is processed, and no more: memory holds two batches, not three.
     Errors in the producer are raised here; leaving the loop early stops the producer.
     """
-    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    q: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+    slots = threading.Semaphore(depth)
     stop = threading.Event()
 
-    def put(item: tuple[str, Any]) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
     def produce() -> None:
+        it = iter(items)
         try:
-            for x in items:
-                if not put(("item", x)):
+            while True:
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
                     return
-            put(("end", None))
+                try:
+                    x = next(it)
+                except StopIteration:
+                    q.put(("end", None))
+                    return
+                q.put(("item", x))
         except BaseException as err:  # handed to the consumer, which raises it
-            put(("error", err))
+            q.put(("error", err))
 
     worker = threading.Thread(target=produce, name="longloom-read", daemon=True)
     worker.start()
@@ -230,6 +233,7 @@ def prefetched(items: Iterable[T], depth: int) -> Iterator[T]:
                 return
             if kind == "error":
                 raise x
+            slots.release()  # the helper may start on the next item while this one is used
             yield x
     finally:
         stop.set()
