@@ -198,7 +198,7 @@ class DocumentStore:
         return packed & 0xFFFFFFFF, packed >> 32
 
 
-_GAP = 16_384  # tokens: spans closer than this in a tokens file are read together
+_GAP = 1024  # tokens: spans closer than this (4 KiB) in a tokens file are read together
 
 
 @dataclass
