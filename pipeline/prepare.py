@@ -39,7 +39,12 @@ from schemas.config import BuildConfig
 from schemas.records import DOC_SCHEMA, FILTERED_SCHEMA, QUARANTINE_SCHEMA
 
 PREPARE_STEP = "prepare@1"
-READ_AHEAD = 1  # input batches waiting for the tokenizer (one more is being read)
+READ_AHEAD = 1  # input batches read ahead of the one being tokenized
+# Text per input batch. A batch costs about 11x its text in memory while it is parsed, converted,
+# tokenized and written (two are in flight), so 8 MB keeps a prepare task near 200 MB above the
+# interpreter, two concurrent tasks well under 1 GB; tokenizer threads still get thousands of
+# documents or 64K-character pieces per batch.
+BATCH_BYTES = 8 << 20
 T = TypeVar("T")
 
 
@@ -147,7 +152,7 @@ def prepare_shard(cfg: BuildConfig, shard: InputShard, work: WorkDir) -> Prepare
     ):
         # Three overlapping streams: the reader parses batch k+1 while the tokenizer (GIL released)
         # encodes batch k and the writer compresses and writes batch k-1.
-        reader = read_shard(cfg, shard)
+        reader = read_shard(cfg, shard, BATCH_BYTES)
         with Background(depth=2) as io:
             for batch in prefetched(reader, READ_AHEAD):
                 res.records_read += batch.records_read
