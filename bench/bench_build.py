@@ -4,7 +4,7 @@
     python bench/bench_build.py --corpus /tmp/corpora/bench-200mb --tokenizer quicktok:llama3 --repeats 3
 
 For each corpus and tokenizer, alternately (best of --repeats, spread shown):
-- bare: the JSONL texts are read and parsed in batches of the pipeline's size (8 MB) outside the
+- bare: the JSONL texts are read and parsed in batches of the pipeline's size (4 MB) outside the
   timed region, then only `Tokenizer.encode_batch` is timed (the call the pipeline makes);
 - build: `pipeline.build.run_build` on a config of the corpus (read -> filter -> tokenize -> select
   -> pack -> write Parquet -> finalize), timed from start to manifest (`--runner flow`: the Prefect

@@ -40,11 +40,12 @@ from schemas.records import DOC_SCHEMA, FILTERED_SCHEMA, QUARANTINE_SCHEMA
 
 PREPARE_STEP = "prepare@1"
 READ_AHEAD = 1  # input batches read ahead of the one being tokenized
-# Text per input batch. A batch costs about 11x its text in memory while it is parsed, converted,
-# tokenized and written (two are in flight), so 8 MB keeps a prepare task near 200 MB above the
-# interpreter, two concurrent tasks well under 1 GB; tokenizer threads still get thousands of
-# documents or 64K-character pieces per batch.
-BATCH_BYTES = 8 << 20
+# Text per input batch. At its peak a batch costs 10-20x its text in memory (raw lines, parsed
+# objects, Python and Arrow copies of the text, tokenizer output; two batches are in flight), so
+# 4 MB keeps a prepare task near 160 MB above the interpreter, and two concurrent tasks well under
+# 1 GB, while the tokenizer threads still get hundreds of documents (or 64K-character pieces of a
+# long one) per call. Larger batches measured no faster here.
+BATCH_BYTES = 4 << 20
 T = TypeVar("T")
 
 
