@@ -346,8 +346,6 @@ class Row:
     build: list[float] = field(default_factory=list)
     build_rss: list[int] = field(default_factory=list)
     build_own_rss: list[int] = field(default_factory=list)
-    bare_cpu: list[float] = field(default_factory=list)
-    build_cpu: list[float] = field(default_factory=list)
     bare_rss: list[int] = field(default_factory=list)
     best_build: dict[str, Any] = field(default_factory=dict)
     best_bare: dict[str, Any] = field(default_factory=dict)
@@ -380,8 +378,6 @@ def bench_one(corpus: Path, tokenizer: str, args: argparse.Namespace, out: Path)
         row.bare_rss.append(bare.peak_rss)
         row.build_rss.append(build.peak_rss)
         row.build_own_rss.append(build.own_peak_rss)
-        row.bare_cpu.append(bare.result["cpu"])
-        row.build_cpu.append(build.result["cpu"])
         if build.result["seconds"] <= min(row.build):
             row.best_build = build.result
         if bare.result["seconds"] <= min(row.bare):
@@ -411,7 +407,7 @@ def print_results(rows: list[Row], reads: dict[str, Measured]) -> None:
         print(
             f"| {r.corpus_mb:,.0f} MB | `{r.tokenizer}` | {r.tokens / 1e6:.1f} M | {r.bare_tps / 1e6:.2f} "
             f"| {r.build_tps / 1e6:.2f} | {r.build_tps / r.bare_tps:.2f} "
-            f"| {min(r.bare_cpu) / min(r.build_cpu):.2f} | {max(r.build_rss) / 2**20:,.0f} MiB "
+            f"| {r.best_bare['cpu'] / r.best_build['cpu']:.2f} | {max(r.build_rss) / 2**20:,.0f} MiB "
             f"| {max(r.build_own_rss) / 2**20:,.0f} MiB | {spread(r.bare)} / {spread(r.build)} |"
         )
     print()

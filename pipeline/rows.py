@@ -59,7 +59,11 @@ class DocumentStore:
         "n_tokens",
         "token_start",
     )
-    MAX_OPEN_SHARDS = 64  # per-document tables and file handles kept, least recently used dropped
+    # Per-document tables and token-file handles kept, least recently used dropped first: a row
+    # group of the layouts measured here touches a median of 8 input shards. Bounded in documents too,
+    # so a write task's memory does not grow with the corpus.
+    MAX_OPEN_SHARDS = 16
+    MAX_CACHED_DOCS = 65_536
     CHECKPOINT = 4096  # tokens between cached byte/char prefix sums of a split document
     MAX_CHECKPOINTED = 1024  # split documents whose prefix sums are cached
 
@@ -68,6 +72,7 @@ class DocumentStore:
         self._token_paths = [work.prepare_dir / r.files["tokens"] for r in prepared]
         self._revisions = [r.revision for r in prepared]
         self._meta: OrderedDict[int, pa.Table] = OrderedDict()
+        self._cached_docs = 0
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._prefix: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._codes: np.ndarray | None = None
@@ -89,8 +94,11 @@ class DocumentStore:
             return self._meta[shard]
         table = pq.read_table(self._doc_paths[shard], columns=list(self.COLUMNS)).combine_chunks()
         self._meta[shard] = table
-        if len(self._meta) > self.MAX_OPEN_SHARDS:
-            self._meta.popitem(last=False)
+        self._cached_docs += table.num_rows
+        while len(self._meta) > 1 and (
+            len(self._meta) > self.MAX_OPEN_SHARDS or self._cached_docs > self.MAX_CACHED_DOCS
+        ):
+            self._cached_docs -= self._meta.popitem(last=False)[1].num_rows
         return table
 
     def _fd(self, shard: int) -> int:
