@@ -56,6 +56,7 @@ def trim_heap() -> None:
     Batches of text and token ids are large, short-lived and allocated from several threads, so
     glibc keeps their freed pages and fragments; without this, RSS creeps up over a long run.
     """
+    pa.default_memory_pool().release_unused()
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

@@ -257,6 +257,7 @@ def _write_documents(
     tokens_out.write(kept_ids)
     docs_out.write(kept)
     filtered_out.write(dropped)
+    pa.default_memory_pool().release_unused()  # Arrow's pool otherwise keeps every batch's buffers
 
 
 def _tokenize_and_filter(

@@ -59,11 +59,12 @@ class DocumentStore:
         "n_tokens",
         "token_start",
     )
-    # Per-document tables and token-file handles kept, least recently used dropped first: a row
-    # group of the layouts measured here touches a median of 8 input shards. Bounded in documents too,
-    # so a write task's memory does not grow with the corpus.
-    MAX_OPEN_SHARDS = 16
-    MAX_CACHED_DOCS = 65_536
+    # Per-document tables and token-file handles kept, least recently used dropped first. A row
+    # group of the layouts measured here touches a median of 8 input shards (up to all of them at
+    # the end, where leftovers from long-open rows close), so evicting is costly; the cap in
+    # documents (~50 MB of lineage columns) keeps a write task's memory bounded on any corpus.
+    MAX_OPEN_SHARDS = 64
+    MAX_CACHED_DOCS = 262_144
     CHECKPOINT = 4096  # tokens between cached byte/char prefix sums of a split document
     MAX_CHECKPOINTED = 1024  # split documents whose prefix sums are cached
 
@@ -334,6 +335,11 @@ def _read_layout_rows(path: Path, first_row: int, last_row: int) -> pa.Table:
     return t.sort_by([("row", "ascending"), ("row_start", "ascending")])
 
 
+def _write_and_release(sink: ParquetSink, table: pa.Table) -> None:
+    sink.write(table)
+    pa.default_memory_pool().release_unused()
+
+
 def write_output_shard(
     cfg: BuildConfig,
     work: WorkDir,
@@ -387,7 +393,7 @@ def write_output_shard(
             table = build_rows(
                 cfg, plan, seg, store, g0, g1 - g0, pad_here, tok, sep_id, pad_id, lineage, stats
             )
-            io.submit(sink.write, table)
+            io.submit(_write_and_release, sink, table)
             shard_idx = seg.column("shard").to_numpy()
             doc_row = seg.column("doc_row").to_numpy()
             doc_keys.update(zip(shard_idx.tolist(), doc_row.tolist(), strict=True))
