@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,8 +28,8 @@ from tqdm import tqdm
 from pipeline.embed import Embedder, load_embedder
 from pipeline.embed_cache import KEY_DTYPE, EmbeddingCache
 from pipeline.embed_distill import cache_root
-from pipeline.parquet_io import atomic_path, sha256_file, write_json_atomic
-from pipeline.prepare import PrepareResult, tokenizer_for
+from pipeline.parquet_io import atomic_path, read_tokens_into, sha256_file, write_json_atomic
+from pipeline.prepare import PrepareResult, tokenizer_for, tokens_file_of
 from pipeline.tokenizer import Tokenizer
 from pipeline.workdir import WorkDir
 from schemas.config import BuildConfig
@@ -185,7 +186,7 @@ def embed_documents(
         todo = miss_rows[first]
         res.cache_misses = len(todo)
         if len(todo):
-            _embed_rows(cfg, embedder, tok, pf, todo, chunk, out, res, shard_id)
+            _embed_rows(cfg, embedder, tok, pf, tokens_file_of(docs_path), todo, chunk, out, res, shard_id)
             out[miss_rows] = out[todo[inverse]]
             cache.add(keys[todo], np.asarray(out[todo]))
         out.flush()
@@ -202,6 +203,7 @@ def _embed_rows(
     embedder: Embedder,
     tok: Tokenizer,
     pf: pq.ParquetFile,
+    tokens_path: Path,
     rows: np.ndarray,
     chunk: int,
     out: np.ndarray,
@@ -227,28 +229,27 @@ def _embed_rows(
         texts.clear()
         owner.clear()
 
-    wanted = set(rows.tolist())
-    base = 0
-    with tqdm(
-        total=len(rows), desc=f"embed {shard_id}", unit="doc", disable=not d.progress, leave=False
-    ) as bar:
-        for batch in pf.iter_batches(batch_size=128, columns=["input_ids"]):
-            col = batch.column(0)
-            here = [r for r in range(base, base + batch.num_rows) if r in wanted]
-            if here:
-                flat = col.values.to_numpy(zero_copy_only=False)
-                offsets = col.offsets.to_numpy()
-                for r in here:
-                    lo, hi = int(offsets[r - base]), int(offsets[r - base + 1])
-                    spans = chunk_spans(hi - lo, chunk, d.max_chunks)
-                    covered = sum(b - a for a, b in spans)
-                    if covered < hi - lo:
-                        res.partial_documents += 1
-                        res.min_coverage = min(res.min_coverage, covered / (hi - lo))
-                    for a, b in spans:
-                        texts.append(tok.decode(flat[lo + a : lo + b]))
-                        owner.append(r)
-                    if len(texts) >= ENCODE_BLOCK_CHUNKS:
-                        flush()
-            base += batch.num_rows
-        flush()
+    spans_of = pf.read(columns=["token_start", "n_tokens"])
+    token_starts = spans_of.column("token_start").to_numpy()[rows]
+    lengths = spans_of.column("n_tokens").to_numpy()[rows]
+    fd = os.open(tokens_path, os.O_RDONLY)
+    try:
+        with tqdm(
+            total=len(rows), desc=f"embed {shard_id}", unit="doc", disable=not d.progress, leave=False
+        ) as bar:
+            for r, start, n in zip(rows.tolist(), token_starts.tolist(), lengths.tolist(), strict=True):
+                spans = chunk_spans(n, chunk, d.max_chunks)
+                covered = sum(b - a for a, b in spans)
+                if covered < n:
+                    res.partial_documents += 1
+                    res.min_coverage = min(res.min_coverage, covered / n)
+                for a, b in spans:
+                    ids = np.empty(b - a, np.int32)
+                    read_tokens_into(fd, ids, start + a)
+                    texts.append(tok.decode(ids))
+                    owner.append(r)
+                if len(texts) >= ENCODE_BLOCK_CHUNKS:
+                    flush()
+            flush()
+    finally:
+        os.close(fd)

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import hashlib
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -37,6 +42,27 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
     return out
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
+        return trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc only).
+
+    Batches of text and token ids are large, short-lived and allocated from several threads, so
+    glibc keeps their freed pages and fragments; without this, RSS creeps up over a long run.
+    """
+    pa.default_memory_pool().release_unused()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -55,11 +81,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(final: str | Path) -> Iterator[Path]:
+def atomic_path(final: str | Path, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success fsync and rename it into place.
 
     Readers never see a half-written file: either the old one (or none) or the complete new one.
     A crash leaves only a `.tmp-*` file: readers skip dot-files, and the next run deletes it (WorkDir).
+    `durable=False` skips the fsyncs: for intermediates whose checksum is verified before reuse, so a
+    file a crash left incomplete is redone rather than trusted.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -67,10 +95,12 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     tmp = final.parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{final.name}"
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        if durable:
+            _fsync_dir(final.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -81,14 +111,35 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-class ParquetSink:
+class _AtomicSink:
+    """A file published on a clean exit from its `with` block and discarded on an error."""
+
+    def close(self) -> str:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class ParquetSink(_AtomicSink):
     """Writes one Parquet file atomically, in row groups as they come; empty files get the schema."""
 
-    def __init__(self, path: str | Path, schema: pa.Schema, compression_level: int = 1) -> None:
+    def __init__(
+        self, path: str | Path, schema: pa.Schema, compression_level: int = 1, durable: bool = True
+    ) -> None:
         self.path = Path(path)
         self.schema = schema
         self.rows = 0
-        self._ctx = atomic_path(self.path)
+        self._ctx = atomic_path(self.path, durable)
         self._tmp = self._ctx.__enter__()
         self._writer = pq.ParquetWriter(
             self._tmp,
@@ -116,11 +167,85 @@ class ParquetSink:
         with contextlib.suppress(Exception):
             self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
-    def __enter__(self) -> ParquetSink:
+
+class TokenFileSink(_AtomicSink):
+    """Writes token ids as one raw little-endian int32 file, atomically, hashing the bytes as they go.
+
+    The layout of datatrove's tokenized files: no framing, so a reader fetches any span with one
+    positioned read. Ids are int32 (every vocabulary here is below 2**31).
+    """
+
+    def __init__(self, path: str | Path, durable: bool = True) -> None:
+        self.path = Path(path)
+        self.tokens = 0
+        self.sha256: str | None = None  # set by close()
+        self._sha = hashlib.sha256()
+        self._ctx = atomic_path(self.path, durable)
+        self._f = open(self._ctx.__enter__(), "wb")  # noqa: SIM115 (closed in close/abort)
+
+    def write(self, ids: np.ndarray) -> None:
+        buf = memoryview(np.ascontiguousarray(ids, dtype="<i4")).cast("B")  # type: ignore[arg-type]
+        self._f.write(buf)  # both release the GIL on large buffers
+        self._sha.update(buf)
+        self.tokens += len(ids)
+
+    def close(self) -> str:
+        """Publish the file and return its sha256."""
+        self._f.close()
+        self._ctx.__exit__(None, None, None)
+        self.sha256 = self._sha.hexdigest()
+        return self.sha256
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._f.close()
+        with contextlib.suppress(Exception):
+            self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+
+def read_tokens_into(fd: int, out: np.ndarray, token_offset: int) -> None:
+    """Fill `out` (int32, contiguous) with the tokens of a TokenFileSink file starting at `token_offset`."""
+    view = memoryview(out).cast("B")  # type: ignore[arg-type]
+    pos, want = token_offset * 4, view.nbytes
+    done = 0
+    while done < want:
+        n = os.preadv(fd, [view[done:]], pos + done)
+        if n <= 0:
+            raise OSError(f"token file ends early: wanted {want} bytes at {pos}, got {done}")
+        done += n
+
+
+class Background:
+    """Runs calls on one worker thread, in submission order, with at most `depth` waiting.
+
+    Lets compression and file writes (which release the GIL) overlap with the next batch's compute
+    while memory stays bounded. An error in a call surfaces at the next submit or at `drain`.
+    """
+
+    def __init__(self, depth: int = 2, name: str = "longloom-io") -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._pending: deque[Future[Any]] = deque()
+        self._depth = depth
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        while len(self._pending) >= self._depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def drain(self) -> None:
+        """Wait for every submitted call; raises the first error."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Background:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
-            self.close()
+            self.drain()
         else:
-            self.abort()
+            with contextlib.suppress(Exception):
+                self.drain()

@@ -9,11 +9,17 @@ record exists and whose files still match their checksums is not redone.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
+import queue
+import threading
 import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +27,14 @@ import pyarrow.compute as pc
 
 from pipeline.faults import crash_point
 from pipeline.filters import DocColumns, filters_for_source
-from pipeline.parquet_io import ParquetSink, sha256_file, write_json_atomic
+from pipeline.parquet_io import (
+    Background,
+    ParquetSink,
+    TokenFileSink,
+    sha256_file,
+    trim_heap,
+    write_json_atomic,
+)
 from pipeline.progress import UnitProgress
 from pipeline.readers import InputShard, read_shard
 from pipeline.tokenizer import Tokenizer, load_tokenizer
@@ -30,6 +43,14 @@ from schemas.config import BuildConfig
 from schemas.records import DOC_SCHEMA, FILTERED_SCHEMA, QUARANTINE_SCHEMA
 
 PREPARE_STEP = "prepare@1"
+READ_AHEAD = 1  # input batches read ahead of the one being tokenized
+# Text per input batch. At its peak a batch costs 10-20x its text in memory (raw lines, parsed
+# objects, Python and Arrow copies of the text, tokenizer output; two batches are in flight), so
+# 4 MB keeps a prepare task near 160 MB above the interpreter, and two concurrent tasks well under
+# 1 GB, while the tokenizer threads still get hundreds of documents (or 64K-character pieces of a
+# long one) per call. Larger batches measured no faster here.
+BATCH_BYTES = 4 << 20
+T = TypeVar("T")
 
 
 @dataclass
@@ -98,6 +119,18 @@ def content_hashes(texts: list[str]) -> list[str]:
     return [hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts]
 
 
+def arrow_content_hashes(col: pa.Array) -> list[str]:
+    """sha256 hex of each string of a (large_)string array, hashed in place from Arrow's buffer."""
+    col = col.cast(pa.large_string()) if col.type != pa.large_string() else col
+    if col.null_count:
+        raise ValueError("document text may not be null")
+    offsets = np.frombuffer(col.buffers()[1], np.int64)[col.offset : col.offset + len(col) + 1].tolist()
+    data = col.buffers()[2]
+    mv = memoryview(data) if data is not None else memoryview(b"")
+    sha = hashlib.sha256
+    return [sha(mv[a:b]).hexdigest() for a, b in itertools.pairwise(offsets)]
+
+
 def tokenizer_for(cfg: BuildConfig) -> Tokenizer:
     return load_tokenizer(cfg.tokenizer.name, cfg.tokenizer.max_piece_chars, cfg.tokenizer.threads)
 
@@ -127,6 +160,7 @@ def prepare_shard(
         "documents": f"documents/{shard.shard_id}.parquet",
         "filtered": f"filtered/{shard.shard_id}.parquet",
         "quarantine": f"quarantine/{shard.shard_id}.parquet",
+        "tokens": f"tokens/{shard.shard_id}.int32",
     }
     res = PrepareResult(
         shard_id=shard.shard_id,
@@ -147,34 +181,52 @@ def prepare_shard(
         input_stamp=stamp,
     )
     level = cfg.output.compression_level
+    # Intermediates skip fsync: reuse verifies their checksums, so a file a crash left incomplete
+    # is redone, never trusted.
     with (
-        ParquetSink(folder / paths["documents"], DOC_SCHEMA, level) as docs_out,
-        ParquetSink(folder / paths["filtered"], FILTERED_SCHEMA, level) as filtered_out,
-        ParquetSink(folder / paths["quarantine"], QUARANTINE_SCHEMA, level) as quarantine_out,
+        ParquetSink(folder / paths["documents"], DOC_SCHEMA, level, durable=False) as docs_out,
+        ParquetSink(folder / paths["filtered"], FILTERED_SCHEMA, level, durable=False) as filtered_out,
+        ParquetSink(folder / paths["quarantine"], QUARANTINE_SCHEMA, level, durable=False) as quarantine_out,
+        TokenFileSink(folder / paths["tokens"], durable=False) as tokens_out,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="longloom-hash") as hasher,
     ):
-        reader = read_shard(cfg, shard)
-        for batch in reader:
-            res.records_read += batch.records_read
-            if batch.quarantine.num_rows:
-                quarantine_out.write(batch.quarantine)
-                for reason, n in _value_counts(batch.quarantine.column("reason")).items():
-                    _add(res.quarantined, reason, n)
-            if batch.docs.num_rows:
-                kept, dropped = _tokenize_and_filter(batch.docs, tok, filters, shard.source, res)
-                docs_out.write(kept)
-                filtered_out.write(dropped)
-            if progress is not None:
-                progress({"records": res.records_read, "tokens": res.tokens_read, "kept": res.kept})
-            crash_point("read")
+        # Three overlapping streams: the reader parses batch k+1 while the tokenizer (GIL released)
+        # encodes batch k and the writer compresses and writes batch k-1.
+        reader = read_shard(cfg, shard, BATCH_BYTES)
+        with Background(depth=2) as io:
+            for batch in prefetched(reader, READ_AHEAD):
+                res.records_read += batch.records_read
+                if batch.quarantine.num_rows:
+                    io.submit(quarantine_out.write, batch.quarantine)
+                    for reason, n in _value_counts(batch.quarantine.column("reason")).items():
+                        _add(res.quarantined, reason, n)
+                if batch.docs.num_rows:
+                    kept, kept_ids, dropped = _tokenize_and_filter(
+                        batch.docs, tok, filters, shard.source, res, res.kept_tokens, hasher
+                    )
+                    io.submit(_write_documents, docs_out, tokens_out, filtered_out, kept, kept_ids, dropped)
+                    del kept, kept_ids, dropped
+                del batch
+                if progress is not None:
+                    progress({"records": res.records_read, "tokens": res.tokens_read, "kept": res.kept})
+                crash_point("read")
         info = reader.info
         res.revision = info.revision
         res.input_bytes = info.bytes
+    res.sha256["tokens"] = str(tokens_out.sha256)
     for kind, rel in paths.items():
-        res.sha256[kind] = sha256_file(folder / rel)
+        if kind not in res.sha256:
+            res.sha256[kind] = sha256_file(folder / rel)
     res.seconds = round(time.perf_counter() - started, 3)
     write_json_atomic(done, res.to_json())
     crash_point("prepared")
+    trim_heap()
     return res
+
+
+def tokens_file_of(documents_file: Path) -> Path:
+    """The raw token file written beside a prepared shard's documents table."""
+    return documents_file.parent.parent / "tokens" / f"{documents_file.stem}.int32"
 
 
 def load_verified(work: WorkDir, shard_id: str, stamp: str) -> PrepareResult | None:
@@ -202,22 +254,94 @@ def _value_counts(col: pa.ChunkedArray | pa.Array) -> dict[str, int]:
     return {str(v["values"]): int(v["counts"]) for v in vc.to_pylist()}
 
 
+def prefetched(items: Iterable[T], depth: int) -> Iterator[T]:
+    """Iterate `items` on a helper thread, at most `depth` items ahead of the consumer.
+
+    An item counts from the moment the helper starts producing it, so with depth 1 the next batch
+    is read while the current one is processed, and no more: memory holds two batches, not three.
+    Errors in the producer are raised here; leaving the loop early stops the producer.
+    """
+    q: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+    slots = threading.Semaphore(depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        it = iter(items)
+        try:
+            while True:
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+                try:
+                    x = next(it)
+                except StopIteration:
+                    q.put(("end", None))
+                    return
+                q.put(("item", x))
+        except BaseException as err:  # handed to the consumer, which raises it
+            q.put(("error", err))
+
+    worker = threading.Thread(target=produce, name="longloom-read", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, x = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise x
+            slots.release()  # the helper may start on the next item while this one is used
+            yield x
+    finally:
+        stop.set()
+        worker.join()
+
+
+def _write_documents(
+    docs_out: ParquetSink,
+    tokens_out: TokenFileSink,
+    filtered_out: ParquetSink,
+    kept: pa.Table,
+    kept_ids: np.ndarray,
+    dropped: pa.Table,
+) -> None:
+    tokens_out.write(kept_ids)
+    docs_out.write(kept)
+    filtered_out.write(dropped)
+    pa.default_memory_pool().release_unused()  # Arrow's pool otherwise keeps every batch's buffers
+
+
 def _tokenize_and_filter(
-    docs: pa.Table, tok: Tokenizer, filters: list, source: str, res: PrepareResult
-) -> tuple[pa.Table, pa.Table]:
-    texts: list[str] = docs.column("text").to_pylist()
-    hashes = content_hashes(texts)
+    docs: pa.Table,
+    tok: Tokenizer,
+    filters: list,
+    source: str,
+    res: PrepareResult,
+    token_base: int,
+    hasher: ThreadPoolExecutor,
+) -> tuple[pa.Table, np.ndarray, pa.Table]:
+    """Tokenize and filter one batch: the kept documents' rows and ids (ids starting at `token_base`
+    in the tokens file), and the dropped documents' rows."""
+    text_col = docs.column("text").combine_chunks()
+    # sha256 runs beside the tokenizer: both release the GIL on large buffers
+    hashes_f = hasher.submit(arrow_content_hashes, text_col)
+    texts: list[str] = text_col.to_pylist()
     ids, offsets = tok.encode_batch(texts)
+    n_chars = np.fromiter(map(len, texts), np.int64, count=len(texts))
+    del texts
     n_tokens = np.diff(offsets)
-    n_chars = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
-    n_bytes = pc.binary_length(docs.column("text").cast(pa.large_binary())).to_numpy().astype(np.int64)
-    res.documents += len(texts)
+    n_bytes = pc.binary_length(text_col).to_numpy().astype(np.int64)
+    hashes = hashes_f.result()
+    n = len(n_tokens)
+    res.documents += n
     res.tokens_read += int(n_tokens.sum())
 
-    keep = np.ones(len(texts), dtype=bool)
-    step = np.empty(len(texts), dtype=object)
-    reason = np.empty(len(texts), dtype=object)
-    detail = np.empty(len(texts), dtype=object)
+    keep = np.ones(n, dtype=bool)
+    step = np.empty(n, dtype=object)
+    reason = np.empty(n, dtype=object)
+    detail = np.empty(n, dtype=object)
     cols = DocColumns(source=source, n_tokens=n_tokens, content_hash=hashes)
     for f in filters:
         # a document is charged to the first filter that drops it
@@ -231,31 +355,35 @@ def _tokenize_and_filter(
     res.kept_tokens += int(n_tokens[keep].sum())
 
     idx = np.flatnonzero(keep)
-    list_ids = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids, pa.int32()))
+    all_kept = len(idx) == n
+    kept_ids = ids if all_kept else ids[np.repeat(keep, n_tokens)]
+    kept_n = n_tokens[idx]
+    token_start = token_base + np.cumsum(kept_n) - kept_n
     hash_arr = pa.array(hashes, pa.string())
-    full = pa.table(
+    take = pa.array(idx)
+    kept = pa.table(
         {
-            "source": docs.column("source"),
-            "uri": docs.column("uri"),
-            "record": docs.column("record"),
-            "doc_id": docs.column("doc_id"),
-            "content_hash": hash_arr,
-            "n_chars": pa.array(n_chars),
-            "n_bytes": pa.array(n_bytes),
-            "n_tokens": pa.array(n_tokens),
-            "input_ids": list_ids,
+            "source": docs.column("source").take(take),
+            "uri": docs.column("uri").take(take),
+            "record": docs.column("record").take(take),
+            "doc_id": docs.column("doc_id").take(take),
+            "content_hash": hash_arr.take(take),
+            "n_chars": pa.array(n_chars[idx]),
+            "n_bytes": pa.array(n_bytes[idx]),
+            "n_tokens": pa.array(kept_n),
+            "token_start": pa.array(token_start.astype(np.int64)),
         },
         schema=DOC_SCHEMA,
     )
-    kept = full.take(pa.array(idx)) if len(idx) < len(texts) else full
     didx = np.flatnonzero(~keep)
+    dtake = pa.array(didx)
     dropped = pa.table(
         {
-            "source": docs.column("source").take(pa.array(didx)),
-            "uri": docs.column("uri").take(pa.array(didx)),
-            "record": docs.column("record").take(pa.array(didx)),
-            "doc_id": docs.column("doc_id").take(pa.array(didx)),
-            "content_hash": hash_arr.take(pa.array(didx)),
+            "source": docs.column("source").take(dtake),
+            "uri": docs.column("uri").take(dtake),
+            "record": docs.column("record").take(dtake),
+            "doc_id": docs.column("doc_id").take(dtake),
+            "content_hash": hash_arr.take(dtake),
             "n_tokens": pa.array(n_tokens[didx]),
             "step": pa.array(step[didx].tolist(), pa.string()),
             "reason": pa.array(reason[didx].tolist(), pa.string()),
@@ -264,7 +392,15 @@ def _tokenize_and_filter(
         },
         schema=FILTERED_SCHEMA,
     )
-    return kept, dropped
+    return kept, kept_ids, dropped
 
 
-__all__ = ["PREPARE_STEP", "PrepareResult", "input_stamp", "load_verified", "prepare_shard", "tokenizer_for"]
+__all__ = [
+    "PREPARE_STEP",
+    "PrepareResult",
+    "input_stamp",
+    "load_verified",
+    "prepare_shard",
+    "tokenizer_for",
+    "tokens_file_of",
+]

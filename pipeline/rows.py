@@ -9,17 +9,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import __version__
 from pipeline.faults import crash_point
-from pipeline.parquet_io import ParquetSink, sha256_file, write_json_atomic
+from pipeline.parquet_io import (
+    Background,
+    ParquetSink,
+    read_tokens_into,
+    sha256_file,
+    trim_heap,
+    write_json_atomic,
+)
 from pipeline.prepare import PrepareResult, tokenizer_for
 from pipeline.progress import UnitProgress
 from pipeline.select import SelectResult, TargetPlan
@@ -35,18 +43,13 @@ def shard_path(plan: TargetPlan, k: int) -> str:
     return f"data/{plan.config_name}/train-{k:05d}-of-{plan.n_shards:05d}.parquet"
 
 
-@dataclass
-class _Docs:
-    """The documents one chunk of rows draws from, gathered into flat arrays."""
-
-    ids: np.ndarray  # int32, every needed document's tokens back to back
-    base: np.ndarray  # int64 per needed document: where its tokens start in `ids`
-    meta: pa.Table  # per needed document: lineage columns
-    revision: list[str | None]
-
-
 class DocumentStore:
-    """Random access to tokenized documents by (shard, row), reading only the row groups needed."""
+    """Random access to tokenized documents by (shard, row): small per-document columns from the
+    documents tables, token spans by positioned reads from the raw tokens files.
+
+    Only the tokens a row uses are read, so the work of a write task is proportional to its rows
+    whatever the corpus size, and nothing per token is held beyond the rows being built.
+    """
 
     COLUMNS = (
         "source",
@@ -57,66 +60,172 @@ class DocumentStore:
         "n_chars",
         "n_bytes",
         "n_tokens",
-        "input_ids",
+        "token_start",
     )
+    # Per-document tables and token-file handles kept, least recently used dropped first. A row
+    # group of the layouts measured here touches a median of 8 input shards (up to all of them at
+    # the end, where leftovers from long-open rows close), so evicting is costly; the cap in
+    # documents (~50 MB of lineage columns) keeps a write task's memory bounded on any corpus.
+    MAX_OPEN_SHARDS = 64
+    MAX_CACHED_DOCS = 262_144
+    CHECKPOINT = 4096  # tokens between cached byte/char prefix sums of a split document
+    MAX_CHECKPOINTED = 1024  # split documents whose prefix sums are cached
 
     def __init__(self, work: WorkDir, prepared: list[PrepareResult]) -> None:
-        self._paths = [work.prepare_dir / r.files["documents"] for r in prepared]
+        self._doc_paths = [work.prepare_dir / r.files["documents"] for r in prepared]
+        self._token_paths = [work.prepare_dir / r.files["tokens"] for r in prepared]
         self._revisions = [r.revision for r in prepared]
-        self._files: dict[int, pq.ParquetFile] = {}
+        self._meta: OrderedDict[int, pa.Table] = OrderedDict()
+        self._cached_docs = 0
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._prefix: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._codes: np.ndarray | None = None
 
-    def _file(self, shard: int) -> pq.ParquetFile:
-        if shard not in self._files:
-            self._files[shard] = pq.ParquetFile(self._paths[shard])
-        return self._files[shard]
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
-    def gather(self, shard: np.ndarray, row: np.ndarray) -> _Docs:
-        """Documents for the given (shard, row) pairs, in that order."""
+    def __enter__(self) -> DocumentStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _shard_meta(self, shard: int) -> pa.Table:
+        if shard in self._meta:
+            self._meta.move_to_end(shard)
+            return self._meta[shard]
+        table = pq.read_table(self._doc_paths[shard], columns=list(self.COLUMNS)).combine_chunks()
+        self._meta[shard] = table
+        self._cached_docs += table.num_rows
+        while len(self._meta) > 1 and (
+            len(self._meta) > self.MAX_OPEN_SHARDS or self._cached_docs > self.MAX_CACHED_DOCS
+        ):
+            self._cached_docs -= self._meta.popitem(last=False)[1].num_rows
+        return table
+
+    def _fd(self, shard: int) -> int:
+        if shard in self._fds:
+            self._fds.move_to_end(shard)
+            return self._fds[shard]
+        fd = os.open(self._token_paths[shard], os.O_RDONLY)
+        self._fds[shard] = fd
+        if len(self._fds) > self.MAX_OPEN_SHARDS:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def meta(self, shard: np.ndarray, row: np.ndarray) -> tuple[pa.Table, list[str | None]]:
+        """Per-document columns and input revisions for the given (shard, row) pairs, in that order."""
         parts: list[pa.Table] = []
         order: list[np.ndarray] = []
         revision: list[str | None] = [None] * len(shard)
         for s in np.unique(shard):
             where = np.flatnonzero(shard == s)
-            f = self._file(int(s))
-            rg_ends = np.cumsum([f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)])
-            rows = row[where]
-            groups = np.unique(np.searchsorted(rg_ends, rows, side="right"))
-            table = f.read_row_groups(groups.tolist(), columns=list(self.COLUMNS))
-            first_row = np.r_[0, rg_ends][groups]
-            # position of each wanted row inside the concatenation of the groups read
-            group_len = np.diff(np.r_[0, rg_ends])[groups]
-            group_off = np.r_[0, np.cumsum(group_len)[:-1]]
-            g_of_row = np.searchsorted(rg_ends[groups], rows, side="right")
-            local = group_off[g_of_row] + (rows - first_row[g_of_row])
-            parts.append(table.take(pa.array(local)))
+            parts.append(self._shard_meta(int(s)).take(pa.array(row[where])))
             order.append(where)
-            for j in where:
-                revision[j] = self._revisions[int(s)]
-        meta = pa.concat_tables(parts) if parts else pa.table({})
+            rev = self._revisions[int(s)]
+            for j in where.tolist():
+                revision[j] = rev
+        if not parts:
+            return pa.table({c: pa.array([], pa.int64()) for c in self.COLUMNS}), revision
+        meta = pa.concat_tables(parts)
         inv = np.empty(len(shard), np.int64)
         inv[np.concatenate(order)] = np.arange(len(shard))
-        meta = meta.take(pa.array(inv))
-        ids_col = meta.column("input_ids").combine_chunks()
-        flat = ids_col.flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-        offsets = ids_col.offsets.to_numpy().astype(np.int64)
-        base = offsets[:-1] - offsets[0]
-        return _Docs(flat, base, meta.drop_columns(["input_ids"]), revision)
+        return meta.take(pa.array(inv)).combine_chunks(), revision
+
+    def read(self, shard: int, token_offset: int, n: int) -> np.ndarray:
+        out = np.empty(n, np.int32)
+        if n:
+            read_tokens_into(self._fd(shard), out, token_offset)
+        return out
+
+    def fill(
+        self, out: np.ndarray, dest: np.ndarray, shard: np.ndarray, src: np.ndarray, length: np.ndarray
+    ) -> None:
+        """out[dest[j] : dest[j] + length[j]] = tokens [src[j], src[j] + length[j]) of shard[j]'s file.
+
+        Spans close together in a file are fetched with one read (packing mostly keeps input order).
+        """
+        live = np.flatnonzero(length > 0)
+        for s in np.unique(shard[live]):
+            mine = live[shard[live] == s]
+            mine = mine[np.argsort(src[mine], kind="stable")]
+            a, n = src[mine], length[mine]
+            # a new read starts where the next span begins more than _GAP tokens past the current end
+            run_end = np.maximum.accumulate(a + n)
+            new_run = np.r_[True, a[1:] > run_end[:-1] + _GAP]
+            starts = np.flatnonzero(new_run)
+            stops = np.r_[starts[1:], len(mine)]
+            fd = self._fd(int(s))
+            for r0, r1 in zip(starts.tolist(), stops.tolist(), strict=True):
+                base = int(a[r0])
+                buf = np.empty(int(run_end[r1 - 1]) - base, np.int32)
+                read_tokens_into(fd, buf, base)
+                for j, x, m in zip(mine[r0:r1].tolist(), a[r0:r1].tolist(), n[r0:r1].tolist(), strict=True):
+                    o = int(dest[j])
+                    out[o : o + m] = buf[x - base : x - base + m]
+
+    def _span_codes(self, tok: Tokenizer) -> np.ndarray:
+        """Per token id: UTF-8 bytes in the low 32 bits, characters started in the high 32 bits.
+
+        One gather and one sum then give both span lengths (a 4096-token block sums far below 2**32).
+        """
+        if self._codes is None:
+            self._codes = tok.token_nbytes | (tok.token_nchars << 32)
+        return self._codes
+
+    def prefix_sums(self, shard: int, token_start: int, n_tok: int, tok: Tokenizer) -> np.ndarray:
+        """Packed (bytes, characters) before every CHECKPOINT-th token of a document (cached)."""
+        key = (shard, token_start)
+        if key in self._prefix:
+            self._prefix.move_to_end(key)
+            return self._prefix[key]
+        step = self.CHECKPOINT
+        codes = self._span_codes(tok)
+        ck = np.zeros(n_tok // step + 1, np.int64)
+        block = step * 256  # read a long document in bounded blocks
+        for b0 in range(0, n_tok, block):
+            ids = self.read(shard, token_start + b0, min(block, n_tok - b0))
+            full = len(ids) // step
+            if full:
+                k0 = b0 // step
+                ck[k0 + 1 : k0 + 1 + full] = codes[ids[: full * step].reshape(full, step)].sum(axis=1)
+        np.cumsum(ck, out=ck)  # bytes and characters each stay far below 2**31 per document
+        self._prefix[key] = ck
+        if len(self._prefix) > self.MAX_CHECKPOINTED:
+            self._prefix.popitem(last=False)
+        return ck
+
+    def span_before(
+        self, shard: int, token_start: int, n_tok: int, pos: int, tok: Tokenizer
+    ) -> tuple[int, int]:
+        """(UTF-8 bytes, characters) of a document's first `pos` tokens."""
+        if pos == 0:
+            return 0, 0
+        ck = self.prefix_sums(shard, token_start, n_tok, tok)
+        k = pos // self.CHECKPOINT
+        rest = self.read(shard, token_start + k * self.CHECKPOINT, pos - k * self.CHECKPOINT)
+        packed = int(ck[k]) + int(self._span_codes(tok)[rest].sum())
+        return packed & 0xFFFFFFFF, packed >> 32
 
 
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(s, s + n) for each (s, n), vectorised."""
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, np.int64)
-    out_start = np.cumsum(lengths) - lengths
-    return np.repeat(starts - out_start, lengths) + np.arange(total, dtype=np.int64)
+_GAP = 1024  # tokens: spans closer than this (4 KiB) in a tokens file are read together
+
+
+@dataclass
+class RowStats:
+    content: int = 0
+    separators: int = 0
+    pads: int = 0
+    splits: int = 0
 
 
 def build_rows(
     cfg: BuildConfig,
     plan: TargetPlan,
     layout: pa.Table,
-    docs: _Docs,
+    store: DocumentStore,
     first_row: int,
     n_rows: int,
     n_pad_last: int,
@@ -124,63 +233,55 @@ def build_rows(
     sep_id: int,
     pad_id: int,
     lineage: dict,
+    stats: RowStats,
 ) -> pa.Table:
     """Rows [first_row, first_row + n_rows) of a target, from their layout segments."""
     L = plan.target_length
+    shard = layout.column("shard").to_numpy()
     start = layout.column("start").to_numpy()
     end = layout.column("end").to_numpy()
     row = layout.column("row").to_numpy() - first_row
     row_start = layout.column("row_start").to_numpy()
-    doc = np.arange(layout.num_rows)  # layout row j uses gathered document j
-    n_tok = docs.meta.column("n_tokens").to_numpy()[doc]
+    meta, revision = store.meta(shard, layout.column("doc_row").to_numpy())
+    n_tok = meta.column("n_tokens").to_numpy()
+    tok_start = meta.column("token_start").to_numpy()
 
     # footprint positions -> token ids: position p of a document is its token p, or the separator at p == n
     content_end = np.minimum(end, n_tok)
     content_len = np.maximum(content_end - start, 0)
     sep = end > n_tok
     foot_len = end - start
-    ids_all = np.concatenate([docs.ids, np.array([sep_id, pad_id], np.int32)])
-    SEP, PAD = len(docs.ids), len(docs.ids) + 1
-    src = np.full(int(foot_len.sum()), SEP, np.int64)
     seg_out = np.cumsum(foot_len) - foot_len
-    content_pos = _ranges(seg_out, content_len)
-    src[content_pos] = _ranges(docs.base[doc] + start, content_len)
-    flat = ids_all[src]
-    if n_pad_last:
-        flat = np.concatenate([flat, np.full(n_pad_last, ids_all[PAD], np.int32)])
-    assert len(flat) == n_rows * L, "layout does not fill its rows exactly"
+    n_flat = int(foot_len.sum())
+    assert n_flat + n_pad_last == n_rows * L, "layout does not fill its rows exactly"
+    flat = np.empty(n_rows * L, np.int32)
+    flat[(seg_out + content_len)[sep]] = sep_id
+    flat[n_flat:] = pad_id
+    store.fill(flat, seg_out, shard, tok_start + start, content_len)
     row_offsets = np.arange(n_rows + 1, dtype=np.int32) * L
     input_ids = pa.ListArray.from_arrays(pa.array(row_offsets), pa.array(flat, pa.int32()))
 
     # spans in the source document; only split segments need per-token sums
     doc_start = np.minimum(start, n_tok)
-    nb_tab, nc_tab = tok.token_nbytes, tok.token_nchars
-    n_bytes = docs.meta.column("n_bytes").to_numpy()[doc]
-    n_chars = docs.meta.column("n_chars").to_numpy()[doc]
-    byte_start = np.zeros(len(doc), np.int64)
-    byte_end = n_bytes.copy()
-    char_start = np.zeros(len(doc), np.int64)
-    char_end = n_chars.copy()
+    byte_start = np.zeros(len(start), np.int64)
+    byte_end = meta.column("n_bytes").to_numpy().copy()
+    char_start = np.zeros(len(start), np.int64)
+    char_end = meta.column("n_chars").to_numpy().copy()
     partial = np.flatnonzero((doc_start > 0) | (content_end < n_tok))
-    for j in partial:
-        ids = docs.ids[docs.base[j] : docs.base[j] + n_tok[j]]
-        a, c = int(doc_start[j]), int(content_end[j])
-        head, body = ids[:a], ids[a:c]
-        byte_start[j] = int(nb_tab[head].sum())
-        byte_end[j] = byte_start[j] + int(nb_tab[body].sum())
-        char_start[j] = int(nc_tab[head].sum())
-        char_end[j] = char_start[j] + int(nc_tab[body].sum())
+    for j in partial.tolist():
+        s_j, t_j, n_j = int(shard[j]), int(tok_start[j]), int(n_tok[j])
+        byte_start[j], char_start[j] = store.span_before(s_j, t_j, n_j, int(doc_start[j]), tok)
+        byte_end[j], char_end[j] = store.span_before(s_j, t_j, n_j, int(content_end[j]), tok)
     is_split = (doc_start > 0) | (end < n_tok + 1)
 
-    m = docs.meta
     segments = pa.StructArray.from_arrays(
         [
-            m.column("source").combine_chunks(),
-            m.column("uri").combine_chunks(),
-            pa.array(docs.revision, pa.string()),
-            m.column("record").combine_chunks(),
-            m.column("doc_id").combine_chunks(),
-            m.column("content_hash").combine_chunks(),
+            meta.column("source").combine_chunks(),
+            meta.column("uri").combine_chunks(),
+            pa.array(revision, pa.string()),
+            meta.column("record").combine_chunks(),
+            meta.column("doc_id").combine_chunks(),
+            meta.column("content_hash").combine_chunks(),
             pa.array(char_start),
             pa.array(char_end),
             pa.array(byte_start),
@@ -193,7 +294,7 @@ def build_rows(
             pa.array(sep),
             pa.array(is_split),
             layout.column("part").combine_chunks(),
-            pa.array([plan.strategy] * len(doc), pa.string()),
+            pa.array([plan.strategy] * len(start), pa.string()),
             layout.column("neighbor_similarity").combine_chunks(),
         ],
         fields=list(SEGMENT_TYPE),
@@ -220,11 +321,15 @@ def build_rows(
         )
     columns["segments"] = seg_lists
     columns["lineage"] = pa.array([lineage] * n_rows, LINEAGE_TYPE)
+    stats.content += int(content_len.sum())
+    stats.separators += int(sep.sum())
+    stats.splits += int(is_split.sum())
+    stats.pads += n_pad_last
     return pa.table(columns, schema=row_schema(cfg.output.store_text))
 
 
 def _read_layout_rows(path: Path, first_row: int, last_row: int) -> pa.Table:
-    """Layout segments of rows [first_row, last_row), reading only what the filter needs."""
+    """Layout segments of rows [first_row, last_row), sorted by (row, row_start)."""
     import pyarrow.dataset as ds
 
     dataset = ds.dataset(path, format="parquet")
@@ -259,6 +364,11 @@ def _verified_entry(record: Path, final: Path, key: str) -> ShardEntry | None:
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
     return entry if sha256_file(final) == entry.sha256 else None
+
+
+def _write_and_release(sink: ParquetSink, table: pa.Table) -> None:
+    sink.write(table)
+    pa.default_memory_pool().release_unused()
 
 
 def write_output_shard(
@@ -304,8 +414,6 @@ def write_shard(
     first = k * plan.rows_per_shard
     last = min(plan.n_rows, first + plan.rows_per_shard)
     rows_per_group = max(1, cfg.output.row_group_tokens // L)
-    store = DocumentStore(work, prepared)
-    layout_path = work.select_dir / plan.layout_file
     lineage = {
         "config_hash": work.config_hash,
         "tokenizer": tok.identity.name,
@@ -314,31 +422,34 @@ def write_shard(
         "seed": cfg.run.seed,
         "steps": steps,
     }
-    content = seps = pads = splits = 0
+    stats = RowStats()
     doc_keys: set[tuple[int, int]] = set()
-    with ParquetSink(final, row_schema(cfg.output.store_text), cfg.output.compression_level) as sink:
+    layout = _read_layout_rows(work.select_dir / plan.layout_file, first, last)
+    seg_row = layout.column("row").to_numpy()
+    # Row group k+1 is built while the writer thread compresses and writes row group k.
+    with (
+        DocumentStore(work, prepared) as store,
+        ParquetSink(final, row_schema(cfg.output.store_text), cfg.output.compression_level) as sink,
+        Background(depth=1, name="longloom-write") as io,
+    ):
         for g0 in range(first, last, rows_per_group):
             g1 = min(last, g0 + rows_per_group)
-            seg = _read_layout_rows(layout_path, g0, g1)
+            seg = layout.slice(
+                int(np.searchsorted(seg_row, g0)),
+                int(np.searchsorted(seg_row, g1) - np.searchsorted(seg_row, g0)),
+            )
+            pad_here = plan.last_row_pad if g1 == plan.n_rows else 0
+            table = build_rows(
+                cfg, plan, seg, store, g0, g1 - g0, pad_here, tok, sep_id, pad_id, lineage, stats
+            )
+            io.submit(_write_and_release, sink, table)
             shard_idx = seg.column("shard").to_numpy()
             doc_row = seg.column("doc_row").to_numpy()
-            docs = store.gather(shard_idx, doc_row)
-            pad_here = plan.last_row_pad if g1 == plan.n_rows else 0
-            table = build_rows(cfg, plan, seg, docs, g0, g1 - g0, pad_here, tok, sep_id, pad_id, lineage)
-            sink.write(table)
-            segs = table.column("segments").combine_chunks().flatten()
-            rs, re_ = (
-                pc.cast(segs.field("row_token_start"), pa.int64()),
-                pc.cast(segs.field("row_token_end"), pa.int64()),
-            )
-            content += int(pc.sum(pc.subtract(re_, rs)).as_py() or 0)
-            seps += int(pc.sum(pc.cast(segs.field("separator_after"), pa.int64())).as_py() or 0)
-            splits += int(pc.sum(pc.cast(segs.field("is_split"), pa.int64())).as_py() or 0)
-            pads += pad_here
             doc_keys.update(zip(shard_idx.tolist(), doc_row.tolist(), strict=True))
             if progress is not None:
                 progress({"rows": g1 - first, "tokens": (g1 - first) * L})
             crash_point("write")
+    content, seps, pads, splits = stats.content, stats.separators, stats.pads, stats.splits
     n = last - first
     entry = ShardEntry(
         path=rel,
@@ -355,4 +466,5 @@ def write_shard(
     assert content + seps + pads == n * L, f"{rel}: tokens do not add up"
     write_json_atomic(record, {"key": key, "entry": entry.model_dump()})
     crash_point("written")
+    trim_heap()
     return WrittenShard(entry, reused=False)

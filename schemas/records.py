@@ -91,6 +91,9 @@ PRUNED_SCHEMA = pa.schema(
 )
 
 # --- tokenized documents: the intermediate between prepare and pack ---------------------------------
+# The token ids themselves sit beside this table in a raw little-endian int32 file per input shard
+# (`tokens/<shard>.int32`, documents back to back in table order), so the write stage reads exactly
+# the spans it packs instead of decoding whole Parquet row groups.
 
 DOC_SCHEMA = pa.schema(
     [
@@ -102,9 +105,9 @@ DOC_SCHEMA = pa.schema(
         pa.field("n_chars", pa.int64(), nullable=False),
         pa.field("n_bytes", pa.int64(), nullable=False),
         pa.field("n_tokens", pa.int64(), nullable=False),
-        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("token_start", pa.int64(), nullable=False),  # first token's index in the tokens file
     ],
-    metadata={"longloom.table": "documents@1"},
+    metadata={"longloom.table": "documents@2"},
 )
 
 # --- packed rows --------------------------------------------------------------------------------------

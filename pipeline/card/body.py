@@ -468,9 +468,7 @@ class CardBody:
                     notes or "",
                 ]
             )
-        lines += table(
-            ["Stage", "Items in", "Items out", "Tokens in", "Tokens out", "Notes"], rows
-        )
+        lines += table(["Stage", "Items in", "Items out", "Tokens in", "Tokens out", "Notes"], rows)
         params = {k: m.config[k] for k in PARAMETER_SECTIONS if k in m.config and _enabled(m.config[k])}
         params["sources"] = [_compact_source(x) for x in m.config.get("sources", [])]
         lines += [
