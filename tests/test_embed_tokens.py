@@ -1,0 +1,187 @@
+"""The `static-tokens` embedder: document vectors straight from pipeline token ids.
+
+Real tokenizer (Llama-3 via quicktok) and the real table, composed from `static-minilm` (distilled once per
+machine, ~30-90 s, then cached like the table itself; building the table takes ~10 s).
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import pipeline.embed_tokens as embed_tokens
+from pipeline.build import run_build
+from pipeline.embed import default_threshold, load_embedder
+from pipeline.embed_distill import static_minilm
+from pipeline.embed_stage import chunk_spans, embed_dir, embed_documents
+from pipeline.embed_tokens import TokenStaticEmbedder, TokenTable, load_token_embedder
+from pipeline.prepare import tokens_file_of
+from pipeline.tokenizer import Tokenizer, load_tokenizer
+from pipeline.workdir import WorkDir
+from schemas.manifest import Manifest
+from tests.test_diversity import Corpus, doc_vectors, read_table
+
+DOCS = [
+    "Mesopotamian architecture spans the Sumerians and the Akkadians.",
+    "def parse(self, text):\n    return self.tokenizer.encode(text)  # unbelievable\n",
+    "The cat sat on the mat.",
+    "Ünïcödé façade, naïve café — 東京タワー 🚀🚀",
+]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return load_tokenizer("quicktok:llama3")
+
+
+@pytest.fixture(scope="module")
+def embedder(tok: Tokenizer) -> TokenStaticEmbedder:
+    emb = load_embedder("static-tokens", tokenizer=tok)
+    assert isinstance(emb, TokenStaticEmbedder)
+    return emb
+
+
+def naive(table: TokenTable, ids: list[int]) -> np.ndarray:
+    """The weighted mean of a span's rows, one token at a time (rows carry the weights)."""
+    rows = []
+    for k, t in enumerate(ids):
+        continues = k > 0 and table.glue_left[t] and table.glue_right[ids[k - 1]]
+        rows.append(table.rows[table.cont_row[t] if continues else t])
+    v = np.mean(rows, axis=0)
+    return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+def test_embedding_from_ids_equals_the_naive_weighted_mean(
+    tok: Tokenizer, embedder: TokenStaticEmbedder
+) -> None:
+    ids, offsets = tok.encode_batch(DOCS)
+    got = embedder.encode_ids(ids, offsets)
+    want = np.stack([naive(embedder.table, ids[a:b].tolist()) for a, b in itertools.pairwise(offsets)])
+    assert got.shape == (len(DOCS), 256) and np.allclose(got, want, atol=1e-5)
+    assert np.allclose(embedder.encode(DOCS), got, atol=1e-6)  # texts are tokenized, then the same path
+    # a span with no known token (whitespace only) is a zero vector, an empty span too
+    space = tok.encode("   \n\n\t")
+    flat = np.r_[space, ids[: offsets[1]]].astype(np.int32)
+    out = embedder.encode_ids(flat, np.array([0, len(space), len(space), len(flat)]))
+    assert not out[0].any() and not out[1].any() and np.allclose(out[2], got[0], atol=1e-5)
+
+
+def test_rows_are_static_minilm_pieces(tok: Tokenizer, embedder: TokenStaticEmbedder) -> None:
+    static = load_embedder("static-minilm")
+    module = static.model[0]  # type: ignore[attr-defined]
+    pieces = module.embedding.weight.detach().numpy()
+    vocab = module.tokenizer.get_vocab()
+    table = embedder.table
+    ids = tok.encode("Mesopotamian")
+    assert len(ids) > 2  # split inside the word, so the continuation rows are used
+    second = int(ids[1])
+    text = tok.decode(ids[1:2]).lower()
+    assert table.glue_left[second] and table.glue_right[int(ids[0])]
+    cont = embed_tokens.continuation_pieces(module.tokenizer, vocab, text)
+    assert all(module.tokenizer.id_to_token(p).startswith("##") for p in cont)
+    assert np.allclose(table.rows[table.cont_row[second]], pieces[cont].sum(0), atol=1e-5)
+    the = int(tok.encode(" architecture")[0])
+    assert np.allclose(table.rows[the], pieces[vocab["architecture"]], atol=1e-6)
+    # where every pipeline token is a whole word, the two static models give the same vector
+    text = "the cat sat on the mat and the dog sat on the rug"
+    assert float(embedder.encode([text])[0] @ static.encode([text])[0]) > 0.9999
+
+
+def test_table_is_built_once_then_loaded(
+    tok: Tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    builds: list[int] = []
+    real = embed_tokens.build_token_table
+
+    def counting(*args: object) -> TokenTable:
+        builds.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(embed_tokens, "build_token_table", counting)
+    static = static_minilm()
+    first = embed_tokens.token_table_dir(tok, tmp_path, static)
+    again = embed_tokens.token_table_dir(tok, tmp_path, static)
+    assert first == again and len(builds) == 1
+    assert first.name.startswith(f"static-tokens-{tok.identity.vocab_hash}-")
+    emb = load_token_embedder(tok, tmp_path)
+    assert len(builds) == 1 and emb.identity.startswith(f"static-tokens@{tok.identity.vocab_hash}-")
+    # the identity follows the table's bytes: another table is another embedding-cache key
+    rows = np.load(first / "rows.npy")
+    rows[0, 0] += 1.0
+    np.save(first / "rows.npy", rows)
+    assert load_token_embedder(tok, tmp_path).identity != emb.identity and len(builds) == 1
+
+
+# --- through the pipeline -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    return Corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def tokens_run(corpus: Corpus, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Manifest]:
+    root = tmp_path_factory.mktemp("tokens")
+    out = root / "out"
+    return out, run_build(corpus.config(out, root / "cache", embedder="static-tokens"))
+
+
+def test_planted_edited_copies_are_pruned_with_static_tokens(
+    corpus: Corpus, tokens_run: tuple[Path, Manifest]
+) -> None:
+    out, m = tokens_run
+    assert m.ok, [c for c in m.checks if not c.ok]
+    stats = m.extra["diversity"]
+    assert stats["embedding"]["embedder"].startswith("static-tokens@")
+    pruned = {r["doc_id"]: r for r in read_table(out, "pruned")}
+    assert all(r["threshold"] == pytest.approx(default_threshold("static-tokens")) for r in pruned.values())
+    for original, copy in corpus.pairs:
+        if copy.endswith("-edited"):  # lightly edited copies score >= 0.98: one of each pair goes
+            assert (original in pruned) != (copy in pruned), (original, copy)
+            gone, other = (original, copy) if original in pruned else (copy, original)
+            assert pruned[gone]["nearest_kept"] == other
+        if copy.endswith("-hand"):  # real rewordings score 0.93-0.95: a static model keeps both
+            assert original not in pruned and copy not in pruned
+    members = {d for pair in corpus.pairs for d in pair}
+    assert set(pruned) <= members, f"distinct documents pruned: {set(pruned) - members}"
+
+
+def test_stage_vectors_are_chunk_means_of_id_spans(
+    corpus: Corpus, tokens_run: tuple[Path, Manifest], embedder: TokenStaticEmbedder, tmp_path: Path
+) -> None:
+    out, m = tokens_run
+    cfg = corpus.config(out, Path(m.extra["diversity"]["cache_dir"]), embedder="static-tokens")
+    work = WorkDir(cfg)
+    stored = doc_vectors(out, cfg)
+    docs = sorted((work.prepare_dir / "documents").glob("*.parquet"))[0]
+    table = pq.read_table(docs, columns=["doc_id", "token_start", "n_tokens"])
+    flat = np.fromfile(tokens_file_of(docs), dtype="<i4")
+    ids = [
+        flat[a : a + n].tolist()
+        for a, n in zip(
+            table.column("token_start").to_pylist(), table.column("n_tokens").to_pylist(), strict=True
+        )
+    ]
+    for doc_id, x in zip(table.column("doc_id").to_pylist(), ids, strict=True):  # one chunk per document
+        assert np.allclose(stored[doc_id], naive(embedder.table, x), atol=2e-3)
+    # small chunks: several per document, some spread out; the stage pools them as the text path does
+    small = corpus.config(
+        tmp_path / "small",
+        tmp_path / "cache",
+        embedder="static-tokens",
+        chunk_tokens=32,
+        max_chunks=3,
+        dtype="float32",
+    )
+    res = embed_documents(small, WorkDir(small), "s", docs)
+    got = np.load(embed_dir(small, WorkDir(small)) / res.file)
+    assert res.partial_documents > 0 and res.min_coverage < 1.0 and res.chunks > len(ids)
+    for row, x in enumerate(ids):
+        chunks = [naive(embedder.table, x[a:b]) for a, b in chunk_spans(len(x), 32, 3)]
+        want = np.mean(chunks, axis=0)
+        assert np.allclose(got[row], want / np.linalg.norm(want), atol=1e-5)
