@@ -203,6 +203,7 @@ def default_threshold(spec: str) -> float:
     """
     return 0.97 if spec in (STATIC_MINILM, STATIC_TOKENS) or spec.startswith("model2vec:") else 0.85
 
+
 _LOADED: dict[tuple[str, str, str | None], Embedder] = {}
 _LOAD_LOCK = threading.Lock()
 

@@ -38,7 +38,9 @@ from schemas.config import BuildConfig
 
 EMBED_STEP = "embed@1"
 ENCODE_BLOCK_CHUNKS = 2048  # chunks decoded and handed to the model at once (bounded memory)
-ID_BATCH_ROWS = 2048  # documents per Parquet batch on the id path (static-tokens)
+# documents and covered tokens per batch on the id path (static-tokens): ~35 bytes per token at peak
+ID_BATCH_ROWS = 2048
+ID_BATCH_TOKENS = 2_000_000
 
 
 @dataclass
@@ -51,7 +53,9 @@ class EmbedResult:
     dtype: str
     file: str  # relative to the embed folder
     sha256: str
-    documents_sha256: str  # of the tokenized documents file the vectors are aligned with
+    # of the documents table the vectors are aligned with; it pins the token ids too: it holds each
+    # document's content hash, and the tokenizer is part of the prepare folder's key
+    documents_sha256: str
     embedder: str  # the embedder's identity (weights fingerprint)
     cache_key: str
     chunk_tokens: int
@@ -191,9 +195,9 @@ def embed_documents(
         if len(todo):
             tokens_path = tokens_file_of(docs_path)
             if isinstance(embedder, TokenStaticEmbedder):
-                _embed_rows_from_ids(cfg, embedder, pf, tokens_path, todo, chunk, out, res, shard_id)
+                _embed_rows_from_ids(cfg, embedder, pf, tokens_path, np.sort(todo), chunk, out, res, shard_id)
             else:
-                _embed_rows(cfg, embedder, tok, pf, tokens_path, todo, chunk, out, res, shard_id)
+                _embed_rows(cfg, embedder, tok, pf, tokens_path, np.sort(todo), chunk, out, res, shard_id)
             out[miss_rows] = out[todo[inverse]]
             cache.add(keys[todo], np.asarray(out[todo]))
         out.flush()
@@ -280,12 +284,17 @@ def _embed_rows_from_ids(
     # np.memmap refuses an empty file
     empty = not int(n_tokens.sum())
     flat = np.zeros(0, np.int32) if empty else np.memmap(tokens_path, dtype="<i4", mode="r")
-    rows = np.sort(rows)  # read the file front to back
     with tqdm(
         total=len(rows), desc=f"embed {shard_id}", unit="doc", disable=not cfg.diversity.progress, leave=False
     ) as bar:
-        for b0 in range(0, len(rows), ID_BATCH_ROWS):
-            here = rows[b0 : b0 + ID_BATCH_ROWS]
+        covered = np.cumsum(np.minimum(n_tokens[rows], cfg.diversity.max_chunks * chunk))
+        b0 = 0
+        while b0 < len(rows):
+            before = int(covered[b0 - 1]) if b0 else 0
+            by_tokens = int(np.searchsorted(covered, before + ID_BATCH_TOKENS, side="right"))
+            b1 = max(b0 + 1, min(b0 + ID_BATCH_ROWS, by_tokens))
+            here = rows[b0:b1]
+            b0 = b1
             lo = token_start[here]
             owner, lo, hi = _chunk_bounds(lo, lo + n_tokens[here], chunk, cfg.diversity.max_chunks, res)
             lengths = hi - lo

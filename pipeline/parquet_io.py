@@ -139,6 +139,7 @@ class ParquetSink(_AtomicSink):
         self.path = Path(path)
         self.schema = schema
         self.rows = 0
+        self.sha256: str | None = None  # set by close()
         self._ctx = atomic_path(self.path, durable)
         self._tmp = self._ctx.__enter__()
         self._writer = pq.ParquetWriter(
@@ -159,7 +160,8 @@ class ParquetSink(_AtomicSink):
         """Publish the file and return its sha256."""
         self._writer.close()
         self._ctx.__exit__(None, None, None)
-        return sha256_file(self.path)
+        self.sha256 = sha256_file(self.path)  # read back once, while the file is in the page cache
+        return self.sha256
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):

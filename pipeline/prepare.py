@@ -42,10 +42,11 @@ from pipeline.workdir import WorkDir
 from schemas.config import BuildConfig
 from schemas.records import DOC_SCHEMA, FILTERED_SCHEMA, QUARANTINE_SCHEMA
 
-PREPARE_STEP = "prepare@1"
+# The format of a prepared shard's files; a record of another format is redone, never reused.
+PREPARE_STEP = "prepare@2"  # @2: token ids in a raw file beside the documents table
 READ_AHEAD = 1  # input batches read ahead of the one being tokenized
 # Text per input batch. At its peak a batch costs 10-20x its text in memory (raw lines, parsed
-# objects, Python and Arrow copies of the text, tokenizer output; two batches are in flight), so
+# objects, Python and Arrow copies of the text, tokenizer output; up to four batches are alive: one read, one tokenized, two queued for writing), so
 # 4 MB keeps a prepare task near 160 MB above the interpreter, and two concurrent tasks well under
 # 1 GB, while the tokenizer threads still get hundreds of documents (or 64K-character pieces of a
 # long one) per call. Larger batches measured no faster here.
@@ -75,6 +76,7 @@ class PrepareResult:
     seconds: float = 0.0
     steps: list[str] = field(default_factory=list)
     input_stamp: str = ""  # what the input looked like when read (see `input_stamp`)
+    format: str = ""  # PREPARE_STEP of the code that wrote it
     reused: bool = False  # set when loaded from an earlier run's record, never stored as True
 
     @property
@@ -179,6 +181,7 @@ def prepare_shard(
         files=paths,
         steps=[f"{shard.kind}_reader@1", "tokenize@1", *(f.step for f in filters)],
         input_stamp=stamp,
+        format=PREPARE_STEP,
     )
     level = cfg.output.compression_level
     # Intermediates skip fsync: reuse verifies their checksums, so a file a crash left incomplete
@@ -213,10 +216,14 @@ def prepare_shard(
         info = reader.info
         res.revision = info.revision
         res.input_bytes = info.bytes
-    res.sha256["tokens"] = str(tokens_out.sha256)
-    for kind, rel in paths.items():
-        if kind not in res.sha256:
-            res.sha256[kind] = sha256_file(folder / rel)
+    # each sink hashed its bytes as it wrote them
+    for kind, sink in (
+        ("documents", docs_out),
+        ("filtered", filtered_out),
+        ("quarantine", quarantine_out),
+        ("tokens", tokens_out),
+    ):
+        res.sha256[kind] = str(sink.sha256)
     res.seconds = round(time.perf_counter() - started, 3)
     write_json_atomic(done, res.to_json())
     crash_point("prepared")
@@ -239,7 +246,7 @@ def load_verified(work: WorkDir, shard_id: str, stamp: str) -> PrepareResult | N
         res = PrepareResult.from_json(json.loads(done.read_text()))
     except (ValueError, TypeError):
         return None
-    if res.input_stamp != stamp:
+    if res.input_stamp != stamp or res.format != PREPARE_STEP:
         return None
     for kind, rel in res.files.items():
         p = work.prepare_dir / rel

@@ -62,10 +62,11 @@ class DocumentStore:
         "n_tokens",
         "token_start",
     )
-    # Per-document tables and token-file handles kept, least recently used dropped first. A row
-    # group of the layouts measured here touches a median of 8 input shards (up to all of them at
-    # the end, where leftovers from long-open rows close), so evicting is costly; the cap in
-    # documents (~50 MB of lineage columns) keeps a write task's memory bounded on any corpus.
+    # Row groups of the documents tables (one per prepare batch, ~1-10K documents) and open files
+    # are kept, least recently used dropped first. A row group of output rows touches a median of 8
+    # input shards (up to all of them at the end, where leftovers from long-open rows close); the cap
+    # in documents (~50 MB of lineage columns) bounds a write task's memory whatever the size of an
+    # input shard or of the corpus.
     MAX_OPEN_SHARDS = 64
     MAX_CACHED_DOCS = 262_144
     CHECKPOINT = 4096  # tokens between cached byte/char prefix sums of a split document
@@ -75,8 +76,10 @@ class DocumentStore:
         self._doc_paths = [work.prepare_dir / r.files["documents"] for r in prepared]
         self._token_paths = [work.prepare_dir / r.files["tokens"] for r in prepared]
         self._revisions = [r.revision for r in prepared]
-        self._meta: OrderedDict[int, pa.Table] = OrderedDict()
+        self._group_starts: dict[int, np.ndarray] = {}  # shard -> first row of each row group
+        self._meta: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
         self._cached_docs = 0
+        self._tables: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._prefix: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._codes: np.ndarray | None = None
@@ -85,6 +88,9 @@ class DocumentStore:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        for pf in self._tables.values():
+            pf.close()
+        self._tables.clear()
 
     def __enter__(self) -> DocumentStore:
         return self
@@ -92,18 +98,43 @@ class DocumentStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _shard_meta(self, shard: int) -> pa.Table:
-        if shard in self._meta:
-            self._meta.move_to_end(shard)
-            return self._meta[shard]
-        table = pq.read_table(self._doc_paths[shard], columns=list(self.COLUMNS)).combine_chunks()
-        self._meta[shard] = table
+    def _table(self, shard: int) -> pq.ParquetFile:
+        if shard in self._tables:
+            self._tables.move_to_end(shard)
+            return self._tables[shard]
+        pf = pq.ParquetFile(self._doc_paths[shard])
+        self._tables[shard] = pf
+        if shard not in self._group_starts:
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+            self._group_starts[shard] = np.r_[0, np.cumsum(sizes, dtype=np.int64)]
+        if len(self._tables) > self.MAX_OPEN_SHARDS:
+            self._tables.popitem(last=False)[1].close()
+        return pf
+
+    def _group_meta(self, shard: int, group: int) -> pa.Table:
+        key = (shard, group)
+        if key in self._meta:
+            self._meta.move_to_end(key)
+            return self._meta[key]
+        table = self._table(shard).read_row_group(group, columns=list(self.COLUMNS)).combine_chunks()
+        self._meta[key] = table
         self._cached_docs += table.num_rows
-        while len(self._meta) > 1 and (
-            len(self._meta) > self.MAX_OPEN_SHARDS or self._cached_docs > self.MAX_CACHED_DOCS
-        ):
+        while len(self._meta) > 1 and self._cached_docs > self.MAX_CACHED_DOCS:
             self._cached_docs -= self._meta.popitem(last=False)[1].num_rows
         return table
+
+    def _shard_meta(self, shard: int, rows: np.ndarray) -> tuple[list[pa.Table], list[np.ndarray]]:
+        """The rows' per-document columns, in parts by row group, and the positions in `rows` of each part."""
+        if shard not in self._group_starts:
+            self._table(shard)
+        starts = self._group_starts[shard]
+        group = np.searchsorted(starts, rows, side="right") - 1
+        parts, where = [], []
+        for g in np.unique(group).tolist():
+            mine = np.flatnonzero(group == g)
+            parts.append(self._group_meta(shard, g).take(pa.array(rows[mine] - starts[g])))
+            where.append(mine)
+        return parts, where
 
     def _fd(self, shard: int) -> int:
         if shard in self._fds:
@@ -122,8 +153,9 @@ class DocumentStore:
         revision: list[str | None] = [None] * len(shard)
         for s in np.unique(shard):
             where = np.flatnonzero(shard == s)
-            parts.append(self._shard_meta(int(s)).take(pa.array(row[where])))
-            order.append(where)
+            group_parts, group_where = self._shard_meta(int(s), row[where])
+            parts.extend(group_parts)
+            order.extend(where[w] for w in group_where)
             rev = self._revisions[int(s)]
             for j in where.tolist():
                 revision[j] = rev
@@ -453,7 +485,7 @@ def write_shard(
     n = last - first
     entry = ShardEntry(
         path=rel,
-        sha256=sha256_file(final),
+        sha256=str(sink.sha256),
         bytes=final.stat().st_size,
         rows=n,
         tokens=n * L,

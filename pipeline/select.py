@@ -214,7 +214,8 @@ def inputs_key(prepared: list[PrepareResult]) -> str:
     """
     h = hashlib.sha256()
     for r in prepared:
-        h.update(f"{r.shard_id}|{r.sha256.get('documents')}|{r.sha256.get('filtered')}\n".encode())
+        sums = "|".join(str(r.sha256.get(kind)) for kind in ("documents", "tokens", "filtered"))
+        h.update(f"{r.shard_id}|{sums}\n".encode())
     return h.hexdigest()[:32]
 
 

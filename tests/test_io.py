@@ -172,3 +172,47 @@ def test_document_store_reads_spans_and_prefix_sums(tmp_path: Path) -> None:
             head = tok.decode_bytes(ids[:pos])
             assert nbytes == len(head)
             assert nchars == sum(1 for b in head if b & 0xC0 != 0x80)  # characters started
+
+
+def test_document_store_meta_by_row_group_with_a_small_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per-document columns come from the row groups that hold them, in request order, under eviction."""
+    import pyarrow.parquet as pq
+
+    import pipeline.prepare as prepare
+    from pipeline.readers import list_input_shards
+    from pipeline.rows import DocumentStore
+    from pipeline.workdir import WorkDir
+    from tests.conftest import make_config
+
+    monkeypatch.setattr(prepare, "BATCH_BYTES", 64 << 10)  # many small row groups per shard
+    cfg = make_config(tmp_path / "out")
+    work = WorkDir(cfg)
+    prepared = [prepare.prepare_shard(cfg, s, work) for s in list_input_shards(cfg)]
+    tables = [pq.read_table(work.prepare_dir / r.files["documents"]) for r in prepared]
+    groups = [
+        pq.ParquetFile(work.prepare_dir / r.files["documents"]).metadata.num_row_groups for r in prepared
+    ]
+    assert max(groups) >= 3
+    rng = np.random.default_rng(0)
+    shard = np.concatenate([np.full(t.num_rows, k) for k, t in enumerate(tables)])
+    row = np.concatenate([np.arange(t.num_rows) for t in tables])
+    order = rng.permutation(len(shard))
+    monkeypatch.setattr(DocumentStore, "MAX_CACHED_DOCS", 50)  # evicts all the time
+    with DocumentStore(work, prepared) as store:
+        for chunk in np.array_split(order, 7):
+            meta, revision = store.meta(shard[chunk], row[chunk])
+            want = [
+                tables[s].slice(r, 1).to_pylist()[0] for s, r in zip(shard[chunk], row[chunk], strict=True)
+            ]
+            got = meta.to_pylist()
+            assert [g["doc_id"] for g in got] == [w["doc_id"] for w in want]
+            assert [g["token_start"] for g in got] == [w["token_start"] for w in want]
+            assert revision == [prepared[s].revision for s in shard[chunk]]
+        biggest_group = max(
+            pq.ParquetFile(work.prepare_dir / r.files["documents"]).metadata.row_group(g).num_rows
+            for r, n in zip(prepared, groups, strict=True)
+            for g in range(n)
+        )
+        assert store._cached_docs <= max(50, biggest_group)  # the cap, or the one group in use

@@ -194,3 +194,21 @@ def test_changed_inputs_are_read_again_not_reused(tmp_path: Path) -> None:
     assert third.model_dump() == second.model_dump()
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert all(s["units"] == s["reused"] for s in report["stages"] if s["stage"] != "finalize")
+
+
+def test_intermediates_of_an_older_format_are_redone_not_reused(tmp_path: Path) -> None:
+    """A prepare record from before the token files existed (no `format`, no `tokens` file) is redone."""
+    cfg = make_config(tmp_path / "out")
+    first = run_build(cfg)
+    records = sorted((tmp_path / "out" / ".longloom").glob("prepare-*/done/*.json"))
+    assert records
+    for rec in records:  # what a prepare@1 record looked like: the same, minus the new format marker
+        old = json.loads(rec.read_text())
+        del old["format"]
+        del old["files"]["tokens"], old["sha256"]["tokens"]
+        rec.write_text(json.dumps(old))
+    second = run_build(cfg)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    prepare = next(s for s in report["stages"] if s["stage"] == "prepare")
+    assert prepare["units"] == len(records) and prepare["reused"] == 0
+    assert second.model_dump() == first.model_dump()
