@@ -1,6 +1,6 @@
 """Progress of long stages: bars on a terminal, throttled lines in logs.
 
-Two levels. A stage function (prepare_shard, write_output_shard) takes an optional `UnitProgress`
+Two levels. A stage function (prepare_shard, write_shard) takes an optional `UnitProgress`
 callback and calls it with running counts of the one unit it works on (records and tokens read so
 far, rows written). The orchestrator (run_build, the flow) owns a `Reporter` and advances it once per
 finished unit, so the same bars work whether units run in threads here or on Dask workers elsewhere.

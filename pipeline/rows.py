@@ -18,7 +18,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import __version__
 from pipeline.faults import crash_point
 from pipeline.parquet_io import (
     Background,
@@ -32,7 +31,7 @@ from pipeline.prepare import PrepareResult, tokenizer_for
 from pipeline.progress import UnitProgress
 from pipeline.select import SelectResult, TargetPlan
 from pipeline.tokenizer import Tokenizer
-from pipeline.workdir import WorkDir
+from pipeline.workdir import WorkDir, run_lineage
 from schemas.config import BuildConfig
 from schemas.manifest import ShardEntry
 from schemas.records import LINEAGE_TYPE, SEGMENT_TYPE, row_schema
@@ -403,20 +402,6 @@ def _write_and_release(sink: ParquetSink, table: pa.Table) -> None:
     pa.default_memory_pool().release_unused()
 
 
-def write_output_shard(
-    cfg: BuildConfig,
-    work: WorkDir,
-    selected: SelectResult,
-    prepared: list[PrepareResult],
-    target_index: int,
-    k: int,
-    steps: list[str],
-    progress: UnitProgress | None = None,
-) -> ShardEntry:
-    """Write shard k of a target (or return its verified entry from an earlier run)."""
-    return write_shard(cfg, work, selected, prepared, target_index, k, steps, progress).entry
-
-
 def write_shard(
     cfg: BuildConfig,
     work: WorkDir,
@@ -446,14 +431,7 @@ def write_shard(
     first = k * plan.rows_per_shard
     last = min(plan.n_rows, first + plan.rows_per_shard)
     rows_per_group = max(1, cfg.output.row_group_tokens // L)
-    lineage = {
-        "config_hash": work.config_hash,
-        "tokenizer": tok.identity.name,
-        "tokenizer_hash": tok.identity.vocab_hash,
-        "longloom_version": __version__,
-        "seed": cfg.run.seed,
-        "steps": steps,
-    }
+    lineage = run_lineage(cfg, work, tok, steps)
     stats = RowStats()
     doc_keys: set[tuple[int, int]] = set()
     layout = _read_layout_rows(work.select_dir / plan.layout_file, first, last)

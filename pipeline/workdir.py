@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline import __version__
+from pipeline.tokenizer import Tokenizer
 from schemas.config import BuildConfig, config_hash, section_hash
 
 
@@ -71,3 +73,15 @@ class WorkDir:
                     p.unlink()
                     n += 1
         return n
+
+
+def run_lineage(cfg: BuildConfig, work: WorkDir, tok: Tokenizer, steps: list[str]) -> dict[str, Any]:
+    """The per-run part of every output row's lineage (LINEAGE_TYPE)."""
+    return {
+        "config_hash": work.config_hash,
+        "tokenizer": tok.identity.name,
+        "tokenizer_hash": tok.identity.vocab_hash,
+        "longloom_version": __version__,
+        "seed": cfg.run.seed,
+        "steps": steps,
+    }

@@ -50,7 +50,13 @@ def test_run_report_beside_the_manifest(tmp_path: Path) -> None:
     report = json.loads((out / "report.json").read_text())
     md = (out / "report.md").read_text()
     stages = {s["stage"]: s for s in report["stages"]}
-    assert list(stages) == ["prepare", "select", "write", "procedural", "finalize"]  # the sample writes chat samples too
+    assert list(stages) == [
+        "prepare",
+        "select",
+        "write",
+        "procedural",
+        "finalize",
+    ]  # the sample writes chat samples too
     assert all(s["seconds"] > 0 for s in stages.values())
     # stages chain: what one lets out, the next takes in
     assert stages["prepare"]["items_out"] == stages["select"]["items_in"]

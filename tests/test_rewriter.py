@@ -29,7 +29,7 @@ from pipeline.rewriter.parsing import ParseFailure, parse_json_answer
 from pipeline.rewriter.secrets import Redactor, endpoint_host
 from pipeline.rewriter.stage import RewriterOutput, run_rewriter
 from pipeline.rewriter.templates import TemplateError, available_templates, load_template, parse_template
-from pipeline.rows import write_output_shard
+from pipeline.rows import write_shard
 from pipeline.select import SelectResult, select_and_layout
 from pipeline.tokenizer import load_tokenizer
 from pipeline.workdir import WorkDir
@@ -72,7 +72,7 @@ def pack_sample(out: Path) -> tuple[Path, SelectResult]:
     selected = select_and_layout(cfg, work, prepared)
     steps = lineage_steps(prepared, selected)
     for ti, k in output_units(selected):
-        write_output_shard(cfg, work, selected, prepared, ti, k, steps)
+        write_shard(cfg, work, selected, prepared, ti, k, steps)
     return out, selected
 
 

@@ -21,7 +21,6 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel
 
-from pipeline import __version__
 from pipeline.chat import AssemblyError, ChatTemplate, Haystack, HaystackTooShort, chat_table, load_template
 from pipeline.parquet_io import ParquetSink, sha256_file, write_json_atomic
 from pipeline.prepare import tokenizer_for
@@ -30,7 +29,7 @@ from pipeline.procedural.base import Draft
 from pipeline.procedural.pool import RowPool, pool_from_shards
 from pipeline.procedural.sample import BuiltSample, build_sample
 from pipeline.tokenizer import Tokenizer
-from pipeline.workdir import WorkDir
+from pipeline.workdir import WorkDir, run_lineage
 from schemas.config import BuildConfig, ConfigError
 from schemas.manifest import FileEntry, ShardEntry
 from schemas.procedural import ProceduralConfig
@@ -188,13 +187,7 @@ def generate_batch(
     tok = tokenizer_for(cfg)
     template = load_template(p.chat_template, tok)
     pool = pool_from_shards(work.out, shards)
-    lineage_base = {
-        "config_hash": work.config_hash,
-        "tokenizer": tok.identity.name,
-        "tokenizer_hash": tok.identity.vocab_hash,
-        "longloom_version": __version__,
-        "steps": [*steps, PROCEDURAL_STEP],
-    }
+    lineage_base = run_lineage(cfg, work, tok, [*steps, PROCEDURAL_STEP])  # each sample sets its seed
     chat_rel, eval_rel = _paths(cfg, batch)
     stats: list[SampleStat] = []
     chat_sink = ParquetSink(work.out / chat_rel, CHAT_SCHEMA, cfg.output.compression_level)

@@ -24,7 +24,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline import __version__
 from pipeline.chat import chat_table
 from pipeline.chat import load_template as load_chat_template
 from pipeline.parquet_io import ParquetSink, write_json_atomic
@@ -39,7 +38,7 @@ from pipeline.rewriter.secrets import Redactor, endpoint_host, resolve_api_key, 
 from pipeline.rewriter.strategies import Rejection, build_request, interpret, passages_for
 from pipeline.rewriter.templates import load_template
 from pipeline.select import SelectResult
-from pipeline.workdir import WorkDir
+from pipeline.workdir import WorkDir, run_lineage
 from schemas.config import BuildConfig, ConfigError
 from schemas.manifest import FileEntry, StageReport
 from schemas.records import CHAT_SCHEMA, REWRITER_AUDIT_SCHEMA
@@ -138,14 +137,7 @@ def run_batch(cfg: BuildConfig, work: WorkDir, batch: Batch, sample_length: int)
     client = RewriterClient(cfg.rewriter, api_key, cache, budget, redact)
     asyncio.run(_fetch_all(client, jobs, f"rewriter batch {batch.index}", rw.progress))
 
-    lineage = {
-        "config_hash": work.config_hash,
-        "tokenizer": tok.identity.name,
-        "tokenizer_hash": tok.identity.vocab_hash,
-        "longloom_version": __version__,
-        "seed": cfg.run.seed,
-        "steps": [],
-    }
+    lineage = run_lineage(cfg, work, tok, [])
     host = endpoint_host(rw.base_url)
     counts: dict[str, dict[str, Any]] = {}
     records: list[dict[str, Any]] = []
