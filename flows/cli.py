@@ -114,7 +114,7 @@ def cmd_card(args: argparse.Namespace) -> int:
     from pipeline.card import CardError, write_card
 
     try:
-        card = write_card(Path(args.output_dir))
+        card = write_card(Path(args.output_dir), include_audit=args.include_audit)
     except CardError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -146,6 +146,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
             delete_stale=not args.keep_stale,
             allow_failed_checks=args.allow_failed_checks,
+            include_audit=args.include_audit,
         )
     except (CardError, PublishError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -184,6 +185,12 @@ def parser() -> argparse.ArgumentParser:
         "card", help="(re)write OUTPUT_DIR/README.md, the dataset card, from the manifest and rows"
     )
     c.add_argument("output_dir")
+    c.add_argument(
+        "--include-audit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="list the audit tables as configs (default: the run's publish.include_audit)",
+    )
     c.set_defaults(func=cmd_card)
 
     pub = sub.add_parser(
@@ -202,6 +209,13 @@ def parser() -> argparse.ArgumentParser:
     )
     pub.add_argument(
         "--allow-failed-checks", action="store_true", help="publish even if reconciliation failed"
+    )
+    pub.add_argument(
+        "--include-audit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="upload the audit tables (audit/quarantine holds raw input bytes); "
+        "default: the run's publish.include_audit",
     )
     pub.set_defaults(func=cmd_publish)
 

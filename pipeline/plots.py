@@ -97,11 +97,26 @@ def histogram(
     ylabel: str = "count",
 ) -> Plot:
     """Counts per bin, one panel per series (each with its own y scale); bin i covers [edges[i], edges[i+1])."""
+    labels = [_bin_label(edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
+    return binned(out, rel_path, title, xlabel, labels, series, ylabel, extra={"edges": edges})
+
+
+def binned(
+    out: Path,
+    rel_path: str,
+    title: str,
+    xlabel: str,
+    labels: list[str],
+    series: dict[str, list[int]],
+    ylabel: str = "count",
+    extra: dict[str, Any] | None = None,
+) -> Plot:
+    """Counts per labelled bin, one panel per series (each with its own y scale)."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     names = list(series) or ["(none)"]
-    n_bins = len(edges) - 1
+    n_bins = len(labels)
     fig, axes = plt.subplots(
         len(names), 1, figsize=(FIGSIZE[0], 1.0 + 1.5 * len(names)), sharex=True, squeeze=False
     )
@@ -124,15 +139,14 @@ def histogram(
     step = max(1, n_bins // 14)
     last = axes[-1][0]
     last.set_xticks(range(0, n_bins, step))
-    last.set_xticklabels(
-        [_bin_label(edges[i], edges[i + 1]) for i in range(0, n_bins, step)], rotation=30, ha="right"
-    )
+    last.set_xticklabels([labels[i] for i in range(0, n_bins, step)], rotation=30, ha="right")
     last.set_xlabel(xlabel)
     axes[0][0].set_title(title)
     fig.tight_layout()
     totals = {name: sum(v) for name, v in series.items()}
     alt = f"{title}: " + ", ".join(f"{n} {totals[n]:,}" for n in series)
-    plot = Plot(rel_path, title, alt, {"edges": edges, "series": series, "totals": totals})
+    data = {**(extra or {}), "labels": labels, "series": series, "totals": totals}
+    plot = Plot(rel_path, title, alt, data)
     return _save(fig, out, plot)
 
 

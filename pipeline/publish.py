@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.card import dataset_configs, load_manifest, split_front_matter
+from pipeline.card import dataset_configs, include_audit_of, load_manifest, split_front_matter, write_card
+from pipeline.card.figures import figure_mismatches
 from schemas.manifest import FileEntry, Manifest
-from schemas.publish import PublishConfig
+from schemas.publish import PublishConfig, repo_id_problem
 
 log = logging.getLogger("longloom")
 
@@ -108,15 +109,43 @@ def _local(out: Path, rel: str) -> LocalFile:
     return LocalFile(rel, p, p.stat().st_size, sha, blob)
 
 
-def check_card(out: Path, manifest: Manifest) -> list[str]:
-    """The card must describe this manifest; returns the images it links to."""
+STAGED_README = Path(".longloom") / "publish" / "README.md"
+
+
+def card_to_upload(out: Path, manifest: Manifest, include_audit: bool) -> Path:
+    """The README.md to upload: the output's own, or, when the audit tables stay behind but the card
+    lists them, a card regenerated without them under .longloom/publish/ (the local one is left alone)."""
     readme = out / "README.md"
     if not readme.is_file():
         raise PublishError(f"{readme}: missing; run `longloom card {out}` first")
+    meta, _ = split_front_matter(readme.read_text(encoding="utf-8"))
+    if (
+        not include_audit
+        and meta.get("configs") != dataset_configs(manifest, False)
+        and meta.get("configs") == dataset_configs(manifest, True)
+    ):
+        return write_card(out, include_audit=False, readme=out / STAGED_README).path
+    return readme
+
+
+def check_card(
+    out: Path, manifest: Manifest, readme: Path | None = None, include_audit: bool = True
+) -> list[str]:
+    """The card must describe this manifest, figures included; returns the images it links to."""
+    readme = readme or out / "README.md"
+    if not readme.is_file():
+        raise PublishError(f"{readme}: missing; run `longloom card {out}` first")
     meta, body = split_front_matter(readme.read_text(encoding="utf-8"))
-    if meta.get("configs") != dataset_configs(manifest) or manifest.config_hash not in body:
+    if meta.get("configs") != dataset_configs(manifest, include_audit) or manifest.config_hash not in body:
         raise PublishError(
             f"{readme}: its `configs:` do not match {out / 'manifest.json'} (written by another run?); "
+            f"run `longloom card {out}` to regenerate it"
+        )
+    wrong = figure_mismatches(meta, body, manifest)
+    if wrong:
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise PublishError(
+            f"{readme}: {wrong[0]}{more}; the card must state the run's figures: "
             f"run `longloom card {out}` to regenerate it"
         )
     images = sorted(set(re.findall(r"\]\((images/[^)\s]+)\)", body)))
@@ -126,12 +155,18 @@ def check_card(out: Path, manifest: Manifest) -> list[str]:
     return images
 
 
-def local_files(out: Path, manifest: Manifest) -> list[LocalFile]:
-    """Every file to publish, hashed; shards are checked against the manifest's checksums."""
-    images = check_card(out, manifest)
+def local_files(out: Path, manifest: Manifest, include_audit: bool = True) -> list[LocalFile]:
+    """Every file to publish, hashed; shards are checked against the manifest's checksums.
+
+    Without `include_audit` the audit tables (dropped documents, and the raw bytes of unreadable
+    input in `audit/quarantine`) are not uploaded, and the card that goes up does not list them.
+    """
+    readme = card_to_upload(out, manifest, include_audit)
+    images = check_card(out, manifest, readme, include_audit)
     entries: list[FileEntry] = [e for t in manifest.targets for e in t.shards]
     entries += [e for files in manifest.extra_configs.values() for e in files]
-    entries += [e for files in manifest.audit.values() for e in files]
+    if include_audit:
+        entries += [e for files in manifest.audit.values() for e in files]
     files = []
     for e in entries:
         if not (out / e.path).is_file():
@@ -143,7 +178,9 @@ def local_files(out: Path, manifest: Manifest) -> list[LocalFile]:
                 "the file changed after the run; rebuild the output"
             )
         files.append(f)
-    files += [_local(out, rel) for rel in ("README.md", "manifest.json", *images)]
+    card = _local(out, str(readme.relative_to(out)))
+    files.append(LocalFile("README.md", card.local, card.size, card.sha256, card.blob_id))
+    files += [_local(out, rel) for rel in ("manifest.json", *images)]
     return sorted(files, key=lambda f: f.path)
 
 
@@ -151,6 +188,27 @@ def _api(endpoint: str | None) -> Any:
     from huggingface_hub import HfApi
 
     return HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None)
+
+
+PROBE_TIMEOUT_SECONDS = 5.0
+
+
+def reachable(endpoint: str, timeout: float = PROBE_TIMEOUT_SECONDS) -> str | None:
+    """None if the endpoint answers HTTP at all (any status), else why not, in a few words.
+
+    One request, no retries: huggingface_hub retries connection errors with back-off (about 25 s,
+    each retry printed), which is the right thing mid-upload and the wrong thing for a mistyped
+    HF_ENDPOINT or a machine without network.
+    """
+    import httpx
+
+    try:
+        httpx.head(f"{endpoint.rstrip('/')}/api/datasets", timeout=timeout, follow_redirects=False)
+    except httpx.TimeoutException:
+        return f"no answer within {timeout:g} s"
+    except httpx.HTTPError as err:
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def remote_files(api: Any, repo_id: str, revision: str) -> dict[str, Any] | None:
@@ -198,27 +256,39 @@ def publish(
     endpoint: str | None = None,
     commit_message: str | None = None,
     allow_failed_checks: bool = False,
+    include_audit: bool | None = None,
 ) -> PublishResult:
-    """Create the dataset repo if needed and commit what changed; with `dry_run`, only say what would."""
+    """Create the dataset repo if needed and commit what changed; with `dry_run`, only say what would.
+
+    `include_audit` None follows the run's `publish.include_audit`.
+    """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
     out = Path(out)
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo_id):
-        raise PublishError(f"repo id {repo_id!r}: expected ORG/NAME")
+    problem = repo_id_problem(repo_id)
+    if problem:
+        raise PublishError(f"repo id {repo_id!r}: {problem}")
     manifest = load_manifest(out)
+    if include_audit is None:
+        include_audit = include_audit_of(manifest)
     failed = [c for c in manifest.checks if not c.ok]
     if failed and not allow_failed_checks:
         raise PublishError(
             f"{out / 'manifest.json'}: {len(failed)} reconciliation checks failed "
             f"({'; '.join(c.name for c in failed[:3])}); fix the run, or pass --allow-failed-checks"
         )
-    local = local_files(out, manifest)
+    local = local_files(out, manifest, include_audit)
     api = _api(endpoint)
     if not dry_run and get_token() is None:
         raise PublishError("no hub token: set HF_TOKEN in the environment (never in a config file)")
     exists: bool | None
+    unreachable = reachable(api.endpoint)
+    if unreachable and not dry_run:
+        raise PublishError(f"{api.endpoint}: cannot reach the hub ({unreachable}); check HF_ENDPOINT")
     try:
+        if unreachable:
+            raise ConnectionError(unreachable)
         remote = remote_files(api, repo_id, revision)
         exists = remote is not None
         if not dry_run and not exists:
@@ -264,5 +334,10 @@ def publish_configured(out: Path, cfg: PublishConfig) -> PublishResult:
     if not cfg.repo_id:
         raise PublishError("publish.repo_id: required to publish (ORG/NAME of the dataset repo)")
     return publish(
-        out, cfg.repo_id, private=cfg.private, revision=cfg.revision, delete_stale=cfg.delete_stale
+        out,
+        cfg.repo_id,
+        private=cfg.private,
+        revision=cfg.revision,
+        delete_stale=cfg.delete_stale,
+        include_audit=cfg.include_audit,
     )

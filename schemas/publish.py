@@ -5,9 +5,43 @@ Neither section changes a byte of the data, so both are left out of the config h
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 REPO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+def repo_id_problem(repo_id: str) -> str | None:
+    """Why the hub would refuse `repo_id` as a dataset repo name, or None if it is acceptable.
+
+    Longloom's own pattern (ORG/NAME, no bare names) is checked first, then huggingface_hub's
+    validator, which knows the hub's further rules ("--", "..", a trailing "." or ".git", names
+    over 96 characters): an id the hub would refuse is caught here, not as a failed upload.
+    """
+    import re
+
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not re.fullmatch(REPO_ID_PATTERN, repo_id):
+        return (
+            "expected ORG/NAME (letters, digits, '-', '_' and '.', each part starting with a letter or digit)"
+        )
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        # the hub client's wording, without its repetition of the id (the caller names it)
+        return str(err).replace(f": '{repo_id}'", "").rstrip(".")
+    return None
+
+
+class SourceLink(BaseModel):
+    """Where a source's text came from and where its licence is written, for the card's Sources table."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    origin: str | None = Field(default=None, description="Address of the upstream dataset or project.")
+    license_url: str | None = Field(
+        default=None, description="Address of the licence text (default: the SPDX page of a known licence)."
+    )
 
 
 class CardConfig(BaseModel):
@@ -27,6 +61,10 @@ class CardConfig(BaseModel):
     tags: list[str] = Field(default_factory=list, description="Extra hub tags, added to the generated ones.")
     limitations: list[str] = Field(
         default_factory=list, description="Extra known limitations, added to the generated ones."
+    )
+    sources: dict[str, SourceLink] = Field(
+        default_factory=dict,
+        description="Per source name: its upstream origin and licence link, shown in the card's Sources table.",
     )
 
 
@@ -48,6 +86,13 @@ class PublishConfig(BaseModel):
         default=True,
         description="Delete files under data/, audit/ and images/ on the hub that this run did not write.",
     )
+
+    @field_validator("repo_id")
+    @classmethod
+    def _hub_accepts_repo_id(cls, v: str | None) -> str | None:
+        if v is not None and (problem := repo_id_problem(v)):
+            raise ValueError(f"{problem}; the hub would refuse this repo id")
+        return v
 
     @model_validator(mode="after")
     def _repo_when_enabled(self) -> PublishConfig:

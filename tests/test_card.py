@@ -189,7 +189,10 @@ def test_card_says_how_it_was_built(run: tuple[BuildConfig, Manifest, Path]) -> 
     cfg, manifest, out = run
     body = split_front_matter((out / "README.md").read_text())[1]
     assert f"Config hash: `{manifest.config_hash}`" in body
-    assert f"pip install longloom=={manifest.longloom_version}\nlongloom build data/sample.yaml" in body
+    assert "```bash\nlongloom build data/sample.yaml\n```" in body
+    # issue 12.25: no install command for a package index release that does not exist
+    assert "pip install longloom==" not in body.replace("no `pip install longloom==", "")
+    assert "pip install -e ." in body and "pypi.org" not in body
     assert f"Seed: `{cfg.run.seed}`" in body and manifest.tokenizer.vocab_hash in body
     stages = {r["Stage"]: r for r in md_tables(body)["Stages that ran"][0]}
     assert set(stages) == set(manifest.stages) == {"prepare", "select", "write"}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from huggingface_hub import DatasetCardData
 from pydantic import ValidationError
 
 from pipeline.card.body import CardBody, CardCheck, n, pct
@@ -22,13 +23,14 @@ from pipeline.card.meta import (
     card_metadata,
     config_files,
     dataset_configs,
+    include_audit_of,
     licence_shares,
     pretty_name,
     schema_check,
 )
 from pipeline.card.stats import CardStats, Histogram, PretrainStats, TableStats, collect, trimmed
 from pipeline.parquet_io import atomic_path
-from pipeline.plots import Plot, grouped_bars, histogram, stacked_bars
+from pipeline.plots import Plot, binned, grouped_bars, histogram, stacked_bars
 from schemas.manifest import Manifest
 from schemas.publish import CardConfig
 
@@ -37,6 +39,7 @@ __all__ = [
     "CardError",
     "dataset_configs",
     "headline_rows",
+    "include_audit_of",
     "load_manifest",
     "split_front_matter",
     "write_card",
@@ -84,23 +87,38 @@ def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
     return yaml.safe_load(text[4 : end + 1]) or {}, text[end + 5 :]
 
 
-def write_card(out: Path, manifest: Manifest | None = None, card: CardConfig | None = None) -> Card:
-    """Write README.md (and images/*.png) for the run in `out`; return what was written."""
+def write_card(
+    out: Path,
+    manifest: Manifest | None = None,
+    card: CardConfig | None = None,
+    *,
+    include_audit: bool | None = None,
+    readme: Path | None = None,
+) -> Card:
+    """Write README.md (and images/*.png) for the run in `out`; return what was written.
+
+    `include_audit` (default: the run's `publish.include_audit`) decides whether the audit tables
+    are listed as configs; `readme` writes the card elsewhere than `out/README.md` (publish stages a
+    card without the audit configs this way, leaving the local one alone).
+    """
     out = Path(out)
     manifest = canonical(manifest or load_manifest(out))
     if card is None:
         card = CardConfig.model_validate(manifest.config.get("card") or {})
+    if include_audit is None:
+        include_audit = include_audit_of(manifest)
+    target = readme or out / "README.md"
     if not card.enabled:
-        return _write_minimal(out, manifest)
+        return _write_minimal(target, manifest, include_audit)
     stats = collect(out, manifest)
     for p in stats.pretrain:
         p.sources = {k: p.sources[k] for k in sorted(p.sources, key=_source_key(manifest))}
-    configs = config_files(manifest, stats)
+    configs = config_files(manifest, stats, include_audit)
     plots = draw_plots(out, manifest, stats) if card.plots else {}
     _remove_stale_images(out, plots.values())
     checks = cross_checks(manifest, stats)
     schemas = [schema_check(out, c) for c in configs]
-    meta = card_metadata(out, manifest, stats, card)
+    meta = card_metadata(out, manifest, stats, card, configs)
     body = CardBody(
         manifest,
         stats,
@@ -111,10 +129,12 @@ def write_card(out: Path, manifest: Manifest | None = None, card: CardConfig | N
         schemas,
         card,
         pretty_name(manifest, card),
+        include_audit,
+        out,
     ).render()
-    path = _write(out, meta, body)
+    path = _write(target, meta, body)
     all_checks = checks + [CardCheck(f"{s.config} schema", s.ok, s.detail) for s in schemas]
-    return Card(path, meta, body, list(plots.values()), all_checks)
+    return Card(path, meta.to_dict(), body, list(plots.values()), all_checks)
 
 
 # Stages in the order a run executes them; others (from later issues) follow alphabetically.
@@ -146,23 +166,23 @@ def canonical(manifest: Manifest) -> Manifest:
     return m
 
 
-def _write(out: Path, meta: dict[str, Any], body: str) -> Path:
-    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000)
-    path = out / "README.md"
+def _write(path: Path, meta: DatasetCardData, body: str) -> Path:
+    front = yaml.safe_dump(meta.to_dict(), sort_keys=False, allow_unicode=True, width=1000)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(f"---\n{front}---\n\n{body}", encoding="utf-8")
     return path
 
 
-def _write_minimal(out: Path, manifest: Manifest) -> Card:
+def _write_minimal(path: Path, manifest: Manifest, include_audit: bool) -> Card:
     """`card.enabled: false`: only the `configs:` metadata that lets `datasets` load every config."""
-    meta = {"configs": dataset_configs(manifest)}
+    meta = DatasetCardData(configs=dataset_configs(manifest, include_audit))
     body = (
         f"# {manifest.config.get('run', {}).get('name', 'longloom')} (Longloom output)\n\n"
         f"Built by Longloom {manifest.longloom_version}, config hash `{manifest.config_hash}`; "
         "see `manifest.json`.\n"
     )
-    return Card(_write(out, meta, body), meta, body)
+    return Card(_write(path, meta, body), meta.to_dict(), body)
 
 
 def _remove_stale_images(out: Path, keep: Any) -> None:
@@ -239,6 +259,44 @@ def draw_plots(out: Path, manifest: Manifest, stats: CardStats) -> dict[str, Plo
             counts,
             ylabel="samples",
         )
+    plots.update(procedural_plots(out, manifest))
+    return plots
+
+
+TENTHS = [f"{i / 10:.1f}–{(i + 1) / 10:.1f}" for i in range(10)]
+
+
+def procedural_plots(out: Path, manifest: Manifest) -> dict[str, Plot]:
+    """The procedural stage's histograms (ten bins of [0, 1] per task), drawn instead of printed as lists."""
+    tasks = (manifest.extra.get("procedural") or {}).get("tasks") or {}
+    if not isinstance(tasks, dict):
+        return {}
+    plots: dict[str, Plot] = {}
+    for key, field_name, title, xlabel, ylabel in (
+        (
+            "procedural_distance",
+            "dependency_distance_histogram",
+            "Procedural questions: dependency distance as a share of the target length, by task",
+            "dependency distance / target length",
+            "questions",
+        ),
+        (
+            "procedural_depth",
+            "evidence_depth_histogram",
+            "Procedural evidence: depth in the context, by task",
+            "depth (0 = start of the context, 1 = its end)",
+            "pieces",
+        ),
+    ):
+        series = {
+            label: [int(x) for x in t[field_name]]
+            for label, t in sorted(tasks.items())
+            if isinstance(t, dict)
+            and isinstance(t.get(field_name), list)
+            and len(t[field_name]) == len(TENTHS)
+        }
+        if series:
+            plots[key] = binned(out, f"{IMAGES}/{key}.png", title, xlabel, TENTHS, series, ylabel=ylabel)
     return plots
 
 
@@ -255,14 +313,12 @@ def cross_checks(manifest: Manifest, stats: CardStats) -> list[CardCheck]:
             )
         )
     checks += [_audit_check(manifest, a) for a in stats.audit if a.name in ("filtered", "quarantine")]
-    for ch in stats.chat:
-        listed = sum(e.rows for e in manifest.extra_configs.get(ch.config_name, []))
+    for name, rows, what in [(c.config_name, c.rows, "samples") for c in stats.chat] + [
+        (e.config_name, e.rows, "questions") for e in stats.evals
+    ]:
+        listed = sum(e.rows for e in manifest.extra_configs.get(name, []))
         checks.append(
-            CardCheck(
-                f"`{ch.config_name}`: samples",
-                ch.rows == listed,
-                f"rows say {n(ch.rows)}; manifest says {n(listed)}",
-            )
+            CardCheck(f"`{name}`: {what}", rows == listed, f"rows say {n(rows)}; manifest says {n(listed)}")
         )
     return checks
 

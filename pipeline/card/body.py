@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import yaml
 
 from pipeline.card.meta import ConfigFiles, LicenceShare, SchemaCheck, empty_tables
@@ -87,14 +90,19 @@ def generic(value: Any, depth: int = 4) -> list[str]:
     ):
         cols = list(dict.fromkeys(k for v in value for k in v))
         return table(cols, ([v.get(c, "") for c in cols] for v in value))
-    if isinstance(value, dict) and value and depth <= 6:
+    if isinstance(value, list) and all(is_scalar(v) for v in value):
+        # e.g. a histogram's counts: one line, not one line per number
+        return [", ".join("–" if v is None else _cell(v) for v in value) or "(none)", ""]
+    if isinstance(value, dict) and value and depth <= 5:
         lines: list[str] = []
         scalars = {k: v for k, v in value.items() if is_scalar(v)}
         if scalars:
             lines += generic(scalars, depth)
         for k, v in value.items():
             if not is_scalar(v):
-                lines += [f"{'#' * depth} {k}", "", *generic(v, depth + 1)]
+                # headings stop at level 5; deeper levels become bold labels
+                head = f"{'#' * depth} {k}" if depth <= 4 else f"**{k}**"
+                lines += [head, "", *generic(v, depth + 1)]
         return lines
     return ["```json", json.dumps(value, indent=2, sort_keys=True, default=str), "```", ""]
 
@@ -113,6 +121,8 @@ class CardBody:
         schemas: list[SchemaCheck],
         card: CardConfig,
         title: str,
+        include_audit: bool = True,
+        out: Path | None = None,
     ) -> None:
         self.m = manifest
         self.s = stats
@@ -123,12 +133,16 @@ class CardBody:
         self.schemas = schemas
         self.card = card
         self.title = title
+        self.include_audit = include_audit
+        self.out = out
 
     def render(self) -> str:
         lines = [f"# {self.title}", ""]
         for section in (
             self.summary,
             self.contents,
+            self.usage,
+            self.data_fields,
             self.pretrain,
             self.mixture,
             self.drops,
@@ -136,8 +150,12 @@ class CardBody:
             self.built,
             self.extras,
             self.verification,
+            self.sources_section,
+            self.personal_information,
+            self.bias,
             self.limitations,
             self.licence_section,
+            self.citation,
         ):
             lines += section()
         return "\n".join(lines).rstrip() + "\n"
@@ -151,7 +169,7 @@ class CardBody:
         lengths = _and([n(p.target_length) for p in s.pretrain])
         sources = ", ".join(f"`{k}`" for k in m.sources)
         text = (
-            f"Long-context pretraining data built by [Longloom](https://pypi.org/project/longloom/) "
+            f"Long-context pretraining data built by Longloom "
             f"{m.longloom_version}: {n(rows)} rows holding {n(tokens)} tokens, packed to exactly "
             f"{lengths} tokens per row with the `{m.tokenizer.name}` tokenizer (vocabulary hash "
             f"`{m.tokenizer.vocab_hash}`), from {len(m.sources)} sources ({sources})."
@@ -159,7 +177,14 @@ class CardBody:
         if s.chat:
             text += (
                 f" It also holds {n(sum(c.rows for c in s.chat))} synthesized chat samples with "
-                "long-range dependencies."
+                "long-range dependencies"
+            )
+            questions = sum(e.rows for e in s.evals)
+            text += (
+                f", and {n(questions)} evaluation questions about them (one row per question, in "
+                f"{_and([f'`{e.config_name}`' for e in s.evals])})."
+                if s.evals
+                else "."
             )
         lines = [
             text,
@@ -178,11 +203,13 @@ class CardBody:
         what = {
             "pretrain": "packed pretraining rows",
             "chat": "synthesized chat samples",
+            "eval": "evaluation questions (one per row) about the samples",
             "table": "table from an optional stage",
             "audit": "audit table",
         }
         pre = {p.config_name: p for p in self.s.pretrain}
         chat = {c.config_name: c for c in self.s.chat}
+        evals = {e.config_name: e for e in self.s.evals}
         other = {t.name: t for t in self.s.tables} | {f"audit_{t.name}": t for t in self.s.audit}
         rows = []
         for c in self.configs:
@@ -196,13 +223,28 @@ class CardBody:
                 ch = chat[c.name]
                 lens = ", ".join(n(x) for x in sorted(ch.target_lengths)) or "–"
                 rows.append([f"`{c.name}`", what[c.kind], ch.rows, ch.tokens, lens, len(c.files), size])
+            elif c.name in evals:
+                ev = evals[c.name]
+                lens = ", ".join(n(x) for x in sorted(ev.target_lengths)) or "–"
+                rows.append(
+                    [f"`{c.name}`", what[c.kind], ev.rows, ev.prompt_tokens, lens, len(c.files), size]
+                )
             else:
                 t = other[c.name]
                 rows.append([f"`{c.name}`", what[c.kind], t.rows, "–", "–", len(c.files), size])
         repo = (self.m.config.get("publish") or {}).get("repo_id") or "PATH/TO/THIS/FOLDER"
         first = self.configs[0].name if self.configs else "default"
         empty = empty_tables(self.m)
-        note = (
+        unpublished = (
+            []
+            if self.include_audit
+            else [
+                "The audit tables (documents dropped with their reasons, unreadable input) stay with the "
+                "output folder and are not part of this repository (`publish.include_audit: false`).",
+                "",
+            ]
+        )
+        note = unpublished + (
             [
                 f"Written but empty, so not listed as configs (`datasets` cannot load an empty split): "
                 f"{', '.join(f'`{x}`' for x in empty)}.",
@@ -215,6 +257,8 @@ class CardBody:
             "## Configs",
             "",
             *table(["Config", "What", "Rows", "Tokens", "Tokens per row", "Files", "Bytes"], rows),
+            "*Tokens* of an evaluation config are the tokens of its rendered prompts.",
+            "",
             *note,
             "Each config is one folder of Parquet shards with a single `train` split:",
             "",
@@ -371,9 +415,14 @@ class CardBody:
             return [*lines, "Nothing was dropped.", ""]
         lines += table(["Stage", "Source", "Step", "Reason", "Documents", "Tokens"], rows)
         audit = ", ".join(f"`{c.name}`" for c in self.configs if c.kind == "audit") or "none with rows"
+        where = (
+            f"the audit configs ({audit})"
+            if self.include_audit
+            else "the audit tables kept with the output folder (not published here)"
+        )
         lines += [
-            f"Every dropped document is listed with its reason in the audit configs ({audit}); quarantined "
-            "records keep their file, line or row and the first bytes of the input.",
+            f"Every dropped document is listed with its reason in {where}; quarantined records keep their "
+            "file, line or row and the first bytes of the input.",
             "",
         ]
         return lines
@@ -436,8 +485,154 @@ class CardBody:
                         ([*(f"`{v}`" if v else "–" for v in key), k] for key, k in sorted(models.items())),
                     ),
                 ]
+        lines += self.eval_questions()
         for key, value in extra.items():
-            lines += [f"### `{key}` stage (validation and counts)", "", *generic(value)]
+            if key == "procedural" and isinstance(value, dict):
+                lines += self.procedural(value)
+            else:
+                lines += [f"### `{key}` stage (validation and counts)", "", *generic(value)]
+        return lines
+
+    def eval_questions(self) -> list[str]:
+        """The evaluation exports: questions (not samples) per task, with their prompt tokens."""
+        if not self.s.evals:
+            return []
+        rows = []
+        for e in self.s.evals:
+            for task, t in sorted(e.tasks.items()):
+                d = t.dependency_distance
+                rows.append(
+                    [
+                        f"`{e.config_name}`",
+                        task,
+                        t.questions,
+                        len(t.samples),
+                        t.prompt_tokens,
+                        round(d.mean, 1) if d.count else "–",
+                        d.max if d.count else "–",
+                    ]
+                )
+        return [
+            "### Evaluation questions",
+            "",
+            *table(
+                [
+                    "Config",
+                    "Task",
+                    "Questions",
+                    "Samples asked about",
+                    "Prompt tokens",
+                    "Mean dependency distance",
+                    "Max dependency distance",
+                ],
+                rows,
+            ),
+            "Each row of an evaluation config is one question: the sample's conversation up to that question "
+            "(earlier turns with their reference answers), the expected answer and how it is graded "
+            "(`longloom score` grades a model's answers). A sample with several questions has several rows, "
+            "so these are not further samples.",
+            "",
+        ]
+
+    def procedural(self, st: dict[str, Any]) -> list[str]:
+        """The procedural stage's statistics as tables and plots (its JSON stays in manifest.json)."""
+        lines = ["### Procedural generation", ""]
+        facts = [
+            f"{n(st['samples'])} samples" if "samples" in st else None,
+            f"{n(st['questions'])} questions" if "questions" in st else None,
+            f"{n(st['tokens'])} tokens" if "tokens" in st else None,
+            f"chat template `{st['chat_template']}`" if st.get("chat_template") else None,
+            f"lengths count `{st['length_counts']}`" if st.get("length_counts") else None,
+        ]
+        said = [f for f in facts if f]
+        if said:
+            lines += [f"The procedural stage made {_and(said)}.", ""]
+        checks = st.get("checks") or []
+        if checks:
+            lines += table(
+                ["Check", "Result", "Detail"],
+                ([c.get("name", ""), "ok" if c.get("ok") else "FAILED", c.get("detail", "")] for c in checks),
+            )
+        by_length = st.get("target_lengths") or {}
+        if by_length:
+            lines += [
+                "#### Per target length",
+                "",
+                *table(
+                    ["Target length", "Samples", "Repeated rows", "Re-tokenized haystacks"],
+                    (
+                        [
+                            n(int(k)),
+                            v.get("samples", 0),
+                            v.get("repeated_rows", 0),
+                            v.get("retokenized_haystacks", 0),
+                        ]
+                        for k, v in sorted(by_length.items(), key=lambda kv: int(kv[0]))
+                    ),
+                ),
+            ]
+        tasks = st.get("tasks") or {}
+        if tasks:
+            rows, per_length = [], []
+            for label, t in sorted(tasks.items()):
+                tok = t.get("dependency_distance_tokens") or {}
+                rel = t.get("dependency_distance_relative") or {}
+                rows.append(
+                    [
+                        label,
+                        t.get("samples", 0),
+                        t.get("questions", 0),
+                        _q(tok, "min"),
+                        _q(tok, "p50"),
+                        _q(tok, "mean"),
+                        _q(tok, "max"),
+                        f"{100 * rel['mean']:.0f}%" if "mean" in rel else "–",
+                    ]
+                )
+                for length, q in sorted((t.get("by_target_length") or {}).items(), key=lambda kv: int(kv[0])):
+                    per_length.append(
+                        [label, n(int(length)), _q(q, "min"), _q(q, "p50"), _q(q, "mean"), _q(q, "max")]
+                    )
+            lines += [
+                "#### Dependency distance per task",
+                "",
+                *table(
+                    [
+                        "Task",
+                        "Samples",
+                        "Questions",
+                        "Min (tokens)",
+                        "Median",
+                        "Mean",
+                        "Max",
+                        "Mean share of the target length",
+                    ],
+                    rows,
+                ),
+                *table(["Task", "Target length", "Min (tokens)", "Median", "Mean", "Max"], per_length),
+                *image(self.plots.get("procedural_distance")),
+                *image(self.plots.get("procedural_depth")),
+                "Distances are per question (tokens from the earliest evidence it needs to the question); "
+                "depths are per piece of evidence (0 = start of the context, 1 = its end).",
+                "",
+            ]
+        known = {
+            "samples",
+            "questions",
+            "tokens",
+            "chat_template",
+            "length_counts",
+            "checks",
+            "target_lengths",
+            "tasks",
+            "config_name",
+            "eval_config_name",
+            "generators",
+            "ok",
+        }
+        rest = {k: v for k, v in st.items() if k not in known}
+        if rest:
+            lines += ["#### Other figures", "", *generic(rest, 5)]
         return lines
 
     def built(self) -> list[str]:
@@ -488,10 +683,10 @@ class CardBody:
             "The run was started with:",
             "",
             "```bash",
-            f"pip install longloom=={m.longloom_version}",
             m.command,
             "```",
             "",
+            *install_lines(m.longloom_version),
             "`manifest.json` holds the whole config (`config`); written back to YAML beside the same inputs, "
             f"`longloom build CONFIG.yaml` reproduces config hash `{m.config_hash}` and the same shard "
             "checksums. The inputs, with the revision (sha256 of the file, or the dataset revision) each "
@@ -603,6 +798,179 @@ class CardBody:
         out += list(self.card.limitations)
         return ["## Known limitations", "", *(f"- {x}" for x in out), ""]
 
+    # --- usage, fields, provenance, responsible use, citation (issue 12, item 22) -------------------
+
+    def repo(self) -> str:
+        return (self.m.config.get("publish") or {}).get("repo_id") or "PATH/TO/THIS/FOLDER"
+
+    def usage(self) -> list[str]:
+        pre = [c.name for c in self.configs if c.kind == "pretrain"]
+        if not pre:
+            return []
+        sep = self.m.tokenizer.separator_id
+        return [
+            "## Using the data",
+            "",
+            "Stream a config instead of downloading it whole, and build what a variable-length attention "
+            "kernel needs from `segments`, so that no token attends across a document boundary:",
+            "",
+            "```python",
+            *usage_snippet(self.repo(), pre[0]),
+            "```",
+            "",
+            f"`cu_seqlens` are the offsets where each document (with its separator, id {sep}) starts and ends, "
+            "the padding at the end of the row counting as one more sequence; `position_ids` restart at 0 at "
+            "every document. Pass them to a variable-length attention kernel (FlashAttention's "
+            "`flash_attn_varlen_func`, or Hugging Face models with `position_ids` and packed-sequence "
+            "support), or build the block-diagonal causal mask from `doc` for short rows. Leave the "
+            "padding out of the loss (`labels = -100` from position `length - n_pad` on).",
+            "",
+        ]
+
+    def data_fields(self) -> list[str]:
+        from pipeline.card.fields import columns, describe, table_kind_of
+
+        if self.out is None:
+            return []
+        lines = [
+            "## Data fields",
+            "",
+            "Token and character positions are 0-based and spans are half-open, `[start, end)`. `record` "
+            "numbers follow the input: the 1-based line of a JSONL file, the 0-based row of a Parquet file "
+            "or hub split.",
+            "",
+        ]
+        seen: set[str] = set()
+        for c in self.configs:
+            schema = pq.read_schema(self.out / c.files[0].path)
+            tag = ((schema.metadata or {}).get(b"longloom.table") or b"").decode() or None
+            kind = table_kind_of(tag, c.kind)
+            if kind in seen:
+                continue
+            seen.add(kind)
+            same = (
+                [x.name for x in self.configs if x.kind == c.kind]
+                if c.kind in ("pretrain", "chat")
+                else [c.name]
+            )
+            lines += [f"### {_and([f'`{x}`' for x in same])}" + (f" (`{tag}`)" if tag else ""), ""]
+            lines += table(
+                ["Column", "Type", "Meaning"],
+                (
+                    [f"`{path}`", typ, describe(kind, path) or "(not documented)"]
+                    for path, typ in columns(schema)
+                ),
+            )
+            example = example_row(self.out / c.files[0].path)
+            if example:
+                lines += [
+                    "<details><summary>An example row (long values shortened)</summary>",
+                    "",
+                    "```json",
+                    example,
+                    "```",
+                    "",
+                    "</details>",
+                    "",
+                ]
+        return lines
+
+    def sources_section(self) -> list[str]:
+        links = self.card.sources
+        rows = []
+        by_source: dict[str, list[str]] = {}
+        for i in self.m.inputs:
+            by_source.setdefault(i.source, []).append(i.uri)
+        for src in self.m.config.get("sources", []):
+            name = src["name"]
+            link = links.get(name)
+            lic = src.get("license") or "unknown"
+            lic_url = (link.license_url if link else None) or licence_url(lic)
+            origin = (link.origin if link else None) or hub_origin(src)
+            inputs = by_source.get(name, [])
+            shown = ", ".join(f"`{u}`" for u in inputs[:3]) + (
+                f" and {len(inputs) - 3} more" if len(inputs) > 3 else ""
+            )
+            rows.append(
+                [
+                    f"`{name}`",
+                    src.get("kind", ""),
+                    f"[{origin}]({origin})" if origin else "not recorded",
+                    shown or "–",
+                    f"[{lic}]({lic_url})" if lic_url else lic,
+                ]
+            )
+        return [
+            "## Sources",
+            "",
+            *table(["Source", "Kind", "Upstream origin", "Inputs", "Licence"], rows),
+            "*Upstream origin* is where the text was obtained, as the config's `card.sources` records it "
+            "(hub datasets link themselves); licence links point to the licence text. Check each source's "
+            "terms before redistributing rows that mix them.",
+            "",
+        ]
+
+    def personal_information(self) -> list[str]:
+        filters = sorted(_steps(self.m))
+        return [
+            "## Personal and sensitive information",
+            "",
+            "Longloom does not detect or remove personal data (names, addresses, contact details, "
+            "identifiers) or sensitive content; the rows hold the source text as it was, apart from the "
+            f"documents the configured steps dropped ({', '.join(f'`{x}`' for x in filters) or 'none'}). "
+            "Whatever personal information the sources contain can therefore be in the rows, in the `text` "
+            "column if stored, and in the audit tables, which keep the first bytes of unreadable input "
+            "verbatim. Review the sources (and any LLM endpoint the rewriter used, which saw the contexts "
+            "it was sent) before publishing or training on this data.",
+            "",
+        ]
+
+    def bias(self) -> list[str]:
+        m = self.m
+        in_rows = self.s.source_tokens()
+        total = sum(in_rows.values())
+        top = max(in_rows, key=lambda k: in_rows[k]) if in_rows else None
+        langs = sorted({s.get("language") for s in m.config.get("sources", []) if s.get("language")})
+        lines = [
+            "## Bias and representativeness",
+            "",
+            "The data is a chosen mixture, not a sample of any population of texts: which sources were "
+            "included, their token budgets and the filters decide what a model trained on it sees."
+            + (
+                f" The largest source, `{top}`, holds {pct(in_rows[top], total)} of the document tokens in "
+                "the rows (see *Source mixture*)."
+                if top
+                else ""
+            ),
+            "",
+            f"- Languages declared by the sources: {', '.join(f'`{x}`' for x in langs) or 'none declared'}; "
+            "other languages are under-represented or absent.",
+            "- The biases of each source (its authors, period, genre and viewpoints) carry over unchanged; "
+            "older or public-domain texts reflect the attitudes of their time.",
+            "- Length filters and short-document downsampling shift the mixture towards long documents by "
+            "design.",
+        ]
+        if self.s.chat:
+            lines.append(
+                "- Synthetic samples follow fixed templates; a model may learn the templates' phrasing and "
+                "answer formats as well as the long-range skill they test."
+            )
+        return [*lines, ""]
+
+    def citation(self) -> list[str]:
+        entries = [dataset_bibtex(self.m, self.title, self.repo())]
+        entries += [BIBTEX[k] for k in methods_used(self.m, self.s)]
+        return [
+            "## Citation",
+            "",
+            "If you use this dataset, cite it and the methods its build used:",
+            "",
+            "```bibtex",
+            "\n\n".join(entries),
+            "```",
+            "",
+        ]
+
     def licence_section(self) -> list[str]:
         total = sum(x.tokens for x in self.licences)
         return [
@@ -618,6 +986,210 @@ class CardBody:
                 ),
             ),
         ]
+
+
+def install_lines(version: str) -> list[str]:
+    """How to get the Longloom that wrote the data: it is not on a package index, so from its source."""
+    return [
+        f"Longloom is not published on a package index (there is no `pip install longloom=={version}`). "
+        f"Install version {version} from a checkout of its source repository, then run the command "
+        "above from the folder the config's relative paths start at:",
+        "",
+        "```bash",
+        "cd longloom              # a checkout of the Longloom source at version " + version,
+        "pip install -e .",
+        "```",
+        "",
+    ]
+
+
+def usage_snippet(repo: str, config: str) -> list[str]:
+    """Python that streams a config and builds document-boundary attention inputs from `segments`.
+
+    tests/test_card.py runs this exact code against the output folder, so it cannot rot."""
+    return [
+        "import numpy as np",
+        "from datasets import load_dataset",
+        "",
+        f'rows = load_dataset("{repo}", "{config}", split="train", streaming=True)',
+        "for row in rows:",
+        '    ids = np.asarray(row["input_ids"])',
+        "    # which document each token belongs to; a separator belongs to the document it ends, padding is -1",
+        "    doc = np.full(len(ids), -1)",
+        '    for k, seg in enumerate(row["segments"]):',
+        '        end = seg["row_token_end"] + int(seg["separator_after"])',
+        '        doc[seg["row_token_start"] : end] = k',
+        "    starts = np.flatnonzero(np.diff(doc, prepend=-2) != 0)  # where each sequence begins",
+        "    cu_seqlens = np.append(starts, len(ids)).astype(np.int32)",
+        "    position_ids = np.arange(len(ids)) - np.repeat(starts, np.diff(cu_seqlens))",
+        "    break",
+    ]
+
+
+def example_row(path: Path, max_chars: int = 160, max_items: int = 3) -> str | None:
+    """The first row of a Parquet file as indented JSON, with long strings and lists shortened."""
+    pf = pq.ParquetFile(path)
+    if pf.metadata.num_rows == 0:
+        return None
+    batch = next(pf.iter_batches(batch_size=1))
+    row = batch.slice(0, 1).to_pylist()[0]
+
+    def short(v: Any) -> Any:
+        if isinstance(v, bytes):
+            v = v.decode("utf-8", errors="replace")
+        if isinstance(v, str):
+            return v if len(v) <= max_chars else v[:max_chars] + f"… ({len(v):,} characters)"
+        if isinstance(v, list):
+            head = [short(x) for x in v[:max_items]]
+            return head + ([f"… ({len(v):,} items)"] if len(v) > max_items else [])
+        if isinstance(v, dict):
+            return {k: short(x) for k, x in v.items()}
+        return v
+
+    return json.dumps(short(row), indent=2, ensure_ascii=False, default=str)
+
+
+# SPDX identifiers of the licence names a config is likely to use (hub ids are lower-case SPDX).
+_SPDX = {
+    "apache-2.0": "Apache-2.0",
+    "mit": "MIT",
+    "cc0-1.0": "CC0-1.0",
+    "cc-by-4.0": "CC-BY-4.0",
+    "cc-by-3.0": "CC-BY-3.0",
+    "cc-by-sa-3.0": "CC-BY-SA-3.0",
+    "cc-by-sa-4.0": "CC-BY-SA-4.0",
+    "cc-by-nc-4.0": "CC-BY-NC-4.0",
+    "cc-by-nc-sa-4.0": "CC-BY-NC-SA-4.0",
+    "odc-by": "ODC-By-1.0",
+    "odbl": "ODbL-1.0",
+    "pddl": "PDDL-1.0",
+    "gpl-3.0": "GPL-3.0-only",
+    "gpl-2.0": "GPL-2.0-only",
+    "lgpl-3.0": "LGPL-3.0-only",
+    "bsd-3-clause": "BSD-3-Clause",
+    "bsd-2-clause": "BSD-2-Clause",
+    "mpl-2.0": "MPL-2.0",
+    "psf-2.0": "PSF-2.0",
+    "unlicense": "Unlicense",
+}
+
+
+def licence_url(licence: str) -> str | None:
+    """The licence text's address for an SPDX-known licence name; None for anything else."""
+    spdx = _SPDX.get(licence.strip().lower())
+    return f"https://spdx.org/licenses/{spdx}.html" if spdx else None
+
+
+def hub_origin(src: dict[str, Any]) -> str | None:
+    """The hub page of an `hf` source that names a hub dataset (not a local folder)."""
+    from pipeline.card.meta import is_hub_id
+
+    dataset = src.get("dataset")
+    if src.get("kind") != "hf" or not is_hub_id(dataset):
+        return None
+    return f"https://huggingface.co/datasets/{dataset}"
+
+
+def _steps(m: Manifest) -> set[str]:
+    """The filter steps that dropped documents in this run (from the audit counts)."""
+    out: set[str] = set()
+    for c in m.sources.values():
+        out.update(c.filtered)
+    return out
+
+
+# BibTeX of the methods Longloom implements, written from the papers' title pages.
+BIBTEX: dict[str, str] = {
+    "best_fit": r"""@inproceedings{ding2024fewer,
+  title     = {Fewer Truncations Improve Language Modeling},
+  author    = {Ding, Hantian and Wang, Zijian and Paolini, Giovanni and Kumar, Varun and Deoras, Anoop and Roth, Dan and Soatto, Stefano},
+  booktitle = {Proceedings of the 41st International Conference on Machine Learning (ICML)},
+  year      = {2024},
+  eprint    = {2404.10830},
+  archivePrefix = {arXiv}
+}""",
+    "short_docs": r"""@inproceedings{fu2024data,
+  title     = {Data Engineering for Scaling Language Models to 128K Context},
+  author    = {Fu, Yao and Panda, Rameswar and Niu, Xinyao and Yue, Xiang and Hajishirzi, Hannaneh and Kim, Yoon and Peng, Hao},
+  booktitle = {Proceedings of the 41st International Conference on Machine Learning (ICML)},
+  year      = {2024},
+  eprint    = {2402.10171},
+  archivePrefix = {arXiv}
+}""",
+    "semdedup": r"""@article{abbas2023semdedup,
+  title   = {SemDeDup: Data-efficient learning at web-scale through semantic deduplication},
+  author  = {Abbas, Amro and Tirumala, Kushal and Simig, D{\'a}niel and Ganguli, Surya and Morcos, Ari S.},
+  journal = {arXiv preprint arXiv:2303.09540},
+  year    = {2023}
+}""",
+    "d4": r"""@inproceedings{tirumala2023d4,
+  title     = {D4: Improving LLM Pretraining via Document De-Duplication and Diversification},
+  author    = {Tirumala, Kushal and Simig, Daniel and Aghajanyan, Armen and Morcos, Ari S.},
+  booktitle = {Advances in Neural Information Processing Systems 36 (NeurIPS), Datasets and Benchmarks Track},
+  year      = {2023},
+  eprint    = {2308.12284},
+  archivePrefix = {arXiv}
+}""",
+    "ruler": r"""@inproceedings{hsieh2024ruler,
+  title     = {RULER: What's the Real Context Size of Your Long-Context Language Models?},
+  author    = {Hsieh, Cheng-Ping and Sun, Simeng and Kriman, Samuel and Acharya, Shantanu and Rekesh, Dima and Jia, Fei and Zhang, Yang and Ginsburg, Boris},
+  booktitle = {First Conference on Language Modeling (COLM)},
+  year      = {2024},
+  eprint    = {2404.06654},
+  archivePrefix = {arXiv}
+}""",
+    "hashhop": r"""@misc{magic2024hashhop,
+  title        = {HashHop: Long-Context Evaluation},
+  author       = {{Magic}},
+  year         = {2024},
+  howpublished = {\url{https://github.com/magicproduct/hash-hop}}
+}""",
+}
+RULER_TASKS = frozenset({"multi_needle", "variable_tracking", "aggregation", "niah", "common_words"})
+
+
+def methods_used(m: Manifest, s: CardStats) -> list[str]:
+    """Keys of BIBTEX for the methods this run actually used (by its config and the rows it wrote)."""
+    cfg = m.config
+    used: list[str] = []
+    strategies = {t.strategy for t in m.targets} | {(cfg.get("packing") or {}).get("strategy")}
+    if "best_fit" in strategies and m.targets:
+        used.append("best_fit")
+    if any((src.get("short_docs") or {}) for src in cfg.get("sources", [])) and any(
+        c.filtered.get("short_doc_downsampled") for c in m.sources.values()
+    ):
+        used.append("short_docs")
+    div = cfg.get("diversity") or {}
+    if div.get("embedder"):
+        if (div.get("semdedup") or {}).get("enabled"):
+            used.append("semdedup")
+        if (div.get("d4") or {}).get("keep_fraction"):
+            used.append("d4")
+    tasks = {t for c in s.chat for t in c.tasks} | {t for e in s.evals for t in e.tasks}
+    if tasks & RULER_TASKS:
+        used.append("ruler")
+    if "hash_chain" in tasks:
+        used.append("hashhop")
+    return used
+
+
+def dataset_bibtex(m: Manifest, title: str, repo: str) -> str:
+    key = re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_") or "longloom_dataset"
+    where = f"https://huggingface.co/datasets/{repo}" if "/" in repo and not repo.startswith("PATH") else repo
+    return "\n".join(
+        [
+            f"@misc{{{key}_{m.config_hash[:8]},",
+            f"  title        = {{{{{title}}}: a long-context dataset built with Longloom}},",
+            f"  howpublished = {{\\url{{{where}}}}},",
+            f"  note         = {{Longloom {m.longloom_version}, config hash {m.config_hash}}}",
+            "}",
+        ]
+    )
+
+
+def _q(q: dict[str, Any], key: str) -> Any:
+    v = q.get(key)
+    return "–" if v is None else round(float(v), 1)
 
 
 def _and(items: list[str]) -> str:

@@ -13,11 +13,33 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from huggingface_hub import DatasetCardData
 
 from pipeline.card.stats import CardStats, table_tag
 from schemas.manifest import FileEntry, Manifest
 from schemas.publish import CardConfig
-from schemas.records import CHAT_SCHEMA, FILTERED_SCHEMA, QUARANTINE_SCHEMA, row_schema
+from schemas.records import (
+    CHAT_SCHEMA,
+    EVAL_SCHEMA,
+    FILTERED_SCHEMA,
+    PRUNED_SCHEMA,
+    QUARANTINE_SCHEMA,
+    REWRITER_AUDIT_SCHEMA,
+    row_schema,
+)
+
+# Tables with a definition in schemas/records.py, by the `longloom.table` tag they carry.
+KNOWN_SCHEMAS: dict[str, pa.Schema] = {
+    (s.metadata or {})[b"longloom.table"].decode(): s
+    for s in (
+        CHAT_SCHEMA,
+        EVAL_SCHEMA,
+        FILTERED_SCHEMA,
+        PRUNED_SCHEMA,
+        QUARANTINE_SCHEMA,
+        REWRITER_AUDIT_SCHEMA,
+    )
+}
 
 # Licence identifiers the Hugging Face hub accepts in `license:`; anything else becomes `other`.
 HF_LICENSES = frozenset(
@@ -124,7 +146,7 @@ class ConfigFiles:
 
     name: str
     folder: str
-    kind: str  # "pretrain", "chat", "table" or "audit"
+    kind: str  # "pretrain", "chat", "eval", "table" or "audit"
     files: list[FileEntry]
     default: bool = False
 
@@ -136,14 +158,23 @@ class LicenceShare:
     tokens: int = 0  # document tokens of these sources in the pretraining rows
 
 
-def config_files(manifest: Manifest, stats: CardStats | None = None) -> list[ConfigFiles]:
+def config_files(
+    manifest: Manifest, stats: CardStats | None = None, include_audit: bool = True
+) -> list[ConfigFiles]:
     """Every loadable config of the run, in card order.
 
     Tables without rows are left out: `datasets` cannot load an empty split ("corresponds to no
     data"), so listing one would break `load_dataset` for that config. `empty_tables` names them.
+    Without `include_audit` (`publish.include_audit: false`) the audit tables are not configs: they
+    are not uploaded, and a card listing them would point `datasets` at files the repo lacks.
     """
-    chat = {c.config_name for c in stats.chat} if stats else set()
-    out = [c for c in _all_configs(manifest, chat) if sum(e.rows for e in c.files) > 0]
+    kinds = {c.config_name: "chat" for c in stats.chat} if stats else {}
+    kinds |= {e.config_name: "eval" for e in stats.evals} if stats else {}
+    out = [
+        c
+        for c in _all_configs(manifest, kinds)
+        if sum(e.rows for e in c.files) > 0 and (include_audit or c.kind != "audit")
+    ]
     if out:
         out[0].default = True
     return out
@@ -151,44 +182,48 @@ def config_files(manifest: Manifest, stats: CardStats | None = None) -> list[Con
 
 def empty_tables(manifest: Manifest) -> list[str]:
     """Configs the run wrote files for that hold no rows (not listed under `configs:`)."""
-    return [c.name for c in _all_configs(manifest, set()) if sum(e.rows for e in c.files) == 0]
+    return [c.name for c in _all_configs(manifest, {}) if sum(e.rows for e in c.files) == 0]
 
 
-def _all_configs(manifest: Manifest, chat: set[str]) -> list[ConfigFiles]:
+def _all_configs(manifest: Manifest, kinds: dict[str, str]) -> list[ConfigFiles]:
     out: list[ConfigFiles] = []
     for t in manifest.targets:
         if t.shards:
             out.append(ConfigFiles(t.config_name, f"data/{t.config_name}", "pretrain", list(t.shards)))
     for name, files in manifest.extra_configs.items():
         if files:
-            out.append(ConfigFiles(name, f"data/{name}", "chat" if name in chat else "table", files))
+            out.append(ConfigFiles(name, f"data/{name}", kinds.get(name, "table"), files))
     for name, files in manifest.audit.items():
         if files:
             out.append(ConfigFiles(f"audit_{name}", f"audit/{name}", "audit", files))
     return out
 
 
-def dataset_configs(manifest: Manifest) -> list[dict[str, Any]]:
-    """The `configs:` list: one entry per target length, synthesized set and audit table."""
-    entries = []
-    for c in config_files(manifest):
-        entry: dict[str, Any] = {
-            "config_name": c.name,
-            "data_files": [{"split": "train", "path": f"{c.folder}/*.parquet"}],
-        }
-        if c.default:
-            entry["default"] = True
-        entries.append(entry)
-    return entries
+def include_audit_of(manifest: Manifest) -> bool:
+    """`publish.include_audit` of the run's config (True when unset)."""
+    return bool((manifest.config.get("publish") or {}).get("include_audit", True))
+
+
+def dataset_configs(manifest: Manifest, include_audit: bool = True) -> list[dict[str, Any]]:
+    """The `configs:` list: one entry per target length, synthesized set and (unless left out) audit table."""
+    return [_config_entry(c) for c in config_files(manifest, include_audit=include_audit)]
+
+
+def _config_entry(c: ConfigFiles) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "config_name": c.name,
+        "data_files": [{"split": "train", "path": f"{c.folder}/*.parquet"}],
+    }
+    if c.default:
+        entry["default"] = True
+    return entry
 
 
 def known_schema(tag: str | None, schema: pa.Schema) -> pa.Schema | None:
     """The schemas/records.py definition a table's `longloom.table` tag names, if any."""
     if tag == "pretrain@1":
         return row_schema("text" in schema.names)
-    return {"chat@1": CHAT_SCHEMA, "filtered@1": FILTERED_SCHEMA, "quarantine@1": QUARANTINE_SCHEMA}.get(
-        tag or ""
-    )
+    return KNOWN_SCHEMAS.get(tag or "")
 
 
 @dataclass
@@ -215,20 +250,50 @@ def schema_check(out: Path, c: ConfigFiles) -> SchemaCheck:
     return SchemaCheck(c.name, tag, ok, detail)
 
 
+def datasets_num_bytes(paths: list[Path], features: Any) -> int:
+    """The split's `num_bytes` as `datasets` records it when it loads these Parquet files.
+
+    `datasets` does not use Parquet sizes: it reads each file in batches of the first row group's
+    row count, casts every batch to the features, and counts the Arrow bytes its writer receives
+    (single-row batches are first pooled and concatenated). We replay exactly that through its own
+    `ArrowWriter` on a byte-counting null stream, so the figure is the one a `load_dataset` of the
+    output records, whatever the row-group layout. It reads every column once (a batch at a time).
+    """
+    import pyarrow.dataset as pds
+    from datasets.arrow_writer import ArrowWriter
+    from datasets.table import table_cast
+
+    writer = ArrowWriter(features=features, stream=pa.MockOutputStream())
+    fmt = pds.ParquetFileFormat()
+    for path in paths:
+        with open(path, "rb") as f:
+            fragment = fmt.make_fragment(f)
+            if not fragment.row_groups:
+                continue
+            batches = fragment.to_batches(
+                batch_size=fragment.row_groups[0].num_rows, batch_readahead=0, fragment_readahead=0
+            )
+            for batch in batches:
+                table = table_cast(pa.Table.from_batches([batch]), features.arrow_schema)
+                if len(table) == 1:
+                    writer.write_row(table)
+                else:
+                    writer.write_table(table)
+    _, num_bytes = writer.finalize()
+    return int(num_bytes)
+
+
 def dataset_info(out: Path, c: ConfigFiles) -> dict[str, Any]:
-    """One `dataset_info:` entry, in the form `datasets` writes: features, split sizes, bytes."""
+    """One `dataset_info:` entry, as `datasets` would record it: features, split sizes, bytes."""
     from datasets import DatasetInfo, Features, SplitDict, SplitInfo
 
-    schema = pq.read_schema(out / c.files[0].path)
-    rows = num_bytes = 0
-    for e in c.files:
-        meta = pq.ParquetFile(out / e.path).metadata
-        rows += meta.num_rows
-        num_bytes += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    features = Features.from_arrow_schema(pq.read_schema(out / c.files[0].path))
+    rows = sum(pq.ParquetFile(out / e.path).metadata.num_rows for e in c.files)
+    num_bytes = datasets_num_bytes([out / e.path for e in c.files], features)
     splits = SplitDict()
     splits.add(SplitInfo(name="train", num_bytes=num_bytes, num_examples=rows))
     info = DatasetInfo(
-        features=Features.from_arrow_schema(schema),
+        features=features,
         splits=splits,
         download_size=sum(e.bytes for e in c.files),
         dataset_size=num_bytes,
@@ -270,26 +335,54 @@ def size_category(n: int) -> str:
     return "n>1T"
 
 
-def card_metadata(out: Path, manifest: Manifest, stats: CardStats, card: CardConfig) -> dict[str, Any]:
-    """The YAML front matter, in the order the hub shows it."""
-    configs = config_files(manifest, stats)
-    examples = sum(p.rows for p in stats.pretrain) + sum(c.rows for c in stats.chat)
-    languages = sorted({s["language"] for s in manifest.config.get("sources", []) if s.get("language")})
+def card_metadata(
+    out: Path, manifest: Manifest, stats: CardStats, card: CardConfig, configs: list[ConfigFiles]
+) -> DatasetCardData:
+    """The YAML front matter, built with huggingface_hub's `DatasetCardData` (the hub's own model)."""
+    examples = (
+        sum(p.rows for p in stats.pretrain)
+        + sum(c.rows for c in stats.chat)
+        + sum(e.rows for e in stats.evals)
+    )
+    sources = manifest.config.get("sources", [])
+    languages = sorted({s["language"] for s in sources if s.get("language")})
     tags = ["long-context", "longloom", "pretraining", "packed", "tokenized"]
     if stats.chat:
         tags.append("synthetic")
     tags += [t for t in card.tags if t not in tags]
     tasks = ["text-generation"] + (["question-answering"] if stats.chat else [])
-    meta: dict[str, Any] = {"pretty_name": pretty_name(manifest, card)}
-    meta.update(licence_metadata(licence_shares(manifest, stats)))
-    if languages:
-        meta["language"] = languages
-    meta["size_categories"] = [size_category(examples)]
-    meta["task_categories"] = tasks
-    meta["tags"] = tags
-    meta["configs"] = dataset_configs(manifest)
-    meta["dataset_info"] = [dataset_info(out, c) for c in configs]
-    return meta
+    base = Path(str(manifest.config.get("base_dir") or "."))
+    hub_sources = sorted(
+        {
+            s["dataset"]
+            for s in sources
+            if s.get("kind") == "hf" and is_hub_id(s.get("dataset")) and not (base / s["dataset"]).exists()
+        }
+    )
+    return DatasetCardData(
+        pretty_name=pretty_name(manifest, card),
+        **licence_metadata(licence_shares(manifest, stats)),
+        language=languages or None,
+        size_categories=[size_category(examples)],
+        task_categories=tasks,
+        source_datasets=hub_sources or None,
+        tags=tags,
+        configs=[_config_entry(c) for c in configs],
+        dataset_info=[dataset_info(out, c) for c in configs],
+    )
+
+
+def is_hub_id(dataset: str | None) -> bool:
+    """An `hf` source's `dataset` that names a hub repo (ORG/NAME), not a local folder."""
+    if not dataset or dataset.startswith((".", "/", "~")) or dataset.count("/") != 1:
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(dataset)
+    except HFValidationError:
+        return False
+    return True
 
 
 def pretty_name(manifest: Manifest, card: CardConfig) -> str:

@@ -130,6 +130,31 @@ class ChatStats:
 
 
 @dataclass
+class EvalTaskStats:
+    questions: int = 0
+    prompt_tokens: int = 0
+    samples: set[str] = field(default_factory=set)  # sample_id of the samples the questions are about
+    dependency_distance: Histogram = field(default_factory=Histogram)
+
+
+@dataclass
+class EvalStats:
+    """An evaluation export: one row per question of a synthesized sample (not a sample itself)."""
+
+    config_name: str
+    files: int = 0
+    bytes: int = 0
+    rows: int = 0  # questions
+    prompt_tokens: int = 0
+    target_lengths: Counter[int] = field(default_factory=Counter)
+    tasks: dict[str, EvalTaskStats] = field(default_factory=dict)
+
+    @property
+    def samples(self) -> int:
+        return sum(len(t.samples) for t in self.tasks.values())
+
+
+@dataclass
 class TableStats:
     """Any other table (audit tables, sets a later stage adds): rows, columns, and drops by reason."""
 
@@ -150,8 +175,9 @@ class TableStats:
 class CardStats:
     pretrain: list[PretrainStats]
     chat: list[ChatStats]
-    tables: list[TableStats]  # extra configs that are not chat sets
+    tables: list[TableStats]  # extra configs that are neither chat sets nor evaluation exports
     audit: list[TableStats]
+    evals: list[EvalStats] = field(default_factory=list)
 
     def source_tokens(self) -> dict[str, int]:
         """Document tokens per source over every pretraining config."""
@@ -282,22 +308,64 @@ def table_stats(out: Path, name: str, files: list[FileEntry]) -> TableStats:
     return s
 
 
-def is_chat(out: Path, files: list[FileEntry]) -> bool:
+def eval_stats(out: Path, name: str, files: list[FileEntry]) -> EvalStats:
+    s = EvalStats(config_name=name)
+    columns = ["sample_id", "task", "prompt_tokens", "target_length", "dependency_distance"]
+    for e in files:
+        path = out / e.path
+        s.files += 1
+        s.bytes += path.stat().st_size
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096, columns=columns):
+            s.rows += batch.num_rows
+            tokens = _np(batch.column("prompt_tokens")).astype(np.int64)
+            dist = _np(batch.column("dependency_distance")).astype(np.int64)
+            s.prompt_tokens += int(tokens.sum())
+            s.target_lengths.update(batch.column("target_length").to_pylist())
+            samples = batch.column("sample_id").to_pylist()
+            for i, task in enumerate(batch.column("task").to_pylist()):
+                t = s.tasks.setdefault(task, EvalTaskStats())
+                t.questions += 1
+                t.prompt_tokens += int(tokens[i])
+                t.samples.add(samples[i])
+                t.dependency_distance.add(dist[i : i + 1])
+    return s
+
+
+def table_kind(out: Path, files: list[FileEntry]) -> str:
+    """ "chat" (synthesized samples), "eval" (one row per question) or "table" (anything else).
+
+    The `longloom.table` tag decides; untagged files are told apart by their columns. An
+    evaluation export also has `task` and `dependency_distance`, so it must never count as samples.
+    """
     if not files:
-        return False
+        return "table"
     path = out / files[0].path
+    tag = (table_tag(path) or "").split("@")[0]
+    if tag in ("chat", "eval"):
+        return tag
     names = set(pq.read_schema(path).names)
-    return table_tag(path) == "chat@1" or {"task", "dependency_distance"} <= names
+    if tag:
+        return "table"
+    if {"eval_id", "prompt_tokens"} <= names:
+        return "eval"
+    return "chat" if {"task", "dependency_distance", "messages"} <= names else "table"
+
+
+def is_chat(out: Path, files: list[FileEntry]) -> bool:
+    return table_kind(out, files) == "chat"
 
 
 def collect(out: Path, manifest: Manifest) -> CardStats:
     """Recount every config and audit table of a finished run from its files."""
-    chat, tables = [], []
+    chat, evals, tables = [], [], []
     for name, files in manifest.extra_configs.items():
         if not files:
             continue
-        if is_chat(out, files):
+        kind = table_kind(out, files)
+        if kind == "chat":
             chat.append(chat_stats(out, name, files))
+        elif kind == "eval":
+            evals.append(eval_stats(out, name, files))
         else:
             tables.append(table_stats(out, name, files))
     return CardStats(
@@ -305,4 +373,5 @@ def collect(out: Path, manifest: Manifest) -> CardStats:
         chat=chat,
         tables=tables,
         audit=[table_stats(out, name, files) for name, files in manifest.audit.items() if files],
+        evals=evals,
     )
