@@ -21,7 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 import flows
 from pipeline.build import diversity_outputs, group_by_target, lineage_steps, output_units, preflight
-from pipeline.card import headline_rows, split_front_matter
+from pipeline.card import headline_rows, inline_images, split_front_matter
 from pipeline.finalize import finalize_run
 from pipeline.prepare import PrepareResult, prepare_shard
 from pipeline.progress import LogReporter, Reporter, active_reporter, throttled
@@ -161,7 +161,12 @@ def card_artifacts(cfg: BuildConfig, manifest: Manifest) -> None:
 
     key = re.sub(r"[^a-z0-9-]+", "-", cfg.run.name.lower()).strip("-") or "longloom"
     _, body = split_front_matter((Path(cfg.output.dir) / "README.md").read_text(encoding="utf-8"))
-    create_markdown_artifact(markdown=body, key=f"{key}-card", description="Dataset card (README.md)")
+    # plots embedded: the UI cannot resolve the card's relative images/*.png links (issue 12.26)
+    create_markdown_artifact(
+        markdown=inline_images(Path(cfg.output.dir), body),
+        key=f"{key}-card",
+        description="Dataset card (README.md)",
+    )
     create_table_artifact(
         table=headline_rows(manifest),
         key=f"{key}-headline",

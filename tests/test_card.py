@@ -515,6 +515,7 @@ def test_flow_run_attaches_the_card_as_artifacts(tmp_path: Path, prefect_harness
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     from flows.build import build, task_runner_for
+    from pipeline.card import inline_images
 
     cfg = make_config(tmp_path / "out")
     state = build.with_options(task_runner=task_runner_for(cfg))(cfg, return_state=True)
@@ -530,7 +531,8 @@ def test_flow_run_attaches_the_card_as_artifacts(tmp_path: Path, prefect_harness
     found = {a.type: a for a in asyncio.run(artifacts())}
     readme = (tmp_path / "out/README.md").read_text()
     assert found["markdown"].key == "longloom-sample-card"
-    assert found["markdown"].data == split_front_matter(readme)[1]
+    assert found["markdown"].data == inline_images(tmp_path / "out", split_front_matter(readme)[1])
+    assert "](images/" not in found["markdown"].data and "data:image/png;base64," in found["markdown"].data
     table = found["table"].data
     table = json.loads(table) if isinstance(table, str) else table
     manifest = Manifest.model_validate_json((tmp_path / "out/manifest.json").read_text())
@@ -539,14 +541,163 @@ def test_flow_run_attaches_the_card_as_artifacts(tmp_path: Path, prefect_harness
         assert by_item[t.config_name]["rows"] == t.rows and by_item[t.config_name]["tokens"] == t.tokens
 
 
-def test_card_of_a_run_with_procedural_samples(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def proc_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Manifest, Path]:
+    """The bundled sample run as it ships: procedural samples and their evaluation export included."""
+    out = tmp_path_factory.mktemp("proc") / "out"
+    return run_build(make_config(out)), out
+
+
+def test_card_of_a_run_with_procedural_samples(proc_run: tuple[Manifest, Path]) -> None:
     """The bundled sample run writes procedural chat samples: the card lists and plots them."""
-    manifest = run_build(make_config(tmp_path / "out"))
-    body = (tmp_path / "out" / "README.md").read_text()
+    manifest, out = proc_run
+    body = (out / "README.md").read_text()
     meta, _ = split_front_matter(body)
     names = [c["config_name"] for c in meta["configs"]]
     assert "procedural" in names and "procedural_eval" in names
     assert "images/dependency_distance.png" in body
-    samples = datasets.load_dataset(str(tmp_path / "out"), "procedural", split="train")
+    samples = datasets.load_dataset(str(out), "procedural", split="train")
     assert samples.num_rows == sum(e.rows for e in manifest.extra_configs["procedural"])
     assert str(max(samples["dependency_distance"])) in body.replace(",", "")
+
+
+def test_card_counts_questions_apart_from_samples(proc_run: tuple[Manifest, Path]) -> None:
+    """Issue 12.21: evaluation rows are questions, not samples; their tokens are prompt tokens."""
+    _, out = proc_run
+    chat = pq.read_table(out / "data/procedural").to_pylist()
+    evals = pq.read_table(out / "data/procedural_eval").to_pylist()
+    assert len(evals) > len(chat)  # several questions per multi_needle sample
+    body = split_front_matter((out / "README.md").read_text())[1]
+    tables = md_tables(body)
+    assert f"{len(chat):,} synthesized chat samples" in body
+    assert f"{len(evals):,} evaluation questions" in body
+    configs = {name(r["Config"]): r for r in tables["Configs"][0]}
+    assert num(configs["procedural"]["Rows"]) == len(chat)
+    assert num(configs["procedural"]["Tokens"]) == sum(r["length"] for r in chat)
+    assert num(configs["procedural_eval"]["Rows"]) == len(evals)
+    assert num(configs["procedural_eval"]["Tokens"]) == sum(r["prompt_tokens"] for r in evals) > 0
+
+    mix = tables["Task mix"][0]
+    assert {name(r["Config"]) for r in mix} == {"procedural"}
+    per_task = Counter(r["task"] for r in chat)
+    assert {r["Task"]: num(r["Samples"]) for r in mix} == dict(per_task)
+    questions = {r["Task"]: r for r in tables["Evaluation questions"][0]}
+    for task in per_task:
+        mine = [r for r in evals if r["task"] == task]
+        assert num(questions[task]["Questions"]) == len(mine)
+        assert num(questions[task]["Samples asked about"]) == len({r["sample_id"] for r in mine})
+        assert num(questions[task]["Prompt tokens"]) == sum(r["prompt_tokens"] for r in mine)
+
+    dist = png_data(out / "images/dependency_distance.png")
+    assert dist["totals"] == dict(per_task)  # one count per sample, not per sample + question
+    for task in per_task:
+        values = [r["dependency_distance"] for r in chat if r["task"] == task]
+        assert dist["series"][task] == np.histogram(values, bins=dist["edges"])[0].tolist()
+
+
+def test_procedural_section_is_tables_and_plots(proc_run: tuple[Manifest, Path]) -> None:
+    """Issue 12.23: no JSON dumps, no deep headings; histograms are plots of the samples' evidence."""
+    _, out = proc_run
+    body = split_front_matter((out / "README.md").read_text())[1]
+    section = body.split("### Procedural generation", 1)[1].split("\n## ", 1)[0]
+    assert "```" not in section and "\n#####" not in section
+    assert len(section.splitlines()) < 80
+    chat = pq.read_table(out / "data/procedural").to_pylist()
+    tasks = {r["Task"]: r for r in md_tables(section)["Dependency distance per task"][0]}
+    for task in {r["task"] for r in chat}:
+        dists = [q["dependency_distance"] for r in chat if r["task"] == task for q in r["questions"]]
+        assert num(tasks[task]["Questions"]) == len(dists)
+        assert float(tasks[task]["Max"].replace(",", "")) == max(dists)
+        assert float(tasks[task]["Min (tokens)"].replace(",", "")) == min(dists)
+    depth = png_data(out / "images/procedural_depth.png")
+    for task in {r["task"] for r in chat}:
+        depths = [e["depth"] for r in chat if r["task"] == task for e in r["evidence"]]
+        want = np.histogram(np.clip(depths, 0, 1), bins=10, range=(0, 1))[0].tolist()
+        assert depth["series"][task] == want
+    assert "images/procedural_depth.png" in section and "images/procedural_distance.png" in section
+
+
+def test_dataset_info_is_what_datasets_records(proc_run: tuple[Manifest, Path], tmp_path: Path) -> None:
+    """Issue 12.24: num_bytes/dataset_size/download_size equal what `datasets` computes on loading."""
+    from datasets.info import DatasetInfosDict
+
+    _, out = proc_run
+    card = DatasetCard.load(out / "README.md")
+    infos = DatasetInfosDict.from_dataset_card_data(card.data)
+    assert set(infos) >= {"pretrain_16384", "procedural", "procedural_eval", "audit_filtered"}
+    for config, info in infos.items():
+        # the README's dataset_info must not feed the figures back: load the files without it
+        files = sorted(
+            str(p)
+            for p in (out / ("audit" if config.startswith("audit_") else "data")).glob(
+                f"{config.removeprefix('audit_')}/*.parquet"
+            )
+        )
+        ds = datasets.load_dataset(
+            "parquet", data_files=files, split="train", cache_dir=str(tmp_path / config)
+        )
+        assert info.splits["train"].num_bytes == ds.info.splits["train"].num_bytes, config
+        assert info.dataset_size == ds.info.dataset_size, config
+        assert info.download_size == ds.info.download_size == sum(Path(f).stat().st_size for f in files)
+        assert info.splits["train"].num_examples == ds.num_rows
+
+
+def test_data_fields_usage_citation_and_sources(proc_run: tuple[Manifest, Path]) -> None:
+    """Issue 12.22: every column explained, a usage snippet that runs, citations of what was used."""
+    manifest, out = proc_run
+    meta, body = split_front_matter((out / "README.md").read_text())
+    fields = body.split("## Data fields", 1)[1].split("\n## ", 1)[0]
+    assert "(not documented)" not in fields
+    for entry in meta["configs"]:
+        first = sorted((out / entry["data_files"][0]["path"]).parent.glob("*.parquet"))[0]
+        for col in pq.read_schema(first).names:
+            assert f"| `{col}` |" in fields, (entry["config_name"], col)
+    assert fields.count("An example row") >= 4
+
+    # the usage snippet runs as printed (the repo id swapped for this folder)
+    code = body.split("## Using the data", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "streaming=True" in code
+    scope: dict[str, Any] = {}
+    exec(code.replace('"PATH/TO/THIS/FOLDER"', repr(str(out))), scope)
+    row = pq.read_table(next((out / "data/pretrain_16384").glob("*.parquet"))).slice(0, 1).to_pylist()[0]
+    bounds = sorted({0, row["length"]} | {s["row_token_start"] for s in row["segments"]})
+    if row["n_pad"]:
+        bounds = sorted(set(bounds) | {row["length"] - row["n_pad"]})
+    assert scope["cu_seqlens"].tolist() == bounds
+    pos = scope["position_ids"]
+    for s in row["segments"]:
+        assert (
+            pos[s["row_token_start"]] == 0
+            and pos[s["row_token_end"] - 1] == s["row_token_end"] - 1 - s["row_token_start"]
+        )
+
+    cite = body.split("## Citation", 1)[1]
+    for key in ("ding2024fewer", "hsieh2024ruler", "magic2024hashhop", "fu2024data"):
+        assert key in cite
+    assert "abbas2023semdedup" not in cite and "tirumala2023d4" not in cite  # no embedder in the sample
+    assert manifest.config_hash in cite
+    sources = {name(r["Source"]): r for r in md_tables(body)["Sources"][0]}
+    assert set(sources) == set(manifest.sources)
+    assert "https://spdx.org/licenses/CC-BY-SA-4.0.html" in sources["wiki"]["Licence"]
+    for heading in (
+        "## Personal and sensitive information",
+        "## Bias and representativeness",
+        "## Known limitations",
+    ):
+        assert heading in body
+
+
+def test_artifact_markdown_embeds_the_plots(proc_run: tuple[Manifest, Path]) -> None:
+    """Issue 12.26: the Prefect artifact carries its images (data URIs), not relative links."""
+    import base64
+
+    from pipeline.card import inline_images
+
+    _, out = proc_run
+    body = split_front_matter((out / "README.md").read_text())[1]
+    linked = re.findall(r"\]\((images/[^)]+\.png)\)", body)
+    assert linked
+    inlined = inline_images(out, body)
+    assert "](images/" not in inlined
+    uris = re.findall(r"\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", inlined)
+    assert [base64.b64decode(u) for u in uris] == [(out / p).read_bytes() for p in linked]

@@ -323,3 +323,182 @@ def test_flow_publish_stage(
             time.sleep(0.5)
             messages = asyncio.run(logs())
     assert_token_nowhere(token, [tmp_path], messages)
+
+
+# --- issue 11.8: publish.include_audit, and no documented config field without a reader -----------------
+
+
+def test_include_audit_false_keeps_the_audit_tables_home(out: Path, tmp_path: Path, token: str) -> None:
+    with HubServer(token) as hub:
+        cli = Cli(hub, tmp_path / "hf_home", token)
+        local_readme = (out / "README.md").read_bytes()
+        proc = cli.run("publish", str(out), "--repo-id", REPO, "--no-include-audit")
+        assert proc.returncode == 0, proc.stderr
+        tree = hub.files(REPO)
+        assert not [p for p in tree if p.startswith("audit/")]
+        meta, body = split_front_matter(hub.content(tree["README.md"]).decode())
+        assert not [c for c in meta["configs"] if c["config_name"].startswith("audit_")]
+        assert "not part of this repository" in body
+        assert (out / "README.md").read_bytes() == local_readme  # the local card is left alone
+
+        # the config's own setting is honoured too (here written into the run's manifest), and the
+        # audit files a previous publish uploaded are deleted from the hub's head
+        assert cli.run("publish", str(out), "--repo-id", REPO, "--include-audit").returncode == 0
+        assert [p for p in hub.files(REPO) if p.startswith("audit/")]
+        m = Manifest.model_validate_json((out / "manifest.json").read_text())
+        m.config["publish"] = {**m.config.get("publish", {}), "include_audit": False}
+        (out / "manifest.json").write_text(m.model_dump_json())
+        proc = cli.run("publish", str(out), "--repo-id", REPO)
+        assert proc.returncode == 0, proc.stderr
+        assert not [p for p in hub.files(REPO) if p.startswith("audit/")]
+        assert "  delete    audit/quarantine/" in proc.stdout  # raw input bytes leave the hub's head
+        assert not [
+            x for x in proc.stdout.splitlines() if x.startswith(("  add", "  update")) and "audit/" in x
+        ]
+
+
+def test_every_documented_config_field_has_a_reader() -> None:
+    """Each field `longloom schema` lists is read somewhere in pipeline/ or flows/ (attribute access,
+    a constant key of a dumped section, or getattr with a constant name): a documented field can
+    never again be silently ignored, as publish.include_audit was."""
+    import ast
+
+    from schemas.config import BuildConfig
+
+    schema = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "flows.cli", "schema"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    fields: dict[str, set[str]] = {}
+    for model, spec in [("BuildConfig", schema), *schema.get("$defs", {}).items()]:
+        for f in spec.get("properties", {}):
+            fields.setdefault(f, set()).add(model)
+    assert "include_audit" in fields and len(fields) > 100
+    assert set(BuildConfig.model_fields) <= set(fields)
+
+    read: set[str] = set()
+    for path in [*(ROOT / "pipeline").rglob("*.py"), *(ROOT / "flows").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute):  # cfg.publish.include_audit
+                read.add(node.attr)
+            elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):  # section["field"]
+                read.add(str(node.slice.value))
+            elif isinstance(node, ast.Call) and node.args:
+                func, args = node.func, node.args
+                if (
+                    isinstance(func, ast.Attribute)
+                    and func.attr in ("get", "pop")
+                    and isinstance(args[0], ast.Constant)
+                ):
+                    read.add(str(args[0].value))  # section.get("field")
+                elif (
+                    isinstance(func, ast.Name)
+                    and func.id == "getattr"
+                    and len(args) > 1
+                    and isinstance(args[1], ast.Constant)
+                ):
+                    read.add(str(args[1].value))  # getattr(section, "field")
+    dead = {f: sorted(models) for f, models in fields.items() if f not in read}
+    assert not dead, f"config fields nothing reads: {dead}"
+
+
+# --- issue 12.27-29: the card's figures, the repo id and the endpoint are checked before anything goes up --
+
+
+def test_hand_edited_figures_are_refused(out: Path, tmp_path: Path, token: str) -> None:
+    with HubServer(token) as hub:
+        cli = Cli(hub, tmp_path / "hf_home", token)
+        readme = (out / "README.md").read_text()
+        m = Manifest.model_validate_json((out / "manifest.json").read_text())
+        rows = m.targets[0].rows
+        name = m.targets[0].config_name
+        line = next(
+            x for x in readme.splitlines() if x.startswith(f"| `{name}` | packed pretraining rows | {rows} |")
+        )
+        edited = readme.replace(line, line.replace(f"| {rows} |", f"| {rows * 100:,} |", 1))
+        assert edited != readme
+        (out / "README.md").write_text(edited)
+        proc = cli.run("publish", str(out), "--repo-id", REPO)
+        assert proc.returncode == 2
+        err = proc.stderr.strip()
+        assert len(err.splitlines()) == 1 and f"{rows * 100:,}" in err and "longloom card" in err, err
+        assert not hub.repos and not hub.lfs_uploads()
+
+        # the YAML's row count is a figure too
+        meta_edit = readme.replace(f"num_examples: {rows}\n", f"num_examples: {rows * 100}\n", 1)
+        assert meta_edit != readme
+        (out / "README.md").write_text(meta_edit)
+        proc = cli.run("publish", str(out), "--repo-id", REPO)
+        assert proc.returncode == 2 and "dataset_info" in proc.stderr and not hub.repos
+
+        # prose added by hand is fine
+        (out / "README.md").write_text(readme + "\nA note added by hand.\n")
+        assert cli.run("publish", str(out), "--repo-id", REPO, "--dry-run").returncode == 0
+
+
+BAD_REPO_IDS = ["org/name--x", "org/name..x", "org/name.", "org/name.git", "org/" + "n" * 97]
+
+
+@pytest.mark.parametrize("repo_id", BAD_REPO_IDS)
+def test_repo_ids_the_hub_refuses_are_refused_here(
+    out: Path, tmp_path: Path, token: str, repo_id: str
+) -> None:
+    from schemas.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"publish\.repo_id"):
+        make_config(out, publish={"repo_id": repo_id})
+    with HubServer(token) as hub:
+        cli = Cli(hub, tmp_path / "hf_home", token)
+        for extra in (["--dry-run"], []):
+            proc = cli.run("publish", str(out), "--repo-id", repo_id, *extra)
+            assert proc.returncode == 2, (extra, proc.stdout)
+            assert repo_id in proc.stderr and "reach" not in proc.stderr
+            assert len(proc.stderr.strip().splitlines()) == 1
+        assert not hub.requests
+
+
+def test_unreachable_endpoint_fails_at_once_in_one_line(out: Path, tmp_path: Path, token: str) -> None:
+    """Issue 12.29: one attempt, one line; no back-off retries printed for a dead HF_ENDPOINT."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    port = server.getsockname()[1]
+    accepted: list[int] = []
+
+    def serve() -> None:  # accepts and hangs up at once: no HTTP answer ever comes
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    with HubServer(token) as hub:
+        cli = Cli(hub, tmp_path / "hf_home", token)
+        cli.env["HF_ENDPOINT"] = f"http://127.0.0.1:{port}"
+        proc = cli.run("publish", str(out), "--repo-id", REPO)
+    server.close()
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "cannot reach the hub" in err[0] and "HF_ENDPOINT" in err[0], proc.stderr
+    assert "Retrying" not in proc.stderr and len(accepted) == 1
+
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()  # nothing listens there now: connection refused
+    cli.env["HF_ENDPOINT"] = f"http://127.0.0.1:{dead_port}"
+    proc = cli.run("publish", str(out), "--repo-id", REPO)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    dry = cli.run("publish", str(out), "--repo-id", REPO, "--dry-run")
+    assert dry.returncode == 0 and "could not be reached" in dry.stdout and "Retrying" not in dry.stderr

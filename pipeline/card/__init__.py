@@ -40,6 +40,7 @@ __all__ = [
     "dataset_configs",
     "headline_rows",
     "include_audit_of",
+    "inline_images",
     "load_manifest",
     "split_front_matter",
     "write_card",
@@ -349,6 +350,25 @@ def _audit_check(manifest: Manifest, a: TableStats) -> CardCheck:
         +in_table == +counted,
         f"{n(sum(in_table.values()))} rows in the table, {n(sum(counted.values()))} in the manifest",
     )
+
+
+def inline_images(out: Path, markdown: str) -> str:
+    """The card body with every `images/*.png` link replaced by a data URI of the file.
+
+    Prefect's UI renders an artifact's Markdown outside the output folder, so relative links show
+    as broken images there; embedded, the plots travel with the artifact (a few tens of KB each).
+    """
+    import base64
+    import re
+
+    def embed(m: re.Match[str]) -> str:
+        path = out / m.group(2)
+        if not path.is_file():
+            return m.group(0)
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f"![{m.group(1)}](data:image/png;base64,{data})"
+
+    return re.sub(r"!\[([^\]]*)\]\((images/[^)\s]+\.png)\)", embed, markdown)
 
 
 def headline_rows(manifest: Manifest) -> list[dict[str, Any]]:
