@@ -30,6 +30,7 @@ def hay(tok):  # type: ignore[no-untyped-def]
     wiki = [t for t in sample_docs().values() if len(t) < 100_000][:1500]
     return Haystack.from_documents(tok, wiki)
 
+
 MIXED = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
@@ -86,7 +87,9 @@ def test_ordered_credit_is_per_item() -> None:
     assert grade("Ab3", chain, "ordered", q, "hash_chain").score == 0.0
     assert grade("Ab3 → Ab3 → Ab3", chain, "ordered", q, "hash_chain").score == 0.0
     # repeating a right hop does not add credit, and extra items dilute it
-    assert grade("Ab3 → cD4 → cD4 → cD4 → cD4", chain, "ordered", q, "hash_chain").score == pytest.approx(1 / 4)
+    assert grade("Ab3 → cD4 → cD4 → cD4 → cD4", chain, "ordered", q, "hash_chain").score == pytest.approx(
+        1 / 4
+    )
 
 
 def test_set_credit_counts_each_item_once() -> None:
@@ -126,7 +129,10 @@ def test_repetition_and_echo_never_raise_the_score(n: int, picks: list[int], rep
 
 def _ruler_reference(preds: list[str], refs: list[list[str]]) -> tuple[float, float]:
     """RULER's string_match_all / string_match_part in percent, computed here with regular expressions."""
-    found = [[re.search(re.escape(r), p, flags=re.IGNORECASE) is not None for r in ref] for p, ref in zip(preds, refs, strict=True)]
+    found = [
+        [re.search(re.escape(r), p, flags=re.IGNORECASE) is not None for r in ref]
+        for p, ref in zip(preds, refs, strict=True)
+    ]
     all_ = 100 * sum(sum(f) / len(f) for f in found) / len(found)
     part = 100 * sum(1.0 if any(f) else 0.0 for f in found) / len(found)
     return round(all_, 2), round(part, 2)
