@@ -1043,9 +1043,9 @@ def _try_context(
     tail = _fit_tail(hay, s, remaining, terminator)
     if tail is None:
         return None
-    e_char, tail_ids = tail
+    e_char, filler, tail_ids = tail
     c_s = int(cs[s])
-    tail_text = hay.text[c_s:e_char] + terminator
+    tail_text = hay.text[c_s:e_char] + filler + terminator
     if e_char > c_s:
         n_hay = len(hay.text[c_s:e_char])
         # token span of the haystack chars inside the window (the terminator may share the last token)
@@ -1059,11 +1059,18 @@ def _try_context(
     return _Context("".join(text_parts), ids, placed, runs)
 
 
-def _fit_tail(hay: Haystack, s: int, want: int, terminator: str) -> tuple[int, np.ndarray] | None:
-    """A char end e such that tok(hay.text[cs[s]:e] + terminator) has exactly `want` tokens.
+# Whitespace-only fillers put between a haystack cut at a word end and the terminator, to make up
+# the one to three tokens by which the nearest word ends miss the exact size (no visible text added).
+_TAIL_FILLERS = ("", "\n ", " \n ", "\n \n ", " \n \n ", "\n \n \n ")
+
+
+def _fit_tail(hay: Haystack, s: int, want: int, terminator: str) -> tuple[int, str, np.ndarray] | None:
+    """A char end e and a whitespace filler f such that tok(hay.text[cs[s]:e] + f + terminator) has
+    exactly `want` tokens, with e at a word end (a sentence end where one fits): the context never
+    stops mid-word. None when no such end is near; the caller then starts the context a line later.
 
     Candidates are tried near the haystack's own token boundaries first (cheap: each try tokenizes
-    only the short window), preferring ends at a word boundary so the context does not stop mid-word.
+    only the short window), then at word ends near the estimate, with fillers of whitespace.
     """
     tok, text, cs = hay.tok, hay.text, hay.char_starts
     c_s = int(cs[s])
@@ -1071,38 +1078,35 @@ def _fit_tail(hay: Haystack, s: int, want: int, terminator: str) -> tuple[int, n
     k0 = s + want - n_term
     if k0 < s:
         return None
-    cache: dict[int, np.ndarray] = {}
+    cache: dict[tuple[int, str], np.ndarray] = {}
 
-    def count(e: int) -> np.ndarray:
-        if e not in cache:
-            cache[e] = tok.encode(text[c_s:e] + terminator)
-        return cache[e]
+    def count(e: int, f: str = "") -> np.ndarray:
+        if (e, f) not in cache:
+            cache[(e, f)] = tok.encode(text[c_s:e] + f + terminator)
+        return cache[(e, f)]
 
     def word_end(e: int) -> bool:
         return e >= len(text) or text[e].isspace() or (e > 0 and text[e - 1] in ".,;:!?)]}\"'")
 
-    hits: list[int] = []
+    def sentence_end(e: int) -> bool:
+        return e > 0 and text[e - 1] in ".!?" and (e >= len(text) or text[e].isspace())
+
     for radius in (4, 16, 64):
         lo, hi = max(s, k0 - radius), min(len(hay), k0 + radius)
-        hits = [int(cs[k]) for k in range(lo, hi + 1) if len(count(int(cs[k]))) == want]
-        good = [e for e in hits if word_end(e)]
+        ends = [int(cs[k]) for k in range(lo, hi + 1) if word_end(int(cs[k]))]
+        good = [e for e in ends if len(count(e)) == want]
         if good:
             centre = int(cs[min(k0, len(hay))])
-            e = min(good, key=lambda x: (abs(x - centre), x))
-            return e, count(e)
-        if hits:
-            break
-    # char positions near the estimate: word ends first, then anywhere (ends inside a word)
+            e = min(good, key=lambda x: (not sentence_end(x), abs(x - centre), x))
+            return e, "", count(e)
+    # word ends near the estimate, sentence ends first, each with the fillers in turn
     centre = int(cs[min(max(k0, s), len(hay))])
-    near = [e for d in range(400) for e in (centre + d, centre - d) if c_s <= e <= len(text)]
-    for e in (x for x in near if word_end(x)):
-        if len(count(e)) == want:
-            return e, count(e)
-    if hits:
-        return hits[0], count(hits[0])
-    for e in near:
-        if len(count(e)) == want:
-            return e, count(e)
+    near = [e for d in range(400) for e in (centre + d, centre - d) if c_s <= e <= len(text) and word_end(e)]
+    near.sort(key=lambda e: (not sentence_end(e), abs(e - centre)))
+    for f in _TAIL_FILLERS:
+        for e in near:
+            if len(count(e)) <= want and len(count(e, f)) == want:
+                return e, f, count(e, f)
     return None
 
 

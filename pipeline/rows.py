@@ -282,12 +282,12 @@ def build_rows(
     content_len = np.maximum(content_end - start, 0)
     sep = end > n_tok
     foot_len = end - start
-    seg_out = np.cumsum(foot_len) - foot_len
-    n_flat = int(foot_len.sum())
-    assert n_flat + n_pad_last == n_rows * L, "layout does not fill its rows exactly"
-    flat = np.empty(n_rows * L, np.int32)
+    # any row may end in padding (packing's cutting rule), so segments go to their row's offset
+    seg_out = row * L + row_start
+    n_pad = (L - np.bincount(row, weights=foot_len, minlength=n_rows)).astype(np.int32)
+    assert np.all(n_pad >= 0) and n_pad_last in (0, int(n_pad[-1])), "layout does not fit its rows"
+    flat = np.full(n_rows * L, pad_id, np.int32)
     flat[(seg_out + content_len)[sep]] = sep_id
-    flat[n_flat:] = pad_id
     store.fill(flat, seg_out, shard, tok_start + start, content_len)
     row_offsets = np.arange(n_rows + 1, dtype=np.int32) * L
     input_ids = pa.ListArray.from_arrays(pa.array(row_offsets), pa.array(flat, pa.int32()))
@@ -334,9 +334,6 @@ def build_rows(
     seg_offsets = np.r_[0, np.cumsum(seg_counts)].astype(np.int32)
     seg_lists = pa.ListArray.from_arrays(pa.array(seg_offsets), segments)
 
-    n_pad = np.zeros(n_rows, np.int32)
-    if n_pad_last:
-        n_pad[-1] = n_pad_last
     columns: dict[str, pa.Array] = {
         "row_id": pa.array([f"{plan.config_name}-{first_row + i:09d}" for i in range(n_rows)], pa.string()),
         "input_ids": input_ids,
@@ -355,7 +352,7 @@ def build_rows(
     stats.content += int(content_len.sum())
     stats.separators += int(sep.sum())
     stats.splits += int(is_split.sum())
-    stats.pads += n_pad_last
+    stats.pads += int(n_pad.sum())
     return pa.table(columns, schema=row_schema(cfg.output.store_text))
 
 

@@ -256,7 +256,7 @@ def _order(
         from pipeline.diversity import similarity_order
 
         order, sims = similarity_order(cfg, idx, members, target_length=target_length)
-        return members[order], sims, "similarity@1"
+        return members[order], sims, "similarity@2"  # @2: greedy layout with the cutting rule
     if cfg.packing.doc_order == "shuffle":
         rng = np.random.default_rng(cfg.run.seed)
         return members[rng.permutation(len(members))], None, ""
@@ -266,8 +266,10 @@ def _order(
 def _layout(cfg: BuildConfig, footprints: np.ndarray, L: int) -> Layout:
     p = cfg.packing
     if p.strategy == "best_fit":
-        return pack_best_fit(footprints, L, p.last_row, p.open_bins, p.lookahead_docs)
-    return pack_greedy(footprints, L, p.last_row)
+        return pack_best_fit(
+            footprints, L, p.last_row, p.open_bins, p.lookahead_docs, min_piece=p.min_piece_tokens
+        )
+    return pack_greedy(footprints, L, p.last_row, min_piece=p.min_piece_tokens)
 
 
 def select_and_layout(cfg: BuildConfig, work: WorkDir, prepared: list[PrepareResult]) -> SelectResult:

@@ -157,6 +157,14 @@ class PackingConfig(Strict):
     doc_order: Literal["input", "shuffle"] = "input"
     open_bins: int = Field(default=1024, ge=1, le=65536, description="best_fit: rows kept open at once.")
     lookahead_docs: int = Field(default=16384, ge=1, description="best_fit: documents sorted together.")
+    min_piece_tokens: int = Field(
+        default=64,
+        ge=1,
+        description=(
+            "Smallest piece a cut may leave (at most half a row). A document that fits in a row is cut "
+            "at most once; where no cut keeps this minimum, the row ends in padding. 1: cut anywhere."
+        ),
+    )
 
     @field_validator("targets")
     @classmethod

@@ -138,7 +138,11 @@ class ProceduralConfig(_Strict):
     )
     seed: int | None = Field(default=None, description="Default: run.seed.")
     depth_range: tuple[float, float] = Field(
-        default=(0.0, 1.0), description="Evidence depths are spread evenly over this part of the context."
+        default=(0.0, 0.8),
+        description=(
+            "Evidence depths are spread evenly over this part of the context. The default leaves the "
+            "last 20% out, so every answer sits well before the question."
+        ),
     )
     samples_per_batch: int = Field(default=16, ge=1, description="Samples per flow task and output file.")
     config_name: str = Field(default="procedural", pattern=r"^[a-z0-9][a-z0-9_]*$")

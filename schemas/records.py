@@ -134,7 +134,7 @@ SEGMENT_TYPE = pa.struct(
         pa.field("separator_after", pa.bool_()),
         pa.field("is_split", pa.bool_()),  # the document does not sit whole in this row
         pa.field("part", pa.int32()),  # 0-based index of this piece among the document's pieces
-        pa.field("placed_by", pa.string()),  # versioned packing step, e.g. "best_fit@1"
+        pa.field("placed_by", pa.string()),  # versioned packing step, e.g. "best_fit@2"
         pa.field("neighbor_similarity", pa.float32()),  # cosine to the previous segment (similarity packing)
     ]
 )

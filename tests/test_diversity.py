@@ -279,7 +279,7 @@ def test_similarity_packing_puts_related_documents_side_by_side(
     sim = run_build(sim_cfg)
     greedy_cfg = corpus.config(tmp_path / "greedy", cache)
     greedy = run_build(greedy_cfg)
-    assert sim.ok and greedy.ok and sim.targets[0].strategy == "similarity@1"
+    assert sim.ok and greedy.ok and sim.targets[0].strategy == "similarity@2"
     vecs = doc_vectors(tmp_path / "sim", sim_cfg)
     s, g = row_neighbor_similarity(tmp_path / "sim", vecs), row_neighbor_similarity(tmp_path / "greedy", vecs)
     assert s > g + 0.1, (s, g)
@@ -290,7 +290,7 @@ def test_similarity_packing_puts_related_documents_side_by_side(
         for row in pq.read_table(f, columns=["segments"]).column("segments").to_pylist()
         for seg in row
     ]
-    assert {x["placed_by"] for x in segs} == {"similarity@1"}
+    assert {x["placed_by"] for x in segs} == {"similarity@2"}
     recorded = [x["neighbor_similarity"] for x in segs]
     assert recorded[0] is None and all(v is not None for v in recorded[1:])
     prev = [segs[i - 1]["doc_id"] for i in range(1, len(segs))]
@@ -465,4 +465,4 @@ def test_flow_with_diversity_reconciles(tmp_path: Path, prefect_harness: None) -
     assert d["embedding"]["partial_documents"] > 0  # the books are embedded from spread-out chunks
     n_pruned = sum(f.rows for f in m.audit["pruned"])
     assert n_pruned == sum(d["pruned_by_rule"].values()) > 0
-    assert {t.strategy for t in m.targets} == {"similarity@1"}
+    assert {t.strategy for t in m.targets} == {"similarity@2"}

@@ -258,7 +258,8 @@ def test_grading_right_and_wrong_answers() -> None:
     assert not grade("alpha, alpha", ["alpha"], "set").correct
     assert grade("a1 → b2 → c3", ["a1", "b2", "c3"], "ordered").correct
     swapped = grade("a1 → c3 → b2", ["a1", "b2", "c3"], "ordered")
-    assert not swapped.correct and swapped.score == pytest.approx(1 / 3)
+    # per-item credit: the longest common subsequence keeps two of three (issue 12.17)
+    assert not swapped.correct and swapped.score == pytest.approx(2 / 3)
     assert not grade(None, ["x"], "exact").correct
     assert items("1. apple\n2. pear and plum") == ["apple", "pear", "plum"]
 

@@ -26,7 +26,7 @@ from pipeline.workdir import WorkDir
 from schemas.config import BuildConfig
 from schemas.diversity import IndexConfig
 
-ORDER_STEP = "similarity@1"
+ORDER_STEP = "similarity@2"
 
 
 def nn_path(

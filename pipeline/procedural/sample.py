@@ -18,7 +18,7 @@ import numpy as np
 from pipeline.chat import AssembledChat, ChatTemplate, Haystack, LengthCounts, Piece, assemble_chat
 from pipeline.procedural.base import Draft
 
-ASSEMBLY_STEP = "chat_assembly@1"
+ASSEMBLY_STEP = "chat_assembly@2"  # @2: the haystack is cut at a word end (issue 12.20)
 
 
 @dataclass

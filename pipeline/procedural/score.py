@@ -1,16 +1,29 @@
 """Grade a model's answers to the evaluation export: exact, set or ordered match per question.
 
 Predictions are JSONL lines `{"eval_id": ..., "prediction": ...}` (`id` / `answer` are accepted too).
-Answers are compared after light normalisation (case, surrounding whitespace and punctuation, an
-"Answer:" lead-in); set and ordered answers are split on commas, semicolons, line breaks, arrows and
-" and ". Scores are reported per task, per target length and per depth bucket of the evidence.
+Answers are compared after light normalisation (surrounding whitespace and punctuation, an "Answer:"
+lead-in); set and ordered answers are split on commas, semicolons, line breaks, arrows and " and ".
+Case is ignored only for answers made of plain words: hashes, ids, codes and variable names compare
+case-sensitively (a case-swapped hash is a different hash).
+
+Partial credit (`mean_score`) is per item and cannot be gamed: each expected item counts once however
+often it is repeated, extra items lower the score, and items the question itself gives (a chain's
+start hash) earn nothing. Set answers score matched / max(expected, predicted) with multiplicity;
+ordered answers score the longest common subsequence (of first mentions) / max(expected, predicted),
+so one wrong hop costs one item instead of everything after it.
+
+Beside these strict scores the report carries RULER's metrics (Hsieh et al. 2024, "RULER: What's
+the Real Context Size of Your Long-Context Language Models?"), named as such and in percent as RULER
+publishes them: `ruler_string_match_all` (share of the reference answers found, case-insensitively,
+as substrings of the free-text prediction) and `ruler_string_match_part` (1 if any is found).
+Scores are reported per task, per target length and per depth bucket of the evidence.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,20 +34,37 @@ import pyarrow.dataset as ds
 _LEAD = re.compile(r"^\s*(?:the\s+)?(?:final\s+)?answer\s*(?:is)?\s*[:\-]?\s*", re.I)
 _SPLIT = re.compile(r"\s*(?:,|;|\n|→|->|=>|\band\b)\s*", re.I)
 _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
+_WORDS = re.compile(r"[a-z]+(?:[ '-][a-z]+)*")
+
+# Tasks whose answers are identifiers (hashes, codes, numbers, variable names): compared with case.
+CASE_SENSITIVE_TASKS = {"hash_chain", "multi_needle", "variable_tracking"}
 
 
-def normalize(s: str) -> str:
+def case_sensitive(task: str, expected: list[str]) -> bool:
+    """Whether answers of this question compare with case.
+
+    Known identifier tasks always do; for other tasks, any expected item that is not plain lowercase
+    words (a capital or a digit in it: an id, a code, a hash) makes the question case-sensitive.
+    """
+    if task in CASE_SENSITIVE_TASKS:
+        return True
+    return not all(_WORDS.fullmatch(e.strip().strip(".")) for e in expected)
+
+
+def normalize(s: str, keep_case: bool = False) -> str:
     s = _LEAD.sub("", s.strip())
-    s = re.sub(r"\s+", " ", s).strip().lower()
+    s = re.sub(r"\s+", " ", s).strip()
+    if not keep_case:
+        s = s.lower()
     return s.strip(" .,;:!?\"'`*()[]{}")
 
 
-def items(s: str) -> list[str]:
+def items(s: str, keep_case: bool = False) -> list[str]:
     """The list a model wrote, as normalised items, in order."""
     s = _LEAD.sub("", s.strip())
     out = []
     for part in _SPLIT.split(s):
-        part = normalize(_BULLET.sub("", part))
+        part = normalize(_BULLET.sub("", part), keep_case)
         if part:
             out.append(part)
     return out
@@ -44,33 +74,69 @@ def items(s: str) -> list[str]:
 class Grade:
     correct: bool
     score: float  # partial credit in [0, 1]
+    ruler_all: float = 0.0  # RULER string_match_all for this question, in [0, 1]
+    ruler_part: float = 0.0  # RULER string_match_part for this question, 0 or 1
 
 
-def grade(prediction: str | None, expected: list[str], match: str) -> Grade:
-    """Grade one answer. exact: equals one of `expected`; set: the same items in any order; ordered:
-    the same items in the same order. Partial credit: set -> overlap / max(sizes), ordered -> matching
-    leading items / expected length."""
+def ruler_string_match(prediction: str, expected: list[str]) -> tuple[float, float]:
+    """RULER's two metrics for one question: share of references found in the prediction, any found.
+
+    As in RULER's evaluation: each reference, lowercased, is looked for as a substring of the
+    lowercased prediction.
+    """
+    if not expected:
+        return 0.0, 0.0
+    pred = prediction.lower()
+    found = [r.lower() in pred for r in expected]
+    return sum(found) / len(expected), float(any(found))
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence (dynamic programming, one row kept)."""
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def grade(
+    prediction: str | None, expected: list[str], match: str, question: str = "", task: str = ""
+) -> Grade:
+    """Grade one answer. exact: equals one of `expected`; set: the same items in any order, each once;
+    ordered: the same items in the same order. `question` names items the model is given (they earn
+    no partial credit); `task` decides case-sensitivity (see `case_sensitive`)."""
+    if match not in ("exact", "set", "ordered"):
+        raise ValueError(f"unknown match kind {match!r}; expected exact, set or ordered")
     if prediction is None:
         return Grade(False, 0.0)
-    want = [normalize(e) for e in expected]
+    r_all, r_part = ruler_string_match(prediction, expected)
+    keep = case_sensitive(task, expected)
+    want = [normalize(e, keep) for e in expected]
     if match == "exact":
-        got = normalize(prediction)
-        ok = got in want or (len(items(prediction)) == 1 and items(prediction)[0] in want)
-        return Grade(ok, 1.0 if ok else 0.0)
-    got_items = items(prediction)
+        got = normalize(prediction, keep)
+        one = items(prediction, keep)
+        ok = got in want or (len(one) == 1 and one[0] in want)
+        return Grade(ok, 1.0 if ok else 0.0, r_all, r_part)
+    got_items = items(prediction, keep)
+    ok = sorted(got_items) == sorted(want) if match == "set" else got_items == want
+    # items given in the question are neither credited nor counted as extras
+    asked = normalize(question, keep) if question else ""
+    given = {w for w in want if w and re.search(rf"(?<!\w){re.escape(w)}(?!\w)", asked)}
+    w_rest = [w for w in want if w not in given]
+    g_rest = [g for g in got_items if g not in given]
+    if not w_rest:
+        return Grade(ok, 1.0 if ok else 0.0, r_all, r_part)
+    # set: multiset overlap (a repeated item matches once); ordered: longest common subsequence of
+    # the items' first mentions (repeating items must not let the subsequence pick a better order)
     if match == "set":
-        g, w = set(got_items), set(want)
-        ok = g == w and len(got_items) == len(g)
-        return Grade(ok, len(g & w) / max(len(g), len(w), 1))
-    if match == "ordered":
-        prefix = 0
-        for a, b in zip(got_items, want, strict=False):
-            if a != b:
-                break
-            prefix += 1
-        ok = got_items == want
-        return Grade(ok, prefix / max(len(want), 1) if not ok else 1.0)
-    raise ValueError(f"unknown match kind {match!r}; expected exact, set or ordered")
+        hit = sum((Counter(g_rest) & Counter(w_rest)).values())
+    else:
+        hit = _lcs(list(dict.fromkeys(g_rest)), w_rest)
+    score = 1.0 if ok else hit / max(len(w_rest), len(g_rest))
+    return Grade(ok, score, r_all, r_part)
 
 
 @dataclass
@@ -78,17 +144,24 @@ class Bucket:
     n: int = 0
     correct: int = 0
     score: float = 0.0
+    ruler_all: float = 0.0
+    ruler_part: float = 0.0
 
     def add(self, g: Grade) -> None:
         self.n += 1
         self.correct += int(g.correct)
         self.score += g.score
+        self.ruler_all += g.ruler_all
+        self.ruler_part += g.ruler_part
 
     def as_dict(self) -> dict[str, Any]:
+        """Strict accuracy and per-item mean score in [0, 1]; RULER's metrics in percent, as RULER reports them."""
         return {
             "n": self.n,
             "accuracy": round(self.correct / self.n, 4) if self.n else None,
             "mean_score": round(self.score / self.n, 4) if self.n else None,
+            "ruler_string_match_all": round(100 * self.ruler_all / self.n, 2) if self.n else None,
+            "ruler_string_match_part": round(100 * self.ruler_part / self.n, 2) if self.n else None,
         }
 
 
@@ -113,6 +186,12 @@ class ScoreReport:
         }
 
 
+def question_text(prompt: list[dict[str, Any]]) -> str:
+    """The question of an eval prompt: its last message, after the context if the context is there
+    (the context ends with a blank line, and questions hold none)."""
+    return str(prompt[-1]["content"]).rsplit("\n\n", 1)[-1] if prompt else ""
+
+
 def _depth_bucket(d: float) -> str:
     lo = min(int(d * 10), 9) / 10
     return f"{lo:.1f}-{lo + 0.1:.1f}"
@@ -121,14 +200,16 @@ def _depth_bucket(d: float) -> str:
 def score_table(table: pa.Table, predictions: dict[str, str]) -> ScoreReport:
     """Grade every question of an EVAL_SCHEMA table against `predictions` (eval_id -> answer)."""
     rep = ScoreReport()
-    cols = table.select(["eval_id", "task", "expected", "match", "depth", "target_length"]).to_pylist()
+    cols = table.select(
+        ["eval_id", "task", "prompt", "expected", "match", "depth", "target_length"]
+    ).to_pylist()
     seen = set()
     for r in cols:
         seen.add(r["eval_id"])
         pred = predictions.get(r["eval_id"])
         if pred is None:
             rep.missing += 1
-        g = grade(pred, r["expected"], r["match"])
+        g = grade(pred, r["expected"], r["match"], question_text(r["prompt"]), r["task"])
         rep.grades[r["eval_id"]] = g
         for b in (
             rep.overall,
