@@ -36,6 +36,7 @@ from pipeline.workdir import WorkDir
 from schemas.config import BuildConfig, ConfigError
 from tests.conftest import make_config
 from tests.openai_server import FakeOpenAIServer, FaultRule
+from tests.secretscan import assert_no_secrets
 
 KEY = "sk-longloom-test-7f3a9c1e5d"
 SAMPLE_LENGTH = 2048
@@ -133,12 +134,8 @@ def assert_reconciles(stats: dict[str, Any], requested: int) -> None:
 
 
 def assert_no_key(out: Path, *texts: str, key: str = KEY) -> None:
-    needle = key.encode()
-    for p in out.rglob("*"):
-        if p.is_file():
-            assert needle not in p.read_bytes(), f"API key written to {p}"
-    for t in texts:
-        assert key not in t
+    """No trace of the key in the output folder (read by kind: see tests.secretscan) or the texts."""
+    assert_no_secrets([out], [key], {f"text {i}": t for i, t in enumerate(texts)})
 
 
 # --- small pieces ---------------------------------------------------------------------------------------
