@@ -12,10 +12,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from schemas.diversity import DiversityConfig
 from schemas.publish import CardConfig, PublishConfig
+from schemas.redact import redact_url
 from schemas.synthesis import ProceduralConfig, RewriterConfig
 
 SourceName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)]
@@ -289,6 +298,8 @@ def _describe(err: ValidationError, origin: str) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         got = e.get("input")
+        if isinstance(got, str) and "://" in got:
+            got = redact_url(got)  # a URL in an error message must not show its credentials
         shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
@@ -307,9 +318,24 @@ def parse_config(data: dict[str, Any], base_dir: str | Path = ".", origin: str =
         raise ConfigError(_describe(err, origin)) from None
 
 
+def _unmasked(value: Any) -> Any:
+    """A python-mode dump with every SecretStr replaced by the secret it holds (never by its mask)."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, dict):
+        return {k: _unmasked(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_unmasked(v) for v in value]
+    return value
+
+
 def with_overrides(cfg: BuildConfig, section: str, **values: Any) -> BuildConfig:
-    """A copy of `cfg` with some fields of one section replaced, validated like the YAML was."""
-    data = cfg.model_dump(mode="json")
+    """A copy of `cfg` with some fields of one section replaced, validated like the YAML was.
+
+    The copy starts from a python-mode dump with secrets unwrapped: a JSON dump masks a SecretStr as
+    "**********" (and redacts URLs), and the copy would then send the mask instead of the user's key.
+    """
+    data = _unmasked(cfg.model_dump())
     data[section] = {**data[section], **{k: v for k, v in values.items() if v is not None}}
     try:
         return BuildConfig.model_validate(data)

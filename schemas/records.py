@@ -278,7 +278,7 @@ REWRITER_AUDIT_SCHEMA = pa.schema(
         pa.field("prompt_hash", pa.string()),
         pa.field("seed", pa.int64()),
         pa.field("context_row", pa.string()),  # the packed row the context came from
-        pa.field("attempts", pa.int32()),  # HTTP requests made (0: served from the cache or never sent)
+        pa.field("attempts", pa.int32()),  # requests the recorded answer took (failed: this run's; 0: never sent)
         pa.field("raw_response", pa.large_string()),  # the model's answer as received (secrets redacted)
     ],
     metadata={"longloom.table": "rewriter_audit@1"},

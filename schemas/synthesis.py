@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from schemas.procedural import ProceduralConfig as ProceduralConfig  # issue 4: the `procedural:` section
+from schemas.redact import has_userinfo, redact_url
 
 # --- LLM rewriter (issue 5) ------------------------------------------------------------------------------
 
@@ -78,7 +87,11 @@ class RewriterConfig(BaseModel):
 
     enabled: bool = False
     # endpoint
-    base_url: str = Field(default="http://127.0.0.1:8080/v1", description="OpenAI-compatible base URL.")
+    base_url: str = Field(
+        default="http://127.0.0.1:8080/v1",
+        description="OpenAI-compatible base URL. Query parameters are sent with every request and "
+        "masked wherever the URL is recorded; user:password@ is refused (use api_key_env).",
+    )
     model: str = Field(default="default", description="Model name sent to the endpoint.")
     api_key_env: str | None = Field(
         default="LONGLOOM_REWRITER_API_KEY",
@@ -144,8 +157,26 @@ class RewriterConfig(BaseModel):
     @field_validator("api_key", mode="before")
     @classmethod
     def _key_as_text(cls, v: object) -> object:
-        # Coerce before validation so a malformed key is never echoed in a validation error.
-        return None if v is None else SecretStr(str(v))
+        # Coerce before validation so a malformed key is never echoed in a validation error; a
+        # SecretStr stays itself (str() of it is the mask, which must never replace the key).
+        return v if v is None or isinstance(v, SecretStr) else SecretStr(str(v))
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_userinfo(cls, v: str) -> str:
+        # httpx would send user:password@ as Basic auth instead of the API key, and the URL is recorded
+        # in many places: refuse it rather than guess which credential the user meant.
+        if has_userinfo(v):
+            raise ValueError(
+                "credentials in the URL (user:password@host) are not supported; remove them and put "
+                "the key in the environment variable named by rewriter.api_key_env"
+            )
+        return v
+
+    @field_serializer("base_url", when_used="json")
+    def _recorded_url(self, v: str) -> str:
+        # JSON dumps are what gets recorded (manifest, card, config hash, Prefect parameters): no secrets.
+        return redact_url(v)
 
     @field_validator("chunk_depths")
     @classmethod

@@ -6,7 +6,12 @@ rewriter templates embed), so the same prompt always gets the same answer, whate
 
 Faults are scripted per prompt: a `FaultRule` matches prompts (a substring or a predicate) and lists
 what successive attempts of one prompt get: "429:<retry-after seconds>", "500", "503", "401",
-"hang:<seconds>", "invalid_json", "bad_quote", "quote:<text>" (use this evidence quote), or "ok".
+"hang:<seconds>", "invalid_json", "bad_quote", "quote:<text>" (use this evidence quote), or "ok";
+"empty_choices" (a 200 whose `choices` is empty), "drip:<seconds>" (a good answer whose body is sent
+in small pieces spread over that many seconds: every read is quick, the whole is slow), and
+"echo_key" (a good answer that also quotes the Authorization header and the query string it got).
+
+`peak_in_flight` is the most requests the server was handling at once.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class Call:
     action: str
     authorization: str
     body: dict[str, Any]
+    path: str = ""  # request path with its query string
 
 
 def _sentences(text: str) -> list[str]:
@@ -153,6 +159,8 @@ class FakeOpenAIServer:
         self._stop = threading.Event()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self.in_flight = 0
+        self.peak_in_flight = 0
 
     @property
     def base_url(self) -> str:
@@ -172,12 +180,24 @@ class FakeOpenAIServer:
             def do_POST(self) -> None:
                 n = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(n) or b"{}")
-                server._handle(self, body)
+                if not self.path.split("?", 1)[0].endswith("/v1/chat/completions"):
+                    self._send(404, {"error": {"message": f"no route {self.path.split('?', 1)[0]}"}})
+                    return
+                with server._lock:
+                    server.in_flight += 1
+                    server.peak_in_flight = max(server.peak_in_flight, server.in_flight)
+                try:
+                    server._handle(self, body)
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
 
             def do_GET(self) -> None:
                 self._send(200, {"object": "list", "data": [{"id": server.model, "object": "model"}]})
 
-            def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+            def _send(
+                self, status: int, payload: Any, headers: dict[str, str] | None = None, drip: float = 0.0
+            ) -> None:
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -186,7 +206,16 @@ class FakeOpenAIServer:
                     self.send_header(k, v)
                 self.end_headers()
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    self.wfile.write(data)
+                    if not drip:
+                        self.wfile.write(data)
+                        return
+                    # 20 pieces, one every drip/20 seconds: each read returns quickly
+                    step = max(1, -(-len(data) // 20))
+                    for i in range(0, len(data), step):
+                        self.wfile.write(data[i : i + step])
+                        self.wfile.flush()
+                        if server._stop.wait(drip / 20):
+                            return
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
@@ -230,9 +259,10 @@ class FakeOpenAIServer:
         prompt = "\n".join(m.get("content", "") for m in body.get("messages", []))
         ph = hashlib.sha256(prompt.encode()).hexdigest()
         auth = h.headers.get("Authorization", "")
+        path = h.path
         if self.api_key is not None and auth != f"Bearer {self.api_key}":
             with self._lock:
-                self.calls.append(Call(time.time(), ph, "unauthorized", auth, body))
+                self.calls.append(Call(time.time(), ph, "unauthorized", auth, body, path))
             # Like some real endpoints, echo the key that was sent: the client must redact it.
             got = auth.removeprefix("Bearer ")
             h._send(
@@ -242,7 +272,7 @@ class FakeOpenAIServer:
             return
         if self.refuse_json_mode and "response_format" in body:
             with self._lock:
-                self.calls.append(Call(time.time(), ph, "400", auth, body))
+                self.calls.append(Call(time.time(), ph, "400", auth, body, path))
             h._send(
                 400,
                 {"error": {"message": "response_format is not supported", "type": "invalid_request_error"}},
@@ -250,7 +280,7 @@ class FakeOpenAIServer:
             return
         action = self._action(prompt, ph)
         with self._lock:
-            self.calls.append(Call(time.time(), ph, action, auth, body))
+            self.calls.append(Call(time.time(), ph, action, auth, body, path))
         if self.latency:
             time.sleep(self.latency)
         if action.startswith("429"):
@@ -264,6 +294,11 @@ class FakeOpenAIServer:
             self._stop.wait(float(action.split(":", 1)[1]))
             h._send(500, {"error": {"message": "too late"}})
             return
+        if action == "empty_choices":
+            h._send(
+                200, {"id": "chatcmpl-x", "object": "chat.completion", "model": self.model, "choices": []}
+            )
+            return
         if action == "invalid_json":
             content = "Sure! Here is the question you asked for: what is the {answer"
         elif self.responder is not None:
@@ -271,7 +306,10 @@ class FakeOpenAIServer:
             content = r if isinstance(r, str) else json.dumps(r)
         else:
             quote = action.split(":", 1)[1] if action.startswith("quote:") else None
-            content = json.dumps(default_answer(prompt, bad_quote=action == "bad_quote", quote=quote))
+            answer = default_answer(prompt, bad_quote=action == "bad_quote", quote=quote)
+            if action == "echo_key":  # like a debugging proxy that reports what it received
+                answer["note"] = f"received {auth} at {path}"
+            content = json.dumps(answer)
         pt, ct = max(1, len(prompt) // 4), max(1, len(content) // 4)
         h._send(
             200,
@@ -289,6 +327,7 @@ class FakeOpenAIServer:
                 ],
                 "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct},
             },
+            drip=float(action.split(":", 1)[1]) if action.startswith("drip:") else 0.0,
         )
 
     def actions(self) -> Counter[str]:

@@ -36,6 +36,7 @@ from pipeline.workdir import WorkDir
 from schemas.config import BuildConfig, ConfigError
 from tests.conftest import make_config
 from tests.openai_server import FakeOpenAIServer, FaultRule
+from tests.secretscan import assert_no_secrets
 
 KEY = "sk-longloom-test-7f3a9c1e5d"
 SAMPLE_LENGTH = 2048
@@ -133,12 +134,8 @@ def assert_reconciles(stats: dict[str, Any], requested: int) -> None:
 
 
 def assert_no_key(out: Path, *texts: str, key: str = KEY) -> None:
-    needle = key.encode()
-    for p in out.rglob("*"):
-        if p.is_file():
-            assert needle not in p.read_bytes(), f"API key written to {p}"
-    for t in texts:
-        assert key not in t
+    """No trace of the key in the output folder (read by kind: see tests.secretscan) or the texts."""
+    assert_no_secrets([out], [key], {f"text {i}": t for i, t in enumerate(texts)})
 
 
 # --- small pieces ---------------------------------------------------------------------------------------
@@ -496,8 +493,15 @@ def test_crash_midway_costs_no_repeated_calls(packed: tuple[Path, SelectResult],
     assert second.stats["totals"]["cache_hits"] == 3 and second.stats["accepted"] == 8
 
 
-def test_locally_answerable_samples_are_rejected(packed: tuple[Path, SelectResult], tmp_path: Path) -> None:
-    """Passages at 0.05 and 0.93 of the context: the latter's evidence lies in the last 20% and is rejected."""
+def _context_start(s: dict[str, Any]) -> float:
+    """Sample token where the context begins (evidence depth = (token - start) / context_tokens)."""
+    e = s["evidence"][0]
+    return float(e["token_start"] - e["depth"] * s["context_tokens"])
+
+
+def test_passages_end_before_the_rejected_tail(packed: tuple[Path, SelectResult], tmp_path: Path) -> None:
+    """Passages asked for at 0.05 and 0.93 of the context: the second is moved to end before the last
+    20%, which the tail check would reject, so no request is spent on a sample that cannot be kept."""
     with FakeOpenAIServer() as srv:
         cfg = setup_run(
             packed,
@@ -506,20 +510,38 @@ def test_locally_answerable_samples_are_rejected(packed: tuple[Path, SelectResul
                 srv.base_url,
                 chunk_depths=[0.05, 0.93],
                 reject_tail_fraction=0.2,
-                reserve_tokens=48,
                 chunk_tokens=96,
                 strategies=[{"kind": "chunk_qa", "samples": 8}],
             ),
         )
         out = run(cfg, packed[1])
     assert_reconciles(out.stats, 8)
-    assert out.stats["accepted"] == 4
-    assert out.stats["rejected"] == {"evidence_in_tail": 4}
+    assert out.stats["rejected"] == {} and out.stats["accepted"] == 8
     kept = read_samples(cfg)
-    assert all(e["depth"] < 0.8 for s in kept for e in s["evidence"])
-    assert all(s["dependency_distance"] > 0.7 * SAMPLE_LENGTH for s in kept)
-    tail = [a for a in read_audit(cfg) if a["reason"] == "evidence_in_tail"]
-    assert all("last 20%" in a["detail"] and a["raw_response"] for a in tail)
+    for s in kept:
+        start = _context_start(s)
+        for p in json.loads(s["params"])["passages"]:
+            assert (p["token_end"] - start) / s["context_tokens"] < 0.8, p
+    assert max(e["depth"] for s in kept for e in s["evidence"]) > 0.6  # the late ones are still late
+
+
+def test_evidence_in_the_tail_is_rejected(packed: tuple[Path, SelectResult], tmp_path: Path) -> None:
+    """A model that quotes the context's tail instead of the passage: rejected as locally answerable."""
+    section = rewriter_section("", strategies=[{"kind": "chunk_qa", "samples": 1}], reject_tail_fraction=0.2)
+    with FakeOpenAIServer() as srv:
+        cfg = setup_run(packed, tmp_path, {**section, "base_url": srv.base_url})
+        run(cfg, packed[1])
+        (s,) = read_samples(cfg)
+        context = s["messages"][0]["content"]
+        tail = context[int(len(context) * 0.95) :]
+        quote = max((x.strip() for x in tail.split("\n")), key=len)[:120]
+        assert len(quote) >= 20 and context.count(quote) == 1
+        shutil.rmtree(Path(cfg.output.dir) / ".longloom" / "rewriter-cache")
+        srv.faults.append(FaultRule("<passage>", [f"quote:{quote}"]))
+        out = run(cfg, packed[1])
+    assert out.stats["rejected"] == {"evidence_in_tail": 1}
+    (a,) = read_audit(cfg)
+    assert "last 20%" in a["detail"] and quote in a["raw_response"]
 
 
 def test_repeated_questions_are_dropped(packed: tuple[Path, SelectResult], tmp_path: Path) -> None:
@@ -616,3 +638,128 @@ def test_prefect_flow_runs_the_rewriter_stage(
     logs = captured.out + captured.err + caplog.text  # Prefect logs to the console or to handlers
     assert "rewriter batch" in logs and "rewriter: 8/9 accepted" in logs  # progress per batch, summary
     assert_no_key(tmp_path / "out", logs)
+
+
+# --- issue 12: transient answers, deadlines, reproducible rows, rephrase checks, one concurrency limit ---
+
+
+def test_empty_choices_are_retried_and_never_cached(tmp_path: Path) -> None:
+    faults = [
+        FaultRule("Passage 0:", ["empty_choices", "ok"]),
+        FaultRule("Passage 1:", ["empty_choices"] * 5),
+    ]
+    with FakeOpenAIServer(faults=faults) as srv:
+        res, client = _complete(srv, _requests(2), tmp_path / "cache")
+    assert res[0].ok and res[0].attempts == 2 and parse_json_answer(res[0].content)["question"]
+    assert not res[1].ok and res[1].error_reason == "empty_choices" and res[1].attempts == 3
+    assert client.usage["chunk_qa"].retry_reasons == {"empty_choices": 3}
+    assert client.usage["chunk_qa"].failures == {"empty_choices": 1}
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == 1  # only the real answer
+
+
+def test_timeout_is_a_deadline_for_the_whole_response(tmp_path: Path) -> None:
+    """A body dripped over 3 s, each piece well within the 1 s timeout: cut at 1 s and asked again."""
+    with FakeOpenAIServer(faults=[FaultRule("Passage 0:", ["drip:3", "ok"])]) as srv:
+        res, client = _complete(srv, _requests(1), None)
+        assert srv.actions() == {"drip": 1, "ok": 1}
+    assert res[0].ok and res[0].attempts == 2
+    assert client.usage["chunk_qa"].retry_reasons == {"timeout": 1}
+
+
+def _written(cfg: BuildConfig) -> dict[str, bytes]:
+    out = Path(cfg.output.dir)
+    files = [*(out / "data" / "rewriter").glob("*.parquet"), *(out / "audit" / "rewriter_rejected").glob("*")]
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(files)}
+
+
+def test_reruns_and_resumes_write_identical_files(packed: tuple[Path, SelectResult], tmp_path: Path) -> None:
+    faults = [
+        FaultRule("<passage>", ["429:0", "ok"], claim=2),  # answers that took two attempts
+        FaultRule("<passage>", ["invalid_json"], claim=1),  # an answer that is rejected (audit row)
+    ]
+    with FakeOpenAIServer(faults=faults) as srv:
+        cfg = setup_run(
+            packed,
+            tmp_path,
+            rewriter_section(
+                srv.base_url,
+                strategies=[{"kind": "chunk_qa", "samples": 6}, {"kind": "session_state", "samples": 2}],
+            ),
+        )
+        first = run(cfg, packed[1])
+        files = _written(cfg)
+        run(cfg, packed[1])  # every answer from the cache
+        assert _written(cfg) == files
+        cache = sorted((Path(cfg.output.dir) / ".longloom" / "rewriter-cache").rglob("*.json"))
+        for p in cache[::2]:  # a resume: half the answers were never stored
+            p.unlink()
+        n = len(srv.calls)
+        run(cfg, packed[1])
+        assert len(srv.calls) == n + len(cache[::2])
+    assert _written(cfg) == files
+    assert first.stats["accepted"] == 7 and first.stats["rejected"] == {"unparseable": 1}
+    params = [json.loads(s["params"]) for s in read_samples(cfg)]
+    assert all(set(p["response"]) >= {"finish_reason", "prompt_tokens"} for p in params)
+    assert not any({"cached", "attempts"} & set(p["response"]) for p in params)
+
+
+def test_placeholder_and_out_of_proportion_rephrases_are_rejected(
+    packed: tuple[Path, SelectResult], tmp_path: Path, conversations: Path
+) -> None:
+    from tests.openai_server import default_answer
+
+    def lazy_model(prompt: str) -> dict[str, Any]:
+        ans = default_answer(prompt)
+        if "list number 0" in prompt:  # the template's example, copied
+            ans["messages"] = [{"role": m["role"], "content": "..."} for m in ans["messages"]]
+        if "list number 1" in prompt:  # one answer blown up to thirty times its length
+            ans["messages"][3]["content"] = " ".join([ans["messages"][3]["content"]] * 30)
+        if "list number 3" in prompt:  # short turns may change freely
+            ans["messages"][3]["content"] = "Use sorted()."
+        return ans
+
+    with FakeOpenAIServer(responder=lazy_model) as srv:
+        cfg = setup_run(
+            packed,
+            tmp_path,
+            rewriter_section(
+                srv.base_url, strategies=[{"kind": "rephrase", "samples": 5, "inputs": [str(conversations)]}]
+            ),
+        )
+        out = run(cfg, packed[1])
+    assert_reconciles(out.stats, 5)
+    assert out.stats["rejected"] == {"placeholder_turn": 1, "length_ratio": 1}
+    assert out.stats["accepted"] == 3
+    details = {a["reason"]: a["detail"] for a in read_audit(cfg)}
+    assert "message 0 is a placeholder" in details["placeholder_turn"]
+    assert "message 3 has" in details["length_ratio"]
+
+
+def test_concurrency_is_one_limit_across_tasks(packed: tuple[Path, SelectResult], tmp_path: Path) -> None:
+    """Two batches run at once in threads (as the thread runner runs tasks): the endpoint still sees at
+    most `concurrency` requests in flight, not concurrency x workers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.rewriter.plan import make_plan
+    from pipeline.rewriter.stage import run_batch
+
+    with FakeOpenAIServer(latency=1.0) as srv:
+        cfg = setup_run(
+            packed,
+            tmp_path,
+            rewriter_section(
+                srv.base_url,
+                concurrency=2,
+                contexts_per_task=4,
+                timeout_seconds=30.0,
+                strategies=[{"kind": "chunk_qa", "samples": 8}],
+            ),
+        )
+        plan = make_plan(cfg, packed[1])
+        assert len(plan.batches) == 2
+        work = WorkDir(cfg)
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda b: run_batch(cfg, work, b, plan.sample_length), plan.batches))
+        peak = srv.peak_in_flight
+    assert sum(r.requests_sent for r in results) == 8
+    assert peak == 2

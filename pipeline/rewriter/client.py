@@ -3,11 +3,17 @@
 
 Failures never raise out of `complete`: a request that cannot be answered comes back as a failed
 `ChatResult` with a machine-readable reason, so a run records it instead of crashing or losing it.
+
+`rewriter.concurrency` bounds the requests in flight to one endpoint across every task of this
+process (`SharedLimit`), so a thread runner with N workers still sends at most `concurrency` at once.
+Each `timeout_seconds` is a deadline for the whole request (connect, send, every byte of the answer),
+not per read: a body dripped slowly is cut off like a silent one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import email.utils
 import hashlib
 import json
@@ -20,7 +26,8 @@ from typing import Any
 import openai
 
 from pipeline.rewriter.cache import ResponseCache
-from pipeline.rewriter.secrets import Redactor
+from pipeline.rewriter.secrets import Redactor, redact_http_logs
+from schemas.redact import redact_url, split_query
 from schemas.synthesis import RewriterConfig
 
 
@@ -90,7 +97,8 @@ class ChatResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached: bool = False
-    attempts: int = 0  # HTTP requests made for this result (0 when served from the cache)
+    attempts: int = 0  # HTTP requests made for this result in this run (0 when served from the cache)
+    answer_attempts: int = 0  # HTTP requests it took to get this answer when it was fetched (cached too)
     error_reason: str | None = None  # http_429, http_500, timeout, connection, budget_exhausted, ...
     error_detail: str | None = None  # redacted
     json_mode_used: bool = False
@@ -175,8 +183,91 @@ def retry_after_seconds(headers: Any) -> float | None:
 _RETRYABLE_STATUS = {408, 409, 425, 429}
 
 
+class SharedLimit:
+    """A counting semaphore shared by the event loops of several threads (one per rewriter task).
+
+    `asyncio.Semaphore` belongs to one loop; a `threading.Semaphore` would block a loop while it waits.
+    Waiters here are futures of their own loops, woken thread-safely in arrival order.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._free = limit
+        self._lock = threading.Lock()
+        self._waiters: collections.deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = (
+            collections.deque()
+        )
+        self.in_flight = 0
+        self.peak = 0  # most permits held at once (what the endpoint saw at most)
+
+    async def acquire(self) -> None:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._free > 0 and not self._waiters:
+                self._take()
+                return
+            fut: asyncio.Future[None] = loop.create_future()
+            self._waiters.append((loop, fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            with self._lock:
+                waiting = (loop, fut) in self._waiters
+                if waiting:
+                    self._waiters.remove((loop, fut))
+            if not waiting and fut.done() and not fut.cancelled():
+                self.release()  # granted just before the cancel arrived: hand the permit on
+            raise  # (a grant still on its way finds the future cancelled and hands it on itself)
+
+    def _take(self) -> None:
+        self._free -= 1
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+
+    def _grant(self, fut: asyncio.Future[None]) -> None:
+        if fut.cancelled():
+            self.release()
+        else:
+            fut.set_result(None)
+
+    def release(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            self._free += 1
+            while self._waiters:
+                loop, fut = self._waiters.popleft()
+                self._take()
+                try:
+                    loop.call_soon_threadsafe(self._grant, fut)
+                except RuntimeError:  # that loop has closed: its waiter is gone, try the next one
+                    self._free += 1
+                    self.in_flight -= 1
+                    continue
+                return
+
+    async def __aenter__(self) -> SharedLimit:
+        await self.acquire()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+
+_LIMITS: dict[tuple[str, int], SharedLimit] = {}
+_LIMITS_LOCK = threading.Lock()
+
+
+def shared_limit(base_url: str, concurrency: int) -> SharedLimit:
+    """The process-wide limit of requests in flight to one endpoint."""
+    key = (redact_url(base_url), concurrency)
+    with _LIMITS_LOCK:
+        if key not in _LIMITS:
+            _LIMITS[key] = SharedLimit(concurrency)
+        return _LIMITS[key]
+
+
 class RewriterClient:
-    """Sends `ChatRequest`s to the endpoint with at most `concurrency` in flight."""
+    """Sends `ChatRequest`s to the endpoint with at most `concurrency` in flight (in this process)."""
 
     def __init__(
         self,
@@ -193,18 +284,21 @@ class RewriterClient:
         self.redact = redactor
         self.usage: dict[str, TemplateUsage] = {}
         self._api_key = api_key
-        self._concurrency = concurrency or cfg.concurrency
-        self._sem: asyncio.Semaphore | None = None
+        self.limit = shared_limit(cfg.base_url, concurrency or cfg.concurrency)
         self._client: openai.AsyncOpenAI | None = None
         self._json_refused = False  # the endpoint said no to response_format: parse tolerantly instead
         price = cfg.prices.get(cfg.model)
         self._price = (price.prompt_per_million, price.completion_per_million) if price else (0.0, 0.0)
 
     async def __aenter__(self) -> RewriterClient:
-        self._sem = asyncio.Semaphore(self._concurrency)
+        # the SDK appends paths to the base URL's raw path, so a query string there would end up in
+        # the middle of every request path: it is sent as default query parameters instead
+        base, query = split_query(self.cfg.base_url)
+        redact_http_logs(self.redact.secrets)  # httpx logs every request URL, query string included
         self._client = openai.AsyncOpenAI(
-            base_url=self.cfg.base_url,
+            base_url=base,
             api_key=self._api_key,
+            default_query=query or None,
             max_retries=0,  # retries are ours: counted, budgeted, and Retry-After aware
             timeout=self.cfg.timeout_seconds,
         )
@@ -235,16 +329,18 @@ class RewriterClient:
                 prompt_tokens=int(hit.get("prompt_tokens", 0)),
                 completion_tokens=int(hit.get("completion_tokens", 0)),
                 cached=True,
+                answer_attempts=int(hit.get("attempts", 0)),
                 json_mode_used=bool(hit.get("json_mode_used")),
             )
-        assert self._sem is not None, "use RewriterClient as an async context manager"
-        async with self._sem:
+        assert self._client is not None, "use RewriterClient as an async context manager"
+        async with self.limit:
             res = await self._send(req, u)
         if res.ok:
             self.cache.put(
                 key,
                 {
-                    "content": res.content,
+                    "content": res.content,  # already redacted: no secret reaches the disk
+                    "attempts": res.attempts,
                     "finish_reason": res.finish_reason,
                     "response_model": res.response_model,
                     "prompt_tokens": res.prompt_tokens,
@@ -284,13 +380,20 @@ class RewriterClient:
                 kwargs["response_format"] = json.loads(req.response_format or "null")
             delay: float | None = None
             try:
-                resp = await self._client.chat.completions.create(
-                    model=self.cfg.model,
-                    messages=req.message_dicts,  # type: ignore[arg-type]
-                    **kwargs,
+                # the SDK's timeout applies to each read; wait_for makes it a deadline for the request
+                resp = await asyncio.wait_for(
+                    self._client.chat.completions.create(
+                        model=self.cfg.model,
+                        messages=req.message_dicts,  # type: ignore[arg-type]
+                        **kwargs,
+                    ),
+                    timeout=self.cfg.timeout_seconds,
                 )
-            except openai.APITimeoutError:
-                last_reason, last_detail = "timeout", f"no response within {self.cfg.timeout_seconds}s"
+            except (openai.APITimeoutError, TimeoutError):
+                last_reason, last_detail = (
+                    "timeout",
+                    f"no complete response within {self.cfg.timeout_seconds}s",
+                )
             except openai.APIConnectionError as err:
                 last_reason, last_detail = "connection", self.redact(str(err))[:500]
             except openai.APIStatusError as err:
@@ -315,24 +418,32 @@ class RewriterClient:
             except Exception as err:  # a malformed body the SDK cannot parse, and the like
                 last_reason, last_detail = "bad_response", self.redact(f"{type(err).__name__}: {err}")[:500]
             else:
-                choice = resp.choices[0] if resp.choices else None
                 usage = resp.usage
                 pt = int(usage.prompt_tokens or 0) if usage else 0
                 ct = int(usage.completion_tokens or 0) if usage else 0
-                u.responses += 1
-                u.prompt_tokens += pt
+                u.prompt_tokens += pt  # paid for, whatever the body holds
                 u.completion_tokens += ct
                 u.cost += (pt * self._price[0] + ct * self._price[1]) / 1e6
-                return ChatResult(
-                    ok=True,
-                    content=(choice.message.content if choice and choice.message else None) or "",
-                    finish_reason=choice.finish_reason if choice else None,
-                    response_model=resp.model,
-                    prompt_tokens=pt,
-                    completion_tokens=ct,
-                    attempts=attempts,
-                    json_mode_used=use_json,
-                )
+                if not resp.choices:
+                    # a 200 without choices is the endpoint failing, not the model answering "":
+                    # retried like a 5xx, and never cached (the cache only holds answers)
+                    last_reason, last_detail = "empty_choices", "200 response with no choices"
+                else:
+                    choice = resp.choices[0]
+                    u.responses += 1
+                    content = (choice.message.content if choice.message else None) or ""
+                    return ChatResult(
+                        ok=True,
+                        # an endpoint may echo the key; it must reach neither the cache nor a sample
+                        content=self.redact(content),
+                        finish_reason=choice.finish_reason,
+                        response_model=resp.model,
+                        prompt_tokens=pt,
+                        completion_tokens=ct,
+                        attempts=attempts,
+                        answer_attempts=attempts,
+                        json_mode_used=use_json,
+                    )
             if attempts >= self.cfg.max_attempts:
                 break
             u.retries += 1

@@ -34,7 +34,7 @@ from pipeline.rewriter.client import ChatRequest, ChatResult, RequestBudget, Rew
 from pipeline.rewriter.contexts import Context, ContextReader, Passage
 from pipeline.rewriter.parsing import ParseFailure, parse_json_answer
 from pipeline.rewriter.plan import Batch, RewriterPlan, SamplePlan, make_plan
-from pipeline.rewriter.secrets import Redactor, endpoint_host, resolve_api_key, url_secrets
+from pipeline.rewriter.secrets import Redactor, all_secrets, endpoint_host, resolve_api_key
 from pipeline.rewriter.strategies import Rejection, build_request, interpret, passages_for
 from pipeline.rewriter.templates import load_template
 from pipeline.select import SelectResult
@@ -115,7 +115,7 @@ def run_batch(cfg: BuildConfig, work: WorkDir, batch: Batch, sample_length: int)
     tok = tokenizer_for(cfg)
     chat = load_chat_template(rw.chat_template, tok)
     api_key = resolve_api_key(rw)
-    redact = Redactor([api_key, *url_secrets(rw.base_url)])
+    redact = Redactor(all_secrets(rw, api_key))
     cache = ResponseCache(cache_dir(cfg))
     budget = RequestBudget(batch.budget)
     reader = ContextReader(work.out, tok)
@@ -154,7 +154,9 @@ def run_batch(cfg: BuildConfig, work: WorkDir, batch: Batch, sample_length: int)
             "prompt_hash": req.prompt_hash,
             "seed": p.seed,
             "context_row": p.contexts[0].row_id if p.contexts else None,
-            "attempts": res.attempts,
+            # what it took to get the recorded answer (the cached entry keeps it), so a rerun served from
+            # the cache writes the same row; a failure is never cached and is asked again every run
+            "attempts": res.answer_attempts if res.ok else res.attempts,
             "raw_response": redact(res.content) if res.content is not None else None,
             "question_key": None,
         }
@@ -188,10 +190,10 @@ def run_batch(cfg: BuildConfig, work: WorkDir, batch: Batch, sample_length: int)
                 {
                     "passages": passages_info,
                     "context_rows": context_rows,
+                    # the answer's own facts only: whether it came from the cache and how many
+                    # attempts this run made change from run to run, and go to the run's report
                     "response": {
                         "finish_reason": res.finish_reason,
-                        "cached": res.cached,
-                        "attempts": res.attempts,
                         "prompt_tokens": res.prompt_tokens,
                         "completion_tokens": res.completion_tokens,
                         "response_model": res.response_model,

@@ -86,13 +86,24 @@ def sampling_params(rw: RewriterConfig, seed: int) -> dict[str, Any]:
 # --- requests -------------------------------------------------------------------------------------------
 
 
+def usable_end(rw: RewriterConfig, sample_length: int) -> int:
+    """The token every passage ends before: the head of the context that the tail check accepts.
+
+    The context of a sample takes about `sample_length - reserve_tokens` tokens (the rest is room for
+    the questions and answers), and evidence whose depth is in its last `reject_tail_fraction` is
+    rejected; a passage that reached into that tail would be paid for and thrown away.
+    """
+    context = max(1, sample_length - rw.reserve_tokens)
+    return max(rw.chunk_tokens, int(context * (1.0 - rw.reject_tail_fraction)))
+
+
 def passages_for(
     plan: SamplePlan, ctx: Context | None, rw: RewriterConfig, sample_length: int
 ) -> list[Passage]:
     if ctx is None:
         return []
-    usable_end = max(rw.chunk_tokens, sample_length - rw.reserve_tokens)
-    return [ctx.passage(d, sample_length, usable_end, rw.chunk_tokens) for d in plan.depths]
+    end = usable_end(rw, sample_length)
+    return [ctx.passage(d, sample_length, end, rw.chunk_tokens) for d in plan.depths]
 
 
 def build_request(
@@ -250,6 +261,36 @@ def _session_state(obj: dict[str, Any], rw: RewriterConfig) -> Draft:
     )
 
 
+# A rephrased message is compared with the input message it rewrites: a model that copies the
+# template's example ("...") or drops most of a turn has not rephrased it. Ratios are of character
+# counts plus a slack, so that short turns ("Thanks!") may change freely.
+PLACEHOLDER = re.compile(
+    r"[\W_]*|n/?a|none|null|todo|tbd|placeholder|same as (?:above|before)|\(?unchanged\)?"
+    r"|\[[^\]]{0,40}\]|<[^>]{0,40}>",
+    re.IGNORECASE,
+)
+LENGTH_RATIO = (0.2, 5.0)  # bounds of (len(new) + slack) / (len(input) + slack), per message
+LENGTH_SLACK = 40
+
+
+def _check_rephrase(turns: list[dict[str, str]], source: list[tuple[str, str]], grounded: bool) -> None:
+    """Reject a rephrase whose messages are placeholders or far longer or shorter than the input's."""
+    for i, t in enumerate(turns):
+        if PLACEHOLDER.fullmatch(t["content"].strip()):
+            raise Rejection("placeholder_turn", f"message {i} is a placeholder: {t['content'][:40]!r}")
+    lo, hi = LENGTH_RATIO
+    for i, (t, (_, original)) in enumerate(zip(turns, source, strict=True)):
+        if grounded and i < 2:
+            continue  # the grounded template rewrites the first exchange around the passage
+        ratio = (len(t["content"]) + LENGTH_SLACK) / (len(original) + LENGTH_SLACK)
+        if not lo <= ratio <= hi:
+            raise Rejection(
+                "length_ratio",
+                f"message {i} has {len(t['content'])} characters for an input of {len(original)} "
+                f"(ratio {ratio:.2f}, allowed {lo}-{hi})",
+            )
+
+
 def _rephrase(obj: dict[str, Any], rw: RewriterConfig, plan: SamplePlan, grounded: bool) -> Draft:
     msgs = obj.get("messages")
     if not isinstance(msgs, list) or not all(
@@ -265,6 +306,8 @@ def _rephrase(obj: dict[str, Any], rw: RewriterConfig, plan: SamplePlan, grounde
         raise Rejection("turns_changed", f"{len(turns)} messages instead of the input's {want}")
     if any(not t["content"] for t in turns):
         raise Rejection("empty_turn", "a turn has no text")
+    if plan.conversation is not None:
+        _check_rephrase(turns, list(plan.conversation.turns), grounded)
     quotes: list[DraftQuote] = []
     if grounded:
         quotes = [DraftQuote(_check_quote(text_field(obj, "evidence"), rw), None)]
