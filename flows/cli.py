@@ -41,6 +41,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 
             print("\n".join(publish_configured(Path(cfg.output.dir), cfg.publish).plan.lines()))
         return 0 if manifest.ok else 1
+    from pipeline.build import preflight
+
+    # The same checks as `longloom validate`, before Prefect starts its temporary API (which can
+    # take minutes under load): a config or input error shows in seconds. The flow repeats them.
+    preflight(cfg)
     from flows.build import run as run_flow
 
     with use_reporter(BarReporter()):

@@ -1,0 +1,79 @@
+"""Nothing silently switched off or lost (issue 11 items 4, 10-15; issue 12 items 2, 3).
+
+Early errors, damaged records redone, bad files quarantined, intermediates collected, a full disk
+reported in one line, rows and manifests that depend only on what produced them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, sample_dict
+from tests.opskit import base_env
+
+
+def _config_file(folder: Path, **overrides: Any) -> Path:
+    """The sample config with absolute input paths, output in folder/out, saved as folder/c.yaml."""
+    cfg = sample_dict()
+    for s in cfg["sources"]:
+        s["paths"] = [str(ROOT / "data" / p) for p in s["paths"]]
+    cfg["output"] = {**cfg["output"], "dir": str(folder / "out")}
+    for key, value in overrides.items():
+        cfg[key] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# ---- 11.4: `longloom build` runs the preflight before Prefect starts ---------------------------------
+
+
+def test_build_checks_the_config_before_starting_the_flow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.build
+    from flows.cli import main
+
+    cfg = sample_dict()
+    cfg["sources"][0]["paths"] = [str(tmp_path / "missing" / "*.jsonl")]
+    for s in cfg["sources"][1:]:
+        s["paths"] = [str(ROOT / "data" / p) for p in s["paths"]]
+    cfg["output"]["dir"] = str(tmp_path / "out")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    started: list[object] = []
+    monkeypatch.setattr(flows.build, "run", lambda *a, **k: started.append(a) or {"checks_ok": True})
+    assert main(["build", str(path)]) == 2
+    assert started == [], "the Prefect flow was started before the preflight checks"
+
+
+def test_build_cli_fails_on_inputs_without_starting_prefect(tmp_path: Path) -> None:
+    """Through `python -m flows.cli build` (Prefect mode): the error, and no Prefect database created."""
+    cfg = sample_dict()
+    for s in cfg["sources"]:
+        s["paths"] = [str(ROOT / "data" / p) for p in s["paths"]]
+    cfg["tokenizer"] = {"name": "quicktok:no_such_encoding"}
+    cfg["output"]["dir"] = str(tmp_path / "out")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    home = tmp_path / "prefect-home"
+    env = base_env(PREFECT_HOME=str(home))
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "build", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "tokenizer" in done.stderr and "no_such_encoding" in done.stderr
+    # Prefect's temporary API creates its SQLite database in PREFECT_HOME when it starts
+    assert not list(home.rglob("*.db")), f"a Prefect server was started: {list(home.rglob('*'))}"
+    assert not (tmp_path / "out").exists()
