@@ -22,7 +22,7 @@ from pipeline.report import (
     write_report,
 )
 from pipeline.rows import write_shard
-from pipeline.select import SelectResult, select_and_layout
+from pipeline.select import SelectResult, select_and_layout, semantic_selectors
 from pipeline.workdir import WorkDir
 from schemas.config import BuildConfig, ConfigError
 from schemas.manifest import Manifest, ShardEntry, StageReport
@@ -47,6 +47,7 @@ def preflight(cfg: BuildConfig) -> list[InputShard]:
             check_embedder_spec(cfg.diversity.embedder)
         except EmbedderError as err:
             raise ConfigError(str(err)) from None
+        semantic_selectors(cfg)  # a configured SemDeDup/D4 that cannot load fails here, not mid-run
     shards = list_input_shards(cfg)
     if not shards:
         raise ConfigError("sources: no input shards found")

@@ -35,7 +35,9 @@ def _config_file(folder: Path, **overrides: Any) -> Path:
 # ---- 11.4: `longloom build` runs the preflight before Prefect starts ---------------------------------
 
 
-def test_build_checks_the_config_before_starting_the_flow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_build_checks_the_config_before_starting_the_flow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import flows.build
     from flows.cli import main
 
@@ -77,3 +79,46 @@ def test_build_cli_fails_on_inputs_without_starting_prefect(tmp_path: Path) -> N
     # Prefect's temporary API creates its SQLite database in PREFECT_HOME when it starts
     assert not list(home.rglob("*.db")), f"a Prefect server was started: {list(home.rglob('*'))}"
     assert not (tmp_path / "out").exists()
+
+
+# ---- 11.10: a configured SemDeDup/D4 that cannot load is an error -------------------------------------
+
+
+def _diversity_config(out: Path) -> Any:
+    from tests.conftest import make_config
+
+    return make_config(
+        out,
+        diversity={"embedder": "static-tokens", "semdedup": {"threshold": 0.9}, "d4": {"keep_fraction": 0.8}},
+        procedural={"enabled": False},
+    )
+
+
+def test_unloadable_diversity_stage_fails_the_preflight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.build import preflight
+    from schemas.config import ConfigError
+
+    cfg = _diversity_config(tmp_path / "out")
+    monkeypatch.setitem(sys.modules, "pipeline.diversity", None)  # `import pipeline.diversity` fails
+    with pytest.raises(ConfigError, match=r"diversity\.semdedup and diversity\.d4 configured"):
+        preflight(cfg)
+
+
+def test_selection_never_skips_a_configured_diversity_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.prepare import prepare_shard
+    from pipeline.readers import list_input_shards
+    from pipeline.select import select_and_layout
+    from pipeline.workdir import WorkDir
+    from schemas.config import ConfigError
+
+    cfg = _diversity_config(tmp_path / "out")
+    work = WorkDir(cfg)
+    prepared = [prepare_shard(cfg, s, work) for s in list_input_shards(cfg)]
+    monkeypatch.setitem(sys.modules, "pipeline.diversity", None)
+    with pytest.raises(ConfigError, match="cannot be loaded"):
+        select_and_layout(cfg, work, prepared)
+    assert not (work.select_dir / "select.json").exists()
