@@ -90,6 +90,11 @@ class SourceConfig(Strict):
     )
     short_docs: ShortDocDownsample | None = None
     code: CodeOptions = Field(default_factory=CodeOptions)
+    on_bad_file: Literal["quarantine", "fail"] = Field(
+        default="quarantine",
+        description="parquet: a file that cannot be read or lacks the text/id column is quarantined "
+        "(every row, with the reason) and the run goes on; 'fail' stops the run instead.",
+    )
 
     @model_validator(mode="after")
     def _inputs_given(self) -> SourceConfig:

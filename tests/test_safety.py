@@ -122,3 +122,60 @@ def test_selection_never_skips_a_configured_diversity_stage(
     with pytest.raises(ConfigError, match="cannot be loaded"):
         select_and_layout(cfg, work, prepared)
     assert not (work.select_dir / "select.json").exists()
+
+
+# ---- 11.11: a Parquet file without the text column is quarantined, the run goes on -------------------
+
+
+def _mixed_parquet_config(tmp_path: Path, on_bad_file: str | None = None) -> Any:
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from tests.conftest import make_config
+
+    folder = tmp_path / "bible"
+    folder.mkdir()
+    shutil.copy(ROOT / "data" / "sample" / "bible" / "kjv.parquet", folder / "a-kjv.parquet")
+    # same rows, but the text sits in a column named `body`: the configured `text` is missing
+    t = pq.read_table(folder / "a-kjv.parquet").slice(0, 5).rename_columns(["id", "book", "body"])
+    pq.write_table(t, folder / "b-renamed.parquet")
+    (folder / "c-junk.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    src = {"name": "bible", "kind": "parquet", "paths": [str(folder / "*.parquet")], "id_field": "id"}
+    if on_bad_file:
+        src["on_bad_file"] = on_bad_file
+    return make_config(tmp_path / "out", sources=[src], procedural={"enabled": False})
+
+
+def test_parquet_file_without_text_column_is_quarantined_and_counts_reconcile(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from pipeline.build import run_build
+
+    m = run_build(_mixed_parquet_config(tmp_path))
+    assert m.ok, [c for c in m.checks if not c.ok]
+    c = m.sources["bible"]
+    assert c.quarantined == {"missing_text_column": 5, "unreadable_file": 1}
+    assert c.records_read == 66 + 5 + 1 and c.documents == 66
+    assert {i.uri.rsplit("/", 1)[-1]: i.records for i in m.inputs} == {
+        "a-kjv.parquet": 66,
+        "b-renamed.parquet": 5,
+        "c-junk.parquet": 1,
+    }
+    # recount from the audit table itself
+    q = pq.read_table(tmp_path / "out" / m.audit["quarantine"][0].path).to_pylist()
+    renamed = [r for r in q if r["uri"].endswith("b-renamed.parquet")]
+    assert sorted(r["record"] for r in renamed) == [0, 1, 2, 3, 4]
+    assert all(
+        "no column 'text'" in r["detail"] and "columns: id, book, body" in r["detail"] for r in renamed
+    )
+    junk = [r for r in q if r["uri"].endswith("c-junk.parquet")]
+    assert len(junk) == 1 and junk[0]["raw"].startswith(b"PAR1 this")
+
+
+def test_parquet_bad_file_fails_the_run_when_asked(tmp_path: Path) -> None:
+    from pipeline.build import preflight
+    from schemas.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"b-renamed\.parquet has no column 'text'.*on_bad_file"):
+        preflight(_mixed_parquet_config(tmp_path, on_bad_file="fail"))
