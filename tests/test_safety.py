@@ -6,6 +6,7 @@ reported in one line, rows and manifests that depend only on what produced them.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -179,3 +180,30 @@ def test_parquet_bad_file_fails_the_run_when_asked(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"b-renamed\.parquet has no column 'text'.*on_bad_file"):
         preflight(_mixed_parquet_config(tmp_path, on_bad_file="fail"))
+
+
+# ---- 11.12: a damaged procedural batch record is redone ---------------------------------------------
+
+
+def test_truncated_procedural_record_is_redone(tmp_path: Path) -> None:
+    from pipeline.build import run_build
+    from pipeline.workdir import WorkDir
+    from tests.conftest import make_config
+
+    cfg = make_config(tmp_path / "out")
+    first = run_build(cfg)
+    records = sorted((WorkDir(cfg).select_dir / "procedural").glob("*.json"))
+    assert records, "no procedural batch records written"
+    whole = records[0].read_bytes()
+    records[0].write_bytes(whole[: len(whole) // 2])  # a crash or a full disk cut it short
+    again = run_build(cfg)
+    assert again.ok
+
+    def without_timings(blob: str) -> Any:
+        rec = json.loads(blob)
+        for s in rec["stats"]:
+            s.pop("seconds")
+        return rec
+
+    assert without_timings(records[0].read_text()) == without_timings(whole.decode())
+    assert again.extra_configs == first.extra_configs  # the same files, checksums included

@@ -165,9 +165,10 @@ def _record_path(work: WorkDir, b: ProceduralBatch) -> Path:
 
 def _verified(work: WorkDir, b: ProceduralBatch) -> BatchResult | None:
     rec = _record_path(work, b)
-    if not rec.exists():
+    try:
+        res = BatchResult.model_validate_json(rec.read_text())
+    except (OSError, ValueError):  # missing, truncated or from another version: redo it, like other stages
         return None
-    res = BatchResult.model_validate_json(rec.read_text())
     for f in (res.chat, res.eval):
         if f is not None and (not (work.out / f.path).exists() or sha256_file(work.out / f.path) != f.sha256):
             return None
