@@ -6,10 +6,12 @@ Counts come from the stage records; the checks recount them independently from t
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,6 +38,36 @@ from schemas.manifest import (
 from schemas.records import FILTERED_SCHEMA, QUARANTINE_SCHEMA
 
 AUDIT_ROWS_PER_FILE = 1_000_000
+
+# Where and how a run executed, never what it produced: left out of the manifest so a run on Dask and
+# one on threads (or in-process) write the same manifest. The run report records them.
+_NOT_IN_MANIFEST: dict[str, Any] = {
+    "base_dir": True,
+    "output": {"dir"},
+    "run": {"task_runner", "workers", "dask_address", "retries", "retry_delay_seconds"},
+}
+# Command-line options of `longloom build` that only choose where and how it runs (flag -> takes a value).
+_EXECUTION_OPTIONS = {"--runner": True, "--dask-address": True, "--workers": True, "--no-prefect": False}
+
+
+def identity_command(command: str) -> str:
+    """`command` without the execution-only options (runner, scheduler address, workers, --no-prefect)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:  # unbalanced quotes: a command line typed by hand, keep it as it is
+        return command
+    kept: list[str] = []
+    skip = False
+    for w in words:
+        if skip:
+            skip = False
+            continue
+        flag, eq, _ = w.partition("=")
+        if flag in _EXECUTION_OPTIONS:
+            skip = _EXECUTION_OPTIONS[flag] and not eq
+            continue
+        kept.append(w)
+    return command if len(kept) == len(words) else shlex.join(kept)
 
 
 def _merge_audit(out: Path, name: str, schema: pa.Schema, inputs: list[Path], level: int) -> list[FileEntry]:
@@ -175,9 +207,10 @@ def finalize_run(
     manifest = Manifest(
         longloom_version=__version__,
         config_hash=work.config_hash,
-        config=cfg.model_dump(mode="json", exclude={"base_dir"}),
+        row_config_hashes=dict(work.row_keys),
+        config=cfg.model_dump(mode="json", exclude=_NOT_IN_MANIFEST),
         seed=cfg.run.seed,
-        command=command or " ".join(["longloom", *sys.argv[1:]]),
+        command=identity_command(command or " ".join(["longloom", *sys.argv[1:]])),
         tokenizer=TokenizerInfo(
             name=tok.identity.name,
             vocab_hash=tok.identity.vocab_hash,

@@ -277,6 +277,17 @@ def section_hash(cfg: BuildConfig, *sections: str) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# The sections each kind of output row depends on. Rows carry the hash of their own sections (not of the
+# whole config), so changing only the procedural or rewriter settings leaves the pretraining shards
+# byte-identical and a publish uploads only what changed.
+PRETRAINING_SECTIONS = ("sources", "tokenizer", "filters", "diversity", "packing", "output", "run")
+ROW_SECTIONS: dict[str, tuple[str, ...]] = {
+    "pretraining": PRETRAINING_SECTIONS,
+    "procedural": (*PRETRAINING_SECTIONS, "procedural"),
+    "rewriter": (*PRETRAINING_SECTIONS, "rewriter"),
+}
+
+
 class ConfigError(ValueError):
     """A configuration problem, worded for the person who wrote the YAML."""
 

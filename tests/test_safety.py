@@ -192,7 +192,7 @@ def test_truncated_procedural_record_is_redone(tmp_path: Path) -> None:
 
     cfg = make_config(tmp_path / "out")
     first = run_build(cfg)
-    records = sorted((WorkDir(cfg).select_dir / "procedural").glob("*.json"))
+    records = sorted(WorkDir(cfg).procedural_dir.glob("*.json"))
     assert records, "no procedural batch records written"
     whole = records[0].read_bytes()
     records[0].write_bytes(whole[: len(whole) // 2])  # a crash or a full disk cut it short
@@ -207,3 +207,61 @@ def test_truncated_procedural_record_is_redone(tmp_path: Path) -> None:
 
     assert without_timings(records[0].read_text()) == without_timings(whole.decode())
     assert again.extra_configs == first.extra_configs  # the same files, checksums included
+
+
+# ---- 11.15: rows carry the hash of the sections that produced them; runner-independent manifest -------
+
+
+def _shard_bytes(out: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "data").glob("pretrain_*/*.parquet"))
+    }
+
+
+def test_procedural_only_change_keeps_pretraining_shards_byte_identical(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from pipeline.build import run_build
+    from tests.conftest import make_config
+
+    out = tmp_path / "out"
+    first = run_build(make_config(out))
+    before = _shard_bytes(out)
+    proc = sample_dict()["procedural"]
+    proc["tasks"] = [{**t, "samples": 1} for t in proc["tasks"]]  # only the procedural settings change
+    second = run_build(make_config(out, procedural=proc))
+    assert second.ok and second.config_hash != first.config_hash
+    assert before and _shard_bytes(out) == before
+    assert second.row_config_hashes["pretraining"] == first.row_config_hashes["pretraining"]
+    assert second.row_config_hashes["procedural"] != first.row_config_hashes["procedural"]
+    # the procedural rows did change, and say which procedural settings made them
+    chat = second.extra_configs[proc.get("config_name", "procedural")]
+    lineage = pq.read_table(out / chat[0].path, columns=["lineage"]).column("lineage").to_pylist()
+    assert {x["config_hash"] for x in lineage} == {second.row_config_hashes["procedural"]}
+
+
+def test_manifest_does_not_depend_on_runner_or_output_folder(tmp_path: Path) -> None:
+    from pipeline.build import run_build
+    from tests.conftest import make_config
+
+    no_proc = {"enabled": False}
+    threads = make_config(tmp_path / "a", procedural=no_proc)
+    dask = make_config(
+        tmp_path / "elsewhere" / "b",
+        procedural=no_proc,
+        run={
+            **sample_dict()["run"],
+            "task_runner": "dask",
+            "dask_address": "tcp://10.0.0.5:8786",
+            "workers": 7,
+        },
+    )
+    run_build(threads, command="longloom build c.yaml --no-prefect")
+    run_build(dask, command="longloom build c.yaml --dask-address tcp://10.0.0.5:8786 --workers 7")
+    a = (tmp_path / "a" / "manifest.json").read_bytes()
+    b = (tmp_path / "elsewhere" / "b" / "manifest.json").read_bytes()
+    assert a == b
+    assert b"10.0.0.5" not in b
+    # the run report says how it ran
+    report = json.loads((tmp_path / "elsewhere" / "b" / "report.json").read_text())
+    assert "--dask-address tcp://10.0.0.5:8786" in report["command"]

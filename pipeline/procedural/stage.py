@@ -160,7 +160,7 @@ def _paths(cfg: BuildConfig, b: ProceduralBatch) -> tuple[str, str | None]:
 
 
 def _record_path(work: WorkDir, b: ProceduralBatch) -> Path:
-    return work.select_dir / "procedural" / f"{b.k:05d}-of-{b.n:05d}.json"
+    return work.procedural_dir / f"{b.k:05d}-of-{b.n:05d}.json"
 
 
 def _verified(work: WorkDir, b: ProceduralBatch) -> BatchResult | None:
@@ -188,7 +188,7 @@ def generate_batch(
     tok = tokenizer_for(cfg)
     template = load_template(p.chat_template, tok)
     pool = pool_from_shards(work.out, shards)
-    lineage_base = run_lineage(cfg, work, tok, [*steps, PROCEDURAL_STEP])  # each sample sets its seed
+    lineage_base = run_lineage(cfg, work, tok, [*steps, PROCEDURAL_STEP], "procedural")  # each sample sets its seed
     chat_rel, eval_rel = _paths(cfg, batch)
     stats: list[SampleStat] = []
     chat_sink = ParquetSink(work.out / chat_rel, CHAT_SCHEMA, cfg.output.compression_level)
