@@ -14,7 +14,10 @@ from schemas.config import BuildConfig, ConfigError, load_config, with_overrides
 
 def _load(path: str | None, output: str | None) -> BuildConfig:
     cfg = load_config(path or flows.DEFAULT_CONFIG)
-    return with_overrides(cfg, "output", dir=output) if output else cfg
+    if not output:
+        return cfg
+    # --output names the folder, even when it is the default one: consent to replace what is there
+    return with_overrides(cfg, "output", dir=output).model_copy(update={"output_named": True})
 
 
 def cmd_build(args: argparse.Namespace) -> int:

@@ -43,6 +43,7 @@ AUDIT_ROWS_PER_FILE = 1_000_000
 # one on threads (or in-process) write the same manifest. The run report records them.
 _NOT_IN_MANIFEST: dict[str, Any] = {
     "base_dir": True,
+    "output_named": True,
     "output": {"dir"},
     "run": {"task_runner", "workers", "dask_address", "retries", "retry_delay_seconds"},
 }

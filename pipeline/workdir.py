@@ -13,6 +13,8 @@ from pipeline import __version__
 from pipeline.tokenizer import Tokenizer
 from schemas.config import ROW_SECTIONS, BuildConfig, config_hash, section_hash
 
+CONFIG_HASH_FILE = "config-hash"  # under .longloom/: the config hash of the run that holds the folder
+
 
 class WorkDir:
     """Paths of one run. Stage folders carry a hash of the config sections that stage depends on."""
@@ -67,6 +69,8 @@ class WorkDir:
             except BlockingIOError:
                 log(f"{self.out}: another run holds this output folder; waiting for it to finish")
                 fcntl.flock(fd, fcntl.LOCK_EX)
+            # which config this folder's run is of, before any output exists (see build.check_unnamed_output)
+            (self.root / CONFIG_HASH_FILE).write_text(self.config_hash + "\n", encoding="utf-8")
             yield
         finally:
             os.close(fd)  # releases the lock

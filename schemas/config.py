@@ -173,7 +173,11 @@ class PackingConfig(Strict):
 
 
 class OutputConfig(Strict):
-    dir: str = Field(default="out/sample", description="Output folder, relative to the current directory.")
+    dir: str = Field(
+        default="out/longloom",
+        description="Output folder, relative to the current directory. Not given: out/<config file name>; "
+        "a run there never replaces the output of another config (it stops and says so).",
+    )
     shard_tokens: int = Field(
         default=16_777_216, ge=1024, description="Tokens per output shard (at least one row)."
     )
@@ -209,6 +213,10 @@ class BuildConfig(Strict):
     card: CardConfig = Field(default_factory=CardConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
     base_dir: str = Field(default=".", description="Set by the loader: the config file's folder.")
+    output_named: bool = Field(
+        default=True,
+        description="Set by the loader: false when neither the config nor --output named output.dir.",
+    )
 
     @field_validator("sources")
     @classmethod
@@ -240,6 +248,7 @@ class BuildConfig(Strict):
 # so moving a run to Dask or changing worker counts reuses completed work.
 _EXECUTION_ONLY: dict[str, Any] = {
     "base_dir": True,
+    "output_named": True,
     "run": {"task_runner", "workers", "dask_address", "retries", "retry_delay_seconds", "name"},
     "output": {"dir"},
     "diversity": {"cache_dir", "progress"},
@@ -305,10 +314,28 @@ def _describe(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
-def parse_config(data: dict[str, Any], base_dir: str | Path = ".", origin: str = "<config>") -> BuildConfig:
+def default_output_dir(config_path: str | Path) -> str:
+    """Where a config that names no output.dir writes: out/<config file name without its suffix>."""
+    return f"out/{Path(config_path).stem or 'longloom'}"
+
+
+def parse_config(
+    data: dict[str, Any],
+    base_dir: str | Path = ".",
+    origin: str = "<config>",
+    default_output: str | None = None,
+) -> BuildConfig:
+    """Validate a config mapping. Without output.dir it writes to `default_output` (or out/longloom), and
+    the config records that the folder was not named (see `output_named`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: the top level must be a mapping of sections, got {type(data).__name__}")
     data = {**data, "base_dir": str(Path(base_dir).resolve())}
+    data.pop("output_named", None)  # set here, never by the YAML
+    output = data.get("output")
+    if not (isinstance(output, dict) and output.get("dir")):
+        data["output"] = {**(output if isinstance(output, dict) else {})}
+        data["output"]["dir"] = default_output or OutputConfig.model_fields["dir"].default
+        data["output_named"] = False
     try:
         return BuildConfig.model_validate(data)
     except ValidationError as err:
@@ -319,6 +346,9 @@ def with_overrides(cfg: BuildConfig, section: str, **values: Any) -> BuildConfig
     """A copy of `cfg` with some fields of one section replaced, validated like the YAML was."""
     data = cfg.model_dump(mode="json")
     data[section] = {**data[section], **{k: v for k, v in values.items() if v is not None}}
+    new_dir = values.get("dir") if section == "output" else None
+    if new_dir is not None and Path(new_dir).resolve() != Path(cfg.output.dir).resolve():
+        data["output_named"] = True  # --output names the folder (making the same path absolute does not)
     try:
         return BuildConfig.model_validate(data)
     except ValidationError as err:
@@ -334,4 +364,4 @@ def load_config(path: str | Path) -> BuildConfig:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {err}") from None
-    return parse_config(data or {}, base_dir=p.parent, origin=str(p))
+    return parse_config(data or {}, base_dir=p.parent, origin=str(p), default_output=default_output_dir(p))

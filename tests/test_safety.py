@@ -265,3 +265,44 @@ def test_manifest_does_not_depend_on_runner_or_output_folder(tmp_path: Path) -> 
     # the run report says how it ran
     report = json.loads((tmp_path / "elsewhere" / "b" / "report.json").read_text())
     assert "--dask-address tcp://10.0.0.5:8786" in report["command"]
+
+
+# ---- 12.2: no output.dir: out/<config name>, and never another config's run replaced -----------------
+
+
+def test_config_without_output_dir_writes_to_its_own_folder_and_refuses_to_replace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.build import preflight, run_build
+    from schemas.config import ConfigError, load_config
+
+    data = sample_dict()
+    for s in data["sources"]:
+        s["paths"] = [str(ROOT / "data" / p) for p in s["paths"]]
+    data.pop("output")
+    data["procedural"] = {"enabled": False}
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "myrun.yaml"
+    path.write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(tmp_path)
+    # someone's earlier output of the sample, where the old default wrote
+    (tmp_path / "out" / "sample" / "data").mkdir(parents=True)
+    (tmp_path / "out" / "sample" / "data" / "keep.parquet").write_bytes(b"theirs")
+
+    cfg = load_config(path)
+    assert Path(cfg.output.dir) == Path("out/myrun") and not cfg.output_named
+    m = run_build(cfg)
+    assert m.ok and (tmp_path / "out" / "myrun" / "manifest.json").exists()
+    assert (tmp_path / "out" / "sample" / "data" / "keep.parquet").read_bytes() == b"theirs"
+
+    # the same file edited: its default folder now holds another config's run
+    data["packing"]["targets"] = [{"length": 8192}]
+    path.write_text(yaml.safe_dump(data))
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "out" / "myrun").rglob("*"))
+    with pytest.raises(ConfigError, match=r"out/myrun holds the output of another config.*--output"):
+        run_build(load_config(path))
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "out" / "myrun").rglob("*")) == before
+    # naming the folder (--output, even the default's path) is consent to replace it
+    from flows.cli import _load
+
+    preflight(_load(str(path), "out/myrun"))
