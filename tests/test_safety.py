@@ -306,3 +306,60 @@ def test_config_without_output_dir_writes_to_its_own_folder_and_refuses_to_repla
     from flows.cli import _load
 
     preflight(_load(str(path), "out/myrun"))
+
+
+# ---- 12.3: a local hf: tokenizer path starts at the config's folder; missing is "file not found" ------
+
+
+def _tiny_tokenizer_json(path: Path) -> None:
+    """A small byte-level BPE tokenizer.json with the default separator as a special token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|end_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50, trainer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+
+
+def test_hf_tokenizer_path_is_relative_to_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.build import preflight
+    from pipeline.prepare import tokenizer_for
+    from schemas.config import load_config
+
+    _tiny_tokenizer_json(tmp_path / "conf" / "tok" / "tokenizer.json")
+    path = _config_file(
+        tmp_path / "conf", tokenizer={"name": "hf:tok/tokenizer.json"}, procedural={"enabled": False}
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # not the config's folder
+    cfg = load_config(path)
+    tok = tokenizer_for(cfg)
+    assert tok.identity.name == "hf:tok/tokenizer.json"  # named as written, no local absolute path
+    assert tok.special_token_id("<|end_of_text|>") == 0
+    assert len(preflight(cfg)) > 0
+    folder = load_config(_config_file(tmp_path / "conf", tokenizer={"name": "hf:tok"}))  # a folder
+    assert tokenizer_for(folder).identity.vocab_hash == tok.identity.vocab_hash
+
+
+def test_missing_local_hf_tokenizer_is_file_not_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.build import preflight
+    from schemas.config import ConfigError, load_config
+
+    monkeypatch.chdir(tmp_path)
+    for spec in ("tok/missing.json", "./tok", "models/tok/v1"):
+        cfg = load_config(_config_file(tmp_path / "conf", tokenizer={"name": f"hf:{spec}"}))
+        with pytest.raises(ConfigError) as err:
+            preflight(cfg)
+        msg = str(err.value)
+        assert "file not found" in msg and str(tmp_path / "conf") in msg, msg
+        assert "hub" not in msg.lower(), msg
