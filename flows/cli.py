@@ -68,6 +68,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.finalize import GcError, collect_garbage
+
+    try:
+        report = collect_garbage(Path(args.output_dir), delete=args.delete)
+    except GcError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{Path(args.output_dir) / '.longloom'}:")
+    print("\n".join(report.lines()))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from flows.deploy import FLOW_NAME, serve
 
@@ -212,6 +227,15 @@ def parser() -> argparse.ArgumentParser:
         "--allow-failed-checks", action="store_true", help="publish even if reconciliation failed"
     )
     pub.set_defaults(func=cmd_publish)
+
+    g = sub.add_parser(
+        "gc",
+        help="list (and with --delete remove) intermediates under OUTPUT_DIR/.longloom that no current "
+        "stage key uses, with their sizes; a finished build removes them itself",
+    )
+    g.add_argument("output_dir")
+    g.add_argument("--delete", action="store_true", help="remove them (default: dry run, report only)")
+    g.set_defaults(func=cmd_gc)
 
     d = sub.add_parser(
         "serve", help="register a scheduled deployment of the build for CONFIG and run it until stopped"

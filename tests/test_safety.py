@@ -363,3 +363,60 @@ def test_missing_local_hf_tokenizer_is_file_not_found(
         msg = str(err.value)
         assert "file not found" in msg and str(tmp_path / "conf") in msg, msg
         assert "hub" not in msg.lower(), msg
+
+
+# ---- 11.13: intermediates of earlier configs are collected; `longloom gc` reports sizes ----------------
+
+
+def _stage_folders(out: Path) -> set[str]:
+    return {d.name for d in (out / ".longloom").iterdir() if d.is_dir() and "-" in d.name}
+
+
+def test_finished_run_removes_intermediates_of_earlier_configs(tmp_path: Path) -> None:
+    from pipeline.build import run_build
+    from pipeline.workdir import WorkDir
+    from tests.conftest import make_config
+
+    out = tmp_path / "out"
+    first_cfg = make_config(out, procedural={"enabled": False})
+    run_build(first_cfg)
+    first = WorkDir(first_cfg)
+    assert {first.prepare_dir.name, first.select_dir.name} <= _stage_folders(out)
+    filters = {**sample_dict()["filters"], "min_tokens": 32}  # a new prepare key: tokens are redone
+    second_cfg = make_config(out, filters=filters, procedural={"enabled": False})
+    assert run_build(second_cfg).ok
+    second = WorkDir(second_cfg)
+    assert second.prepare_key != first.prepare_key
+    assert _stage_folders(out) == {second.prepare_dir.name, second.select_dir.name}
+
+
+def test_gc_command_reports_sizes_and_deletes_only_when_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.cli import main
+    from pipeline.build import run_build
+    from tests.conftest import make_config
+
+    out = tmp_path / "out"
+    assert main(["gc", str(out)]) == 2  # nothing recorded yet: no guessing what is in use
+    cfg = make_config(out, procedural={"enabled": False})
+    run_build(cfg)
+    in_use = _stage_folders(out)
+    old = out / ".longloom" / "prepare-0123456789abcdef"  # as an earlier config's run left it
+    (old / "tokens").mkdir(parents=True)
+    (old / "tokens" / "x.int32").write_bytes(b"\0" * 3_000_000)
+    cache = out / ".longloom" / "rewriter-cache"  # meant to outlive config changes
+    cache.mkdir()
+    capsys.readouterr()
+    assert main(["gc", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "would delete" in text and "prepare-0123456789abcdef" in text and "0.003 GiB" in text
+    assert "dry run" in text and old.exists()
+    assert main(["gc", str(out), "--delete"]) == 0
+    assert "deleted" in capsys.readouterr().out
+    assert not old.exists() and cache.exists() and _stage_folders(out) == in_use | {"rewriter-cache"}
+    from pipeline.workdir import WorkDir
+
+    tokens = {p: p.stat().st_mtime_ns for p in WorkDir(cfg).prepare_dir.rglob("*.int32")}
+    again = run_build(cfg)  # what is in use was kept: the tokenized documents are reused, not redone
+    assert again.ok and tokens and {p: p.stat().st_mtime_ns for p in tokens} == tokens
