@@ -274,6 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        # a full disk: one line that says what to do, not a traceback from deep inside a writer.
+        # (A DiskFullError means pipeline.parquet_io was imported; `--help` never pays for importing it.)
+        io = sys.modules.get("pipeline.parquet_io")
+        if io is not None and isinstance(err, io.DiskFullError):
+            print(f"error: {err}", file=sys.stderr)
+            return 3
+        raise
 
 
 if __name__ == "__main__":

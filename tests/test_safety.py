@@ -420,3 +420,68 @@ def test_gc_command_reports_sizes_and_deletes_only_when_asked(
     tokens = {p: p.stat().st_mtime_ns for p in WorkDir(cfg).prepare_dir.rglob("*.int32")}
     again = run_build(cfg)  # what is in use was kept: the tokenized documents are reused, not redone
     assert again.ok and tokens and {p: p.stat().st_mtime_ns for p in tokens} == tokens
+
+
+# ---- 11.14: a full disk is one line: the path, the bytes needed, the free space, and that a rerun resumes
+
+
+def test_full_disk_is_one_line_and_a_rerun_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import errno
+    import os
+
+    import pyarrow.parquet as pq
+
+    from flows.cli import main
+    from pipeline.workdir import WorkDir
+    from schemas.config import load_config
+
+    path = _config_file(tmp_path, procedural={"enabled": False})
+    original = pq.ParquetWriter.write_table
+
+    def full_on_output_shards(self: Any, table: Any, *a: Any, **k: Any) -> None:
+        if "/data/pretrain_" in str(self.where):  # the disk fills at the first output shard
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        original(self, table, *a, **k)
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full_on_output_shards)
+    capsys.readouterr()
+    assert main(["build", str(path), "--no-prefect"]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: disk full while writing ")
+    assert "/data/pretrain_" in line and ".parquet" in line
+    assert "bytes needed" in line and "bytes free there" in line and "resumes" in line
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", original)
+    tokens = {p: p.stat().st_mtime_ns for p in WorkDir(load_config(path)).prepare_dir.rglob("*.int32")}
+    assert tokens
+    assert main(["build", str(path), "--no-prefect"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in tokens} == tokens  # the rerun resumed: no re-tokenizing
+    assert not list((tmp_path / "out").rglob(".tmp-*"))
+
+
+def test_token_file_writer_reports_the_failed_write(tmp_path: Path) -> None:
+    import errno
+
+    import numpy as np
+
+    from pipeline.parquet_io import DiskFullError, TokenFileSink
+
+    class FullFile:
+        def write(self, buf: Any) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self) -> None:
+            pass
+
+    sink = TokenFileSink(tmp_path / "t" / "a.int32")
+    sink._f = FullFile()  # type: ignore[assignment]
+    with pytest.raises(DiskFullError) as err:
+        sink.write(np.arange(1000, dtype=np.int32))
+    sink.abort()
+    assert err.value.path == str(tmp_path / "t" / "a.int32") and err.value.needed == 4000
+    assert err.value.free is not None and err.value.free > 0
+    assert not list((tmp_path / "t").iterdir())  # nothing half-written stays visible
