@@ -14,7 +14,10 @@ from schemas.config import BuildConfig, ConfigError, load_config, with_overrides
 
 def _load(path: str | None, output: str | None) -> BuildConfig:
     cfg = load_config(path or flows.DEFAULT_CONFIG)
-    return with_overrides(cfg, "output", dir=output) if output else cfg
+    if not output:
+        return cfg
+    # --output names the folder, even when it is the default one: consent to replace what is there
+    return with_overrides(cfg, "output", dir=output).model_copy(update={"output_named": True})
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -41,6 +44,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 
             print("\n".join(publish_configured(Path(cfg.output.dir), cfg.publish).plan.lines()))
         return 0 if manifest.ok else 1
+    from pipeline.build import preflight
+
+    # The same checks as `longloom validate`, before Prefect starts its temporary API (which can
+    # take minutes under load): a config or input error shows in seconds. The flow repeats them.
+    preflight(cfg)
     from flows.build import run as run_flow
 
     with use_reporter(BarReporter()):
@@ -57,6 +65,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(
         f"{args.config or flows.DEFAULT_CONFIG}: valid; {len(shards)} input shards from {len(cfg.sources)} sources"
     )
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.finalize import GcError, collect_garbage
+
+    try:
+        report = collect_garbage(Path(args.output_dir), delete=args.delete)
+    except GcError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{Path(args.output_dir) / '.longloom'}:")
+    print("\n".join(report.lines()))
     return 0
 
 
@@ -219,6 +242,15 @@ def parser() -> argparse.ArgumentParser:
     )
     pub.set_defaults(func=cmd_publish)
 
+    g = sub.add_parser(
+        "gc",
+        help="list (and with --delete remove) intermediates under OUTPUT_DIR/.longloom that no current "
+        "stage key uses, with their sizes; a finished build removes them itself",
+    )
+    g.add_argument("output_dir")
+    g.add_argument("--delete", action="store_true", help="remove them (default: dry run, report only)")
+    g.set_defaults(func=cmd_gc)
+
     d = sub.add_parser(
         "serve", help="register a scheduled deployment of the build for CONFIG and run it until stopped"
     )
@@ -256,6 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        # a full disk: one line that says what to do, not a traceback from deep inside a writer.
+        # (A DiskFullError means pipeline.parquet_io was imported; `--help` never pays for importing it.)
+        io = sys.modules.get("pipeline.parquet_io")
+        if io is not None and isinstance(err, io.DiskFullError):
+            print(f"error: {err}", file=sys.stderr)
+            return 3
+        raise
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ flow in `flows/build.py` calls the same stage functions as tasks, mapped over sh
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 from pathlib import Path
 
@@ -22,9 +24,9 @@ from pipeline.report import (
     write_report,
 )
 from pipeline.rows import write_shard
-from pipeline.select import SelectResult, select_and_layout
-from pipeline.workdir import WorkDir
-from schemas.config import BuildConfig, ConfigError
+from pipeline.select import SelectResult, select_and_layout, semantic_selectors
+from pipeline.workdir import CONFIG_HASH_FILE, WorkDir
+from schemas.config import BuildConfig, ConfigError, config_hash
 from schemas.manifest import Manifest, ShardEntry, StageReport
 
 log = logging.getLogger("longloom")
@@ -47,12 +49,14 @@ def preflight(cfg: BuildConfig) -> list[InputShard]:
             check_embedder_spec(cfg.diversity.embedder)
         except EmbedderError as err:
             raise ConfigError(str(err)) from None
+        semantic_selectors(cfg)  # a configured SemDeDup/D4 that cannot load fails here, not mid-run
     shards = list_input_shards(cfg)
     if not shards:
         raise ConfigError("sources: no input shards found")
     out = Path(cfg.output.dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output.dir: {out} exists and is not a folder")
+    check_unnamed_output(cfg)
     if cfg.procedural.enabled:
         from pipeline.procedural.stage import check_procedural
 
@@ -62,6 +66,32 @@ def preflight(cfg: BuildConfig) -> list[InputShard]:
 
         check_rewriter(cfg)
     return shards
+
+
+def check_unnamed_output(cfg: BuildConfig) -> None:
+    """ConfigError when the config named no output folder and its default holds another config's run.
+
+    A run replaces an earlier run of another config in its folder (stale shards are deleted). That is
+    what a user who named the folder asked for; a default folder must never cost someone their output.
+    """
+    if cfg.output_named:
+        return
+    out = Path(cfg.output.dir)
+    try:
+        previous = json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("config_hash")
+    except (OSError, ValueError, AttributeError):
+        previous = None
+    if previous is None:  # a run that never finished: the config it started with (WorkDir.lock)
+        with contextlib.suppress(OSError):
+            previous = (out / ".longloom" / CONFIG_HASH_FILE).read_text(encoding="utf-8").strip() or None
+    if previous is None and out.is_dir() and any(out.iterdir()):
+        previous = "unknown"  # files no run of Longloom accounts for: leave them alone
+    if previous is not None and previous != config_hash(cfg):
+        raise ConfigError(
+            f"output.dir: the config names no output folder, and its default {out} holds the output of "
+            f"another config (hash {previous}); nothing was changed. Set output.dir (or pass --output) to "
+            f"{out} to replace that run, or to another folder"
+        )
 
 
 def lineage_steps(prepared: list[PrepareResult], selected: SelectResult) -> list[str]:

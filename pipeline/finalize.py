@@ -6,10 +6,19 @@ Counts come from the stage records; the checks recount them independently from t
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shlex
 import shutil
 import sys
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,6 +45,37 @@ from schemas.manifest import (
 from schemas.records import FILTERED_SCHEMA, QUARANTINE_SCHEMA
 
 AUDIT_ROWS_PER_FILE = 1_000_000
+
+# Where and how a run executed, never what it produced: left out of the manifest so a run on Dask and
+# one on threads (or in-process) write the same manifest. The run report records them.
+_NOT_IN_MANIFEST: dict[str, Any] = {
+    "base_dir": True,
+    "output_named": True,
+    "output": {"dir"},
+    "run": {"task_runner", "workers", "dask_address", "retries", "retry_delay_seconds"},
+}
+# Command-line options of `longloom build` that only choose where and how it runs (flag -> takes a value).
+_EXECUTION_OPTIONS = {"--runner": True, "--dask-address": True, "--workers": True, "--no-prefect": False}
+
+
+def identity_command(command: str) -> str:
+    """`command` without the execution-only options (runner, scheduler address, workers, --no-prefect)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:  # unbalanced quotes: a command line typed by hand, keep it as it is
+        return command
+    kept: list[str] = []
+    skip = False
+    for w in words:
+        if skip:
+            skip = False
+            continue
+        flag, eq, _ = w.partition("=")
+        if flag in _EXECUTION_OPTIONS:
+            skip = _EXECUTION_OPTIONS[flag] and not eq
+            continue
+        kept.append(w)
+    return command if len(kept) == len(words) else shlex.join(kept)
 
 
 def _merge_audit(out: Path, name: str, schema: pa.Schema, inputs: list[Path], level: int) -> list[FileEntry]:
@@ -175,9 +215,10 @@ def finalize_run(
     manifest = Manifest(
         longloom_version=__version__,
         config_hash=work.config_hash,
-        config=cfg.model_dump(mode="json", exclude={"base_dir"}),
+        row_config_hashes=dict(work.row_keys),
+        config=cfg.model_dump(mode="json", exclude=_NOT_IN_MANIFEST),
         seed=cfg.run.seed,
-        command=command or " ".join(["longloom", *sys.argv[1:]]),
+        command=identity_command(command or " ".join(["longloom", *sys.argv[1:]])),
         tokenizer=TokenizerInfo(
             name=tok.identity.name,
             vocab_hash=tok.identity.vocab_hash,
@@ -213,7 +254,112 @@ def finalize_run(
     write_json_atomic(out / "manifest.json", manifest.model_dump(mode="json"))
     write_card(out, manifest, cfg.card)
     _remove_stale(out, manifest)
+    current = [d.name for d in stage_dirs(cfg, work)]
+    write_json_atomic(
+        work.root / CURRENT_STAGES_FILE, {"config_hash": work.config_hash, "stage_dirs": current}
+    )
+    if manifest.ok:  # a failed run keeps everything, for a look at what went wrong
+        collect_garbage(work.out, delete=True, locked=True)
     return manifest
+
+
+# --- intermediates of earlier configs (`longloom gc`) ----------------------------------------------------
+
+CURRENT_STAGES_FILE = "current.json"  # under .longloom/: the stage folders the last finished run used
+# stage folders are named <stage>-<hex key>[-<hex key>]; anything else under .longloom/ (the lock, the
+# rewriter's response cache, which is meant to outlive config changes) is never collected
+_STAGE_DIR = re.compile(r"^(prepare|select|procedural|rewriter|embed)-[0-9a-f]{8,64}(-[0-9a-f]{8,64})?$")
+
+
+def stage_dirs(cfg: BuildConfig, work: WorkDir) -> list[Path]:
+    """The folders under .longloom/ that the stage keys of this config point at."""
+    dirs = [work.prepare_dir, work.select_dir]
+    if cfg.procedural.enabled:
+        dirs.append(work.procedural_dir)
+    if cfg.rewriter.enabled:
+        from pipeline.rewriter.stage import stage_dir
+
+        dirs.append(stage_dir(work))
+    if cfg.diversity.embedder:
+        from pipeline.embed_stage import embed_dir
+
+        dirs.append(embed_dir(cfg, work))
+    return dirs
+
+
+def _size(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, f)).st_size
+    return total
+
+
+@dataclass
+class GarbageReport:
+    """What `longloom gc` found under OUT/.longloom: stage folders in use and those no stage key names."""
+
+    kept: list[tuple[str, int]]
+    unreferenced: list[tuple[str, int]]
+    deleted: bool
+
+    def lines(self) -> list[str]:
+        gib = 1 << 30
+        verb = "deleted" if self.deleted else "would delete"
+        out = [f"  in use   {n / gib:8.3f} GiB  {name}" for name, n in self.kept]
+        out += [f"  {verb:<8} {n / gib:8.3f} GiB  {name}" for name, n in self.unreferenced]
+        freed = sum(n for _, n in self.unreferenced)
+        out.append(
+            f"{len(self.unreferenced)} folders of earlier configs, {freed / gib:.3f} GiB "
+            + ("freed" if self.deleted else "reclaimable (dry run: pass --delete to remove them)")
+        )
+        return out
+
+
+def collect_garbage(out: Path, delete: bool = False, locked: bool = False) -> GarbageReport:
+    """Stage folders under OUT/.longloom that the last finished run's stage keys do not name.
+
+    Only a finished run records which folders it used (CURRENT_STAGES_FILE); without that record
+    nothing is unreferenced. Deleting takes the output folder's lock (unless the caller, a run, holds it
+    already: `locked`), so it never races a build.
+    """
+    root = out / ".longloom"
+    try:
+        current = set(json.loads((root / CURRENT_STAGES_FILE).read_text(encoding="utf-8"))["stage_dirs"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise GcError(
+            f"{out}: no record of a finished run ({root / CURRENT_STAGES_FILE}: {err}); "
+            "run `longloom build` on it once, then gc knows which folders are in use"
+        ) from None
+    found = sorted(d for d in root.iterdir() if d.is_dir() and _STAGE_DIR.match(d.name))
+    kept = [(d.name, _size(d)) for d in found if d.name in current]
+    stale = [(d.name, _size(d)) for d in found if d.name not in current]
+    if delete and stale:
+        with contextlib.nullcontext() if locked else _held(root):
+            for name, _ in stale:
+                shutil.rmtree(root / name, ignore_errors=True)
+    return GarbageReport(kept, stale, delete)
+
+
+class GcError(RuntimeError):
+    """`longloom gc` cannot tell what is in use (no finished run recorded) or the folder is busy."""
+
+
+@contextlib.contextmanager
+def _held(root: Path) -> Iterator[None]:
+    """The output folder's lock (the file WorkDir.lock takes), without waiting for a running build."""
+    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise GcError(
+                f"{root.parent}: a build is running on this folder; try again when it ends"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def _checks(

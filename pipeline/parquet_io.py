@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -63,6 +65,48 @@ def trim_heap() -> None:
         trim(0)
 
 
+class DiskFullError(RuntimeError):
+    """The disk filled while writing `path`: said in one line, with what was needed and what is free.
+
+    Built from plain arguments so it survives pickling between Dask workers and the flow.
+    """
+
+    def __init__(self, path: str, needed: int, free: int | None) -> None:
+        super().__init__(path, needed, free)
+        self.path, self.needed, self.free = path, needed, free
+
+    def __str__(self) -> str:
+        free = "unknown" if self.free is None else f"{self.free:,}"
+        return (
+            f"disk full while writing {self.path}: about {self.needed:,} more bytes needed, {free} bytes "
+            "free there. Free some space (`longloom gc OUT --delete` removes intermediates of earlier "
+            "configs) and rerun the same command: finished work is kept and the run resumes"
+        )
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC (or a quota) from the OS, or from Arrow's writers, which report it in the message."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "[errno 28]" in text.lower()
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free bytes on the filesystem holding `path` (or its nearest existing parent)."""
+    p = Path(path)
+    for candidate in (p, *p.parents):
+        if candidate.exists():
+            with contextlib.suppress(OSError):
+                return shutil.disk_usage(candidate).free
+            return None
+    return None
+
+
+def disk_full(path: str | Path, needed: int) -> DiskFullError:
+    return DiskFullError(str(path), max(1, needed), free_bytes(path))
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -101,6 +145,13 @@ def atomic_path(final: str | Path, durable: bool = True) -> Iterator[Path]:
         os.replace(tmp, final)
         if durable:
             _fsync_dir(final.parent)
+    except DiskFullError:
+        raise
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        # the size written so far is all that is known here; the sinks say more (the failed write)
+        raise disk_full(final, tmp.stat().st_size if tmp.exists() else 1) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -153,12 +204,22 @@ class ParquetSink(_AtomicSink):
 
     def write(self, table: pa.Table) -> None:
         if table.num_rows:
-            self._writer.write_table(table.cast(self.schema) if table.schema != self.schema else table)
+            try:
+                self._writer.write_table(table.cast(self.schema) if table.schema != self.schema else table)
+            except OSError as err:
+                if is_disk_full(err):
+                    raise disk_full(self.path, table.nbytes) from None
+                raise
             self.rows += table.num_rows
 
     def close(self) -> str:
         """Publish the file and return its sha256."""
-        self._writer.close()
+        try:
+            self._writer.close()
+        except OSError as err:
+            if is_disk_full(err):
+                raise disk_full(self.path, 1 << 20) from None  # the footer and buffered pages
+            raise
         self._ctx.__exit__(None, None, None)
         self.sha256 = sha256_file(self.path)  # read back once, while the file is in the page cache
         return self.sha256
@@ -187,13 +248,23 @@ class TokenFileSink(_AtomicSink):
 
     def write(self, ids: np.ndarray) -> None:
         buf = memoryview(np.ascontiguousarray(ids, dtype="<i4")).cast("B")  # type: ignore[arg-type]
-        self._f.write(buf)  # both release the GIL on large buffers
+        try:
+            self._f.write(buf)  # both release the GIL on large buffers
+        except OSError as err:
+            if is_disk_full(err):
+                raise disk_full(self.path, buf.nbytes) from None
+            raise
         self._sha.update(buf)
         self.tokens += len(ids)
 
     def close(self) -> str:
         """Publish the file and return its sha256."""
-        self._f.close()
+        try:
+            self._f.close()  # flushes the last buffered bytes
+        except OSError as err:
+            if is_disk_full(err):
+                raise disk_full(self.path, 1 << 20) from None
+            raise
         self._ctx.__exit__(None, None, None)
         self.sha256 = self._sha.hexdigest()
         return self.sha256

@@ -37,7 +37,7 @@ from pipeline.parquet_io import (
 )
 from pipeline.progress import UnitProgress
 from pipeline.readers import InputShard, read_shard
-from pipeline.tokenizer import Tokenizer, load_tokenizer
+from pipeline.tokenizer import HFTokenizer, Tokenizer, TokenizerError, load_tokenizer
 from pipeline.workdir import WorkDir
 from schemas.config import BuildConfig
 from schemas.records import DOC_SCHEMA, FILTERED_SCHEMA, QUARANTINE_SCHEMA
@@ -133,8 +133,47 @@ def arrow_content_hashes(col: pa.Array) -> list[str]:
     return [sha(mv[a:b]).hexdigest() for a, b in itertools.pairwise(offsets)]
 
 
+_LOCAL_HF: dict[tuple[str, str, int, int], Tokenizer] = {}
+
+
+def local_hf_tokenizer_path(cfg: BuildConfig) -> Path | None:
+    """The local file or folder an `hf:` tokenizer names, resolved like `sources[].paths` (against the
+    config's folder); None for a hub id. A path that does not exist is "file not found", never a hub
+    lookup: a hub id is `name` or `org/name`, anything else (absolute, `./`, `~`, `.json`, deeper) a path.
+    """
+    backend, _, spec = cfg.tokenizer.name.partition(":")
+    if backend != "hf":
+        return None
+    path = cfg.resolve(str(Path(spec).expanduser()))
+    if path.exists():
+        return path
+    looks_local = (
+        Path(spec).is_absolute()
+        or spec.startswith((".", "~"))
+        or spec.endswith(".json")
+        or "\\" in spec
+        or spec.count("/") > 1
+    )
+    if looks_local:
+        raise TokenizerError(
+            f"file not found: {path} (tokenizer.name {cfg.tokenizer.name!r}; a relative path starts at the "
+            f"config's folder {cfg.base_dir})"
+        )
+    return None
+
+
 def tokenizer_for(cfg: BuildConfig) -> Tokenizer:
-    return load_tokenizer(cfg.tokenizer.name, cfg.tokenizer.max_piece_chars, cfg.tokenizer.threads)
+    local = local_hf_tokenizer_path(cfg)
+    if local is None:
+        return load_tokenizer(cfg.tokenizer.name, cfg.tokenizer.max_piece_chars, cfg.tokenizer.threads)
+    # loaded from the resolved path, named as the config wrote it: lineage and manifests never carry
+    # this machine's absolute paths, and one process can hold two configs' same-named files apart
+    key = (str(local.resolve()), cfg.tokenizer.name, cfg.tokenizer.max_piece_chars, cfg.tokenizer.threads)
+    if key not in _LOCAL_HF:
+        _LOCAL_HF[key] = HFTokenizer(
+            key[0], cfg.tokenizer.name, cfg.tokenizer.max_piece_chars, cfg.tokenizer.threads
+        )
+    return _LOCAL_HF[key]
 
 
 def _add(counter: dict[str, int], key: str, n: int) -> None:

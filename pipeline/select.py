@@ -25,7 +25,7 @@ from pipeline.packing import Layout, pack_best_fit, pack_greedy
 from pipeline.parquet_io import ParquetSink, sha256_file, trim_heap, write_json_atomic
 from pipeline.prepare import PrepareResult
 from pipeline.workdir import WorkDir
-from schemas.config import BuildConfig
+from schemas.config import BuildConfig, ConfigError
 from schemas.records import FILTERED_SCHEMA
 
 SELECT_STEP = "select@1"
@@ -154,12 +154,28 @@ def source_budgets(
     return Drop("source_budget@1", "source_budget", all_over, details) if len(all_over) else None
 
 
-def _semantic_selectors() -> list[Selector]:
-    """Corpus-level selectors of the diversity stage, when it is configured (see pipeline.diversity)."""
+def semantic_selectors(cfg: BuildConfig) -> list[Selector]:
+    """Corpus-level selectors of the diversity stage (see pipeline.diversity), when it is configured.
+
+    A configured stage that cannot run is an error, never a silent skip: a run that asked for SemDeDup
+    or D4 and got neither would publish a dataset that says it was deduplicated.
+    """
+    d = cfg.diversity
+    wanted = []
+    if d.embedder and d.semdedup.enabled:
+        wanted.append("diversity.semdedup")
+    if d.embedder and d.d4.keep_fraction is not None and d.d4.keep_fraction < 1.0:
+        wanted.append("diversity.d4")
+    if not wanted:
+        return []
     try:
         from pipeline.diversity import selectors as diversity_selectors
-    except ImportError:
-        return []
+    except ImportError as err:
+        raise ConfigError(
+            f"{' and '.join(wanted)} configured (diversity.embedder {d.embedder!r}), but the diversity "
+            f"stage cannot be loaded: {err}. Install Longloom's dependencies (pip install -e .), "
+            "or set diversity.embedder: null to build without it"
+        ) from err
     return list(diversity_selectors())
 
 
@@ -285,7 +301,7 @@ def select_and_layout(cfg: BuildConfig, work: WorkDir, prepared: list[PrepareRes
     alive = np.arange(len(idx), dtype=np.int64)
     drops: list[Drop] = []
     steps: list[str] = []
-    for selector in [exact_dedup, *_semantic_selectors(), source_budgets]:
+    for selector in [exact_dedup, *semantic_selectors(cfg), source_budgets]:
         drop = selector(cfg, work, idx, alive, prepared)
         if drop is None:
             continue

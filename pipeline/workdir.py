@@ -11,7 +11,9 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.tokenizer import Tokenizer
-from schemas.config import BuildConfig, config_hash, section_hash
+from schemas.config import ROW_SECTIONS, BuildConfig, config_hash, section_hash
+
+CONFIG_HASH_FILE = "config-hash"  # under .longloom/: the config hash of the run that holds the folder
 
 
 class WorkDir:
@@ -24,6 +26,9 @@ class WorkDir:
         # Reading, tokenizing and per-document filtering depend on these sections only, so a new
         # packing config reuses the tokenized documents.
         self.prepare_key = section_hash(cfg, "sources", "tokenizer", "filters", "run")
+        # What each kind of output row depends on (schemas.config.ROW_SECTIONS): selection and the
+        # pretraining shards never depend on the procedural or rewriter settings.
+        self.row_keys = {kind: section_hash(cfg, *sections) for kind, sections in ROW_SECTIONS.items()}
 
     @property
     def prepare_dir(self) -> Path:
@@ -34,7 +39,11 @@ class WorkDir:
 
     @property
     def select_dir(self) -> Path:
-        return self.root / f"select-{self.config_hash}"
+        return self.root / f"select-{self.row_keys['pretraining']}"
+
+    @property
+    def procedural_dir(self) -> Path:
+        return self.root / f"procedural-{self.row_keys['procedural']}"
 
     def written_record(self, config_name: str, shard: int) -> Path:
         return self.select_dir / "written" / f"{config_name}-{shard:05d}.json"
@@ -60,6 +69,8 @@ class WorkDir:
             except BlockingIOError:
                 log(f"{self.out}: another run holds this output folder; waiting for it to finish")
                 fcntl.flock(fd, fcntl.LOCK_EX)
+            # which config this folder's run is of, before any output exists (see build.check_unnamed_output)
+            (self.root / CONFIG_HASH_FILE).write_text(self.config_hash + "\n", encoding="utf-8")
             yield
         finally:
             os.close(fd)  # releases the lock
@@ -75,10 +86,16 @@ class WorkDir:
         return n
 
 
-def run_lineage(cfg: BuildConfig, work: WorkDir, tok: Tokenizer, steps: list[str]) -> dict[str, Any]:
-    """The per-run part of every output row's lineage (LINEAGE_TYPE)."""
+def run_lineage(
+    cfg: BuildConfig, work: WorkDir, tok: Tokenizer, steps: list[str], kind: str = "pretraining"
+) -> dict[str, Any]:
+    """The per-run part of every output row's lineage (LINEAGE_TYPE) for one kind of row.
+
+    `config_hash` is the hash of the config sections rows of this `kind` depend on (ROW_SECTIONS), so a
+    change elsewhere in the config leaves them byte-identical; the manifest lists these hashes.
+    """
     return {
-        "config_hash": work.config_hash,
+        "config_hash": work.row_keys[kind],
         "tokenizer": tok.identity.name,
         "tokenizer_hash": tok.identity.vocab_hash,
         "longloom_version": __version__,

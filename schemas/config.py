@@ -99,6 +99,11 @@ class SourceConfig(Strict):
     )
     short_docs: ShortDocDownsample | None = None
     code: CodeOptions = Field(default_factory=CodeOptions)
+    on_bad_file: Literal["quarantine", "fail"] = Field(
+        default="quarantine",
+        description="parquet: a file that cannot be read or lacks the text/id column is quarantined "
+        "(every row, with the reason) and the run goes on; 'fail' stops the run instead.",
+    )
 
     @model_validator(mode="after")
     def _inputs_given(self) -> SourceConfig:
@@ -185,7 +190,11 @@ class PackingConfig(Strict):
 
 
 class OutputConfig(Strict):
-    dir: str = Field(default="out/sample", description="Output folder, relative to the current directory.")
+    dir: str = Field(
+        default="out/longloom",
+        description="Output folder, relative to the current directory. Not given: out/<config file name>; "
+        "a run there never replaces the output of another config (it stops and says so).",
+    )
     shard_tokens: int = Field(
         default=16_777_216, ge=1024, description="Tokens per output shard (at least one row)."
     )
@@ -221,6 +230,10 @@ class BuildConfig(Strict):
     card: CardConfig = Field(default_factory=CardConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
     base_dir: str = Field(default=".", description="Set by the loader: the config file's folder.")
+    output_named: bool = Field(
+        default=True,
+        description="Set by the loader: false when neither the config nor --output named output.dir.",
+    )
 
     @field_validator("sources")
     @classmethod
@@ -252,6 +265,7 @@ class BuildConfig(Strict):
 # so moving a run to Dask or changing worker counts reuses completed work.
 _EXECUTION_ONLY: dict[str, Any] = {
     "base_dir": True,
+    "output_named": True,
     "run": {"task_runner", "workers", "dask_address", "retries", "retry_delay_seconds", "name"},
     "output": {"dir"},
     "diversity": {"cache_dir", "progress"},
@@ -289,6 +303,17 @@ def section_hash(cfg: BuildConfig, *sections: str) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# The sections each kind of output row depends on. Rows carry the hash of their own sections (not of the
+# whole config), so changing only the procedural or rewriter settings leaves the pretraining shards
+# byte-identical and a publish uploads only what changed.
+PRETRAINING_SECTIONS = ("sources", "tokenizer", "filters", "diversity", "packing", "output", "run")
+ROW_SECTIONS: dict[str, tuple[str, ...]] = {
+    "pretraining": PRETRAINING_SECTIONS,
+    "procedural": (*PRETRAINING_SECTIONS, "procedural"),
+    "rewriter": (*PRETRAINING_SECTIONS, "rewriter"),
+}
+
+
 class ConfigError(ValueError):
     """A configuration problem, worded for the person who wrote the YAML."""
 
@@ -308,10 +333,28 @@ def _describe(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
-def parse_config(data: dict[str, Any], base_dir: str | Path = ".", origin: str = "<config>") -> BuildConfig:
+def default_output_dir(config_path: str | Path) -> str:
+    """Where a config that names no output.dir writes: out/<config file name without its suffix>."""
+    return f"out/{Path(config_path).stem or 'longloom'}"
+
+
+def parse_config(
+    data: dict[str, Any],
+    base_dir: str | Path = ".",
+    origin: str = "<config>",
+    default_output: str | None = None,
+) -> BuildConfig:
+    """Validate a config mapping. Without output.dir it writes to `default_output` (or out/longloom), and
+    the config records that the folder was not named (see `output_named`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: the top level must be a mapping of sections, got {type(data).__name__}")
     data = {**data, "base_dir": str(Path(base_dir).resolve())}
+    data.pop("output_named", None)  # set here, never by the YAML
+    output = data.get("output")
+    if not (isinstance(output, dict) and output.get("dir")):
+        data["output"] = {**(output if isinstance(output, dict) else {})}
+        data["output"]["dir"] = default_output or OutputConfig.model_fields["dir"].default
+        data["output_named"] = False
     try:
         return BuildConfig.model_validate(data)
     except ValidationError as err:
@@ -337,6 +380,9 @@ def with_overrides(cfg: BuildConfig, section: str, **values: Any) -> BuildConfig
     """
     data = _unmasked(cfg.model_dump())
     data[section] = {**data[section], **{k: v for k, v in values.items() if v is not None}}
+    new_dir = values.get("dir") if section == "output" else None
+    if new_dir is not None and Path(new_dir).resolve() != Path(cfg.output.dir).resolve():
+        data["output_named"] = True  # --output names the folder (making the same path absolute does not)
     try:
         return BuildConfig.model_validate(data)
     except ValidationError as err:
@@ -352,4 +398,4 @@ def load_config(path: str | Path) -> BuildConfig:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {err}") from None
-    return parse_config(data or {}, base_dir=p.parent, origin=str(p))
+    return parse_config(data or {}, base_dir=p.parent, origin=str(p), default_output=default_output_dir(p))

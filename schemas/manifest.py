@@ -107,6 +107,9 @@ class Manifest(Model):
     format: str = MANIFEST_FORMAT
     longloom_version: str
     config_hash: str
+    # the hash each kind of row carries in lineage.config_hash ("pretraining", "procedural", "rewriter"):
+    # of the config sections those rows depend on (schemas.config.ROW_SECTIONS)
+    row_config_hashes: dict[str, str] = Field(default_factory=dict)
     config: dict[str, Any]
     seed: int
     command: str

@@ -94,7 +94,7 @@ def normalized_manifest(out: Path) -> dict[str, Any]:
     """The manifest minus what says how and where a run was started (command line, output folder, runner)."""
     m = json.loads((out / "manifest.json").read_text())
     m.pop("command")
-    m["config"]["output"].pop("dir")
+    m["config"]["output"].pop("dir", None)  # no longer in the manifest (issue 11.15)
     for k in ("task_runner", "workers", "dask_address", "retries", "retry_delay_seconds"):
         m["config"]["run"].pop(k, None)
     return m

@@ -3,6 +3,7 @@ on loopback) through prefect-dask, compared byte for byte with a local run."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,8 @@ def test_flow_on_a_dask_cluster_matches_a_local_run(tmp_path: Path, prefect_serv
     cluster, here = output_digest(tmp_path / "cluster" / "out"), output_digest(tmp_path / "local" / "out")
     assert cluster["files"] == here["files"]
     assert cluster["manifest"] == here["manifest"]
+    # runner, scheduler address, workers and output folder stay out of the manifest (issue 11.15): only
+    # the command differs, by the config path each run was given
+    raw = [json.loads((tmp_path / f / "out" / "manifest.json").read_text()) for f in ("cluster", "local")]
+    assert raw[0].pop("command").replace("/cluster/", "/local/") == raw[1].pop("command")
+    assert raw[0] == raw[1]

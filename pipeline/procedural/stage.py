@@ -160,14 +160,15 @@ def _paths(cfg: BuildConfig, b: ProceduralBatch) -> tuple[str, str | None]:
 
 
 def _record_path(work: WorkDir, b: ProceduralBatch) -> Path:
-    return work.select_dir / "procedural" / f"{b.k:05d}-of-{b.n:05d}.json"
+    return work.procedural_dir / f"{b.k:05d}-of-{b.n:05d}.json"
 
 
 def _verified(work: WorkDir, b: ProceduralBatch) -> BatchResult | None:
     rec = _record_path(work, b)
-    if not rec.exists():
+    try:
+        res = BatchResult.model_validate_json(rec.read_text())
+    except (OSError, ValueError):  # missing, truncated or from another version: redo it, like other stages
         return None
-    res = BatchResult.model_validate_json(rec.read_text())
     for f in (res.chat, res.eval):
         if f is not None and (not (work.out / f.path).exists() or sha256_file(work.out / f.path) != f.sha256):
             return None
@@ -187,7 +188,7 @@ def generate_batch(
     tok = tokenizer_for(cfg)
     template = load_template(p.chat_template, tok)
     pool = pool_from_shards(work.out, shards)
-    lineage_base = run_lineage(cfg, work, tok, [*steps, PROCEDURAL_STEP])  # each sample sets its seed
+    lineage_base = run_lineage(cfg, work, tok, [*steps, PROCEDURAL_STEP], "procedural")  # each sample sets its seed
     chat_rel, eval_rel = _paths(cfg, batch)
     stats: list[SampleStat] = []
     chat_sink = ParquetSink(work.out / chat_rel, CHAT_SCHEMA, cfg.output.compression_level)

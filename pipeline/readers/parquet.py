@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.readers.base import (
+    RAW_PREFIX_BYTES,
     BatchBuilder,
     DocumentNotFound,
     InputShard,
@@ -24,6 +26,7 @@ from pipeline.readers.columns import add_text_column, is_text_type
 from schemas.config import BuildConfig, ConfigError, SourceConfig
 
 STEP = "parquet_reader@1"
+log = logging.getLogger("longloom")
 _HASH_CHUNK = 8 << 20
 
 
@@ -84,8 +87,16 @@ class ParquetShardReader(ShardReader):
     def _read(self) -> Iterator[ReadBatch]:
         path = self.cfg.resolve(self.shard.uri)
         hasher = FileHasher(path)
-        pf = pq.ParquetFile(path)
         src = self.source
+        problem = file_problem(path, self.uri, src)
+        if problem is not None:
+            if src.on_bad_file == "fail":
+                raise ConfigError(problem[1])
+            yield from self._quarantine_file(path, *problem)
+            self._revision = hasher.revision()
+            self._bytes = path.stat().st_size
+            return
+        pf = pq.ParquetFile(path)
         cols = _columns(pf, src)
         b = self.new_builder()
         offset = 0
@@ -104,45 +115,92 @@ class ParquetShardReader(ShardReader):
     def _add(self, b: BatchBuilder, rb: pa.RecordBatch, offset: int) -> None:
         add_batch(b, rb, offset, self.source, self.uri)
 
+    def _quarantine_file(self, path: Path, reason: str, detail: str) -> Iterator[ReadBatch]:
+        """Every row of a file that cannot be read as configured, quarantined with the file's reason.
+
+        A row count from the footer keeps `records read = documents + quarantined` true per file; a
+        file without a readable footer (or without rows) counts as one record, so it still shows in the
+        quarantine table.
+        """
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except (pa.ArrowInvalid, OSError):
+            rows = None
+        b = self.new_builder()
+        if not rows:  # no footer, or no rows: the file itself is the one record, so it still shows
+            with open(path, "rb") as f:
+                head = f.read(RAW_PREFIX_BYTES)
+            b.quarantine(None, reason, detail, head)
+            b.records_read += 1
+            yield b.flush()
+            return
+        for r in range(rows):
+            b.quarantine(r, reason, detail)
+            b.records_read += 1
+            if b.full:
+                yield b.flush()
+        if not b.empty:
+            yield b.flush()
+
 
 def add_batch(b: BatchBuilder, rb: pa.RecordBatch, offset: int, src: SourceConfig, uri: str) -> None:
     ids = rb.column(src.id_field) if src.id_field is not None else None
     add_text_column(b, rb.column(src.text_field), ids, offset, src.text_field, lambda r: f"row {r} of {uri}")
 
 
-def check_file(path: Path, uri: str, src: SourceConfig) -> None:
-    """ConfigError unless `path` is a Parquet file with the configured text (and id) columns."""
+def file_problem(path: Path, uri: str, src: SourceConfig) -> tuple[str, str] | None:
+    """(quarantine reason, one-line message) when `path` is not a Parquet file with the configured text
+    (and id) columns; None when it is."""
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as err:
-        raise ConfigError(f"source {src.name!r}: {uri} is not a readable Parquet file ({err})") from None
+        return "unreadable_file", f"source {src.name!r}: {uri} is not a readable Parquet file ({err})"
     names = schema.names
     if src.text_field not in names:
-        raise ConfigError(
+        return "missing_text_column", (
             f"source {src.name!r}: {uri} has no column {src.text_field!r} (columns: {', '.join(names)}); "
             f"set sources[].text_field to the column that holds the text"
         )
     t = schema.field(src.text_field).type
     if not is_text_type(t):
-        raise ConfigError(
+        return "text_column_not_string", (
             f"source {src.name!r}: column {src.text_field!r} of {uri} has type {t}, not string; "
             f"set sources[].text_field to a string column (columns: {', '.join(names)})"
         )
     if src.id_field is not None and src.id_field not in names:
-        raise ConfigError(
+        return "missing_id_column", (
             f"source {src.name!r}: {uri} has no column {src.id_field!r} (columns: {', '.join(names)}); "
             f"set sources[].id_field to an existing column or remove it"
         )
+    return None
+
+
+def check_file(path: Path, uri: str, src: SourceConfig) -> None:
+    """ConfigError unless `path` is a Parquet file with the configured text (and id) columns."""
+    problem = file_problem(path, uri, src)
+    if problem is not None:
+        raise ConfigError(problem[1])
 
 
 def list_shards(cfg: BuildConfig, src: SourceConfig) -> list[InputShard]:
+    """One shard per matched file. A file without the configured columns fails the run only with
+    `on_bad_file: fail`; by default it stays a shard whose reader quarantines it, so one bad file never
+    blocks the good ones. When every file is bad the configuration is what is wrong: that fails."""
     shards = []
+    problems: list[str] = []
     for i, path in enumerate(matched_files(cfg, src)):
         uri = input_uri(cfg, path)
-        check_file(path, uri, src)
+        problem = file_problem(path, uri, src)
+        if problem is not None:
+            if src.on_bad_file == "fail":
+                raise ConfigError(problem[1] + " (or set on_bad_file: quarantine to skip such files)")
+            log.warning("%s; the file will be quarantined (on_bad_file: quarantine)", problem[1])
+            problems.append(problem[1])
         shards.append(
             InputShard(source=src.name, kind="parquet", uri=uri, shard_id=shard_id(src.name, i), index=i)
         )
+    if shards and len(problems) == len(shards):
+        raise ConfigError(f"every file of source {src.name!r} is unusable; the first: {problems[0]}")
     return shards
 
 

@@ -137,7 +137,7 @@ def run_batch(cfg: BuildConfig, work: WorkDir, batch: Batch, sample_length: int)
     client = RewriterClient(cfg.rewriter, api_key, cache, budget, redact)
     asyncio.run(_fetch_all(client, jobs, f"rewriter batch {batch.index}", rw.progress))
 
-    lineage = run_lineage(cfg, work, tok, [])
+    lineage = run_lineage(cfg, work, tok, [], "rewriter")
     host = endpoint_host(rw.base_url)
     counts: dict[str, dict[str, Any]] = {}
     records: list[dict[str, Any]] = []
