@@ -45,6 +45,10 @@ class WorkDir:
     def procedural_dir(self) -> Path:
         return self.root / f"procedural-{self.row_keys['procedural']}"
 
+    @property
+    def rewriter_dir(self) -> Path:
+        return self.root / f"rewriter-{self.row_keys['rewriter']}"
+
     def written_record(self, config_name: str, shard: int) -> Path:
         return self.select_dir / "written" / f"{config_name}-{shard:05d}.json"
 

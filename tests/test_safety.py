@@ -240,6 +240,21 @@ def test_procedural_only_change_keeps_pretraining_shards_byte_identical(tmp_path
     assert {x["config_hash"] for x in lineage} == {second.row_config_hashes["procedural"]}
 
 
+def test_synthesis_work_folders_depend_only_on_their_own_sections(tmp_path: Path) -> None:
+    from pipeline.workdir import WorkDir
+    from tests.conftest import make_config
+
+    out = tmp_path / "out"
+    base = WorkDir(make_config(out))
+    proc = sample_dict()["procedural"]
+    proc["tasks"] = [{**t, "samples": 1} for t in proc["tasks"]]
+    procedural_only = WorkDir(make_config(out, procedural=proc))
+    # a procedural change redoes the procedural stage and nothing else
+    assert procedural_only.procedural_dir != base.procedural_dir
+    assert procedural_only.rewriter_dir == base.rewriter_dir
+    assert procedural_only.select_dir == base.select_dir
+
+
 def test_manifest_does_not_depend_on_runner_or_output_folder(tmp_path: Path) -> None:
     from pipeline.build import run_build
     from tests.conftest import make_config

@@ -53,7 +53,7 @@ _PART_SCHEMA = REWRITER_AUDIT_SCHEMA.append(pa.field("question_key", pa.string()
 
 
 def stage_dir(work: WorkDir) -> Path:
-    return work.root / f"rewriter-{work.config_hash}"
+    return work.rewriter_dir
 
 
 def cache_dir(cfg: BuildConfig) -> Path:
