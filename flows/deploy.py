@@ -24,6 +24,7 @@ from typing import Any
 from prefect import flow
 
 from flows.build import run
+from pipeline.build import longloom_commit, rebuild_command
 from schemas.config import load_config, with_overrides
 
 FLOW_NAME = "longloom-build-file"
@@ -35,9 +36,8 @@ def build_from_file(config_path: str, output: str | None = None) -> dict[str, An
     cfg = load_config(config_path)
     if output:
         cfg = with_overrides(cfg, "output", dir=output)
-    return run(
-        cfg, command=f"deployment {FLOW_NAME} {config_path}" + (f" --output {output}" if output else "")
-    )
+    # what a card shows to rebuild it: not this machine's paths nor the deployment (issue 12.9)
+    return run(cfg, command=rebuild_command(config_path, cfg.output.dir, longloom_commit()))
 
 
 def deployment_parameters(config_path: str, output: str | None) -> dict[str, str]:
