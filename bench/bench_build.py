@@ -2,6 +2,7 @@
 
     python bench/bench_build.py --mb 200 --mb 2000
     python bench/bench_build.py --corpus /tmp/corpora/bench-200mb --tokenizer quicktok:llama3 --repeats 3
+    python bench/bench_build.py --sample --corpus /tmp/corpora/bench-200mb --runner both --tokenizer quicktok:llama3
 
 For each corpus and tokenizer, alternately (best of --repeats, spread shown):
 - bare: the JSONL texts are read and parsed in batches of the pipeline's size (4 MB) outside the
@@ -10,6 +11,10 @@ For each corpus and tokenizer, alternately (best of --repeats, spread shown):
   -> pack -> write Parquet -> finalize), timed from start to manifest (`--runner flow`: the Prefect
   flow with two concurrent tasks instead). Tokens/s counts the tokens the
   pipeline tokenized, which equal the bare run's tokens (checked).
+Builds use the default filters (exact dedup on) unless --no-dedup, and the settings line says so.
+`--runner both` alternates `run_build` (what `--no-prefect` runs) with the Prefect flow (what
+`longloom build` runs, including the temporary Prefect API it starts); `--sample` runs the command
+line itself, `longloom build` and `longloom build --no-prefect`, on the bundled sample.
 Each measurement runs in its own child process; its peak RSS is the larger of the kernel's
 high-water mark for the child and everything it waited for (`wait4`) and the sum over the process
 tree sampled every 20 ms (psutil). Per-stage wall and CPU seconds come from the build's stage
@@ -61,8 +66,8 @@ def bench_config(
             {"name": "mix", "kind": "jsonl", "paths": [str(corpus / "part-*.jsonl")], "id_field": "id"}
         ],
         "tokenizer": {"name": tokenizer},
-        # every tokenized token reaches the output unless dedup is on: the heaviest case for the writer
-        "filters": {"min_tokens": 1, "exact_dedup": dedup},
+        # the default filters (exact dedup on) unless --no-dedup turns dedup off, as the output says
+        "filters": {} if dedup else {"exact_dedup": False},
         "packing": {
             "strategy": strategy,
             "targets": [{"length": t} for t in targets],
@@ -245,10 +250,13 @@ def child_build(config: dict[str, Any], runner: str = "library") -> dict[str, An
         seconds = time.perf_counter() - t0
         manifest = Manifest.model_validate_json((Path(cfg.output.dir) / "manifest.json").read_text())
         nan = float("nan")
-        for name, rep in manifest.stages.items():
-            stages[name] = {"seconds": rep.seconds, "cpu": nan, "peak_rss": nan}
-        stages["finalize"] = {
-            "seconds": seconds - sum(r.seconds for r in manifest.stages.values()),
+        # stage seconds come from the run report (the manifest holds no timings); "outside" is the rest:
+        # Prefect's temporary API start-up and shutdown, flow and task overhead
+        report = json.loads((Path(cfg.output.dir) / "report.json").read_text())
+        for st in report["stages"]:
+            stages[st["stage"]] = {"seconds": float(st["seconds"] or 0.0), "cpu": nan, "peak_rss": nan}
+        stages["outside stages"] = {
+            "seconds": seconds - sum(v["seconds"] for v in stages.values()),
             "cpu": nan,
             "peak_rss": nan,
         }
@@ -275,6 +283,52 @@ def child_build(config: dict[str, Any], runner: str = "library") -> dict[str, An
     }
     shutil.rmtree(out, ignore_errors=True)
     return result
+
+
+def child_cli(args: list[str], out: str) -> dict[str, Any]:
+    """`longloom ARGS` in this process, exactly as the command line runs it (Prefect or not)."""
+    import contextlib as cl
+    import io
+
+    from flows.cli import main as cli
+
+    shutil.rmtree(out, ignore_errors=True)
+    t0, c0 = time.perf_counter(), _cpu()
+    with cl.redirect_stdout(io.StringIO()):  # the command's own report; the result line is ours
+        code = cli(args)
+    result = {"seconds": time.perf_counter() - t0, "cpu": _cpu() - c0, "code": code, "self_maxrss": _maxrss()}
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def bench_sample(args: argparse.Namespace) -> None:
+    """`longloom build` on the bundled sample, through Prefect and with --no-prefect, alternately."""
+    out = str(args.work / "sample-out")
+    runs: dict[str, list[Measured]] = {"longloom build": [], "longloom build --no-prefect": []}
+    for rep in range(args.repeats):
+        for name in runs:
+            cmd = ["build", "--output", out] + (["--no-prefect"] if "no-prefect" in name else [])
+            m = run_child("cli", {"args": cmd, "out": out})
+            if m.result["code"] != 0:
+                raise RuntimeError(f"{name} failed with exit code {m.result['code']}")
+            runs[name].append(m)
+            print(
+                f"  [sample {name} #{rep + 1}] {m.result['seconds']:.1f} s, peak RSS {m.peak_rss / 2**20:.0f} MiB "
+                f"(process tree), {m.own_peak_rss / 2**20:.0f} MiB (command's process), "
+                f"load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
+    print()
+    print(
+        "| bundled sample | seconds (best / worst) | peak RSS, process tree (max) | command's process alone |"
+    )
+    print("|---|---:|---:|---:|")
+    for name, ms in runs.items():
+        secs = [m.result["seconds"] for m in ms]
+        print(
+            f"| `{name}` | {min(secs):.1f} / {max(secs):.1f} | {max(m.peak_rss for m in ms) / 2**20:,.0f} MiB "
+            f"| {max(m.own_peak_rss for m in ms) / 2**20:,.0f} MiB |"
+        )
 
 
 CHILDREN = {"bare": child_bare, "read": child_read, "build": child_build}
@@ -355,6 +409,7 @@ class Row:
     corpus: str
     corpus_mb: float
     tokenizer: str
+    runner: str = "library"
     tokens: int = 0
     bare: list[float] = field(default_factory=list)  # seconds per repeat
     build: list[float] = field(default_factory=list)
@@ -373,37 +428,44 @@ class Row:
         return self.tokens / min(self.build)
 
 
-def bench_one(corpus: Path, tokenizer: str, args: argparse.Namespace, out: Path) -> Row:
-    row = Row(corpus.name, corpus_bytes(corpus) / MB, tokenizer)
-    config = bench_config(corpus, out, tokenizer, args.targets, args.dedup, args.strategy)
+def bench_runners(corpus: Path, tokenizer: str, args: argparse.Namespace, out: Path) -> list[Row]:
+    """One row per runner; with `--runner both` the library and flow runs alternate repeat by repeat."""
+    runners = ["library", "flow"] if args.runner == "both" else [args.runner]
+    rows = {r: Row(corpus.name, corpus_bytes(corpus) / MB, tokenizer, runner=r) for r in runners}
     for rep in range(args.repeats):
-        bare = run_child("bare", {"corpus": str(corpus), "tokenizer": tokenizer})
-        build = run_child("build", {"config": config, "runner": args.runner})
-        if build.result["tokens_read"] != bare.result["tokens"]:
-            raise RuntimeError(
-                f"{tokenizer}: the build tokenized {build.result['tokens_read']} tokens, the bare run "
-                f"{bare.result['tokens']}: they must see the same text"
-            )
-        if not build.result["checks_ok"]:
-            raise RuntimeError(f"{tokenizer}: the build's reconciliation checks failed")
-        row.tokens = bare.result["tokens"]
-        row.bare.append(bare.result["seconds"])
-        row.build.append(build.result["seconds"])
-        row.bare_rss.append(bare.peak_rss)
-        row.build_rss.append(build.peak_rss)
-        row.build_own_rss.append(build.own_peak_rss)
-        if build.result["seconds"] <= min(row.build):
-            row.best_build = build.result
-        if bare.result["seconds"] <= min(row.bare):
-            row.best_bare = bare.result
-        print(
-            f"  [{corpus.name} {tokenizer} #{rep + 1}] bare {row.tokens / bare.result['seconds'] / 1e6:.2f} "
-            f"M tok/s, build {row.tokens / build.result['seconds'] / 1e6:.2f} M tok/s "
-            f"({build.result['seconds']:.1f} s), build peak RSS {build.peak_rss / 2**20:.0f} MiB, "
-            f"load {os.getloadavg()[0]:.1f}",
-            flush=True,
+        for r in runners:
+            bench_one(rows[r], corpus, tokenizer, args, out, rep)
+    return list(rows.values())
+
+
+def bench_one(row: Row, corpus: Path, tokenizer: str, args: argparse.Namespace, out: Path, rep: int) -> None:
+    config = bench_config(corpus, out, tokenizer, args.targets, args.dedup, args.strategy)
+    bare = run_child("bare", {"corpus": str(corpus), "tokenizer": tokenizer})
+    build = run_child("build", {"config": config, "runner": row.runner})
+    if build.result["tokens_read"] != bare.result["tokens"]:
+        raise RuntimeError(
+            f"{tokenizer}: the build tokenized {build.result['tokens_read']} tokens, the bare run "
+            f"{bare.result['tokens']}: they must see the same text"
         )
-    return row
+    if not build.result["checks_ok"]:
+        raise RuntimeError(f"{tokenizer}: the build's reconciliation checks failed")
+    row.tokens = bare.result["tokens"]
+    row.bare.append(bare.result["seconds"])
+    row.build.append(build.result["seconds"])
+    row.bare_rss.append(bare.peak_rss)
+    row.build_rss.append(build.peak_rss)
+    row.build_own_rss.append(build.own_peak_rss)
+    if build.result["seconds"] <= min(row.build):
+        row.best_build = build.result
+    if bare.result["seconds"] <= min(row.bare):
+        row.best_bare = bare.result
+    print(
+        f"  [{corpus.name} {tokenizer} {row.runner} #{rep + 1}] bare {row.tokens / bare.result['seconds'] / 1e6:.2f} "
+        f"M tok/s, build {row.tokens / build.result['seconds'] / 1e6:.2f} M tok/s "
+        f"({build.result['seconds']:.1f} s), build peak RSS {build.peak_rss / 2**20:.0f} MiB, "
+        f"load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
 
 
 def spread(xs: list[float]) -> str:
@@ -413,13 +475,13 @@ def spread(xs: list[float]) -> str:
 def print_results(rows: list[Row], reads: dict[str, Measured]) -> None:
     print()
     print(
-        "| corpus | tokenizer | tokens | bare encoder M tok/s | end-to-end M tok/s | ratio "
+        "| corpus | tokenizer | runner | tokens | bare encoder M tok/s | end-to-end M tok/s | ratio "
         "| CPU-time ratio | peak RSS (tree) | build process | spread bare / build |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r.corpus_mb:,.0f} MB | `{r.tokenizer}` | {r.tokens / 1e6:.1f} M | {r.bare_tps / 1e6:.2f} "
+            f"| {r.corpus_mb:,.0f} MB | `{r.tokenizer}` | {r.runner} | {r.tokens / 1e6:.1f} M | {r.bare_tps / 1e6:.2f} "
             f"| {r.build_tps / 1e6:.2f} | {r.build_tps / r.bare_tps:.2f} "
             f"| {r.best_bare['cpu'] / r.best_build['cpu']:.2f} | {max(r.build_rss) / 2**20:,.0f} MiB "
             f"| {max(r.build_own_rss) / 2**20:,.0f} MiB | {spread(r.bare)} / {spread(r.build)} |"
@@ -445,6 +507,13 @@ def print_results(rows: list[Row], reads: dict[str, Measured]) -> None:
             f"| {r.best_build['seconds']:.2f} / {r.best_build['cpu']:.2f} "
             f"| {r.best_build['output_bytes'] / MB:,.0f} MB | {r.best_build['work_bytes'] / MB:,.0f} MB |"
         )
+    for r in rows:
+        if "outside stages" in r.best_build["stages"]:
+            print(
+                f"{r.corpus_mb:,.0f} MB `{r.tokenizer}` flow: "
+                f"{r.best_build['stages']['outside stages']['seconds']:.1f} s outside the stages "
+                "(temporary API start-up and shutdown, flow and task overhead)"
+            )
     print()
     print("RSS high-water mark of the build process at the end of each stage (library runner):")
     print()
@@ -503,15 +572,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--targets", type=lambda s: [int(x) for x in s.split(",")], default=[65536, 1048576])
     ap.add_argument("--strategy", default="best_fit", choices=["best_fit", "greedy"])
-    ap.add_argument("--dedup", action="store_true", help="keep exact dedup on (drops the corpus' repeats)")
+    ap.add_argument(
+        "--no-dedup",
+        dest="dedup",
+        action="store_false",
+        help="turn exact dedup off (default: on, as in a user's build; it drops the corpus' repeats)",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
         "--runner",
         default="library",
-        choices=["library", "flow"],
-        help="library: pipeline.build.run_build; flow: the Prefect flow with run.workers=2 threads",
+        choices=["library", "flow", "both"],
+        help="library: pipeline.build.run_build (= --no-prefect); flow: the Prefect flow with run.workers=2 "
+        "threads and, unless PREFECT_API_URL is set, its temporary API (= `longloom build`), whose "
+        "process counts in the peak RSS of the tree; both: the two alternately",
     )
     ap.add_argument("--work", type=Path, default=Path("/tmp/longloom-bench"), help="scratch folder")
+    ap.add_argument(
+        "--sample",
+        action="store_true",
+        help="also measure `longloom build` with and without Prefect on the bundled sample (CLI as is)",
+    )
     args = ap.parse_args(argv)
 
     if args.child:
@@ -520,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
             res = child_bare(Path(payload["corpus"]), payload["tokenizer"])
         elif mode == "read":
             res = child_read(Path(payload["corpus"]))
+        elif mode == "cli":
+            res = child_cli(payload["args"], payload["out"])
         else:
             res = child_build(payload["config"], payload.get("runner", "library"))
         print(json.dumps(res))
@@ -533,7 +616,16 @@ def main(argv: list[str] | None = None) -> int:
         tokenizers.append(f"hf:{hf_cl100k(args.work)}")
 
     print(machine_notes())
+    print(
+        f"settings: runner {args.runner}, exact dedup {'on (default)' if args.dedup else 'OFF (--no-dedup)'}, "
+        f"other filters at their defaults, targets {args.targets}, {args.strategy} packing, "
+        f"PREFECT_API_URL {os.environ.get('PREFECT_API_URL') or 'unset (temporary API per flow run)'}"
+    )
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    if args.sample:
+        bench_sample(args)
+        if not args.corpus and not args.mb:
+            return 0
     rows: list[Row] = []
     reads: dict[str, Measured] = {}
     for corpus in corpora:
@@ -542,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
             key=lambda m: m.result["seconds"],
         )
         for tokenizer in tokenizers:
-            rows.append(bench_one(corpus, tokenizer, args, args.work / "out"))
+            rows += bench_runners(corpus, tokenizer, args, args.work / "out")
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print_results(rows, reads)
     return 0

@@ -11,6 +11,8 @@ from pathlib import Path
 
 for _key, _value in {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # the client's own switch: without it Prefect prints a telemetry notice on a terminal
+    "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "longloom",
 }.items():

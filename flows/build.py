@@ -20,7 +20,16 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import flows
-from pipeline.build import diversity_outputs, group_by_target, lineage_steps, output_units, preflight
+from flows.api import prefect_api, run_helpers
+from pipeline.build import (
+    diversity_outputs,
+    group_by_target,
+    lineage_steps,
+    longloom_commit,
+    output_units,
+    preflight,
+    rebuild_command,
+)
 from pipeline.card import headline_rows, inline_images, split_front_matter
 from pipeline.finalize import finalize_run
 from pipeline.prepare import PrepareResult, prepare_shard
@@ -229,7 +238,7 @@ def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
     rep = active_reporter() or LogReporter(logger.info)
     work = WorkDir(cfg)
     shards = preflight(cfg)  # a bad config or missing input fails here, before anything is written
-    with work.lock(logger.info):
+    with work.lock(logger.info), run_helpers(work.root, logger.info):
         work.remove_temporaries()
         clock = RunClock()
         stages: dict[str, StageReport] = {}
@@ -323,29 +332,36 @@ def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
     return result
 
 
-def task_runner_for(cfg: BuildConfig) -> Any:
-    """Threads on one machine, or Dask: a local cluster, or an existing scheduler's address."""
+def task_runner_for(cfg: BuildConfig, api_url: str | None = None) -> Any:
+    """Threads on one machine, or Dask: a local cluster, or an existing scheduler's address.
+
+    Dask workers are pointed at `api_url` (the flow's Prefect API) before they run a task.
+    """
     if cfg.run.task_runner == "dask":
-        from prefect_dask import DaskTaskRunner
+        from flows.dask_runner import ReportingDaskTaskRunner
 
         if cfg.run.dask_address:
-            return DaskTaskRunner(address=cfg.run.dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.run.workers, "threads_per_worker": 1})
+            return ReportingDaskTaskRunner(address=cfg.run.dask_address, api_url=api_url)
+        return ReportingDaskTaskRunner(
+            cluster_kwargs={"n_workers": cfg.run.workers, "threads_per_worker": 1}, api_url=api_url
+        )
     return ThreadPoolTaskRunner(max_workers=cfg.run.workers)
 
 
 def run(cfg: BuildConfig, command: str | None = None) -> dict[str, Any]:
-    """Run the flow with the task runner the config asks for."""
+    """Run the flow with the task runner the config asks for, against the configured Prefect API or a
+    temporary one started here (see `flows.api`)."""
     if cfg.run.task_runner == "dask":
         # workers may start elsewhere: give them an output path that does not depend on their cwd
         cfg = with_overrides(cfg, "output", dir=str(Path(cfg.output.dir).resolve()))
-    return build.with_options(task_runner=task_runner_for(cfg))(cfg, command=command)
+    with prefect_api() as (api_url, _):
+        return build.with_options(task_runner=task_runner_for(cfg, api_url))(cfg, command=command)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     cfg = load_config(args[0] if args else DEFAULT_CONFIG)
-    result = run(cfg, command="python -m flows.build " + " ".join(args))
+    result = run(cfg, command=rebuild_command(args[0] if args else None, cfg.output.dir, longloom_commit()))
     return 0 if result["checks_ok"] else 1
 
 

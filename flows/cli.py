@@ -24,8 +24,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     cfg = _load(args.config, args.output)
     runner = "dask" if args.dask_address else args.runner
     cfg = with_overrides(cfg, "run", task_runner=runner, dask_address=args.dask_address, workers=args.workers)
-    command = "longloom build " + " ".join(sys.argv[2:])
     from pathlib import Path
+
+    from pipeline.build import longloom_commit, rebuild_command
+
+    command = rebuild_command(args.config, cfg.output.dir, longloom_commit())  # no local paths in cards
 
     from pipeline.progress import BarReporter, use_reporter
 

@@ -11,15 +11,20 @@ A deployment stores its parameters on the Prefect server, so its flow takes the 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
 from flows.build import run
+from pipeline.build import longloom_commit, rebuild_command
 from schemas.config import load_config, with_overrides
 
 FLOW_NAME = "longloom-build-file"
@@ -31,9 +36,8 @@ def build_from_file(config_path: str, output: str | None = None) -> dict[str, An
     cfg = load_config(config_path)
     if output:
         cfg = with_overrides(cfg, "output", dir=output)
-    return run(
-        cfg, command=f"deployment {FLOW_NAME} {config_path}" + (f" --output {output}" if output else "")
-    )
+    # what a card shows to rebuild it: not this machine's paths nor the deployment (issue 12.9)
+    return run(cfg, command=rebuild_command(config_path, cfg.output.dir, longloom_commit()))
 
 
 def deployment_parameters(config_path: str, output: str | None) -> dict[str, str]:
@@ -73,12 +77,89 @@ def server_command(host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
 
 
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def server_urls(host: str, port: int) -> tuple[str, str]:
+    """(API URL for clients on this machine, API URL the UI in a browser calls) for `--host/--port`.
+
+    Prefect's UI otherwise calls the default 127.0.0.1:4200 whatever port the server listens on. A
+    wildcard host is not an address a browser can call: the UI gets this machine's name instead.
+    """
+    local = "127.0.0.1" if host in WILDCARD_HOSTS else host
+    public = socket.getfqdn() if host in WILDCARD_HOSTS else host
+    fmt = lambda h: f"[{h}]" if ":" in h else h  # noqa: E731 (IPv6 literals need brackets in URLs)
+    return f"http://{fmt(local)}:{port}/api", f"http://{fmt(public)}:{port}/api"
+
+
+def server_env(host: str, port: int, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of the `prefect server` child: its own URLs, no telemetry."""
+    api, ui_api = server_urls(host, port)
+    env = dict(os.environ if base is None else base)
+    env.update(PREFECT_API_URL=api, PREFECT_UI_API_URL=ui_api, DO_NOT_TRACK="1")
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    return env
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when `longloom server` dies, even by SIGKILL (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def supervise(cmd: list[str], env: dict[str, str], grace: float = 20.0) -> int:
+    """Run `cmd` as a child, forward SIGTERM/SIGINT/SIGHUP to it and wait for it to exit.
+
+    The child leads its own process group, so anything it starts gets the signal too; if it has not
+    exited `grace` seconds after a signal, the group is killed. Never returns while the child runs:
+    a stopped `longloom server` leaves no server holding the port.
+    """
+    child = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    deadline: list[float] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signum)
+        if not deadline:
+            deadline.append(time.monotonic() + grace)
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED}
+    try:
+        while True:
+            try:
+                return child.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                if deadline and time.monotonic() > deadline[0]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(child.pid, signal.SIGKILL)
+                    return child.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if child.poll() is None:  # an exception here (never expected): do not leave it behind
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+
+
 def start_server(host: str = "127.0.0.1", port: int = 4200) -> int:
-    """Run the Prefect server and UI in the foreground (SQLite database under PREFECT_HOME)."""
+    """Run the Prefect server and UI until stopped (SQLite database under PREFECT_HOME).
+
+    SIGTERM, SIGHUP and Ctrl-C stop the server too, and this returns only once it has exited.
+    """
     home = os.environ.get("PREFECT_HOME", str(Path.home() / ".prefect"))
+    api, ui_api = server_urls(host, port)
     print(
-        f"Prefect server and UI on http://{host}:{port} (database: {home}/prefect.db)\n"
-        f"In other shells: export PREFECT_API_URL=http://{host}:{port}/api",
+        f"Prefect server and UI on http://{host}:{port} (database: {home}/prefect.db; the UI calls {ui_api})\n"
+        f"In other shells: export PREFECT_API_URL={api}"
+        + (f" (on other machines: {ui_api})" if host in WILDCARD_HOSTS else ""),
         flush=True,
     )
-    return subprocess.call(server_command(host, port))
+    return supervise(server_command(host, port), server_env(host, port))

@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shlex
 from pathlib import Path
 
 from pipeline.finalize import finalize_run
+from pipeline.helpers import reap_orphans
 from pipeline.prepare import PrepareResult, prepare_shard, tokenizer_for
 from pipeline.progress import Reporter
 from pipeline.readers import InputShard, list_input_shards
@@ -93,6 +95,52 @@ def check_unnamed_output(cfg: BuildConfig) -> None:
             f"{out} to replace that run, or to another folder"
         )
 
+def longloom_commit() -> str | None:
+    """The git commit of this Longloom checkout (`<sha>` or `<sha>+local changes`), None if not a checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha.stdout.strip() + ("+local changes" if dirty else "")
+
+
+def rebuild_command(config: str | Path | None, output_dir: str | Path, commit: str | None = None) -> str:
+    """The command that rebuilds this output, runnable by someone else: no local absolute path in it.
+
+    The config is named relative to the folder that holds the output (`configs/my.yaml`), or by its
+    file name when it lives elsewhere; the output by its folder name. Run from the folder holding both
+    (its whole text is also in `manifest.json`). The git commit of Longloom comes first, when known.
+    """
+    out = Path(output_dir).resolve()
+    args = ["longloom", "build"]
+    if config is not None and Path(config).resolve() != flows_default_config():
+        cfg = Path(config).resolve()
+        try:
+            args.append(cfg.relative_to(out.parent).as_posix())
+        except ValueError:
+            args.append(cfg.name)
+    args += ["--output", out.name]
+    line = " ".join(shlex.quote(a) for a in args)
+    return f"# Longloom git commit {commit}\n{line}" if commit else line
+
+
+def flows_default_config() -> Path:
+    """The bundled sample config (what `longloom build` without a CONFIG runs)."""
+    return Path(__file__).resolve().parent.parent / "data" / "sample.yaml"
+
 
 def lineage_steps(prepared: list[PrepareResult], selected: SelectResult) -> list[str]:
     """The versioned steps rows went through, in order, without repeats."""
@@ -130,6 +178,7 @@ def run_build(
     work = WorkDir(cfg)
     shards = preflight(cfg)  # a bad config or missing input fails here, before anything is written
     with work.lock(log.info):
+        reap_orphans(work.root, log.info)  # e.g. the temporary Prefect API of a killed flow run
         work.remove_temporaries()
         clock = RunClock()
         stages: dict[str, StageReport] = {}

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.progress import waiting
+
 DISTILL_STEP = "static_distill@2"
 DEFAULT_DIMS = 256
 DEFAULT_SIF = 1e-4
@@ -73,7 +75,9 @@ def sample_texts(folder: Path = SAMPLE_DIR) -> Iterator[str]:
         yield from pq.read_table(p, columns=["text"]).column("text").to_pylist()
 
 
-def token_vectors(teacher: object, batch: int = 4096) -> np.ndarray:
+def token_vectors(
+    teacher: object, batch: int = 4096, step: Callable[[str], None] | None = None
+) -> np.ndarray:
     """One vector per vocabulary token: the teacher's mean-pooled output for `[CLS] token [SEP]`."""
     import torch
 
@@ -87,6 +91,8 @@ def token_vectors(teacher: object, batch: int = 4096) -> np.ndarray:
     model.eval()
     with torch.inference_mode():
         for s in range(0, vocab, batch):
+            if step is not None:
+                step(f"teacher vectors of tokens {s:,}-{min(vocab, s + batch):,} of {vocab:,}")
             ids = torch.arange(s, min(vocab, s + batch))
             cols = [ids]
             if cls_id is not None:
@@ -155,22 +161,34 @@ def pca(x: np.ndarray, dims: int) -> np.ndarray:
 
 
 def distill(
-    teacher_path: Path, out_dir: Path, dims: int = DEFAULT_DIMS, sif: float = DEFAULT_SIF, device: str = "cpu"
+    teacher_path: Path,
+    out_dir: Path,
+    dims: int = DEFAULT_DIMS,
+    sif: float = DEFAULT_SIF,
+    device: str = "cpu",
+    step: Callable[[str], None] = lambda _: None,
 ) -> Path:
-    """Distil `teacher_path` into a static sentence-transformers model at `out_dir` (atomically)."""
+    """Distil `teacher_path` into a static sentence-transformers model at `out_dir` (atomically).
+
+    `step` is told which part is running (the whole takes minutes on 2 cores).
+    """
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import StaticEmbedding
     from tokenizers import Tokenizer
 
     started = time.perf_counter()
+    step("loading the teacher model")
     teacher = SentenceTransformer(str(teacher_path), device=device)
-    vectors = token_vectors(teacher)
+    vectors = token_vectors(teacher, step=step)
     fast = Tokenizer.from_file(str(teacher_path / "tokenizer.json"))
     fast.no_truncation()  # a static model has no window: never cut a chunk short
     fast.no_padding()
+    step("token frequencies on the bundled samples")
     prob = sample_probabilities(lambda block: teacher_ids(fast, block), len(vectors))
+    step("PCA and SIF weights")
     weights = pca(vectors, min(dims, vectors.shape[1])) * sif_weights(prob, sif)[:, None]
     model = SentenceTransformer(modules=[StaticEmbedding(fast, embedding_weights=weights)], device="cpu")
+    step("saving")
     tmp = out_dir.parent / f".tmp-{os.getpid()}-{threading.get_ident()}-{out_dir.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save(str(tmp))
@@ -209,7 +227,10 @@ def static_minilm(dims: int = DEFAULT_DIMS, sif: float = DEFAULT_SIF) -> Path:
                 f"longloom: distilling a static embedding model from MiniLM into {out} (once)",
                 file=sys.stderr,
             )
-            distill(teacher, out, dims, sif)
+            with waiting(
+                "distilling the static embedder from MiniLM (first use only; minutes on 2 cores)"
+            ) as w:
+                distill(teacher, out, dims, sif, step=w.step)
     return out
 
 

@@ -44,6 +44,7 @@ import numpy as np
 from pipeline.embed import STATIC_TOKENS, Embedder, folder_fingerprint
 from pipeline.embed_distill import cache_root, static_minilm
 from pipeline.parquet_io import write_json_atomic
+from pipeline.progress import waiting
 from pipeline.tokenizer import Tokenizer, load_tokenizer
 
 TABLE_STEP = "token_table@1"
@@ -164,7 +165,8 @@ def token_table_dir(tok: Tokenizer, root: Path | None = None, static_folder: Pat
                 file=sys.stderr,
             )
             started = time.perf_counter()
-            table = build_token_table(tok, static)
+            with waiting(f"building the static-tokens table for {tok.name} (first use only)"):
+                table = build_token_table(tok, static)
             tmp = out.parent / f".tmp-{os.getpid()}-{threading.get_ident()}-{out.name}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)

@@ -9,6 +9,7 @@ finished unit, so the same bars work whether units run in threads here or on Das
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import threading
 import time
@@ -90,10 +91,57 @@ class LogReporter(Reporter):
         self.log(f"{stage}: {done}/{total} {unit}{what}" + (f", {extra}" if extra else ""))
 
 
+class _LogsAboveBars:
+    """While bars are shown, console log handlers write through tqdm's write mode.
+
+    A log line written while a bar sits on the terminal's last line would land inside it (one garbled
+    line seen with Prefect's INFO lines): tqdm's `external_write_mode` clears the bars, lets the line
+    out, then redraws them. Handlers are wrapped in place and restored exactly on `restore`.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: list[tuple[logging.Handler, Any]] = []
+
+    def wrap(self) -> None:
+        from tqdm import tqdm
+
+        if self._wrapped:
+            return
+        loggers = [logging.getLogger()] + [
+            lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+        ]
+        seen: set[int] = set()
+        for lg in loggers:
+            for h in lg.handlers:
+                if id(h) in seen or not isinstance(h, logging.StreamHandler):
+                    continue
+                if isinstance(h, logging.FileHandler):
+                    continue
+                seen.add(id(h))
+                own = h.__dict__.get("emit")  # normally none: emit is the class's method
+                emit = h.emit
+
+                def through_tqdm(record: logging.LogRecord, _emit: Any = emit, _h: Any = h) -> None:
+                    with tqdm.external_write_mode(file=_h.stream):
+                        _emit(record)
+
+                h.emit = through_tqdm  # type: ignore[method-assign]
+                self._wrapped.append((h, own))
+
+    def restore(self) -> None:
+        for h, own in self._wrapped:
+            if own is None:
+                h.__dict__.pop("emit", None)
+            else:
+                h.emit = own  # type: ignore[method-assign]
+        self._wrapped.clear()
+
+
 class BarReporter(Reporter):
     """tqdm bars on the terminal, one per stage; hidden when the stream is not a terminal.
 
-    `force=True` shows them anyway (tests, or a log file that should keep them).
+    `force=True` shows them anyway (tests, or a log file that should keep them). While bars are
+    shown, console log lines are written above them, never into them.
     """
 
     def __init__(self, file: TextIO | None = None, force: bool = False) -> None:
@@ -103,10 +151,13 @@ class BarReporter(Reporter):
         self._bars: dict[str, Any] = {}
         self._live: dict[str, dict[str, str]] = {}
         self._lock = threading.Lock()
+        self._logs = _LogsAboveBars()
 
     def start(self, stage: str, total: int, unit: str) -> None:
         from tqdm import tqdm
 
+        # at the first bar, not earlier: Prefect configures its console handlers when a flow starts
+        self._logs.wrap()
         with self._lock:
             for bar in self._bars.values():  # stages run one after another
                 bar.close()
@@ -153,6 +204,7 @@ class BarReporter(Reporter):
             for bar in self._bars.values():
                 bar.close()
             self._bars.clear()
+        self._logs.restore()
 
 
 def throttled(log: LogFn, label: str, every: float = 10.0) -> UnitProgress:
@@ -201,3 +253,69 @@ def use_reporter(reporter: Reporter) -> Iterator[Reporter]:
     finally:
         _active = previous
         reporter.close()
+
+
+class Waiting:
+    """A wait in progress: what it is, the current step, and how long it has taken (see `waiting`)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.detail = ""
+        self.started = time.monotonic()
+
+    def step(self, detail: str) -> None:
+        """Say which part of the wait is running now (e.g. `token vectors 3/8`)."""
+        self.detail = detail
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.started
+        return f"{self.what}" + (f": {self.detail}" if self.detail else "") + f" ({elapsed:.0f} s)"
+
+
+@contextlib.contextmanager
+def waiting(
+    what: str, file: TextIO | None = None, after: float = 2.0, every: float = 10.0, force: bool = False
+) -> Iterator[Waiting]:
+    """Show that a long wait is in progress, if it lasts over `after` seconds.
+
+    On a terminal: one line (a tqdm status line, so log lines written through tqdm's write mode never
+    land inside it) updated every second with the step and elapsed time. Elsewhere (`force` off and
+    not a terminal: CI, log files): a line when the wait passes `after` seconds, then every `every`
+    seconds, then one saying it is done. Short waits show nothing.
+    """
+    from tqdm import tqdm
+
+    stream = file or sys.stderr
+    w = Waiting(what)
+    done = threading.Event()
+
+    def show() -> None:
+        if done.wait(after):
+            return
+        bar = tqdm(
+            total=None, file=stream, bar_format="{desc}", disable=None if not force else False, leave=True
+        )
+        if bar.disable:  # not a terminal: plain lines
+            last = -every
+            while not done.is_set():
+                if time.monotonic() - w.started - last >= every - 0.05:
+                    last = time.monotonic() - w.started
+                    print(f"longloom: {w.line()}", file=stream, flush=True)
+                done.wait(0.5)
+            print(
+                f"longloom: {w.what}: done in {time.monotonic() - w.started:.0f} s", file=stream, flush=True
+            )
+            return
+        while not done.is_set():
+            bar.set_description_str(w.line(), refresh=True)
+            done.wait(1.0)
+        bar.set_description_str(f"{w.what}: done in {time.monotonic() - w.started:.0f} s", refresh=True)
+        bar.close()
+
+    thread = threading.Thread(target=show, name="longloom-waiting", daemon=True)
+    thread.start()
+    try:
+        yield w
+    finally:
+        done.set()
+        thread.join()

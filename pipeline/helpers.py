@@ -1,0 +1,97 @@
+"""Helper processes a run starts (Prefect's temporary API server): recorded, and reaped after a crash.
+
+A `kill -9` of `longloom build` cannot stop the processes it started: Prefect's temporary API server
+lives on, re-parented to PID 1, holding ~220 MB and a port. The run records such helpers under its
+lock in `.longloom/helpers/<owner pid>.json`; the next run on the same output folder (with or without
+Prefect) ends those whose owner is gone before it starts. Identity is pid + start time + command line,
+so a pid reused by an unrelated process is never signalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+
+def _identity(p: psutil.Process) -> dict[str, Any]:
+    return {"pid": p.pid, "create_time": p.create_time(), "cmdline": p.cmdline()}
+
+
+def _same(entry: dict[str, Any]) -> psutil.Process | None:
+    """The recorded process if it still runs (same pid, start time and command line), else None."""
+    try:
+        p = psutil.Process(int(entry["pid"]))
+        if abs(p.create_time() - float(entry["create_time"])) < 0.01 and p.cmdline() == entry["cmdline"]:
+            return p
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        pass
+    return None
+
+
+def helpers_dir(work_root: Path) -> Path:
+    return work_root / "helpers"
+
+
+def record_helpers(work_root: Path, pids: list[int]) -> Path | None:
+    """Record the helper processes (Prefect's temporary server) this process started for its run.
+
+    Call while holding the run's lock. One file per owning process, so records never clash.
+    """
+    helpers = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            helpers.append(_identity(psutil.Process(pid)))
+    if not helpers:
+        return None
+    owner = _identity(psutil.Process(os.getpid()))
+    folder = helpers_dir(work_root)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{owner['pid']}.json"
+    tmp = folder / f".tmp-{owner['pid']}.json"
+    tmp.write_text(json.dumps({"owner": owner, "helpers": helpers}, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def reap_orphans(work_root: Path, log: Callable[[str], Any], grace: float = 10.0) -> list[int]:
+    """End helper processes that earlier runs on this folder recorded and left behind when killed.
+
+    A helper is ended only if its owner is gone and it is still the very process recorded (pid, start
+    time and command line match), so a reused pid is never hit. Call while holding the run's lock.
+    """
+    reaped: list[int] = []
+    folder = helpers_dir(work_root)
+    for path in sorted(folder.glob("[!.]*.json")) if folder.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+            owner_alive = _same(record["owner"]) is not None
+            helpers = record["helpers"]
+        except (OSError, ValueError, KeyError, TypeError):
+            owner_alive, helpers = False, []  # a damaged record: nothing it names can be trusted
+        if owner_alive:
+            continue
+        procs = [p for p in (_same(h) for h in helpers) if p is not None]
+        for p in procs:
+            log(f"ending {' '.join(p.cmdline()[:3])}... (pid {p.pid}), left running by a killed run")
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=grace)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(alive, timeout=grace)
+        reaped += [p.pid for p in procs]
+        path.unlink(missing_ok=True)
+    return reaped
+
+
+def forget_helpers(record: Path | None) -> None:
+    """The run ended normally and stops its own helpers: drop its record."""
+    if record is not None:
+        record.unlink(missing_ok=True)
