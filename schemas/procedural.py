@@ -45,6 +45,18 @@ class HashChainTask(_Task):
         default="chain_of_thought",
         description="Answer with every hash of the chain, only the last one, or every second one.",
     )
+    haystack: Literal["text", "hashes"] = Field(
+        default="text",
+        description="text: the links sit in the run's text; hashes: HashHop's setting, the whole context is "
+        "shuffled hash pairs (the chains asked about plus as many distractor chains as fill it).",
+    )
+    prose_share: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=0.9,
+        description="With haystack 'hashes': share of the context given to lines of the run's text, "
+        "interleaved with the hash pairs.",
+    )
 
     @field_validator("alphabet")
     @classmethod
@@ -59,7 +71,17 @@ class HashChainTask(_Task):
             raise ValueError(f"queries ({self.queries}) cannot exceed chains ({self.chains})")
         if len(self.alphabet) ** self.hash_length < 1e9:
             raise ValueError("alphabet ** hash_length is too small for collision-free random hashes")
+        if self.prose_share and self.haystack != "hashes":
+            raise ValueError("prose_share needs haystack: hashes (with text haystacks all context is prose)")
         return self
+
+    def params(self) -> dict:
+        # the HashHop knobs appear only when set, so the params of existing configs stay as they were
+        out = super().params()
+        if self.haystack == "text":
+            out.pop("haystack")
+            out.pop("prose_share")
+        return out
 
 
 class MultiNeedleTask(_Task):

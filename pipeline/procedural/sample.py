@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline.chat import AssembledChat, ChatTemplate, Haystack, LengthCounts, Piece, assemble_chat
 from pipeline.procedural.base import Draft
+from pipeline.procedural.dense import assemble_dense
 
 ASSEMBLY_STEP = "chat_assembly@2"  # @2: the haystack is cut at a word end (issue 12.20)
 
@@ -56,18 +57,33 @@ def build_sample(
 ) -> BuiltSample:
     msgs, ctx, turns = chat_messages(draft, system_prompt)
     pieces = [Piece(n.text, n.depth, n.label, n.placement) for n in draft.needles]
-    chat = assemble_chat(
-        template,
-        msgs,
-        ctx,
-        haystack,
-        target_length,
-        pieces,
-        length_counts=length_counts,
-        prefix=draft.instruction,
-        suffix=draft.queries[0].question,
-        start_token=start_token,
-    )
+    if draft.filler is not None:
+        chat = assemble_dense(
+            template,
+            msgs,
+            ctx,
+            haystack,
+            target_length,
+            pieces,
+            draft.filler,
+            length_counts=length_counts,
+            prefix=draft.instruction,
+            suffix=draft.queries[0].question,
+            start_token=start_token,
+        )
+    else:
+        chat = assemble_chat(
+            template,
+            msgs,
+            ctx,
+            haystack,
+            target_length,
+            pieces,
+            length_counts=length_counts,
+            prefix=draft.instruction,
+            suffix=draft.queries[0].question,
+            start_token=start_token,
+        )
     r = chat.rendered
     content = chat.messages[ctx]["content"]
     evidence: list[dict[str, Any]] = [
