@@ -130,16 +130,32 @@ def _prose_units(hay: Haystack, start_token: int, want_tokens: int) -> list[_Uni
     return units
 
 
-def _coins(counts: list[int], total: int) -> list[int] | None:
-    """Line counts (repeats allowed) that sum to exactly `total`, fewest lines first; None if impossible."""
-    best: list[list[int] | None] = [None] * (total + 1)
-    best[0] = []
-    for s in range(1, total + 1):
-        for c in counts:
-            prev = best[s - c] if c <= s else None
-            if prev is not None and (best[s] is None or len(prev) + 1 < len(best[s])):  # type: ignore[arg-type]
-                best[s] = [*prev, c]
-    return best[total]
+def _subset(supply: dict[int, int], total: int) -> list[int] | None:
+    """Line counts, each used at most as often as `supply` has it, that sum to exactly `total`; None if
+    none do (a 0/1 subset sum over the lines on hand, remembering how each sum was first reached)."""
+    if total < 0:
+        return None
+    how = np.full(total + 1, -1, np.int64)  # the count that first reached each sum
+    reach = np.zeros(total + 1, bool)
+    reach[0] = True
+    for c, n in sorted(supply.items()):
+        for _ in range(min(n, 32)):
+            if c > total:
+                break
+            new = np.zeros_like(reach)
+            new[c:] = reach[:-c] & ~reach[c:]
+            how[new] = c
+            reach |= new
+        if reach[total]:
+            break
+    if not reach[total]:
+        return None
+    plan: list[int] = []
+    s = total
+    while s > 0:
+        plan.append(int(how[s]))
+        s -= int(how[s])
+    return plan
 
 
 def _fill(pool: _Pool, budget: int, ends: list[int]) -> tuple[list[_Unit], int]:
@@ -148,7 +164,10 @@ def _fill(pool: _Pool, budget: int, ends: list[int]) -> tuple[list[_Unit], int]:
     out: list[_Unit] = []
     total = 0
     counts = pool.counts()
-    reserve = 6 * counts[-1] + max(ends)  # left for the exact end
+    # left for the exact end: enough lines that sums of n and n + 1 lines overlap (no gaps between them)
+    lo, hi = counts[0], counts[-1]
+    n_end = min(64, max(6, -(-lo // max(1, hi - lo)) + 2))
+    reserve = n_end * hi + max(ends)
     while budget - total > reserve + counts[-1]:
         need = budget - total - reserve
         for u in pool.draw(max(64, int(need / max(1.0, float(np.mean(counts)))) + 1)):
@@ -157,23 +176,14 @@ def _fill(pool: _Pool, budget: int, ends: list[int]) -> tuple[list[_Unit], int]:
             out.append(u)
             total += len(u.ids)
     rest = budget - total
-    for common in (True, False):
-        # common counts first: a rare count may not be drawn again when the plan needs it twice
-        usable = [c for c in pool.counts() if not common or len(pool.by_count[c]) >= 8]
+    for _ in range(4):
+        supply = {c: len(us) for c, us in pool.by_count.items() if us}
         for k, e in enumerate(ends):
-            plan = _coins(usable, rest - e) if rest >= e and usable else None
-            if plan is None:
-                continue
-            taken: list[_Unit] = []
-            for c in plan:
-                got = pool.take(c)
-                if got is None:
-                    break
-                taken.append(got)
-            if len(taken) == len(plan):
+            plan = _subset(supply, rest - e)
+            if plan is not None:
+                taken = [pool.by_count[c].pop() for c in plan]
                 return [*out, *taken], k
-            for u in taken:  # put them back and try the next ending
-                pool.by_count[len(u.ids)].append(u)
+        pool.refill()  # more lines on hand, more sums within reach
     raise AssemblyError(
         f"{pool.filler.kind}: could not fill the context to exactly {budget} tokens (the filler's lines "
         f"vary too little in length)"

@@ -105,7 +105,8 @@ def build_sample(
             t0, t1 = chat.locate(ctx, a, len(content))
         else:
             t0, t1 = (int(x) for x in r.content_spans[turn])
-        first = min(evidence[i]["token_start"] for i in q.evidence)
+        # no needles (a question about the whole context, e.g. word frequencies): it reaches back to its start
+        first = min((evidence[i]["token_start"] for i in q.evidence), default=chat.context_token_span[0])
         questions.append(
             {
                 "message_index": turn,
@@ -157,7 +158,7 @@ def build_sample(
                 "prompt": chat.messages[: turn + 1],
                 "expected": q.expected,
                 "match": q.match,
-                "depth": min(depths),
+                "depth": min(depths, default=0.0),
                 "evidence_depths": depths,
                 "target_length": target_length,
                 "prompt_tokens": int(r.message_spans[turn][1]) + gen_header,
