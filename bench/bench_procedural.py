@@ -17,26 +17,49 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pipeline.build import run_build
-from pipeline.chat import load_template
+from pipeline.chat import ChatTemplate, load_template
 from pipeline.procedural import GENERATORS
-from pipeline.procedural.pool import pool_from_shards
+from pipeline.procedural.pool import RowPool, pool_from_shards
 from pipeline.procedural.sample import build_sample
-from pipeline.tokenizer import load_tokenizer
+from pipeline.tokenizer import Tokenizer, load_tokenizer
 from schemas.config import load_config, with_overrides
 from schemas.manifest import Manifest
-from schemas.procedural import AggregationTask, HashChainTask, MultiNeedleTask, VariableTrackingTask
+from schemas.procedural import (
+    AggregationTask,
+    FrequentWordsTask,
+    HashChainTask,
+    MultiNeedleTask,
+    VariableTrackingTask,
+)
 
 LENGTHS = (65_536, 262_144, 1_048_576)
-TASKS = (
+TASKS: tuple[Any, ...] = (
     HashChainTask(chains=8, hops=6, queries=2),
     MultiNeedleTask(num_keys=8, values_per_key=2, queries=2, style="mixed"),
     VariableTrackingTask(chains=2, hops=6, distractors=6),
     AggregationTask(top_k=10, frequent_count=20, rare_items=60, rare_count=3),
 )
+# issue 16: dense contexts (HashHop, RULER's noise / needle-only / entries-only / Zipf-word contexts)
+NEW_TASKS: tuple[Any, ...] = (
+    HashChainTask(chains=8, hops=4, queries=8, haystack="hashes"),
+    HashChainTask(chains=8, hops=4, queries=8, haystack="hashes", prose_share=0.3),
+    MultiNeedleTask(num_keys=1, style="classic", haystack="noise"),
+    MultiNeedleTask(num_keys=1, style="classic", haystack="needles", key_kind="uuid", value_kind="uuid"),
+    VariableTrackingTask(chains=1, hops=4, distractors=0, haystack="noise"),
+    AggregationTask(top_k=10, frequent_count=30, rare_items=0, rare_count=3, haystack="entries"),
+    FrequentWordsTask(),
+)
+
+
+def label(p: object) -> str:
+    knobs = p.params()  # type: ignore[attr-defined]
+    extra = ",".join(f"{k}={knobs[k]}" for k in ("haystack", "prose_share", "key_kind") if k in knobs)
+    return f"{knobs['task']}[{extra}]"
 
 
 def rows_dir(arg: str | None) -> Path:
@@ -58,6 +81,7 @@ def main() -> None:
         "--rows", help="output folder of a finished build (its pretraining rows are the haystack)"
     )
     ap.add_argument("--samples", type=int, default=2, help="samples per task and length")
+    ap.add_argument("--new-only", action="store_true", help="only the issue-16 dense tasks")
     args = ap.parse_args()
     out = rows_dir(args.rows)
     m = Manifest.model_validate_json((out / "manifest.json").read_text())
@@ -71,6 +95,35 @@ def main() -> None:
 
     boundary_tables(tok)  # one-off per process (~0.2 s), not per sample
 
+    if not args.new_only:
+        classic(args, pool, tok, tpl)
+    print(
+        f"\nissue 16 tasks (dense contexts), seconds per sample:\n{'task':<58} "
+        + " ".join(f"{L:>10,}" for L in LENGTHS)
+    )
+    for ti, params in enumerate(NEW_TASKS):
+        gen = GENERATORS[params.task]
+        cells = []
+        for L in LENGTHS:
+            times = []
+            for i in range(args.samples):
+                seed = 5000 + 100 * ti + i
+                t0 = time.perf_counter()
+                draft = gen.draft(params, np.random.default_rng(seed), i, (0.0, 0.8))
+                want = int(draft.filler.prose * L * 1.1) + 1024 if draft.filler else L + 1024
+                hay, _, _ = pool.haystack(
+                    tok, int(np.random.default_rng([seed, 1]).integers(pool.n_rows)), want
+                )
+                built = build_sample(
+                    draft, hay, tpl, L, "full_chat", "Answer from the document.", f"n{seed}", seed, {}
+                )
+                times.append(time.perf_counter() - t0)
+                assert len(built.record["input_ids"]) == L
+            cells.append(statistics.mean(times))
+        print(f"{label(params):<58} " + " ".join(f"{c:>10.3f}" for c in cells))
+
+
+def classic(args: argparse.Namespace, pool: RowPool, tok: Tokenizer, tpl: ChatTemplate) -> None:
     print(
         f"\n{'length':>9} {'samples':>7} {'s/sample':>9} {'haystack':>9} {'assemble':>9} "
         f"{'(verify)':>9} {'1 full tok':>10} {'tok/s':>12}"

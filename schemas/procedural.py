@@ -45,6 +45,18 @@ class HashChainTask(_Task):
         default="chain_of_thought",
         description="Answer with every hash of the chain, only the last one, or every second one.",
     )
+    haystack: Literal["text", "hashes"] = Field(
+        default="text",
+        description="text: the links sit in the run's text; hashes: HashHop's setting, the whole context is "
+        "shuffled hash pairs (the chains asked about plus as many distractor chains as fill it).",
+    )
+    prose_share: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=0.9,
+        description="With haystack 'hashes': share of the context given to lines of the run's text, "
+        "interleaved with the hash pairs.",
+    )
 
     @field_validator("alphabet")
     @classmethod
@@ -59,7 +71,17 @@ class HashChainTask(_Task):
             raise ValueError(f"queries ({self.queries}) cannot exceed chains ({self.chains})")
         if len(self.alphabet) ** self.hash_length < 1e9:
             raise ValueError("alphabet ** hash_length is too small for collision-free random hashes")
+        if self.prose_share and self.haystack != "hashes":
+            raise ValueError("prose_share needs haystack: hashes (with text haystacks all context is prose)")
         return self
+
+    def params(self) -> dict:
+        # the HashHop knobs appear only when set, so the params of existing configs stay as they were
+        out = super().params()
+        if self.haystack == "text":
+            out.pop("haystack")
+            out.pop("prose_share")
+        return out
 
 
 class MultiNeedleTask(_Task):
@@ -77,13 +99,33 @@ class MultiNeedleTask(_Task):
         description="classic: 'The special magic number for K is: V.' on its own line; stealth: a "
         "sentence inside the prose that does not stand out; mixed: alternate per sample.",
     )
-    value_kind: Literal["number", "uuid"] = "number"
+    value_kind: Literal["number", "uuid", "word"] = "number"
+    key_kind: Literal["word", "number", "uuid"] = Field(
+        default="word", description="Classic keys: adjective-noun words (default), 7-digit numbers or UUIDs."
+    )
+    haystack: Literal["text", "noise", "needles"] = Field(
+        default="text",
+        description="text: the run's rows; noise: repeated plain sentences (RULER's noise haystack); "
+        "needles: nothing but distractor needles of the same form with other keys (RULER's multikey_2/3).",
+    )
 
     @model_validator(mode="after")
     def _fits(self) -> MultiNeedleTask:
         if self.queries > self.num_keys:
             raise ValueError(f"queries ({self.queries}) cannot exceed num_keys ({self.num_keys})")
+        if self.style != "classic" and (self.key_kind != "word" or self.haystack != "text"):
+            raise ValueError("key_kind and haystack other than the defaults need style: classic")
+        if self.style != "classic" and self.value_kind == "word":
+            raise ValueError("value_kind: word needs style: classic")
         return self
+
+    def params(self) -> dict:
+        # the RULER knobs appear only when set, so the params of existing configs stay as they were
+        out = super().params()
+        for k, default in (("key_kind", "word"), ("haystack", "text")):
+            if out[k] == default:
+                out.pop(k)
+        return out
 
 
 class VariableTrackingTask(_Task):
@@ -94,6 +136,15 @@ class VariableTrackingTask(_Task):
     hops: int = Field(default=4, ge=1, le=100, description="Assignments after the first, per chain.")
     distractors: int = Field(default=2, ge=0, le=200, description="Chains with other values.")
     name_length: int = Field(default=5, ge=3, le=12)
+    haystack: Literal["text", "noise"] = Field(
+        default="text", description="text: the run's rows; noise: repeated plain sentences (as in RULER)."
+    )
+
+    def params(self) -> dict:
+        out = super().params()
+        if out["haystack"] == "text":
+            out.pop("haystack")
+        return out
 
 
 class AggregationTask(_Task):
@@ -104,6 +155,17 @@ class AggregationTask(_Task):
     frequent_count: int = Field(default=8, ge=2, le=200, description="Entries of each frequent item.")
     rare_items: int = Field(default=15, ge=0, le=500, description="Items that appear less often.")
     rare_count: int = Field(default=2, ge=1, le=100, description="Entries of each rare item.")
+    haystack: Literal["text", "entries"] = Field(
+        default="text",
+        description="text: entries spread through the run's rows; entries: the context is nothing but "
+        "entries, the rest filled with made-up rare items, rare_count each (RULER's common-word extraction).",
+    )
+
+    def params(self) -> dict:
+        out = super().params()
+        if out["haystack"] == "text":
+            out.pop("haystack")
+        return out
 
     @model_validator(mode="after")
     def _separable(self) -> AggregationTask:
@@ -112,8 +174,19 @@ class AggregationTask(_Task):
         return self
 
 
+class FrequentWordsTask(_Task):
+    """RULER's frequent-word extraction: made-up words with Zipf-distributed frequencies; name the top few."""
+
+    task: Literal["frequent_words"] = "frequent_words"
+    top_k: int = Field(default=3, ge=1, le=10, description="How many most frequent words to name.")
+    alpha: float = Field(default=2.0, gt=0.0, le=5.0, description="Zipf exponent of the word frequencies.")
+    vocabulary: int = Field(default=1000, ge=20, le=100_000, description="Distinct made-up words.")
+    words_per_line: int = Field(default=40, ge=10, le=200)
+
+
 TaskConfig = Annotated[
-    HashChainTask | MultiNeedleTask | VariableTrackingTask | AggregationTask, Field(discriminator="task")
+    HashChainTask | MultiNeedleTask | VariableTrackingTask | AggregationTask | FrequentWordsTask,
+    Field(discriminator="task"),
 ]
 
 DEFAULT_SYSTEM = "You are a careful assistant. Answer using only the document the user gives you."

@@ -2,6 +2,9 @@
 
 Log entries are spread over the whole context; a few items occur often, many occur rarely. No single
 passage holds the answer: every entry has to be seen and counted.
+
+With `haystack: entries` the context is RULER's common-word extraction list: nothing but entries,
+the space the frequent and rare items leave filled with made-up words, `rare_count` entries each.
 """
 
 from __future__ import annotations
@@ -14,9 +17,37 @@ import numpy as np
 
 from pipeline.procedural import words
 from pipeline.procedural.base import Draft, Needle, Query, join_items, spread
+from pipeline.procedural.dense import Filler
 from schemas.procedural import AggregationTask
 
 ENTRY = "Logged item: {}"
+
+
+_ONSETS = ("b", "br", "d", "dr", "f", "g", "gl", "k", "l", "m", "n", "p", "pl", "r", "s", "st", "t", "v", "z")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ou")
+_CODAS = ("", "n", "r", "s", "l", "m", "x")
+
+
+def pseudo_words(rng: np.random.Generator, n: int, syllables: int = 3) -> list[str]:
+    """n made-up words of a few syllables each (never one of the real item words: those have other shapes
+    often enough not to matter, and the caller removes any that collide)."""
+    parts = [rng.integers(0, len(t), size=(n, syllables)) for t in (_ONSETS, _VOWELS, _CODAS)]
+    return [
+        "".join(_ONSETS[o] + _VOWELS[v] + _CODAS[c] for o, v, c in zip(*(x[i] for x in parts), strict=True))
+        for i in range(n)
+    ]
+
+
+def _filler_entries(rare_count: int) -> Any:
+    """Entries of fresh made-up items, `rare_count` of each (so each stays below the frequent items)."""
+    seen = set(words.ITEMS)
+
+    def make(rng: np.random.Generator, n: int) -> list[str]:
+        fresh = [w for w in pseudo_words(rng, max(1, n // rare_count)) if w not in seen]
+        seen.update(fresh)
+        return [ENTRY.format(w) for w in fresh for _ in range(rare_count)]
+
+    return make
 
 
 class Aggregation:
@@ -51,7 +82,11 @@ class Aggregation:
             evidence=list(range(len(entries))),  # every entry counts, the rare ones included
         )
         instruction = "The document below has an inventory log scattered through it.\n\n"
-        return Draft(self.task, self.step, p.params(), instruction, needles, [query])
+        draft = Draft(self.task, self.step, p.params(), instruction, needles, [query])
+        if p.haystack == "entries":
+            draft.filler = Filler("entries", int(rng.integers(2**63)), _filler_entries(p.rare_count))
+            draft.instruction = "The document below is an inventory log.\n\n"
+        return draft
 
     def solve(self, context: str, question: str, params: dict[str, Any]) -> list[str]:
         m = re.search(r"Which (\d+) items", question)

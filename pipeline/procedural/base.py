@@ -14,6 +14,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from pipeline.chat import Placement
+from pipeline.procedural.dense import Filler
 
 Match = Literal["exact", "set", "ordered"]
 
@@ -46,6 +47,7 @@ class Draft:
     needles: list[Needle]
     queries: list[Query]
     notes: dict[str, Any] = field(default_factory=dict)
+    filler: Filler | None = None  # set: a dense context of generated lines instead of haystack text
 
 
 class Generator(Protocol):

@@ -2,6 +2,10 @@
 
 Random hashes are incompressible, so the model cannot summarise its way to the answer: it must
 retrieve each link from wherever it sits, hop after hop. Distractor chains share the format.
+
+With `haystack: hashes` the context is HashHop's own setting: nothing but shuffled hash pairs (the
+chains asked about, spread over the depth range, among as many distractor chains of the same length
+as fill the context exactly), optionally with a share of the run's text lines interleaved.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.procedural.base import Draft, Needle, Query, spread, unique_strings
+from pipeline.procedural.dense import Filler
 from schemas.procedural import HashChainTask
 
 ARROW = " → "
@@ -42,6 +47,26 @@ def _question(start: str, completion: str) -> str:
         f"Follow the links that start at {start}. Write every second hash of that chain in order "
         f"(the 1st, 3rd, 5th, ...), always ending with its last hash, separated by '{ARROW.strip()}'."
     )
+
+
+def _distractor_links(p: HashChainTask, used: set[str]) -> Any:
+    """A line maker for distractor chains as long as the real ones, with hashes never used before."""
+
+    def make(rng: np.random.Generator, n: int) -> list[str]:
+        chains = max(1, -(-n // p.hops))
+        fresh: list[str] = []
+        while len(fresh) < chains * (p.hops + 1):
+            for h in unique_strings(rng, chains * (p.hops + 1) - len(fresh), p.hash_length, p.alphabet):
+                if h not in used:
+                    used.add(h)
+                    fresh.append(h)
+        return [
+            f"{fresh[c * (p.hops + 1) + j]}{ARROW}{fresh[c * (p.hops + 1) + j + 1]}"
+            for c in range(chains)
+            for j in range(p.hops)
+        ]
+
+    return make
 
 
 class HashChain:
@@ -78,7 +103,16 @@ class HashChain:
             "The document below holds lines of the form `A → B`, each linking one hash to the next hash "
             "of its chain. Questions about the chains follow the document.\n\n"
         )
-        return Draft(self.task, self.step, p.params(), instruction, needles, queries)
+        draft = Draft(self.task, self.step, p.params(), instruction, needles, queries)
+        if p.haystack == "hashes":
+            draft.filler = Filler(
+                "hash_pairs", int(rng.integers(2**63)), _distractor_links(p, set(hashes)), p.prose_share
+            )
+            draft.instruction = (
+                "The document below consists of lines of the form `A → B`, each linking one hash to the next "
+                "hash of its chain; the lines are shuffled. Questions about the chains follow the document.\n\n"
+            )
+        return draft
 
     def solve(self, context: str, question: str, params: dict[str, Any]) -> list[str]:
         alpha = "".join(re.escape(c) for c in params["alphabet"])

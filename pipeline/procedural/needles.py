@@ -3,6 +3,10 @@
 Classic needles are RULER's "special magic number" lines. Stealth needles are ordinary sentences
 placed inside the prose at sentence boundaries, so nothing about their form marks them as the thing
 to find; their keys (a person, a thing, a street) only make sense together.
+
+RULER's knobs: classic keys as words, numbers or UUIDs; values as numbers, UUIDs or words; and the
+haystack as the run's text, repeated noise sentences, or nothing but distractor needles of the same
+form with keys never asked about (a dense context, see `pipeline.procedural.dense`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import numpy as np
 
 from pipeline.procedural import words
 from pipeline.procedural.base import Draft, Needle, Query, join_items, spread, unique_ints
+from pipeline.procedural.dense import Filler
+from pipeline.procedural.noise import noise_lines
 from schemas.procedural import MultiNeedleTask
 
 CLASSIC_INSTRUCTION = (
@@ -27,7 +33,43 @@ STEALTH_INSTRUCTION = "Read the document below carefully; questions about its de
 def _values(rng: np.random.Generator, n: int, kind: str) -> list[str]:
     if kind == "uuid":
         return [str(uuid.UUID(bytes=rng.bytes(16), version=4)) for _ in range(n)]
+    if kind == "word":
+        if n > len(words.ITEMS):
+            raise ValueError(f"multi_needle: at most {len(words.ITEMS)} word values")
+        return [words.ITEMS[i] for i in rng.choice(len(words.ITEMS), size=n, replace=False).tolist()]
     return [str(v) for v in unique_ints(rng, n, 1_000_000, 10_000_000)]
+
+
+def _keys(rng: np.random.Generator, n: int, kind: str) -> list[str]:
+    if kind == "word":
+        return _classic_keys(rng, n)
+    return _values(rng, n, kind)
+
+
+def _noun(value_kind: str) -> str:
+    # number and uuid values keep RULER's "number" wording (and Longloom's earlier outputs)
+    return "word" if value_kind == "word" else "number"
+
+
+def _distractor_needles(p: MultiNeedleTask, real: set[str]) -> Any:
+    """Needle lines of the same form whose keys are never the keys asked about."""
+    noun = _noun(p.value_kind)
+
+    def make(rng: np.random.Generator, n: int) -> list[str]:
+        if p.key_kind == "word":  # few word keys exist: distractors may share one, never a real key
+            pairs = [f"{a}-{b}" for a in words.ADJECTIVES for b in words.NOUNS]
+            keys = [pairs[i] for i in rng.integers(0, len(pairs), size=2 * n).tolist()]
+        else:
+            keys = _values(rng, 2 * n, p.key_kind)
+        keys = [k for k in keys if k not in real][:n]
+        vals = (
+            [words.ITEMS[i] for i in rng.integers(0, len(words.ITEMS), size=len(keys)).tolist()]
+            if p.value_kind == "word"
+            else _values(rng, len(keys), p.value_kind)
+        )
+        return [f"The special magic {noun} for {k} is: {v}." for k, v in zip(keys, vals, strict=True)]
+
+    return make
 
 
 def _classic_keys(rng: np.random.Generator, n: int) -> list[str]:
@@ -70,17 +112,18 @@ class MultiNeedle:
         texts: list[tuple[int, str]] = []  # (key index, sentence)
         questions: list[str] = []
         if style == "classic":
-            keys = _classic_keys(rng, p.num_keys)
+            keys = _keys(rng, p.num_keys, p.key_kind)
+            noun = _noun(p.value_kind)
             for k, key in enumerate(keys):
                 for v in values[k * p.values_per_key : (k + 1) * p.values_per_key]:
-                    lead = "One of the special magic numbers" if multi else "The special magic number"
+                    lead = f"One of the special magic {noun}s" if multi else f"The special magic {noun}"
                     texts.append((k, f"{lead} for {key} is: {v}."))
                 questions.append(
-                    f"What are all the special magic numbers for {key} mentioned in the document? "
+                    f"What are all the special magic {noun}s for {key} mentioned in the document? "
                     f"List every one, separated by commas."
                     if multi
-                    else f"What is the special magic number for {key} mentioned in the document? "
-                    f"Answer with the number only."
+                    else f"What is the special magic {noun} for {key} mentioned in the document? "
+                    f"Answer with the {noun} only."
                 )
             placement = "line"
         else:
@@ -116,13 +159,22 @@ class MultiNeedle:
                 )
             )
         instruction = CLASSIC_INSTRUCTION if style == "classic" else STEALTH_INSTRUCTION
-        return Draft(self.task, self.step, p.params(), instruction, needles, queries, {"style": style})
+        if p.value_kind == "word":
+            instruction = instruction.replace("magic numbers", "magic words")
+        draft = Draft(self.task, self.step, p.params(), instruction, needles, queries, {"style": style})
+        if p.haystack == "noise":
+            draft.filler = Filler("noise", int(rng.integers(2**63)), noise_lines)
+        elif p.haystack == "needles":
+            draft.filler = Filler(
+                "distractor_needles", int(rng.integers(2**63)), _distractor_needles(p, set(keys))
+            )
+        return draft
 
     def solve(self, context: str, question: str, params: dict[str, Any]) -> list[str]:
-        m = re.search(r"magic numbers? for (\S+) mentioned", question)
+        m = re.search(r"magic (number|word)s? for (\S+) mentioned", question)
         if m:
-            key = re.escape(m.group(1))
-            return re.findall(rf"special magic numbers? for {key} is: (\S+)\.", context)
+            noun, key = m.group(1), re.escape(m.group(2))
+            return re.findall(rf"special magic {noun}s? for {key} is: (\S+)\.", context)
         m = re.search(r"did (\w+) write down for the (.+?) on (.+?)\?", question)
         if m:
             who, thing, street = (re.escape(g) for g in m.groups())

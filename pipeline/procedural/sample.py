@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline.chat import AssembledChat, ChatTemplate, Haystack, LengthCounts, Piece, assemble_chat
 from pipeline.procedural.base import Draft
+from pipeline.procedural.dense import assemble_dense
 
 ASSEMBLY_STEP = "chat_assembly@2"  # @2: the haystack is cut at a word end (issue 12.20)
 
@@ -56,18 +57,33 @@ def build_sample(
 ) -> BuiltSample:
     msgs, ctx, turns = chat_messages(draft, system_prompt)
     pieces = [Piece(n.text, n.depth, n.label, n.placement) for n in draft.needles]
-    chat = assemble_chat(
-        template,
-        msgs,
-        ctx,
-        haystack,
-        target_length,
-        pieces,
-        length_counts=length_counts,
-        prefix=draft.instruction,
-        suffix=draft.queries[0].question,
-        start_token=start_token,
-    )
+    if draft.filler is not None:
+        chat = assemble_dense(
+            template,
+            msgs,
+            ctx,
+            haystack,
+            target_length,
+            pieces,
+            draft.filler,
+            length_counts=length_counts,
+            prefix=draft.instruction,
+            suffix=draft.queries[0].question,
+            start_token=start_token,
+        )
+    else:
+        chat = assemble_chat(
+            template,
+            msgs,
+            ctx,
+            haystack,
+            target_length,
+            pieces,
+            length_counts=length_counts,
+            prefix=draft.instruction,
+            suffix=draft.queries[0].question,
+            start_token=start_token,
+        )
     r = chat.rendered
     content = chat.messages[ctx]["content"]
     evidence: list[dict[str, Any]] = [
@@ -89,7 +105,8 @@ def build_sample(
             t0, t1 = chat.locate(ctx, a, len(content))
         else:
             t0, t1 = (int(x) for x in r.content_spans[turn])
-        first = min(evidence[i]["token_start"] for i in q.evidence)
+        # no needles (a question about the whole context, e.g. word frequencies): it reaches back to its start
+        first = min((evidence[i]["token_start"] for i in q.evidence), default=chat.context_token_span[0])
         questions.append(
             {
                 "message_index": turn,
@@ -141,7 +158,7 @@ def build_sample(
                 "prompt": chat.messages[: turn + 1],
                 "expected": q.expected,
                 "match": q.match,
-                "depth": min(depths),
+                "depth": min(depths, default=0.0),
                 "evidence_depths": depths,
                 "target_length": target_length,
                 "prompt_tokens": int(r.message_spans[turn][1]) + gen_header,

@@ -269,7 +269,10 @@ def _build_with_haystack(
     """Build one sample, gathering more rows while the haystack is short, and re-tokenizing the haystack
     in full if the ids reused from the rows ever disagree with the verifying tokenization."""
     start_row = int(np.random.default_rng([spec.seed, 1]).integers(pool.n_rows))
-    want = spec.target_length + 1024
+    if draft.filler is None:
+        want = spec.target_length + 1024
+    else:  # a dense context takes only its prose share from the rows
+        want = int(draft.filler.prose * spec.target_length * 1.1) + 1024
     retokenized = False
     for _ in range(4):
         hay, rows, repeated = pool.haystack(tok, start_row, want)

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.procedural.base import Draft, Needle, Query, join_items, spread, unique_ints, unique_strings
+from pipeline.procedural.dense import Filler
+from pipeline.procedural.noise import noise_lines
 from schemas.procedural import VariableTrackingTask
 
 
@@ -61,7 +63,10 @@ class VariableTracking:
             "The document below contains variable assignments of the form `VAR NAME = ...`, in order. "
             "Keep track of them: questions follow the document.\n\n"
         )
-        return Draft(self.task, self.step, p.params(), instruction, needles, queries)
+        draft = Draft(self.task, self.step, p.params(), instruction, needles, queries)
+        if p.haystack == "noise":  # RULER's setting: the assignments among repeated noise sentences
+            draft.filler = Filler("noise", int(rng.integers(2**63)), noise_lines)
+        return draft
 
     def solve(self, context: str, question: str, params: dict[str, Any]) -> list[str]:
         m = re.search(r"assigned the value (\d+)", question)
