@@ -80,7 +80,7 @@ def bench_config(
 
 def separator_for(tokenizer: str) -> str:
     """The tokenizer's end-of-text token: Llama-3 spells it <|end_of_text|>, cl100k <|endoftext|>."""
-    from pipeline.tokenizer import TokenizerError, load_tokenizer
+    from pipeline.core.tokenizer import TokenizerError, load_tokenizer
 
     tok = load_tokenizer(tokenizer)
     for name in ("<|end_of_text|>", "<|endoftext|>"):
@@ -160,8 +160,8 @@ def child_bare(corpus: Path, tokenizer: str) -> dict[str, Any]:
     """Time `encode_batch` alone over the corpus texts, parsed in pipeline-sized batches outside the timing."""
     import orjson
 
-    from pipeline.prepare import BATCH_BYTES  # the batches the pipeline tokenizes
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.core.tokenizer import load_tokenizer
+    from pipeline.stages.prepare import BATCH_BYTES  # the batches the pipeline tokenizes
 
     tok = load_tokenizer(tokenizer)
     tok.encode_batch(["warm up the tokenizer and its threads"])
@@ -212,7 +212,7 @@ def child_build(config: dict[str, Any], runner: str = "library") -> dict[str, An
     "flow" runs the Prefect flow with its task runner (threads, `run.workers` tasks at once).
     """
     from pipeline.build import run_build
-    from pipeline.progress import Reporter
+    from pipeline.core.progress import Reporter
     from schemas.config import parse_config
 
     cfg = parse_config(config)

@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 if TYPE_CHECKING:
-    from pipeline.embed import Embedder
+    from pipeline.embedders.registry import Embedder
 
 
 def peak_rss_mb() -> float:
@@ -58,9 +58,9 @@ def peak_rss_mb() -> float:
 
 
 def bench_embedders(minilm_chunks: int, static_chunks: int) -> None:
-    from pipeline.embed import load_embedder
-    from pipeline.embed_distill import sample_texts
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.core.tokenizer import load_tokenizer
+    from pipeline.embedders.registry import load_embedder
+    from pipeline.embedders.static_minilm import sample_texts
 
     texts = list(sample_texts())
     wiki = [t for t in texts if len(t) < 4000][:static_chunks]
@@ -94,7 +94,7 @@ def bench_embedders(minilm_chunks: int, static_chunks: int) -> None:
             f"{chunk_s:8.1f} {chunk}-token chunks/s ({len(chunks)}), {chunk_s * chunk / 1e3:7.1f}K tokens/s"
         )
         if spec == "static-tokens":  # what the embedding stage does: no text at all
-            from pipeline.embed_tokens import TokenStaticEmbedder
+            from pipeline.embedders.static_tokens import TokenStaticEmbedder
 
             assert isinstance(emb, TokenStaticEmbedder)
             doc_ids, doc_off = tok.encode_batch(docs)
@@ -145,7 +145,7 @@ def pair_cosines(emb: Embedder, pairs: list[tuple[str, str]]) -> np.ndarray:
 
 def chunked(emb: object, tok: object, texts: list[str], chunk: int = 512, max_chunks: int = 8) -> np.ndarray:
     """Embed long texts as the stage does: mean of up to `max_chunks` spread chunks of pipeline tokens."""
-    from pipeline.embed_stage import chunk_spans
+    from pipeline.stages.embed import chunk_spans
 
     out = []
     for t in texts:
@@ -160,8 +160,8 @@ def bench_quality(n_leads: int, n_code: int) -> None:
     """Agreement with MiniLM on real text, and what each static model scores for copies and distinct texts."""
     import pyarrow.parquet as pq
 
-    from pipeline.embed import default_threshold, load_embedder
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.core.tokenizer import load_tokenizer
+    from pipeline.embedders.registry import default_threshold, load_embedder
     from tests.test_diversity import HAND_PARAPHRASES, light_edit, paraphrase
 
     tok = load_tokenizer("quicktok:llama3")
@@ -274,7 +274,7 @@ def window_corpus(n: int, source: Path, workdir: Path, shards: int = 8, seed: in
     lightly edited copies of a random pass-0/1 window (3% of its tokens deleted, 3% replaced by other
     tokens of the same window), written to another shard. Cached in `workdir/windows-<n>/`.
     """
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.core.tokenizer import load_tokenizer
 
     out_dir = workdir / f"windows-{n}"
     files = [out_dir / f"part-{k:02d}.jsonl" for k in range(shards)]
@@ -460,9 +460,9 @@ def synthetic(n: int, path: Path, dim: int = 256, seed: int = 0) -> None:
 
 
 def child_synthetic(n: int, workdir: Path, order: bool) -> dict:
-    from pipeline.diversity.order import interleave_runs, nn_path
-    from pipeline.diversity.prune import semdedup_arrays
-    from pipeline.embed import default_threshold
+    from pipeline.corpus.semantic.order import interleave_runs, nn_path
+    from pipeline.corpus.semantic.prune import semdedup_arrays
+    from pipeline.embedders.registry import default_threshold
     from schemas.diversity import DiversityConfig
 
     path = workdir / f"synthetic-{n}.npy"
@@ -486,7 +486,7 @@ def child_synthetic(n: int, workdir: Path, order: bool) -> dict:
         "peak_rss_mb_after_dedup": round(peak_rss_mb()),
     }
     if order:
-        from pipeline.diversity.cluster import assign, group_bounds, kmeans
+        from pipeline.corpus.semantic.cluster import assign, group_bounds, kmeans
 
         t0 = time.perf_counter()
         c = kmeans(x, cfg.grouping.kmeans, 2)

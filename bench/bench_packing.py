@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.packing import Layout, pack_best_fit, pack_greedy
+from pipeline.core.packing import Layout, pack_best_fit, pack_greedy
 
 
 def stdlib_footprints() -> np.ndarray:
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.core.tokenizer import load_tokenizer
 
     tok = load_tokenizer("quicktok:llama3")
     texts = []

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 
 from pipeline.build import run_build
-from pipeline.chat import ChatTemplate, load_template
-from pipeline.procedural import GENERATORS
-from pipeline.procedural.pool import RowPool, pool_from_shards
-from pipeline.procedural.sample import build_sample
-from pipeline.tokenizer import Tokenizer, load_tokenizer
+from pipeline.core.tokenizer import Tokenizer, load_tokenizer
+from pipeline.synth.chat import ChatTemplate, load_template
+from pipeline.synth.procedural import GENERATORS
+from pipeline.synth.procedural.pool import RowPool, pool_from_shards
+from pipeline.synth.procedural.sample import build_sample
 from schemas.config import load_config, with_overrides
 from schemas.manifest import Manifest
 from schemas.procedural import (
@@ -91,7 +91,7 @@ def main() -> None:
     pool_tokens = sum(e.content_tokens for t in m.targets for e in t.shards)
     print(f"pool: {pool.n_rows} packed rows, {pool_tokens:,} document tokens ({m.tokenizer.name})")
     load_template("llama3", tok).render([{"role": "user", "content": "warm up"}])
-    from pipeline.chat import boundary_tables
+    from pipeline.synth.chat import boundary_tables
 
     boundary_tables(tok)  # one-off per process (~0.2 s), not per sample
 

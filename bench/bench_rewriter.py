@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from pipeline.build import run_build
-from pipeline.rewriter.stage import run_rewriter
-from pipeline.select import SelectResult, select_and_layout
-from pipeline.workdir import WorkDir
+from pipeline.core.workdir import WorkDir
+from pipeline.stages.rewriter import run_rewriter
+from pipeline.stages.select import SelectResult, select_and_layout
 from schemas.config import BuildConfig
 from tests.conftest import make_config
 from tests.openai_server import FakeOpenAIServer
@@ -30,8 +30,8 @@ def packed_sample(root: Path) -> tuple[Path, SelectResult]:
     out = root / "packed"
     cfg = make_config(out)
     run_build(cfg)
-    from pipeline.prepare import prepare_shard
     from pipeline.readers import list_input_shards
+    from pipeline.stages.prepare import prepare_shard
 
     work = WorkDir(cfg)
     prepared = [prepare_shard(cfg, s, work) for s in list_input_shards(cfg)]  # verified, not redone

@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.helpers import forget_helpers, reap_orphans, record_helpers
-from pipeline.progress import waiting
+from pipeline.core.helpers import forget_helpers, reap_orphans, record_helpers
+from pipeline.core.progress import waiting
 
 
 def configured_api_url() -> str | None:

@@ -30,12 +30,10 @@ from pipeline.build import (
     preflight,
     rebuild_command,
 )
-from pipeline.card import headline_rows, inline_images, split_front_matter
-from pipeline.finalize import finalize_run
-from pipeline.prepare import PrepareResult, prepare_shard
-from pipeline.progress import LogReporter, Reporter, active_reporter, throttled
-from pipeline.readers import InputShard
-from pipeline.report import (
+from pipeline.core.progress import LogReporter, Reporter, active_reporter, throttled
+from pipeline.core.workdir import WorkDir
+from pipeline.output.card import headline_rows, inline_images, split_front_matter
+from pipeline.output.report import (
     RunClock,
     build_report,
     prepare_counts,
@@ -43,9 +41,11 @@ from pipeline.report import (
     write_counts,
     write_report,
 )
-from pipeline.rows import WrittenShard, write_shard
-from pipeline.select import SelectResult, select_and_layout
-from pipeline.workdir import WorkDir
+from pipeline.readers import InputShard
+from pipeline.stages.finalize import finalize_run
+from pipeline.stages.prepare import PrepareResult, prepare_shard
+from pipeline.stages.select import SelectResult, select_and_layout
+from pipeline.stages.write import WrittenShard, write_shard
 from schemas.config import BuildConfig, load_config, with_overrides
 from schemas.manifest import Manifest, ShardEntry, StageReport
 
@@ -71,7 +71,7 @@ def prepare_task(cfg: BuildConfig, shard: InputShard) -> PrepareResult:
 
 @task(name="embed-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def embed_task(cfg: BuildConfig, prepared: PrepareResult) -> Any:
-    from pipeline.embed_stage import embed_shard
+    from pipeline.stages.embed import embed_shard
 
     res = embed_shard(cfg, WorkDir(cfg), prepared)
     get_run_logger().info(
@@ -150,7 +150,7 @@ def finalize_task(
 @task(name="publish", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def publish_task(cfg: BuildConfig) -> dict[str, Any]:
     """Push the finished output to the hub (`publish:` config); uploads only what changed."""
-    from pipeline.publish import publish_configured
+    from pipeline.output.publish import publish_configured
 
     res = publish_configured(Path(cfg.output.dir), cfg.publish)
     logger = get_run_logger()
@@ -200,7 +200,7 @@ def summary_lines(m: Manifest) -> list[str]:
             f"{100 * c.packed_tokens / packed:.1f}% of output); dropped: {drops}"
         )
     if "procedural" in m.extra:
-        from pipeline.procedural.stage import describe
+        from pipeline.stages.procedural import describe
 
         lines += describe(m.extra["procedural"])
     bad = [c for c in m.checks if not c.ok]

@@ -30,7 +30,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     command = rebuild_command(args.config, cfg.output.dir, longloom_commit())  # no local paths in cards
 
-    from pipeline.progress import BarReporter, use_reporter
+    from pipeline.core.progress import BarReporter, use_reporter
 
     report = Path(cfg.output.dir) / "report.md"
     if args.no_prefect:  # never imports Prefect (saves ~1.5 s of start-up)
@@ -43,7 +43,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             manifest = run_build(cfg, command=command, reporter=bars)
         print(report.read_text(encoding="utf-8"))
         if manifest.ok and cfg.publish.enabled:
-            from pipeline.publish import publish_configured
+            from pipeline.output.publish import publish_configured
 
             print("\n".join(publish_configured(Path(cfg.output.dir), cfg.publish).plan.lines()))
         return 0 if manifest.ok else 1
@@ -74,7 +74,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.finalize import GcError, collect_garbage
+    from pipeline.stages.finalize import GcError, collect_garbage
 
     try:
         report = collect_garbage(Path(args.output_dir), delete=args.delete)
@@ -114,7 +114,12 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from pipeline.procedural.score import load_eval, read_predictions, reference_predictions, score_table
+    from pipeline.synth.procedural.score import (
+        load_eval,
+        read_predictions,
+        reference_predictions,
+        score_table,
+    )
 
     try:
         table = load_eval(args.eval, args.config)
@@ -137,7 +142,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_card(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.card import CardError, write_card
+    from pipeline.output.card import CardError, write_card
 
     try:
         card = write_card(Path(args.output_dir), include_audit=args.include_audit)
@@ -156,8 +161,8 @@ def cmd_card(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.card import CardError, load_manifest
-    from pipeline.publish import PublishError, publish
+    from pipeline.output.card import CardError, load_manifest
+    from pipeline.output.publish import PublishError, publish
 
     out = Path(args.output_dir)
     try:
@@ -293,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as err:
         # a full disk: one line that says what to do, not a traceback from deep inside a writer.
-        # (A DiskFullError means pipeline.parquet_io was imported; `--help` never pays for importing it.)
-        io = sys.modules.get("pipeline.parquet_io")
+        # (A DiskFullError means pipeline.core.parquet_io was imported; `--help` never pays for importing it.)
+        io = sys.modules.get("pipeline.core.parquet_io")
         if io is not None and isinstance(err, io.DiskFullError):
             print(f"error: {err}", file=sys.stderr)
             return 3

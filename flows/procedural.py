@@ -1,6 +1,6 @@
 """The procedural generators as Prefect tasks: one task per batch of samples (never per sample).
 
-Called from the build flow after the packed rows are written; `pipeline.procedural.stage` does the work.
+Called from the build flow after the packed rows are written; `pipeline.stages.procedural` does the work.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from prefect import get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.build import group_by_target
-from pipeline.procedural.stage import (
+from pipeline.core.workdir import WorkDir
+from pipeline.stages.procedural import (
     BatchResult,
     ProceduralBatch,
     ProceduralSummary,
@@ -20,8 +21,7 @@ from pipeline.procedural.stage import (
     pool_shards,
     summarize_procedural,
 )
-from pipeline.select import SelectResult
-from pipeline.workdir import WorkDir
+from pipeline.stages.select import SelectResult
 from schemas.config import BuildConfig
 from schemas.manifest import ShardEntry, StageReport
 

@@ -1,6 +1,6 @@
 """The LLM rewriter as Prefect tasks: one task per batch of contexts (never per request), then a merge.
 
-Called from the build flow after the packed rows are written; `pipeline.rewriter.stage` does the work.
+Called from the build flow after the packed rows are written; `pipeline.stages.rewriter` does the work.
 """
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from __future__ import annotations
 from prefect import get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.rewriter.plan import Batch, RewriterPlan, make_plan
-from pipeline.rewriter.stage import BatchResult, RewriterOutput, merge, run_batch, summary_line
-from pipeline.select import SelectResult
-from pipeline.workdir import WorkDir
+from pipeline.core.workdir import WorkDir
+from pipeline.stages.rewriter import BatchResult, RewriterOutput, merge, run_batch, summary_line
+from pipeline.stages.select import SelectResult
+from pipeline.synth.rewriter.plan import Batch, RewriterPlan, make_plan
 from schemas.config import BuildConfig
 
 

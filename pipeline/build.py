@@ -12,12 +12,10 @@ import logging
 import shlex
 from pathlib import Path
 
-from pipeline.finalize import finalize_run
-from pipeline.helpers import reap_orphans
-from pipeline.prepare import PrepareResult, prepare_shard, tokenizer_for
-from pipeline.progress import Reporter
-from pipeline.readers import InputShard, list_input_shards
-from pipeline.report import (
+from pipeline.core.helpers import reap_orphans
+from pipeline.core.progress import Reporter
+from pipeline.core.workdir import CONFIG_HASH_FILE, WorkDir
+from pipeline.output.report import (
     RunClock,
     build_report,
     prepare_counts,
@@ -25,9 +23,11 @@ from pipeline.report import (
     write_counts,
     write_report,
 )
-from pipeline.rows import write_shard
-from pipeline.select import SelectResult, select_and_layout, semantic_selectors
-from pipeline.workdir import CONFIG_HASH_FILE, WorkDir
+from pipeline.readers import InputShard, list_input_shards
+from pipeline.stages.finalize import finalize_run
+from pipeline.stages.prepare import PrepareResult, prepare_shard, tokenizer_for
+from pipeline.stages.select import SelectResult, select_and_layout, semantic_selectors
+from pipeline.stages.write import write_shard
 from schemas.config import BuildConfig, ConfigError, config_hash
 from schemas.manifest import Manifest, ShardEntry, StageReport
 
@@ -36,7 +36,7 @@ log = logging.getLogger("longloom")
 
 def preflight(cfg: BuildConfig) -> list[InputShard]:
     """Every check that can fail before work starts: inputs exist, tokenizer and its tokens resolve."""
-    from pipeline.tokenizer import TokenizerError
+    from pipeline.core.tokenizer import TokenizerError
 
     try:
         tok = tokenizer_for(cfg)
@@ -45,7 +45,7 @@ def preflight(cfg: BuildConfig) -> list[InputShard]:
     except TokenizerError as err:
         raise ConfigError(f"tokenizer / packing.separator / packing.pad_token: {err}") from None
     if cfg.diversity.embedder:
-        from pipeline.embed import EmbedderError, check_embedder_spec
+        from pipeline.embedders.registry import EmbedderError, check_embedder_spec
 
         try:
             check_embedder_spec(cfg.diversity.embedder)
@@ -60,11 +60,11 @@ def preflight(cfg: BuildConfig) -> list[InputShard]:
         raise ConfigError(f"output.dir: {out} exists and is not a folder")
     check_unnamed_output(cfg)
     if cfg.procedural.enabled:
-        from pipeline.procedural.stage import check_procedural
+        from pipeline.stages.procedural import check_procedural
 
         check_procedural(cfg)
     if cfg.rewriter.enabled:
-        from pipeline.rewriter.stage import check_rewriter
+        from pipeline.stages.rewriter import check_rewriter
 
         check_rewriter(cfg)
     return shards
@@ -200,7 +200,7 @@ def run_build(
         stages["prepare"] = prepare_counts(prepared)
         embedded: list = []
         if cfg.diversity.embedder:
-            from pipeline.embed_stage import embed_shard
+            from pipeline.stages.embed import embed_shard
 
             with clock.stage("embed") as st:
                 rep.start("embed", len(prepared), "shards")
@@ -233,7 +233,7 @@ def run_build(
         audit_extra, extra = diversity_outputs(cfg, work, embedded, selected)
         extra_configs: dict = {}
         if cfg.procedural.enabled:
-            from pipeline.procedural.stage import run_procedural
+            from pipeline.stages.procedural import run_procedural
 
             with clock.stage("procedural") as st:
                 proc = run_procedural(cfg, work, group_by_target(selected, entries), steps)
@@ -242,7 +242,7 @@ def run_build(
             extra["procedural"] = proc.extra
             extra_configs.update(proc.extra_configs)
         if cfg.rewriter.enabled:
-            from pipeline.rewriter.stage import run_rewriter
+            from pipeline.stages.rewriter import run_rewriter
 
             with clock.stage("rewriter") as st:
                 rw = run_rewriter(cfg, work, selected)
@@ -277,6 +277,6 @@ def diversity_outputs(
     """The diversity stage's audit tables and statistics for finalize_run ({} when it is off)."""
     if not cfg.diversity.embedder:
         return {}, {}
-    from pipeline.diversity import diversity_outputs as outputs
+    from pipeline.corpus.semantic import diversity_outputs as outputs
 
     return outputs(cfg, work, embedded, selected)

@@ -102,7 +102,7 @@ def normalized_manifest(out: Path) -> dict[str, Any]:
 
 def output_digest(out: Path) -> dict[str, Any]:
     """sha256 of every published file (shards, audit tables, README) plus the normalized manifest."""
-    from pipeline.parquet_io import sha256_file
+    from pipeline.core.parquet_io import sha256_file
 
     files = {
         str(p.relative_to(out)): sha256_file(p)

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.build import run_build
-from pipeline.prepare import tokenizer_for
 from pipeline.readers import fetch_document_text
+from pipeline.stages.prepare import tokenizer_for
 from schemas.config import BuildConfig, ConfigError, load_config, parse_config
 from schemas.manifest import Manifest
 from schemas.records import row_schema

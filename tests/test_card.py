@@ -20,10 +20,10 @@ from huggingface_hub import DatasetCard
 from PIL import Image
 
 from pipeline.build import run_build
-from pipeline.card import split_front_matter, write_card
-from pipeline.card.stats import EDGES
-from pipeline.parquet_io import sha256_file
-from pipeline.plots import PNG_DATA_KEY
+from pipeline.core.parquet_io import sha256_file
+from pipeline.output.card import split_front_matter, write_card
+from pipeline.output.card.stats import EDGES
+from pipeline.output.plots import PNG_DATA_KEY
 from schemas.config import BuildConfig
 from schemas.manifest import FileEntry, Manifest
 from schemas.publish import CardConfig
@@ -66,7 +66,7 @@ def name(cell: str) -> str:
 
 
 def recount(out: Path, manifest: Manifest) -> dict[str, Any]:
-    """Figures recomputed from the Parquet rows with plain Python, independently of pipeline.card."""
+    """Figures recomputed from the Parquet rows with plain Python, independently of pipeline.output.card."""
     configs: dict[str, dict[str, Any]] = {}
     docs: dict[str, list[int]] = {}  # source -> lengths of the documents in the rows (first pieces)
     for t in manifest.targets:
@@ -515,7 +515,7 @@ def test_flow_run_attaches_the_card_as_artifacts(tmp_path: Path, prefect_harness
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     from flows.build import build, task_runner_for
-    from pipeline.card import inline_images
+    from pipeline.output.card import inline_images
 
     cfg = make_config(tmp_path / "out")
     state = build.with_options(task_runner=task_runner_for(cfg))(cfg, return_state=True)
@@ -691,7 +691,7 @@ def test_artifact_markdown_embeds_the_plots(proc_run: tuple[Manifest, Path]) -> 
     """Issue 12.26: the Prefect artifact carries its images (data URIs), not relative links."""
     import base64
 
-    from pipeline.card import inline_images
+    from pipeline.output.card import inline_images
 
     _, out = proc_run
     body = split_front_matter((out / "README.md").read_text())[1]

@@ -1,4 +1,4 @@
-"""Chat templates and token-exact context assembly (pipeline/chat.py)."""
+"""Chat templates and token-exact context assembly (pipeline/synth/chat.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.chat import (
+from pipeline.core.tokenizer import load_tokenizer
+from pipeline.synth.chat import (
     AssemblyError,
     Haystack,
     HaystackTooShort,
@@ -17,7 +18,6 @@ from pipeline.chat import (
     chat_table,
     load_template,
 )
-from pipeline.tokenizer import load_tokenizer
 from schemas.records import CHAT_SCHEMA
 from tests.conftest import DATA
 
@@ -80,7 +80,7 @@ def test_llama3_render_equals_meta_format(tok) -> None:  # type: ignore[no-untyp
 
 
 def test_template_must_fit_vocabulary(tok) -> None:  # type: ignore[no-untyped-def]
-    from pipeline.tokenizer import TokenizerError
+    from pipeline.core.tokenizer import TokenizerError
 
     with pytest.raises(TokenizerError, match="chatml"):
         load_template("chatml", tok)

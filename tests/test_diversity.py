@@ -19,13 +19,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.build import run_build
-from pipeline.diversity.cluster import knn, near_pairs
-from pipeline.diversity.order import interleave_runs, nn_path
-from pipeline.diversity.prune import greedy_drop, nearest_kept
-from pipeline.embed import load_embedder
-from pipeline.embed_cache import EmbeddingCache
-from pipeline.embed_stage import chunk_spans, embed_dir
-from pipeline.workdir import WorkDir
+from pipeline.core.workdir import WorkDir
+from pipeline.corpus.semantic.cluster import knn, near_pairs
+from pipeline.corpus.semantic.order import interleave_runs, nn_path
+from pipeline.corpus.semantic.prune import greedy_drop, nearest_kept
+from pipeline.embedders.cache import EmbeddingCache
+from pipeline.embedders.registry import load_embedder
+from pipeline.stages.embed import chunk_spans, embed_dir
 from schemas.config import BuildConfig, ConfigError
 from schemas.diversity import IndexConfig
 from schemas.manifest import Manifest

@@ -13,15 +13,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline.embed_tokens as embed_tokens
+import pipeline.embedders.static_tokens as embed_tokens
 from pipeline.build import run_build
-from pipeline.embed import default_threshold, load_embedder
-from pipeline.embed_distill import static_minilm
-from pipeline.embed_stage import chunk_spans, embed_dir, embed_documents
-from pipeline.embed_tokens import TokenStaticEmbedder, TokenTable, load_token_embedder
-from pipeline.prepare import tokens_file_of
-from pipeline.tokenizer import Tokenizer, load_tokenizer
-from pipeline.workdir import WorkDir
+from pipeline.core.tokenizer import Tokenizer, load_tokenizer
+from pipeline.core.workdir import WorkDir
+from pipeline.embedders.registry import default_threshold, load_embedder
+from pipeline.embedders.static_minilm import static_minilm
+from pipeline.embedders.static_tokens import TokenStaticEmbedder, TokenTable, load_token_embedder
+from pipeline.stages.embed import chunk_spans, embed_dir, embed_documents
+from pipeline.stages.prepare import tokens_file_of
 from schemas.manifest import Manifest
 from tests.test_diversity import Corpus, doc_vectors, read_table
 

@@ -14,9 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.parquet_io import Background, TokenFileSink, read_tokens_into
-from pipeline.prepare import arrow_content_hashes, content_hashes, prefetched
-from pipeline.tokenizer import _balanced_runs, load_tokenizer
+from pipeline.core.parquet_io import Background, TokenFileSink, read_tokens_into
+from pipeline.core.tokenizer import _balanced_runs, load_tokenizer
+from pipeline.stages.prepare import arrow_content_hashes, content_hashes, prefetched
 
 STDLIB = Path(sys.modules["json"].__file__ or "").parent.parent
 
@@ -137,10 +137,10 @@ def test_span_tables_match_every_token() -> None:
 
 def test_document_store_reads_spans_and_prefix_sums(tmp_path: Path) -> None:
     """Tokens and byte/char prefix sums of prepared documents, by positioned reads, match the text."""
-    from pipeline.prepare import prepare_shard, tokenizer_for
+    from pipeline.core.workdir import WorkDir
     from pipeline.readers import fetch_document_text, list_input_shards
-    from pipeline.rows import DocumentStore
-    from pipeline.workdir import WorkDir
+    from pipeline.stages.prepare import prepare_shard, tokenizer_for
+    from pipeline.stages.write import DocumentStore
     from tests.conftest import make_config
 
     cfg = make_config(tmp_path / "out")
@@ -180,10 +180,10 @@ def test_document_store_meta_by_row_group_with_a_small_cache(
     """Per-document columns come from the row groups that hold them, in request order, under eviction."""
     import pyarrow.parquet as pq
 
-    import pipeline.prepare as prepare
+    import pipeline.stages.prepare as prepare
+    from pipeline.core.workdir import WorkDir
     from pipeline.readers import list_input_shards
-    from pipeline.rows import DocumentStore
-    from pipeline.workdir import WorkDir
+    from pipeline.stages.write import DocumentStore
     from tests.conftest import make_config
 
     monkeypatch.setattr(prepare, "BATCH_BYTES", 64 << 10)  # many small row groups per shard

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.progress import BarReporter, waiting
+from pipeline.core.progress import BarReporter, waiting
 from tests.conftest import ROOT
 from tests.opskit import base_env
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.packing import Layout, effective_min_piece, pack_best_fit, pack_greedy
+from pipeline.core.packing import Layout, effective_min_piece, pack_best_fit, pack_greedy
 
 footprints = st.lists(st.integers(min_value=1, max_value=5000), min_size=1, max_size=300).map(
     lambda xs: np.array(xs, np.int64)

@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from pipeline.chat import Haystack, load_template
-from pipeline.procedural import GENERATORS
-from pipeline.procedural.base import Draft
-from pipeline.procedural.sample import BuiltSample, build_sample
-from pipeline.procedural.score import grade, items, score_table
-from pipeline.procedural.stage import sample_seed
-from pipeline.tokenizer import load_tokenizer
+from pipeline.core.tokenizer import load_tokenizer
+from pipeline.stages.procedural import sample_seed
+from pipeline.synth.chat import Haystack, load_template
+from pipeline.synth.procedural import GENERATORS
+from pipeline.synth.procedural.base import Draft
+from pipeline.synth.procedural.sample import BuiltSample, build_sample
+from pipeline.synth.procedural.score import grade, items, score_table
 from schemas.config import ConfigError
 from schemas.procedural import (
     AggregationTask,

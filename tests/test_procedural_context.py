@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.chat import Haystack, load_template
-from pipeline.procedural import GENERATORS
-from pipeline.procedural.sample import BuiltSample, build_sample
-from pipeline.tokenizer import load_tokenizer
+from pipeline.core.tokenizer import load_tokenizer
+from pipeline.synth.chat import Haystack, load_template
+from pipeline.synth.procedural import GENERATORS
+from pipeline.synth.procedural.sample import BuiltSample, build_sample
 from schemas.procedural import (
     AggregationTask,
     HashChainTask,

@@ -15,7 +15,7 @@ import pytest
 
 from flows.build import run
 from pipeline.build import run_build
-from pipeline.tokenizer import load_tokenizer
+from pipeline.core.tokenizer import load_tokenizer
 from schemas.config import BuildConfig
 from schemas.manifest import Manifest
 from tests.conftest import ROOT, make_config
@@ -152,7 +152,7 @@ def test_score_command_grades_the_export(library_run, tmp_path: Path) -> None:  
 
 
 def test_haystack_reuses_row_ids_exactly(library_run) -> None:  # type: ignore[no-untyped-def]
-    from pipeline.chat import Haystack
+    from pipeline.synth.chat import Haystack
 
     out, _ = library_run
     tok = load_tokenizer("quicktok:llama3")
@@ -166,7 +166,7 @@ def test_haystack_reuses_row_ids_exactly(library_run) -> None:  # type: ignore[n
 def test_wrong_reused_ids_fall_back_to_a_full_tokenization(
     library_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
-    import pipeline.chat as chat
+    import pipeline.synth.chat as chat
 
     real = chat._reuse_row_ids
 

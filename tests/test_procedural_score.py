@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.chat import Haystack
-from pipeline.procedural.score import grade, score_table
-from pipeline.tokenizer import load_tokenizer
+from pipeline.core.tokenizer import load_tokenizer
+from pipeline.synth.chat import Haystack
+from pipeline.synth.procedural.score import grade, score_table
 from schemas.procedural import AggregationTask, HashChainTask, MultiNeedleTask, VariableTrackingTask
 from schemas.records import EVAL_SCHEMA
 from tests.test_procedural import make, sample_docs

@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.build import run_build
-from pipeline.card import split_front_matter
-from pipeline.parquet_io import sha256_file
+from pipeline.core.parquet_io import sha256_file
+from pipeline.output.card import split_front_matter
 from schemas.manifest import Manifest
 from tests.conftest import ROOT, make_config
 from tests.hub_server import HubServer, regular

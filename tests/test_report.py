@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from pipeline.build import run_build
-from pipeline.progress import BarReporter, LogReporter, throttled
+from pipeline.core.progress import BarReporter, LogReporter, throttled
 from tests.conftest import ROOT, make_config
 
 

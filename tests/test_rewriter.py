@@ -20,19 +20,24 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.build import output_units, preflight, run_build
-from pipeline.chat import load_template as load_chat_template
-from pipeline.prepare import prepare_shard
-from pipeline.rewriter.cache import ResponseCache
-from pipeline.rewriter.client import ChatRequest, RequestBudget, RewriterClient, retry_after_seconds
-from pipeline.rewriter.evidence import NormalizedText
-from pipeline.rewriter.parsing import ParseFailure, parse_json_answer
-from pipeline.rewriter.secrets import Redactor, endpoint_host
-from pipeline.rewriter.stage import RewriterOutput, run_rewriter
-from pipeline.rewriter.templates import TemplateError, available_templates, load_template, parse_template
-from pipeline.rows import write_shard
-from pipeline.select import SelectResult, select_and_layout
-from pipeline.tokenizer import load_tokenizer
-from pipeline.workdir import WorkDir
+from pipeline.core.tokenizer import load_tokenizer
+from pipeline.core.workdir import WorkDir
+from pipeline.stages.prepare import prepare_shard
+from pipeline.stages.rewriter import RewriterOutput, run_rewriter
+from pipeline.stages.select import SelectResult, select_and_layout
+from pipeline.stages.write import write_shard
+from pipeline.synth.chat import load_template as load_chat_template
+from pipeline.synth.rewriter.cache import ResponseCache
+from pipeline.synth.rewriter.client import ChatRequest, RequestBudget, RewriterClient, retry_after_seconds
+from pipeline.synth.rewriter.evidence import NormalizedText
+from pipeline.synth.rewriter.parsing import ParseFailure, parse_json_answer
+from pipeline.synth.rewriter.secrets import Redactor, endpoint_host
+from pipeline.synth.rewriter.templates import (
+    TemplateError,
+    available_templates,
+    load_template,
+    parse_template,
+)
 from schemas.config import BuildConfig, ConfigError
 from tests.conftest import make_config
 from tests.openai_server import FakeOpenAIServer, FaultRule
@@ -740,8 +745,8 @@ def test_concurrency_is_one_limit_across_tasks(packed: tuple[Path, SelectResult]
     most `concurrency` requests in flight, not concurrency x workers."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.rewriter.plan import make_plan
-    from pipeline.rewriter.stage import run_batch
+    from pipeline.stages.rewriter import run_batch
+    from pipeline.synth.rewriter.plan import make_plan
 
     with FakeOpenAIServer(latency=1.0) as srv:
         cfg = setup_run(

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.rewriter.stage import run_rewriter
-from pipeline.select import SelectResult
-from pipeline.workdir import WorkDir
+from pipeline.core.workdir import WorkDir
+from pipeline.stages.rewriter import run_rewriter
+from pipeline.stages.select import SelectResult
 from tests.conftest import make_config
 from tests.test_rewriter import assert_reconciles, pack_sample, read_audit, read_samples
 

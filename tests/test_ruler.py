@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.chat import Haystack, load_template
-from pipeline.procedural import GENERATORS
-from pipeline.procedural.noise import NOISE
-from pipeline.procedural.sample import BuiltSample, build_sample
-from pipeline.tokenizer import load_tokenizer
+from pipeline.core.tokenizer import load_tokenizer
+from pipeline.synth.chat import Haystack, load_template
+from pipeline.synth.procedural import GENERATORS
+from pipeline.synth.procedural.noise import NOISE
+from pipeline.synth.procedural.sample import BuiltSample, build_sample
 from schemas.config import parse_config
 from tests.conftest import DATA
 from tests.test_procedural import sample_docs

@@ -102,7 +102,7 @@ def test_unloadable_diversity_stage_fails_the_preflight(
     from schemas.config import ConfigError
 
     cfg = _diversity_config(tmp_path / "out")
-    monkeypatch.setitem(sys.modules, "pipeline.diversity", None)  # `import pipeline.diversity` fails
+    monkeypatch.setitem(sys.modules, "pipeline.corpus.semantic", None)  # `import pipeline.corpus.semantic` fails
     with pytest.raises(ConfigError, match=r"diversity\.semdedup and diversity\.d4 configured"):
         preflight(cfg)
 
@@ -110,16 +110,16 @@ def test_unloadable_diversity_stage_fails_the_preflight(
 def test_selection_never_skips_a_configured_diversity_stage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.prepare import prepare_shard
+    from pipeline.core.workdir import WorkDir
     from pipeline.readers import list_input_shards
-    from pipeline.select import select_and_layout
-    from pipeline.workdir import WorkDir
+    from pipeline.stages.prepare import prepare_shard
+    from pipeline.stages.select import select_and_layout
     from schemas.config import ConfigError
 
     cfg = _diversity_config(tmp_path / "out")
     work = WorkDir(cfg)
     prepared = [prepare_shard(cfg, s, work) for s in list_input_shards(cfg)]
-    monkeypatch.setitem(sys.modules, "pipeline.diversity", None)
+    monkeypatch.setitem(sys.modules, "pipeline.corpus.semantic", None)
     with pytest.raises(ConfigError, match="cannot be loaded"):
         select_and_layout(cfg, work, prepared)
     assert not (work.select_dir / "select.json").exists()
@@ -187,7 +187,7 @@ def test_parquet_bad_file_fails_the_run_when_asked(tmp_path: Path) -> None:
 
 def test_truncated_procedural_record_is_redone(tmp_path: Path) -> None:
     from pipeline.build import run_build
-    from pipeline.workdir import WorkDir
+    from pipeline.core.workdir import WorkDir
     from tests.conftest import make_config
 
     cfg = make_config(tmp_path / "out")
@@ -241,7 +241,7 @@ def test_procedural_only_change_keeps_pretraining_shards_byte_identical(tmp_path
 
 
 def test_synthesis_work_folders_depend_only_on_their_own_sections(tmp_path: Path) -> None:
-    from pipeline.workdir import WorkDir
+    from pipeline.core.workdir import WorkDir
     from tests.conftest import make_config
 
     out = tmp_path / "out"
@@ -345,7 +345,7 @@ def _tiny_tokenizer_json(path: Path) -> None:
 
 def test_hf_tokenizer_path_is_relative_to_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.build import preflight
-    from pipeline.prepare import tokenizer_for
+    from pipeline.stages.prepare import tokenizer_for
     from schemas.config import load_config
 
     _tiny_tokenizer_json(tmp_path / "conf" / "tok" / "tokenizer.json")
@@ -389,7 +389,7 @@ def _stage_folders(out: Path) -> set[str]:
 
 def test_finished_run_removes_intermediates_of_earlier_configs(tmp_path: Path) -> None:
     from pipeline.build import run_build
-    from pipeline.workdir import WorkDir
+    from pipeline.core.workdir import WorkDir
     from tests.conftest import make_config
 
     out = tmp_path / "out"
@@ -430,7 +430,7 @@ def test_gc_command_reports_sizes_and_deletes_only_when_asked(
     assert main(["gc", str(out), "--delete"]) == 0
     assert "deleted" in capsys.readouterr().out
     assert not old.exists() and cache.exists() and _stage_folders(out) == in_use | {"rewriter-cache"}
-    from pipeline.workdir import WorkDir
+    from pipeline.core.workdir import WorkDir
 
     tokens = {p: p.stat().st_mtime_ns for p in WorkDir(cfg).prepare_dir.rglob("*.int32")}
     again = run_build(cfg)  # what is in use was kept: the tokenized documents are reused, not redone
@@ -449,7 +449,7 @@ def test_full_disk_is_one_line_and_a_rerun_resumes(
     import pyarrow.parquet as pq
 
     from flows.cli import main
-    from pipeline.workdir import WorkDir
+    from pipeline.core.workdir import WorkDir
     from schemas.config import load_config
 
     path = _config_file(tmp_path, procedural={"enabled": False})
@@ -483,7 +483,7 @@ def test_token_file_writer_reports_the_failed_write(tmp_path: Path) -> None:
 
     import numpy as np
 
-    from pipeline.parquet_io import DiskFullError, TokenFileSink
+    from pipeline.core.parquet_io import DiskFullError, TokenFileSink
 
     class FullFile:
         def write(self, buf: Any) -> int:

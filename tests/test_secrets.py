@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.rewriter.cache import ResponseCache
-from pipeline.rewriter.client import RequestBudget, RewriterClient
-from pipeline.rewriter.secrets import Redactor
+from pipeline.synth.rewriter.cache import ResponseCache
+from pipeline.synth.rewriter.client import RequestBudget, RewriterClient
+from pipeline.synth.rewriter.secrets import Redactor
 from schemas.config import ConfigError, load_config, with_overrides
 from schemas.redact import redact_url, url_secrets
 from schemas.synthesis import RewriterConfig

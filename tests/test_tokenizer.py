@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.tokenizer import TokenizerError, load_tokenizer, split_points
+from pipeline.core.tokenizer import TokenizerError, load_tokenizer, split_points
 
 STDLIB = Path(sys.modules["json"].__file__ or "").parent.parent  # the running interpreter's stdlib
 

@@ -1,0 +1,4 @@
+"""The floor everything stands on: tokenizer, packing, Parquet I/O, the work folder, progress, faults.
+
+Nothing here knows about stages or the run's order; every other room of `pipeline/` may import it.
+"""

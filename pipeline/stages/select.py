@@ -1,0 +1,515 @@
+"""Stage 2, over the whole corpus at once but on small columns only: choose documents and lay out rows.
+
+Reads (doc_id, content_hash, n_tokens) of every tokenized document, never the tokens, then:
+exact dedup -> optional semantic pruning -> per-source token budgets -> routing to target lengths
+-> one packing layout per target. Every dropped document gets a `filtered` row with its reason.
+The layouts say which token span of which document goes where; stage 3 fills rows from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.core.faults import crash_point
+from pipeline.core.packing import Layout, pack_best_fit, pack_greedy
+from pipeline.core.parquet_io import ParquetSink, sha256_file, trim_heap, write_json_atomic
+from pipeline.core.workdir import WorkDir
+from pipeline.corpus.filters import stable_uniform
+from pipeline.stages.prepare import PrepareResult
+from schemas.config import BuildConfig, ConfigError
+from schemas.records import FILTERED_SCHEMA
+
+SELECT_STEP = "select@1"
+LAYOUT_SCHEMA = pa.schema(
+    [
+        pa.field("shard", pa.int32()),  # index into the prepared shards, in canonical order
+        pa.field("doc_row", pa.int64()),  # row of the document in that shard's documents file
+        pa.field("start", pa.int64()),  # footprint span in the document (tokens + separator)
+        pa.field("end", pa.int64()),
+        pa.field("row", pa.int64()),
+        pa.field("row_start", pa.int64()),
+        pa.field("part", pa.int32()),
+        pa.field("neighbor_similarity", pa.float32()),
+    ]
+)
+
+
+def config_name(target_length: int) -> str:
+    return f"pretrain_{target_length}"
+
+
+@dataclass
+class DocIndex:
+    """Small per-document columns of the whole corpus, in canonical order."""
+
+    shard: np.ndarray  # int32
+    row: np.ndarray  # int64
+    source: np.ndarray  # int32, index into `sources`
+    n_tokens: np.ndarray  # int64
+    content_hash: np.ndarray  # S64
+    doc_id: list[str]
+    sources: list[str]
+    files: list[str] = field(default_factory=list)  # documents file of each shard (embeddings live beside)
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+
+def load_doc_index(work: WorkDir, prepared: list[PrepareResult], sources: list[str]) -> DocIndex:
+    shard_parts, row_parts, src_parts, tok_parts, hash_parts = [], [], [], [], []
+    doc_ids: list[str] = []
+    for si, res in enumerate(prepared):
+        t = pq.read_table(
+            work.prepare_dir / res.files["documents"], columns=["doc_id", "content_hash", "n_tokens"]
+        )
+        n = t.num_rows
+        shard_parts.append(np.full(n, si, np.int32))
+        row_parts.append(np.arange(n, dtype=np.int64))
+        src_parts.append(np.full(n, sources.index(res.source), np.int32))
+        tok_parts.append(t.column("n_tokens").to_numpy().astype(np.int64))
+        hash_parts.append(np.array(t.column("content_hash").to_pylist(), dtype="S64"))
+        doc_ids.extend(t.column("doc_id").to_pylist())
+
+    def cat(parts: list[np.ndarray], dtype: str) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+    return DocIndex(
+        cat(shard_parts, "int32"),
+        cat(row_parts, "int64"),
+        cat(src_parts, "int32"),
+        cat(tok_parts, "int64"),
+        cat(hash_parts, "S64"),
+        doc_ids,
+        sources,
+        [str(work.prepare_dir / r.files["documents"]) for r in prepared],
+    )
+
+
+@dataclass
+class Drop:
+    """Documents a corpus-level step removed: positions in the DocIndex and why."""
+
+    step: str
+    reason: str
+    index: np.ndarray
+    detail: list[str]
+    duplicate_of: list[str | None] | None = None
+
+
+# A selector sees the surviving documents (positions into the index) and returns what it drops.
+Selector = Callable[[BuildConfig, WorkDir, DocIndex, np.ndarray, list[PrepareResult]], Drop | None]
+
+
+def exact_dedup(
+    cfg: BuildConfig, work: WorkDir, idx: DocIndex, alive: np.ndarray, _: list[PrepareResult]
+) -> Drop | None:
+    """Drop every later copy of a text already seen (canonical order: sources, files, lines)."""
+    if not cfg.filters.exact_dedup or len(alive) == 0:
+        return None
+    hashes = idx.content_hash[alive]
+    _uniq, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    keeper = first[inverse]  # position (within alive) of the first copy of each document's text
+    dup = np.flatnonzero(keeper != np.arange(len(alive)))
+    if len(dup) == 0:
+        return None
+    kept_ids = [idx.doc_id[alive[keeper[d]]] for d in dup]
+    return Drop(
+        "exact_dedup@1",
+        "exact_duplicate",
+        alive[dup],
+        [f"same sha256 as {k}" for k in kept_ids],
+        duplicate_of=kept_ids,
+    )
+
+
+def source_budgets(
+    cfg: BuildConfig, work: WorkDir, idx: DocIndex, alive: np.ndarray, _: list[PrepareResult]
+) -> Drop | None:
+    """Per-source token budgets: a seeded random sample of each source's documents up to its budget."""
+    dropped: list[np.ndarray] = []
+    details: list[str] = []
+    for s_i, name in enumerate(idx.sources):
+        budget = cfg.source(name).token_budget
+        if budget is None:
+            continue
+        mine = alive[idx.source[alive] == s_i]
+        hashes = [h.decode() for h in idx.content_hash[mine]]
+        order = np.argsort(stable_uniform(cfg.run.seed, f"source_budget@1/{name}", hashes), kind="stable")
+        within = np.cumsum(idx.n_tokens[mine[order]]) <= budget
+        over = mine[order[~within]]
+        dropped.append(over)
+        details += [f"source {name!r} reached sources[].token_budget={budget}"] * len(over)
+    if not dropped:
+        return None
+    all_over = np.concatenate(dropped)
+    return Drop("source_budget@1", "source_budget", all_over, details) if len(all_over) else None
+
+
+def semantic_selectors(cfg: BuildConfig) -> list[Selector]:
+    """Corpus-level selectors of the diversity stage (see pipeline.corpus.semantic), when it is configured.
+
+    A configured stage that cannot run is an error, never a silent skip: a run that asked for SemDeDup
+    or D4 and got neither would publish a dataset that says it was deduplicated.
+    """
+    d = cfg.diversity
+    wanted = []
+    if d.embedder and d.semdedup.enabled:
+        wanted.append("diversity.semdedup")
+    if d.embedder and d.d4.keep_fraction is not None and d.d4.keep_fraction < 1.0:
+        wanted.append("diversity.d4")
+    if not wanted:
+        return []
+    try:
+        from pipeline.corpus.semantic import selectors as diversity_selectors
+    except ImportError as err:
+        raise ConfigError(
+            f"{' and '.join(wanted)} configured (diversity.embedder {d.embedder!r}), but the diversity "
+            f"stage cannot be loaded: {err}. Install Longloom's dependencies (pip install -e .), "
+            "or set diversity.embedder: null to build without it"
+        ) from err
+    return list(diversity_selectors())
+
+
+@dataclass
+class TargetPlan:
+    target_length: int
+    config_name: str
+    strategy: str
+    n_rows: int
+    rows_per_shard: int
+    n_shards: int
+    last_row_pad: int
+    layout_file: str
+    layout_sha256: str
+    documents: int
+    split_documents: int
+    needless_splits: int
+    content_tokens: int
+    dropped_tail_tokens: int
+
+
+@dataclass
+class SelectResult:
+    targets: list[TargetPlan]
+    filtered: dict[str, dict[str, int]]  # source -> reason -> documents dropped at this stage
+    filtered_tokens: dict[str, dict[str, int]]
+    packed_tokens: dict[str, int]
+    dropped_tail_tokens: dict[str, int]
+    filtered_file: str
+    filtered_sha256: str
+    steps: list[str]
+    seconds: float
+    extra: dict = field(default_factory=dict)
+    inputs_key: str = ""  # `inputs_key(prepared)` of the documents this selection was made from
+    reused: bool = False  # set when loaded from an earlier run's record, never stored as True
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "reused": False}
+
+    @classmethod
+    def from_json(cls, d: dict) -> SelectResult:
+        d = dict(d)
+        d["targets"] = [TargetPlan(**t) for t in d["targets"]]
+        return cls(**d)
+
+
+def inputs_key(prepared: list[PrepareResult]) -> str:
+    """Identity of the tokenized documents a selection is made from: shard ids and file checksums.
+
+    The select folder is keyed by the config; this key ties its record to the inputs too, so a
+    rerun after the corpus changed lays out rows again instead of reusing a stale layout.
+    """
+    h = hashlib.sha256()
+    for r in prepared:
+        sums = "|".join(str(r.sha256.get(kind)) for kind in ("documents", "tokens", "filtered"))
+        h.update(f"{r.shard_id}|{sums}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def _route(cfg: BuildConfig, idx: DocIndex, alive: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Send each document to one target length; returns positions per target, and the unrouted."""
+    targets = cfg.packing.targets
+    if len(targets) == 1 and targets[0].token_budget is None:
+        return [alive], np.zeros(0, np.int64)
+    # plain floats: a per-document loop over a handful of targets is cheaper without numpy calls
+    assigned = [0.0] * len(targets)
+    weights = [float(t.weight) for t in targets]
+    budgets = [float(t.token_budget) if t.token_budget is not None else np.inf for t in targets]
+    picks: list[int] = []
+    for n in idx.n_tokens[alive].tolist():
+        # the open target furthest below its share gets the next document (first one on ties)
+        best, best_score = -1, np.inf
+        for t in range(len(targets)):
+            if assigned[t] < budgets[t]:
+                score = assigned[t] / weights[t]
+                if score < best_score:
+                    best, best_score = t, score
+        if best < 0:
+            break
+        picks.append(best)
+        assigned[best] += n
+    choice = np.full(len(alive), -1, np.int64)
+    choice[: len(picks)] = picks
+    per_target = [alive[choice == t] for t in range(len(targets))]
+    return per_target, alive[choice < 0]
+
+
+def _order(
+    cfg: BuildConfig, idx: DocIndex, members: np.ndarray, target_length: int
+) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """The order documents are packed in, neighbour similarities if known, and the step name."""
+    strategy = cfg.packing.strategy
+    if strategy == "similarity":
+        from pipeline.corpus.semantic import similarity_order
+
+        order, sims = similarity_order(cfg, idx, members, target_length=target_length)
+        return members[order], sims, "similarity@2"  # @2: greedy layout with the cutting rule
+    if cfg.packing.doc_order == "shuffle":
+        rng = np.random.default_rng(cfg.run.seed)
+        return members[rng.permutation(len(members))], None, ""
+    return members, None, ""
+
+
+def _layout(cfg: BuildConfig, footprints: np.ndarray, L: int) -> Layout:
+    p = cfg.packing
+    if p.strategy == "best_fit":
+        return pack_best_fit(
+            footprints, L, p.last_row, p.open_bins, p.lookahead_docs, min_piece=p.min_piece_tokens
+        )
+    return pack_greedy(footprints, L, p.last_row, min_piece=p.min_piece_tokens)
+
+
+def select_and_layout(cfg: BuildConfig, work: WorkDir, prepared: list[PrepareResult]) -> SelectResult:
+    """Run stage 2, or reuse its verified result from an earlier run with the same config."""
+    record = work.select_dir / "select.json"
+    key = inputs_key(prepared)
+    previous = _load_verified(work, record, key)
+    if previous is not None:
+        return previous
+    started = time.perf_counter()
+    sources = [s.name for s in cfg.sources]
+    idx = load_doc_index(work, prepared, sources)
+    alive = np.arange(len(idx), dtype=np.int64)
+    drops: list[Drop] = []
+    steps: list[str] = []
+    for selector in [exact_dedup, *semantic_selectors(cfg), source_budgets]:
+        drop = selector(cfg, work, idx, alive, prepared)
+        if drop is None:
+            continue
+        steps.append(drop.step)
+        drops.append(drop)
+        alive = np.setdiff1d(alive, drop.index, assume_unique=True)
+
+    per_target, unrouted = _route(cfg, idx, alive)
+    if len(unrouted):
+        drops.append(
+            Drop(
+                "route@1",
+                "target_budgets_full",
+                unrouted,
+                ["every target's token_budget was reached"] * len(unrouted),
+            )
+        )
+
+    plans: list[TargetPlan] = []
+    packed = np.zeros(len(sources), np.int64)
+    tail = np.zeros(len(sources), np.int64)
+    for t_cfg, members in zip(cfg.packing.targets, per_target, strict=True):
+        L = t_cfg.length
+        ordered, sims, order_step = _order(cfg, idx, members, L)
+        ntok = idx.n_tokens[ordered]
+        lay = _layout(cfg, ntok + 1, L)  # +1: the separator after each document
+        strategy = order_step or lay.strategy
+        # documents entirely inside a dropped final row are filtered; partly dropped ones stay kept
+        if len(lay.dropped_item):
+            gone = np.setdiff1d(np.unique(lay.dropped_item), np.unique(lay.item))
+            if len(gone):
+                drops.append(
+                    Drop(
+                        "last_row@1",
+                        "last_row_dropped",
+                        ordered[gone],
+                        [f"in the final partial row of length {L}; packing.last_row=drop"] * len(gone),
+                    )
+                )
+            # tokens lost from documents that are still partly in the rows (the rest were filtered)
+            partly = np.isin(lay.dropped_item, lay.item)
+            d_item = lay.dropped_item[partly]
+            d_tok = np.minimum(lay.dropped_end[partly], ntok[d_item]) - np.minimum(
+                lay.dropped_start[partly], ntok[d_item]
+            )
+            np.add.at(tail, idx.source[ordered[d_item]], d_tok)
+        c_tok = np.minimum(lay.end, ntok[lay.item]) - np.minimum(lay.start, ntok[lay.item])
+        np.add.at(packed, idx.source[ordered[lay.item]], c_tok)
+        plans.append(_write_layout(cfg, work, idx, ordered, sims, lay, L, strategy, ntok))
+        steps.append(strategy)
+        crash_point("layout")
+
+    filtered_file, filtered_sha, by_reason, by_reason_tokens = _write_drops(work, idx, drops, prepared)
+    result = SelectResult(
+        targets=plans,
+        filtered=by_reason,
+        filtered_tokens=by_reason_tokens,
+        packed_tokens={s: int(packed[i]) for i, s in enumerate(sources)},
+        dropped_tail_tokens={s: int(tail[i]) for i, s in enumerate(sources)},
+        filtered_file=filtered_file,
+        filtered_sha256=filtered_sha,
+        steps=steps,
+        seconds=round(time.perf_counter() - started, 3),
+        inputs_key=key,
+    )
+    write_json_atomic(record, result.to_json())
+    trim_heap()
+    return result
+
+
+def _write_layout(
+    cfg: BuildConfig,
+    work: WorkDir,
+    idx: DocIndex,
+    ordered: np.ndarray,
+    sims: np.ndarray | None,
+    lay: Layout,
+    L: int,
+    strategy: str,
+    ntok: np.ndarray,
+) -> TargetPlan:
+    # part = rank of a segment among its document's segments, by position in the document
+    order = np.lexsort((lay.start, lay.item))
+    part = np.zeros(len(lay.item), np.int32)
+    if len(order):
+        it_sorted = lay.item[order]
+        first = np.r_[True, it_sorted[1:] != it_sorted[:-1]]
+        group_start = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
+        part[order] = (np.arange(len(order)) - group_start).astype(np.int32)
+    doc = ordered[lay.item]
+    neighbor = np.full(len(lay.item), np.nan, np.float32)
+    if sims is not None:
+        neighbor = sims[lay.item].astype(np.float32)
+    table = pa.table(
+        {
+            "shard": pa.array(idx.shard[doc]),
+            "doc_row": pa.array(idx.row[doc]),
+            "start": pa.array(lay.start),
+            "end": pa.array(lay.end),
+            "row": pa.array(lay.row),
+            "row_start": pa.array(lay.row_start),
+            "part": pa.array(part),
+            "neighbor_similarity": pa.array(neighbor, pa.float32(), mask=np.isnan(neighbor)),
+        },
+        schema=LAYOUT_SCHEMA,
+    )
+    name = config_name(L)
+    rel = f"layout-{name}.parquet"
+    with ParquetSink(work.select_dir / rel, LAYOUT_SCHEMA) as sink:
+        sink.write(table)
+    split = lay.split_items()
+    rps = max(1, cfg.output.shard_tokens // L)
+    return TargetPlan(
+        target_length=L,
+        config_name=name,
+        strategy=strategy,
+        n_rows=lay.n_rows,
+        rows_per_shard=rps,
+        n_shards=-(-lay.n_rows // rps),
+        last_row_pad=int(lay.n_pad[-1]) if lay.n_rows else 0,
+        layout_file=rel,
+        layout_sha256=sha256_file(work.select_dir / rel),
+        documents=len(np.unique(lay.item)),
+        split_documents=len(split),
+        needless_splits=int((ntok[split] + 1 <= L).sum()),
+        content_tokens=int(
+            (np.minimum(lay.end, ntok[lay.item]) - np.minimum(lay.start, ntok[lay.item])).sum()
+        ),
+        dropped_tail_tokens=int(
+            (
+                np.minimum(lay.dropped_end, ntok[lay.dropped_item])
+                - np.minimum(lay.dropped_start, ntok[lay.dropped_item])
+            ).sum()
+        ),
+    )
+
+
+def _write_drops(
+    work: WorkDir, idx: DocIndex, drops: list[Drop], prepared: list[PrepareResult]
+) -> tuple[str, str, dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+    """Write the corpus-level `filtered` rows; the lineage columns come from the documents files."""
+    by_reason: dict[str, dict[str, int]] = {s: {} for s in idx.sources}
+    by_tokens: dict[str, dict[str, int]] = {s: {} for s in idx.sources}
+    rel = "filtered-select.parquet"
+    with ParquetSink(work.select_dir / rel, FILTERED_SCHEMA) as sink:
+        for d in drops:
+            if len(d.index) == 0:
+                continue
+            src = idx.source[d.index]
+            for s_i in np.unique(src):
+                name = idx.sources[int(s_i)]
+                mask = src == s_i
+                by_reason[name][d.reason] = by_reason[name].get(d.reason, 0) + int(mask.sum())
+                by_tokens[name][d.reason] = by_tokens[name].get(d.reason, 0) + int(
+                    idx.n_tokens[d.index[mask]].sum()
+                )
+            sink.write(_drop_table(work, idx, d, prepared))
+    return rel, sha256_file(work.select_dir / rel), by_reason, by_tokens
+
+
+def _drop_table(work: WorkDir, idx: DocIndex, d: Drop, prepared: list[PrepareResult]) -> pa.Table:
+    n = len(d.index)
+    # uri and record live in the documents files; fetch them per shard, in one read each
+    uris: list[str] = [""] * n
+    records = np.zeros(n, np.int64)
+    sources: list[str] = [idx.sources[int(s)] for s in idx.source[d.index]]
+    shards = idx.shard[d.index]
+    for s in np.unique(shards):
+        where = np.flatnonzero(shards == s)
+        path = work.prepare_dir / prepared[int(s)].files["documents"]
+        t = pq.read_table(path, columns=["uri", "record"]).take(pa.array(idx.row[d.index[where]]))
+        for j, u, r in zip(where, t.column("uri").to_pylist(), t.column("record").to_pylist(), strict=True):
+            uris[j], records[j] = u, r
+    return pa.table(
+        {
+            "source": pa.array(sources, pa.string()),
+            "uri": pa.array(uris, pa.string()),
+            "record": pa.array(records),
+            "doc_id": pa.array([idx.doc_id[i] for i in d.index], pa.string()),
+            "content_hash": pa.array([h.decode() for h in idx.content_hash[d.index]], pa.string()),
+            "n_tokens": pa.array(idx.n_tokens[d.index]),
+            "step": pa.array([d.step] * n, pa.string()),
+            "reason": pa.array([d.reason] * n, pa.string()),
+            "detail": pa.array(d.detail, pa.string()),
+            "duplicate_of": pa.array(
+                d.duplicate_of if d.duplicate_of is not None else [None] * n, pa.string()
+            ),
+        },
+        schema=FILTERED_SCHEMA,
+    )
+
+
+def _load_verified(work: WorkDir, rec: Path, key: str) -> SelectResult | None:
+    """The earlier selection, if it was made from the same documents and its files match their checksums."""
+    if not rec.exists():
+        return None
+    try:
+        res = SelectResult.from_json(json.loads(rec.read_text()))
+    except (ValueError, TypeError, KeyError):
+        return None
+    if res.inputs_key != key:
+        return None
+    checks = [(res.filtered_file, res.filtered_sha256)] + [
+        (t.layout_file, t.layout_sha256) for t in res.targets
+    ]
+    for rel, sha in checks:
+        p = work.select_dir / rel
+        if not p.exists() or sha256_file(p) != sha:
+            return None
+    res.reused = True
+    return res

@@ -1,0 +1,221 @@
+"""From a draft to a kept sample: place it after a long context of exactly the target length, find
+every evidence quote in that context, fix token positions and dependency distances, and reject what
+does not need the far context.
+
+Sizing is `pipeline.synth.chat.assemble_chat` (token-exact, verified against a full tokenization). The
+quotes are searched in the whole haystack, then mapped into the sample through the assembled
+context's runs, so a quote that exists only past the cut is told apart from one that never existed.
+Where a quote occurs several times, the occurrence nearest the question is used: that is the one a
+model can get away with reading, so distances and the tail check are conservative.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.synth.chat import AssembledChat, AssemblyError, ChatTemplate, HaystackTooShort, assemble_chat
+from pipeline.synth.rewriter.contexts import Context, Passage
+from pipeline.synth.rewriter.evidence import NormalizedText
+from pipeline.synth.rewriter.plan import SamplePlan
+from pipeline.synth.rewriter.strategies import Draft, Rejection
+from schemas.synthesis import RewriterConfig
+
+GENERATOR_VERSION = 1
+
+
+class SampleFailure(Exception):
+    """A sample that could not be built for a reason that is not the model's answer (counted as failed)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Located:
+    label: str
+    message_index: int
+    char_start: int
+    char_end: int
+    token_start: int
+    token_end: int
+    depth: float
+
+
+def generator_name(kind: str) -> str:
+    return f"rewriter_{kind}@{GENERATOR_VERSION}"
+
+
+def _to_content(asm: AssembledChat, a: int, b: int) -> tuple[int, int] | None:
+    """Haystack chars [a, b) as chars of the context message, or None if they are not all in the context."""
+    for run in asm.runs:
+        if run.hay_char_start <= a < run.hay_char_end:
+            ca = run.char_start + (a - run.hay_char_start)
+            cb = ca + (b - a)
+            # runs are contiguous when nothing is inserted; the quote must end inside the used text
+            if b <= asm.runs[-1].hay_char_end and cb <= asm.context_char_span[1]:
+                return ca, cb
+            return None
+    return None
+
+
+def _overlaps(span: tuple[int, int], p: Passage) -> bool:
+    return span[0] < p.char_end and span[1] > p.char_start
+
+
+def _locate_quotes(
+    draft: Draft, ctx: Context, passages: list[Passage], asm: AssembledChat, cm: int
+) -> list[Located]:
+    out: list[Located] = []
+    for qi, q in enumerate(draft.quotes):
+        occ = ctx.norm.find_all(q.text)
+        if not occ:
+            raise Rejection("evidence_not_found", f"quote {qi} is not in the context: {q.text[:200]!r}")
+        if q.passage is not None and not any(_overlaps(o, passages[q.passage]) for o in occ):
+            raise Rejection("quote_outside_passage", f"quote {qi} is not in passage {q.passage + 1}")
+        inside = [c for c in (_to_content(asm, a, b) for a, b in occ) if c is not None]
+        if not inside:
+            raise Rejection("evidence_truncated", f"quote {qi} lies only past the end of the sized context")
+        ca, cb = inside[-1]
+        t0, t1 = asm.locate(cm, ca, cb)
+        out.append(Located(q.label, cm, ca, cb, t0, t1, asm.depth(t0)))
+    return out
+
+
+def _question_span(messages: list[dict[str, str]], mi: int, suffix_len: int | None) -> tuple[int, int]:
+    content = messages[mi]["content"]
+    return (len(content) - suffix_len, len(content)) if suffix_len is not None else (0, len(content))
+
+
+def build_record(
+    plan: SamplePlan,
+    draft: Draft,
+    ctx: Context | None,
+    passages: list[Passage],
+    chat: ChatTemplate,
+    rw: RewriterConfig,
+    sample_length: int,
+) -> dict[str, Any]:
+    """The CHAT_SCHEMA fields that depend on the sample (model, lineage and params are added by the caller)."""
+    system = [{"role": "system", "content": rw.system_prompt}] if rw.system_prompt else []
+    cm = len(system)  # index of the message that holds the context
+    located: list[Located] = []
+    passage_spans: list[dict[str, Any]] = []
+    if ctx is not None:
+        suffix = draft.turns[0]["content"].lstrip()
+        messages = [*system, {"role": "user", "content": ""}, *draft.turns[1:]]
+        try:
+            asm = assemble_chat(
+                chat, messages, cm, ctx.hay, sample_length, length_counts=rw.length_counts, suffix=suffix
+            )
+        except HaystackTooShort as err:
+            raise SampleFailure("haystack_too_short", str(err)) from None
+        except (AssemblyError, ValueError) as err:
+            raise SampleFailure("assembly_error", str(err)) from None
+        located = _locate_quotes(draft, ctx, passages, asm, cm)
+        if located and all(x.depth >= 1.0 - rw.reject_tail_fraction for x in located):
+            depths = ", ".join(f"{x.depth:.3f}" for x in located)
+            raise Rejection(
+                "evidence_in_tail",
+                f"all evidence lies in the last {rw.reject_tail_fraction:.0%} of the context (depths {depths})",
+            )
+        final = asm.messages
+        rendered = asm.rendered
+        length, context_tokens = asm.length, asm.context_tokens
+        suffix_len: int | None = len(suffix)
+        for p in passages:
+            span = _to_content(asm, p.char_start, p.char_end)
+            t = asm.locate(cm, *span) if span else (None, None)
+            passage_spans.append(
+                {
+                    "depth_requested": round(p.depth, 4),
+                    "haystack_chars": [p.char_start, p.char_end],
+                    "token_start": t[0],
+                    "token_end": t[1],
+                    "segment": ctx.part_lineage(p.part),
+                }
+            )
+        haystack = asm.haystack_lineage()
+    else:
+        final = [*system, *draft.turns]
+        rendered = chat.render(final)
+        length = rendered.counted(rw.length_counts, 0)
+        context_tokens = 0
+        suffix_len = None
+        haystack = []
+
+    # evidence inside earlier turns (session state): a span of that turn's text
+    for te in draft.turn_evidence:
+        mi = cm + te.turn
+        content = final[mi]["content"]
+        off = len(content) - suffix_len if (te.turn == 0 and suffix_len is not None) else 0
+        occ = NormalizedText.of(content[off:]).find_all(te.text)
+        if not occ:
+            raise Rejection("turn_evidence_not_found", f"{te.text!r} is not in turn {te.turn}")
+        a, b = off + occ[0][0], off + occ[0][1]
+        t0, t1 = rendered.locate(mi, a, b)
+        depth = asm.depth(t0) if ctx is not None else 0.0
+        located.append(Located(te.label, mi, a, b, t0, t1, depth))
+
+    n_quotes = len(draft.quotes)
+    questions: list[dict[str, Any]] = []
+    for q in draft.questions:
+        mi = cm + q.turn
+        a, b = _question_span(final, mi, suffix_len if q.turn == 0 else None)
+        t0, t1 = rendered.locate(mi, a, b)
+        needed = list(q.quotes) + [n_quotes + k for k in q.turn_evidence]
+        starts = [located[i].token_start for i in needed]
+        questions.append(
+            {
+                "message_index": mi,
+                "text": final[mi]["content"][a:b],
+                "expected": q.expected,
+                "match": q.match,
+                "token_start": t0,
+                "token_end": t1,
+                "evidence": needed,
+                "dependency_distance": (t0 - min(starts)) if starts else 0,
+            }
+        )
+    evidence = [
+        {
+            "label": x.label,
+            "message_index": x.message_index,
+            "char_start": x.char_start,
+            "char_end": x.char_end,
+            "token_start": x.token_start,
+            "token_end": x.token_end,
+            "depth": x.depth,
+        }
+        for x in located
+    ]
+    return {
+        "messages": final,
+        "chat_template": chat.name,
+        "target_length": sample_length if ctx is not None else length,
+        "length": length,
+        "length_counts": rw.length_counts,
+        "context_tokens": context_tokens,
+        "evidence": evidence,
+        "questions": questions,
+        "dependency_distance": max((q["dependency_distance"] for q in questions), default=0),
+        "haystack": haystack,
+        "input_ids": rendered.ids.tolist(),
+        "haystack_rows": asm.haystack_rows() if ctx is not None else [],
+        "_passages": passage_spans,
+        "_context_rows": ctx.row_ids if ctx is not None else [],
+    }
+
+
+def params_json(plan: SamplePlan, draft: Draft, extra: dict[str, Any]) -> str:
+    payload = {
+        "strategy": plan.strategy,
+        "template": plan.template,
+        "depths": list(plan.depths),
+        **draft.info,
+        **extra,
+    }
+    return json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)
