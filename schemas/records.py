@@ -7,7 +7,7 @@ Changes:
 - chat@2 (issue 4, additive): CHAT_SCHEMA gains nullable `input_ids` (the rendered sample's token ids)
   and `haystack_rows` (row_id of each packed row whose text is in the context); `length_counts` may
   also be "context_only". `haystack` segments give the span in the *sample* in row_token_start/end.
-  Build tables with `pipeline.chat.chat_table`, which fills nullable columns a writer leaves out.
+  Build tables with `pipeline.synth.chat.chat_table`, which fills nullable columns a writer leaves out.
 - EVAL_SCHEMA (issue 4, new): one row per question of a synthesized sample, for evaluation.
 """
 

@@ -54,7 +54,7 @@ class RewriterStrategy(BaseModel):
     samples: int = Field(ge=0, description="Samples requested (one request each).")
     template: str | None = Field(
         default=None,
-        description="Prompt template file stem under pipeline/rewriter/templates; defaults by kind.",
+        description="Prompt template file stem under pipeline/synth/rewriter/templates; defaults by kind.",
     )
     hops: int = Field(default=2, ge=2, le=8, description="multi_hop: passages per question, far apart.")
     turns: int = Field(default=3, ge=3, le=8, description="session_state: user turns per conversation.")
@@ -133,9 +133,9 @@ class RewriterConfig(BaseModel):
     sample_length: int | None = Field(
         default=None, ge=64, description="Exact tokens per chat sample; default the context target length."
     )
-    chat_template: str = Field(default="llama3", description="Chat template of the samples (pipeline.chat).")
+    chat_template: str = Field(default="llama3", description="Chat template of the samples (pipeline.synth.chat).")
     length_counts: Literal["full_chat", "without_answers", "context_only"] = Field(
-        default="full_chat", description="What sample_length counts (see pipeline.chat.LengthCounts)."
+        default="full_chat", description="What sample_length counts (see pipeline.synth.chat.LengthCounts)."
     )
     chunk_tokens: int = Field(default=384, ge=16, description="Passage size shown to the model, in tokens.")
     reserve_tokens: int = Field(
