@@ -19,8 +19,9 @@ from pathlib import Path
 
 from pipeline.build import run_build
 from pipeline.core.workdir import WorkDir
+from pipeline.stages.plan import select as select_and_layout
 from pipeline.stages.rewriter import run_rewriter
-from pipeline.stages.select import SelectResult, select_and_layout
+from pipeline.stages.select import SelectResult
 from schemas.config import BuildConfig
 from tests.conftest import make_config
 from tests.openai_server import FakeOpenAIServer

@@ -43,8 +43,9 @@ from pipeline.output.report import (
 )
 from pipeline.readers import InputShard
 from pipeline.stages.finalize import finalize_run
+from pipeline.stages.plan import select
 from pipeline.stages.prepare import PrepareResult, prepare_shard
-from pipeline.stages.select import SelectResult, select_and_layout
+from pipeline.stages.select import SelectResult
 from pipeline.stages.write import WrittenShard, write_shard
 from schemas.config import BuildConfig, load_config, with_overrides
 from schemas.manifest import Manifest, ShardEntry, StageReport
@@ -88,7 +89,7 @@ def embed_task(cfg: BuildConfig, prepared: PrepareResult) -> Any:
 
 @task(name="select-and-layout", cache_policy=NO_CACHE, retries=1)
 def select_task(cfg: BuildConfig, prepared: list[PrepareResult]) -> SelectResult:
-    res = select_and_layout(cfg, WorkDir(cfg), prepared)
+    res = select(cfg, WorkDir(cfg), prepared)
     for t in res.targets:
         get_run_logger().info(
             "%s: %d rows in %d shards (%s), %d documents split",

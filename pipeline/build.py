@@ -25,8 +25,9 @@ from pipeline.output.report import (
 )
 from pipeline.readers import InputShard, list_input_shards
 from pipeline.stages.finalize import finalize_run
+from pipeline.stages.plan import select, semantic_selectors
 from pipeline.stages.prepare import PrepareResult, prepare_shard, tokenizer_for
-from pipeline.stages.select import SelectResult, select_and_layout, semantic_selectors
+from pipeline.stages.select import SelectResult
 from pipeline.stages.write import write_shard
 from schemas.config import BuildConfig, ConfigError, config_hash
 from schemas.manifest import Manifest, ShardEntry, StageReport
@@ -213,7 +214,7 @@ def run_build(
             )
         with clock.stage("select") as st:
             rep.start("select", 1, "step")
-            selected = select_and_layout(cfg, work, prepared)
+            selected = select(cfg, work, prepared)
             rep.advance("select", tokens=sum(t.content_tokens for t in selected.targets))
             st.units, st.reused = 1, int(selected.reused)
         stages["select"] = select_counts(prepared, selected)
@@ -277,6 +278,6 @@ def diversity_outputs(
     """The diversity stage's audit tables and statistics for finalize_run ({} when it is off)."""
     if not cfg.diversity.embedder:
         return {}, {}
-    from pipeline.corpus.semantic import diversity_outputs as outputs
+    from pipeline.output.semantic_report import diversity_outputs as outputs
 
     return outputs(cfg, work, embedded, selected)

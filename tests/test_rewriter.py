@@ -22,9 +22,10 @@ import pytest
 from pipeline.build import output_units, preflight, run_build
 from pipeline.core.tokenizer import load_tokenizer
 from pipeline.core.workdir import WorkDir
+from pipeline.stages.plan import select as select_and_layout
 from pipeline.stages.prepare import prepare_shard
 from pipeline.stages.rewriter import RewriterOutput, run_rewriter
-from pipeline.stages.select import SelectResult, select_and_layout
+from pipeline.stages.select import SelectResult
 from pipeline.stages.write import write_shard
 from pipeline.synth.chat import load_template as load_chat_template
 from pipeline.synth.rewriter.cache import ResponseCache

@@ -112,8 +112,8 @@ def test_selection_never_skips_a_configured_diversity_stage(
 ) -> None:
     from pipeline.core.workdir import WorkDir
     from pipeline.readers import list_input_shards
+    from pipeline.stages.plan import select as select_and_layout
     from pipeline.stages.prepare import prepare_shard
-    from pipeline.stages.select import select_and_layout
     from schemas.config import ConfigError
 
     cfg = _diversity_config(tmp_path / "out")

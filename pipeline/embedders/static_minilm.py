@@ -214,7 +214,7 @@ _DISTILL_LOCK = threading.Lock()
 
 def static_minilm(dims: int = DEFAULT_DIMS, sif: float = DEFAULT_SIF) -> Path:
     """The static model distilled from the bundled MiniLM: distilled on first use, then cached."""
-    from pipeline.embedders.registry import folder_fingerprint, minilm_path
+    from pipeline.embedders.base import folder_fingerprint, minilm_path
 
     teacher = minilm_path()
     key = hashlib.sha256(f"{DISTILL_STEP}|{folder_fingerprint(teacher)}|{dims}|{sif}".encode()).hexdigest()[

@@ -44,7 +44,7 @@ import numpy as np
 from pipeline.core.parquet_io import write_json_atomic
 from pipeline.core.progress import waiting
 from pipeline.core.tokenizer import Tokenizer, load_tokenizer
-from pipeline.embedders.registry import STATIC_TOKENS, Embedder, folder_fingerprint
+from pipeline.embedders.base import STATIC_TOKENS, Embedder, folder_fingerprint
 from pipeline.embedders.static_minilm import cache_root, static_minilm
 
 TABLE_STEP = "token_table@1"

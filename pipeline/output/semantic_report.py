@@ -9,8 +9,8 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pipeline.core.workdir import WorkDir
+from pipeline.output.audit import merge_audit
 from pipeline.stages.embed import EmbedResult, cache_dir
-from pipeline.stages.finalize import _merge_audit
 from pipeline.stages.select import SelectResult
 from schemas.config import BuildConfig
 from schemas.manifest import FileEntry
@@ -57,7 +57,7 @@ def diversity_outputs(
     parts = [p for p in parts if p.exists()]
     audit: dict[str, list[FileEntry]] = {}
     if parts:
-        audit["pruned"] = _merge_audit(work.out, "pruned", PRUNED_SCHEMA, parts, cfg.output.compression_level)
+        audit["pruned"] = merge_audit(work.out, "pruned", PRUNED_SCHEMA, parts, cfg.output.compression_level)
     by_rule: dict[str, int] = {}
     for p in parts:
         for step in pq.read_table(p, columns=["step"]).column("step").to_pylist():

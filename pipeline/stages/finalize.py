@@ -14,19 +14,16 @@ import re
 import shlex
 import shutil
 import sys
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from pipeline import __version__
 from pipeline.core.faults import crash_point
-from pipeline.core.parquet_io import ParquetSink, sha256_file, write_json_atomic
+from pipeline.core.parquet_io import sha256_file, write_json_atomic
 from pipeline.core.workdir import WorkDir
+from pipeline.output.audit import audit_counts, merge_audit
 from pipeline.output.card import write_card
 from pipeline.stages.prepare import PrepareResult, tokenizer_for
 from pipeline.stages.select import SelectResult
@@ -43,8 +40,6 @@ from schemas.manifest import (
     TokenizerInfo,
 )
 from schemas.records import FILTERED_SCHEMA, QUARANTINE_SCHEMA
-
-AUDIT_ROWS_PER_FILE = 1_000_000
 
 # Where and how a run executed, never what it produced: left out of the manifest so a run on Dask and
 # one on threads (or in-process) write the same manifest. The run report records them.
@@ -78,53 +73,6 @@ def identity_command(command: str) -> str:
     return command if len(kept) == len(words) else shlex.join(kept)
 
 
-def _merge_audit(out: Path, name: str, schema: pa.Schema, inputs: list[Path], level: int) -> list[FileEntry]:
-    """Concatenate per-shard audit files into `audit/<name>/` (a few large files, not thousands)."""
-    out / "audit" / name
-    total = 0
-    for p in inputs:
-        f = pq.ParquetFile(p)
-        total += f.metadata.num_rows
-    n_files = max(1, -(-total // AUDIT_ROWS_PER_FILE))
-    entries: list[FileEntry] = []
-    written = 0
-    k = 0
-
-    def open_next() -> ParquetSink:
-        rel = f"audit/{name}/{name}-{k:05d}-of-{n_files:05d}.parquet"
-        return ParquetSink(out / rel, schema, level)
-
-    def close(s: ParquetSink) -> None:
-        sha = s.close()
-        rel = str(s.path.relative_to(out))
-        entries.append(FileEntry(path=rel, sha256=sha, bytes=s.path.stat().st_size, rows=s.rows))
-
-    sink = open_next()
-    for p in inputs:
-        for batch in pq.ParquetFile(p).iter_batches(batch_size=65_536):
-            while batch.num_rows:
-                room = AUDIT_ROWS_PER_FILE - sink.rows
-                part, batch = batch.slice(0, room), batch.slice(room)
-                sink.write(pa.Table.from_batches([part]))
-                written += part.num_rows
-                if sink.rows >= AUDIT_ROWS_PER_FILE and written < total:
-                    close(sink)
-                    k += 1
-                    sink = open_next()
-    close(sink)
-    return entries
-
-
-def _audit_counts(out: Path, entries: list[FileEntry]) -> Counter[tuple[str, str]]:
-    """(source, reason) -> rows, recounted from the audit files themselves."""
-    c: Counter[tuple[str, str]] = Counter()
-    for e in entries:
-        t = pq.read_table(out / e.path, columns=["source", "reason"])
-        for s, r in zip(t.column("source").to_pylist(), t.column("reason").to_pylist(), strict=True):
-            c[(s, r)] += 1
-    return c
-
-
 def finalize_run(
     cfg: BuildConfig,
     work: WorkDir,
@@ -145,7 +93,7 @@ def finalize_run(
     """
     out = work.out
     level = cfg.output.compression_level
-    filtered_files = _merge_audit(
+    filtered_files = merge_audit(
         out,
         "filtered",
         FILTERED_SCHEMA,
@@ -153,7 +101,7 @@ def finalize_run(
         + [work.select_dir / selected.filtered_file],
         level,
     )
-    quarantine_files = _merge_audit(
+    quarantine_files = merge_audit(
         out,
         "quarantine",
         QUARANTINE_SCHEMA,
@@ -372,8 +320,8 @@ def _checks(
     quarantine_files: list[FileEntry],
 ) -> list[Check]:
     checks: list[Check] = []
-    audit_f = _audit_counts(out, filtered_files)
-    audit_q = _audit_counts(out, quarantine_files)
+    audit_f = audit_counts(out, filtered_files)
+    audit_q = audit_counts(out, quarantine_files)
     for name, c in counts.items():
         kind = cfg.source(name).kind
         q = sum(c.quarantined.values())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from pipeline.core.faults import crash_point
 from pipeline.core.packing import Layout, pack_best_fit, pack_greedy
 from pipeline.core.parquet_io import ParquetSink, sha256_file, trim_heap, write_json_atomic
 from pipeline.core.workdir import WorkDir
-from pipeline.corpus.filters import stable_uniform
+from pipeline.corpus.index import DocIndex, Drop, Selector, config_name, load_doc_index
 from pipeline.stages.prepare import PrepareResult
 from schemas.config import BuildConfig, ConfigError
 from schemas.records import FILTERED_SCHEMA
@@ -41,142 +41,6 @@ LAYOUT_SCHEMA = pa.schema(
         pa.field("neighbor_similarity", pa.float32()),
     ]
 )
-
-
-def config_name(target_length: int) -> str:
-    return f"pretrain_{target_length}"
-
-
-@dataclass
-class DocIndex:
-    """Small per-document columns of the whole corpus, in canonical order."""
-
-    shard: np.ndarray  # int32
-    row: np.ndarray  # int64
-    source: np.ndarray  # int32, index into `sources`
-    n_tokens: np.ndarray  # int64
-    content_hash: np.ndarray  # S64
-    doc_id: list[str]
-    sources: list[str]
-    files: list[str] = field(default_factory=list)  # documents file of each shard (embeddings live beside)
-
-    def __len__(self) -> int:
-        return len(self.shard)
-
-
-def load_doc_index(work: WorkDir, prepared: list[PrepareResult], sources: list[str]) -> DocIndex:
-    shard_parts, row_parts, src_parts, tok_parts, hash_parts = [], [], [], [], []
-    doc_ids: list[str] = []
-    for si, res in enumerate(prepared):
-        t = pq.read_table(
-            work.prepare_dir / res.files["documents"], columns=["doc_id", "content_hash", "n_tokens"]
-        )
-        n = t.num_rows
-        shard_parts.append(np.full(n, si, np.int32))
-        row_parts.append(np.arange(n, dtype=np.int64))
-        src_parts.append(np.full(n, sources.index(res.source), np.int32))
-        tok_parts.append(t.column("n_tokens").to_numpy().astype(np.int64))
-        hash_parts.append(np.array(t.column("content_hash").to_pylist(), dtype="S64"))
-        doc_ids.extend(t.column("doc_id").to_pylist())
-
-    def cat(parts: list[np.ndarray], dtype: str) -> np.ndarray:
-        return np.concatenate(parts) if parts else np.zeros(0, dtype)
-
-    return DocIndex(
-        cat(shard_parts, "int32"),
-        cat(row_parts, "int64"),
-        cat(src_parts, "int32"),
-        cat(tok_parts, "int64"),
-        cat(hash_parts, "S64"),
-        doc_ids,
-        sources,
-        [str(work.prepare_dir / r.files["documents"]) for r in prepared],
-    )
-
-
-@dataclass
-class Drop:
-    """Documents a corpus-level step removed: positions in the DocIndex and why."""
-
-    step: str
-    reason: str
-    index: np.ndarray
-    detail: list[str]
-    duplicate_of: list[str | None] | None = None
-
-
-# A selector sees the surviving documents (positions into the index) and returns what it drops.
-Selector = Callable[[BuildConfig, WorkDir, DocIndex, np.ndarray, list[PrepareResult]], Drop | None]
-
-
-def exact_dedup(
-    cfg: BuildConfig, work: WorkDir, idx: DocIndex, alive: np.ndarray, _: list[PrepareResult]
-) -> Drop | None:
-    """Drop every later copy of a text already seen (canonical order: sources, files, lines)."""
-    if not cfg.filters.exact_dedup or len(alive) == 0:
-        return None
-    hashes = idx.content_hash[alive]
-    _uniq, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
-    keeper = first[inverse]  # position (within alive) of the first copy of each document's text
-    dup = np.flatnonzero(keeper != np.arange(len(alive)))
-    if len(dup) == 0:
-        return None
-    kept_ids = [idx.doc_id[alive[keeper[d]]] for d in dup]
-    return Drop(
-        "exact_dedup@1",
-        "exact_duplicate",
-        alive[dup],
-        [f"same sha256 as {k}" for k in kept_ids],
-        duplicate_of=kept_ids,
-    )
-
-
-def source_budgets(
-    cfg: BuildConfig, work: WorkDir, idx: DocIndex, alive: np.ndarray, _: list[PrepareResult]
-) -> Drop | None:
-    """Per-source token budgets: a seeded random sample of each source's documents up to its budget."""
-    dropped: list[np.ndarray] = []
-    details: list[str] = []
-    for s_i, name in enumerate(idx.sources):
-        budget = cfg.source(name).token_budget
-        if budget is None:
-            continue
-        mine = alive[idx.source[alive] == s_i]
-        hashes = [h.decode() for h in idx.content_hash[mine]]
-        order = np.argsort(stable_uniform(cfg.run.seed, f"source_budget@1/{name}", hashes), kind="stable")
-        within = np.cumsum(idx.n_tokens[mine[order]]) <= budget
-        over = mine[order[~within]]
-        dropped.append(over)
-        details += [f"source {name!r} reached sources[].token_budget={budget}"] * len(over)
-    if not dropped:
-        return None
-    all_over = np.concatenate(dropped)
-    return Drop("source_budget@1", "source_budget", all_over, details) if len(all_over) else None
-
-
-def semantic_selectors(cfg: BuildConfig) -> list[Selector]:
-    """Corpus-level selectors of the diversity stage (see pipeline.corpus.semantic), when it is configured.
-
-    A configured stage that cannot run is an error, never a silent skip: a run that asked for SemDeDup
-    or D4 and got neither would publish a dataset that says it was deduplicated.
-    """
-    d = cfg.diversity
-    wanted = []
-    if d.embedder and d.semdedup.enabled:
-        wanted.append("diversity.semdedup")
-    if d.embedder and d.d4.keep_fraction is not None and d.d4.keep_fraction < 1.0:
-        wanted.append("diversity.d4")
-    if not wanted:
-        return []
-    try:
-        from pipeline.corpus.semantic import selectors as diversity_selectors
-    except ImportError as err:
-        raise ConfigError(
-            f"{' and '.join(wanted)} configured (diversity.embedder {d.embedder!r}), but the diversity "
-            f"stage cannot be loaded: {err}. Install Longloom's dependencies (pip install -e .), "
-            "or set diversity.embedder: null to build without it"
-        ) from err
-    return list(diversity_selectors())
 
 
 @dataclass
@@ -263,14 +127,23 @@ def _route(cfg: BuildConfig, idx: DocIndex, alive: np.ndarray) -> tuple[list[np.
     return per_target, alive[choice < 0]
 
 
+# `packing.strategy: similarity`'s document order (the semantic package's `similarity_order`), handed
+# in by the stage list so that selection never imports the package that builds on its index.
+SimilarityOrder = Callable[..., tuple[np.ndarray, np.ndarray | None]]
+
+
 def _order(
-    cfg: BuildConfig, idx: DocIndex, members: np.ndarray, target_length: int
+    cfg: BuildConfig,
+    idx: DocIndex,
+    members: np.ndarray,
+    target_length: int,
+    similarity_order: SimilarityOrder | None,
 ) -> tuple[np.ndarray, np.ndarray | None, str]:
     """The order documents are packed in, neighbour similarities if known, and the step name."""
     strategy = cfg.packing.strategy
     if strategy == "similarity":
-        from pipeline.corpus.semantic import similarity_order
-
+        if similarity_order is None:
+            raise ConfigError("packing.strategy: similarity needs the semantic order; none was given")
         order, sims = similarity_order(cfg, idx, members, target_length=target_length)
         return members[order], sims, "similarity@2"  # @2: greedy layout with the cutting rule
     if cfg.packing.doc_order == "shuffle":
@@ -288,8 +161,18 @@ def _layout(cfg: BuildConfig, footprints: np.ndarray, L: int) -> Layout:
     return pack_greedy(footprints, L, p.last_row, min_piece=p.min_piece_tokens)
 
 
-def select_and_layout(cfg: BuildConfig, work: WorkDir, prepared: list[PrepareResult]) -> SelectResult:
-    """Run stage 2, or reuse its verified result from an earlier run with the same config."""
+def select_and_layout(
+    cfg: BuildConfig,
+    work: WorkDir,
+    prepared: list[PrepareResult],
+    selectors: Sequence[Selector],
+    similarity_order: SimilarityOrder | None = None,
+) -> SelectResult:
+    """Run stage 2, or reuse its verified result from an earlier run with the same config.
+
+    `selectors` run in order on what the previous ones kept (the stage list gives exact dedup, the
+    configured semantic selectors, then source budgets: `pipeline.stages.plan.corpus_selectors`).
+    """
     record = work.select_dir / "select.json"
     key = inputs_key(prepared)
     previous = _load_verified(work, record, key)
@@ -301,7 +184,7 @@ def select_and_layout(cfg: BuildConfig, work: WorkDir, prepared: list[PrepareRes
     alive = np.arange(len(idx), dtype=np.int64)
     drops: list[Drop] = []
     steps: list[str] = []
-    for selector in [exact_dedup, *semantic_selectors(cfg), source_budgets]:
+    for selector in selectors:
         drop = selector(cfg, work, idx, alive, prepared)
         if drop is None:
             continue
@@ -325,7 +208,7 @@ def select_and_layout(cfg: BuildConfig, work: WorkDir, prepared: list[PrepareRes
     tail = np.zeros(len(sources), np.int64)
     for t_cfg, members in zip(cfg.packing.targets, per_target, strict=True):
         L = t_cfg.length
-        ordered, sims, order_step = _order(cfg, idx, members, L)
+        ordered, sims, order_step = _order(cfg, idx, members, L, similarity_order)
         ntok = idx.n_tokens[ordered]
         lay = _layout(cfg, ntok + 1, L)  # +1: the separator after each document
         strategy = order_step or lay.strategy

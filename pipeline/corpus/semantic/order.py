@@ -20,9 +20,9 @@ import numpy as np
 
 from pipeline.core.parquet_io import write_json_atomic
 from pipeline.core.workdir import WorkDir
+from pipeline.corpus.index import DocIndex
 from pipeline.corpus.semantic.cluster import as_f32, assign, group_bounds, kmeans, knn
 from pipeline.corpus.semantic.vectors import CorpusEmbeddings
-from pipeline.stages.select import DocIndex
 from schemas.config import BuildConfig
 from schemas.diversity import IndexConfig
 

@@ -24,11 +24,11 @@ import pyarrow.parquet as pq
 
 from pipeline.core.parquet_io import ParquetSink, write_json_atomic
 from pipeline.core.workdir import WorkDir
+from pipeline.corpus.index import DocIndex, Drop
 from pipeline.corpus.semantic.cluster import as_f32, assign, group_bounds, kmeans, near_pairs
 from pipeline.corpus.semantic.vectors import CorpusEmbeddings
 from pipeline.embedders.registry import default_threshold
 from pipeline.stages.prepare import PrepareResult
-from pipeline.stages.select import DocIndex, Drop
 from schemas.config import BuildConfig
 from schemas.diversity import IndexConfig, SemDedupConfig
 from schemas.records import PRUNED_SCHEMA
