@@ -1,7 +1,9 @@
-"""The build as a Prefect flow: stage functions from `pipeline` wired as tasks, mapped over shards.
+"""The Prefect executor: the stage list of `pipeline.stages.plan`, each stage's units mapped as tasks.
 
-Tasks cover a shard (never a document). Completed work is recorded on disk by the stages
-themselves, so a rerun of the flow, even after a crash, skips what is done and verified.
+The same loop as `pipeline.build.run_stages`; only how a unit runs differs (a Prefect task on threads
+or Dask, retried per the stage). Tasks cover a shard or a batch (never a document). Completed work
+is recorded on disk by the stages themselves, so a rerun of the flow, even after a crash, skips what
+is done and verified.
 
     python -m flows.build [CONFIG.yaml]
 """
@@ -22,11 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 import flows
 from flows.api import prefect_api, run_helpers
 from pipeline.build import (
-    diversity_outputs,
-    group_by_target,
-    lineage_steps,
     longloom_commit,
-    output_units,
     preflight,
     rebuild_command,
 )
@@ -36,133 +34,36 @@ from pipeline.output.card import headline_rows, inline_images, split_front_matte
 from pipeline.output.report import (
     RunClock,
     build_report,
-    prepare_counts,
-    select_counts,
-    write_counts,
     write_report,
 )
-from pipeline.readers import InputShard
-from pipeline.stages.finalize import finalize_run
-from pipeline.stages.plan import select
-from pipeline.stages.prepare import PrepareResult, prepare_shard
-from pipeline.stages.select import SelectResult
-from pipeline.stages.write import WrittenShard, write_shard
+from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
+from pipeline.stages.plan import REPORT_AFTER, enabled_stages
 from schemas.config import BuildConfig, load_config, with_overrides
-from schemas.manifest import Manifest, ShardEntry, StageReport
+from schemas.manifest import Manifest
 
 DEFAULT_CONFIG = flows.DEFAULT_CONFIG
 
 
-@task(name="prepare-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def prepare_task(cfg: BuildConfig, shard: InputShard) -> PrepareResult:
+@task(name="stage-unit", cache_policy=NO_CACHE)
+def unit_task(job: StageWork, unit: Any) -> Any:
+    """One unit of one stage (a shard, a batch, a step): `job.run_unit(unit)`, logged to the flow run.
+
+    The task is renamed per stage (`Stage.task_name`: prepare-shard, write-shard, ...) where it is mapped.
+    """
     logger = get_run_logger()
-    res = prepare_shard(cfg, shard, WorkDir(cfg), throttled(logger.info, shard.shard_id))
-    logger.info(
-        "%s: %d records, %d documents, %d kept (%d tokens), %d quarantined%s",
-        shard.shard_id,
-        res.records_read,
-        res.documents,
-        res.kept,
-        res.kept_tokens,
-        sum(res.quarantined.values()),
-        " (reused a verified earlier result)" if res.reused else "",
-    )
+    res = job.run_unit(unit, throttled(logger.info, job.label(unit)))
+    line = job.log_line(res)
+    if line:
+        logger.info("%s", line)
     return res
 
 
-@task(name="embed-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def embed_task(cfg: BuildConfig, prepared: PrepareResult) -> Any:
-    from pipeline.stages.embed import embed_shard
-
-    res = embed_shard(cfg, WorkDir(cfg), prepared)
-    get_run_logger().info(
-        "%s: %d documents embedded (%d cache hits, %d misses, %d model calls%s)",
-        res.shard_id,
-        res.documents,
-        res.cache_hits,
-        res.cache_misses,
-        res.model_calls,
-        ", reused" if res.reused else "",
+def stage_task(stage: Stage, cfg: BuildConfig) -> Any:
+    """`unit_task` named for `stage`, with the stage's retries (None: the run's `run.retries`)."""
+    retries = cfg.run.retries if stage.retries is None else stage.retries
+    return unit_task.with_options(
+        name=stage.task_name, retries=retries, retry_delay_seconds=cfg.run.retry_delay_seconds
     )
-    return res
-
-
-@task(name="select-and-layout", cache_policy=NO_CACHE, retries=1)
-def select_task(cfg: BuildConfig, prepared: list[PrepareResult]) -> SelectResult:
-    res = select(cfg, WorkDir(cfg), prepared)
-    for t in res.targets:
-        get_run_logger().info(
-            "%s: %d rows in %d shards (%s), %d documents split",
-            t.config_name,
-            t.n_rows,
-            t.n_shards,
-            t.strategy,
-            t.split_documents,
-        )
-    return res
-
-
-@task(name="write-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def write_task(
-    cfg: BuildConfig,
-    unit: tuple[int, int],
-    selected: SelectResult,
-    prepared: list[PrepareResult],
-    steps: list[str],
-) -> WrittenShard:
-    ti, k = unit
-    logger = get_run_logger()
-    label = f"{selected.targets[ti].config_name}/{k}"
-    w = write_shard(cfg, WorkDir(cfg), selected, prepared, ti, k, steps, throttled(logger.info, label))
-    e = w.entry
-    verb = "kept verified" if w.reused else "wrote"
-    logger.info("%s %s: %d rows, %d tokens", verb, e.path, e.rows, e.tokens)
-    return w
-
-
-@task(name="finalize", cache_policy=NO_CACHE)
-def finalize_task(
-    cfg: BuildConfig,
-    prepared: list[PrepareResult],
-    selected: SelectResult,
-    entries: list[ShardEntry],
-    stages: dict[str, StageReport],
-    command: str,
-    optional: dict[str, dict] | None = None,
-    embedded: list | None = None,
-) -> Manifest:
-    work = WorkDir(cfg)
-    opt = optional or {}
-    audit_extra, extra = diversity_outputs(cfg, work, embedded or [], selected)
-    return finalize_run(
-        cfg,
-        work,
-        prepared,
-        selected,
-        group_by_target(selected, entries),
-        stages,
-        command,
-        extra={**opt.get("extra", {}), **extra},
-        extra_configs=opt.get("extra_configs", {}),
-        audit_extra={**opt.get("audit_extra", {}), **audit_extra},
-    )
-
-
-@task(name="publish", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
-def publish_task(cfg: BuildConfig) -> dict[str, Any]:
-    """Push the finished output to the hub (`publish:` config); uploads only what changed."""
-    from pipeline.output.publish import publish_configured
-
-    res = publish_configured(Path(cfg.output.dir), cfg.publish)
-    logger = get_run_logger()
-    for line in res.plan.lines():
-        logger.info(line)
-    return {
-        "repo_id": res.plan.repo_id,
-        "commit": res.commit,
-        "uploaded": [c.path for c in res.plan.of("add", "update")],
-        "deleted": [c.path for c in res.plan.of("delete")],
-    }
 
 
 def card_artifacts(cfg: BuildConfig, manifest: Manifest) -> None:
@@ -239,87 +140,35 @@ def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
     rep = active_reporter() or LogReporter(logger.info)
     work = WorkDir(cfg)
     shards = preflight(cfg)  # a bad config or missing input fails here, before anything is written
+    ctx = RunContext(cfg, command)
+    inputs = Inputs(shards=shards)
+    logger.info("%d input shards from %d sources -> %s", len(shards), len(cfg.sources), cfg.output.dir)
     with work.lock(logger.info), run_helpers(work.root, logger.info):
         work.remove_temporaries()
         clock = RunClock()
-        stages: dict[str, StageReport] = {}
-        with clock.stage("prepare") as st:
-            logger.info(
-                "%d input shards from %d sources -> %s", len(shards), len(cfg.sources), cfg.output.dir
-            )
-            rep.start("prepare", len(shards), "shards")
-            prep = prepare_task.with_options(
-                retries=cfg.run.retries, retry_delay_seconds=cfg.run.retry_delay_seconds
-            )
-            prepared = gather(
-                prep.map(unmapped(cfg), shards),
-                rep,
-                "prepare",
-                lambda r: (r.shard_id, {"tokens": r.kept_tokens}),
-            )
-            st.units, st.reused = len(prepared), sum(r.reused for r in prepared)
-        stages["prepare"] = prepare_counts(prepared)
-        embedded: list = []
-        if cfg.diversity.embedder:  # a task per prepared shard, like prepare
-            with clock.stage("embed") as st:
-                rep.start("embed", len(prepared), "shards")
-                emb = embed_task.with_options(
-                    retries=cfg.run.retries, retry_delay_seconds=cfg.run.retry_delay_seconds
+        for stage in enabled_stages(cfg):  # the same loop as pipeline.build.run_stages
+            with clock.stage(stage.name) as st:
+                job = stage.bind(ctx, inputs)
+                units = job.units()
+                rep.start(stage.name, len(units), stage.unit_noun)
+                results = gather(
+                    stage_task(stage, cfg).map(unmapped(job), units), rep, stage.name, job.advance
                 )
-                embedded = gather(
-                    emb.map(unmapped(cfg), prepared), rep, "embed", lambda e: (e.shard_id, {"docs": e.documents})
+                merged = job.merge(results)
+                st.units, st.reused = len(units), job.reused(results, merged)
+            inputs.record(stage.name, job.key, merged, job.report(merged))
+            if stage.name == REPORT_AFTER:
+                manifest = merged
+                rep.close()
+                runner = (
+                    f"dask {cfg.run.dask_address or 'local'}" if cfg.run.task_runner == "dask" else "threads"
                 )
-                st.units = len(embedded)
-            stages["embed"] = StageReport(
-                items_in=sum(r.kept for r in prepared), items_out=sum(e.documents for e in embedded)
-            )
-        with clock.stage("select") as st:
-            rep.start("select", 1, "step")
-            selected = select_task(cfg, prepared)
-            rep.advance("select", tokens=sum(t.content_tokens for t in selected.targets))
-            st.units, st.reused = 1, int(selected.reused)
-        stages["select"] = select_counts(prepared, selected)
-        with clock.stage("write") as st:
-            steps = lineage_steps(prepared, selected)
-            write = write_task.with_options(
-                retries=cfg.run.retries, retry_delay_seconds=cfg.run.retry_delay_seconds
-            )
-            units = output_units(selected)
-            rep.start("write", len(units), "shards")
-            futures = write.map(unmapped(cfg), units, unmapped(selected), unmapped(prepared), unmapped(steps))
-            written = gather(futures, rep, "write", lambda w: (w.entry.path, {"rows": w.entry.rows}))
-            st.units, st.reused = len(written), sum(w.reused for w in written)
-        entries = [w.entry for w in written]
-        stages["write"] = write_counts(selected, entries)
-        optional: dict[str, dict] = {"extra": {}, "extra_configs": {}, "audit_extra": {}}
-        if cfg.procedural.enabled:
-            from flows.procedural import procedural_stage
-
-            with clock.stage("procedural") as st:
-                proc, stages["procedural"] = procedural_stage(cfg, selected, entries, steps)
-                st.units, st.reused = proc.batches, proc.reused
-            optional["extra"]["procedural"] = proc.extra
-            optional["extra_configs"].update(proc.extra_configs)
-        if cfg.rewriter.enabled:
-            from flows.rewriter import rewriter_stage
-
-            with clock.stage("rewriter") as st:
-                rw = rewriter_stage(cfg, selected)
-                st.units = 1
-            stages["rewriter"] = rw.report
-            optional["extra"]["rewriter"] = rw.stats
-            optional["extra_configs"].update(rw.extra_configs)
-            optional["audit_extra"].update(rw.audit_extra)
-        with clock.stage("finalize") as st:
-            manifest = finalize_task(cfg, prepared, selected, entries, stages, command, optional, embedded)
-            st.units = 1
-        rep.close()
-        runner = f"dask {cfg.run.dask_address or 'local'}" if cfg.run.task_runner == "dask" else "threads"
-        md = write_report(work.out, build_report(manifest, clock, cfg.output.dir, runner, command))
-    for line in summary_lines(manifest):
-        logger.info(line)
-    card_artifacts(cfg, manifest)
-    logger.info("run report (%s):\n%s", work.out / "report.md", md)
+                md = write_report(work.out, build_report(manifest, clock, cfg.output.dir, runner, command))
+                for line in summary_lines(manifest):
+                    logger.info(line)
+                card_artifacts(cfg, manifest)
+                logger.info("run report (%s):\n%s", work.out / "report.md", md)
+    manifest = inputs["finalize"]
     result: dict[str, Any] = {
         "output_dir": cfg.output.dir,
         "config_hash": manifest.config_hash,
@@ -328,8 +177,8 @@ def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
         "checks_ok": manifest.ok,
         "report": str(work.out / "report.md"),
     }
-    if cfg.publish.enabled:
-        result["published"] = publish_task(cfg)
+    if inputs.get("publish") is not None:
+        result["published"] = inputs["publish"]
     return result
 
 

@@ -34,18 +34,18 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     report = Path(cfg.output.dir) / "report.md"
     if args.no_prefect:  # never imports Prefect (saves ~1.5 s of start-up)
-        from pipeline.build import run_build
+        from pipeline.build import run_stages
 
         # on a terminal the bars show progress; elsewhere (CI, a log file) one line per finished unit
         level = logging.WARNING if sys.stderr.isatty() else logging.INFO
         logging.basicConfig(level=level, format="%(asctime)s %(message)s")
         with use_reporter(BarReporter()) as bars:
-            manifest = run_build(cfg, command=command, reporter=bars)
+            done = run_stages(cfg, command=command, reporter=bars)
+        manifest = done["finalize"]
         print(report.read_text(encoding="utf-8"))
-        if manifest.ok and cfg.publish.enabled:
-            from pipeline.output.publish import publish_configured
-
-            print("\n".join(publish_configured(Path(cfg.output.dir), cfg.publish).plan.lines()))
+        published = done.get("publish")  # the publish stage runs only when every check passed
+        if published:
+            print("\n".join(published["plan"]))
         return 0 if manifest.ok else 1
     from pipeline.build import preflight
 

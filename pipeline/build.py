@@ -1,7 +1,8 @@
-"""The build as plain function calls, stage by stage: what the Prefect flow runs, minus Prefect.
+"""The in-process executor: a loop over the stage list, every unit in this process, no Prefect.
 
-`run_build` is the reference order of work and what tests call to exercise the library alone. The
-flow in `flows/build.py` calls the same stage functions as tasks, mapped over shards.
+`run_build` runs `pipeline.stages.plan.STAGES` in order (the flow in `flows/build.py` is the same
+loop with units mapped as Prefect tasks); `preflight` holds every check that can fail before work
+starts. Tests call `run_build` to exercise the library alone.
 """
 
 from __future__ import annotations
@@ -18,21 +19,35 @@ from pipeline.core.workdir import CONFIG_HASH_FILE, WorkDir
 from pipeline.output.report import (
     RunClock,
     build_report,
-    prepare_counts,
-    select_counts,
-    write_counts,
     write_report,
 )
 from pipeline.readers import InputShard, list_input_shards
-from pipeline.stages.finalize import finalize_run
-from pipeline.stages.plan import select, semantic_selectors
-from pipeline.stages.prepare import PrepareResult, prepare_shard, tokenizer_for
-from pipeline.stages.select import SelectResult
-from pipeline.stages.write import write_shard
+from pipeline.stages.base import Inputs, RunContext
+from pipeline.stages.plan import (
+    REPORT_AFTER,
+    diversity_outputs,
+    enabled_stages,
+    group_by_target,
+    lineage_steps,
+    output_units,
+    semantic_selectors,
+)
+from pipeline.stages.prepare import tokenizer_for
 from schemas.config import BuildConfig, ConfigError, config_hash
-from schemas.manifest import Manifest, ShardEntry, StageReport
+from schemas.manifest import Manifest
 
 log = logging.getLogger("longloom")
+
+# shared with flows/build.py: the helpers of the stage list, next to the executor that uses them
+__all__ = [
+    "diversity_outputs",
+    "group_by_target",
+    "lineage_steps",
+    "output_units",
+    "preflight",
+    "run_build",
+    "run_stages",
+]
 
 
 def preflight(cfg: BuildConfig) -> list[InputShard]:
@@ -96,6 +111,7 @@ def check_unnamed_output(cfg: BuildConfig) -> None:
             f"{out} to replace that run, or to another folder"
         )
 
+
 def longloom_commit() -> str | None:
     """The git commit of this Longloom checkout (`<sha>` or `<sha>+local changes`), None if not a checkout."""
     import subprocess
@@ -143,141 +159,55 @@ def flows_default_config() -> Path:
     return Path(__file__).resolve().parent.parent / "data" / "sample.yaml"
 
 
-def lineage_steps(prepared: list[PrepareResult], selected: SelectResult) -> list[str]:
-    """The versioned steps rows went through, in order, without repeats."""
-    seen: dict[str, None] = {}
-    for r in prepared:
-        for s in r.steps:
-            seen.setdefault(s)
-    for s in selected.steps:
-        seen.setdefault(s)
-    return list(seen)
-
-
-def output_units(selected: SelectResult) -> list[tuple[int, int]]:
-    """(target index, shard index) of every output shard, in order."""
-    return [(ti, k) for ti, plan in enumerate(selected.targets) for k in range(plan.n_shards)]
-
-
-def group_by_target(selected: SelectResult, entries: list[ShardEntry]) -> list[list[ShardEntry]]:
-    out: list[list[ShardEntry]] = [[] for _ in selected.targets]
-    for (ti, _), e in zip(output_units(selected), entries, strict=True):
-        out[ti].append(e)
-    return out
-
-
 def run_build(
     cfg: BuildConfig,
     command: str | None = None,
     reporter: Reporter | None = None,
 ) -> Manifest:
-    """Run every stage in this process, one unit after another; write the manifest and the run report.
+    """Run every stage in this process (see `run_stages`); return the manifest."""
+    manifest: Manifest = run_stages(cfg, command, reporter)["finalize"]
+    return manifest
 
-    Holds the output folder's lock for the whole run and first clears what a killed run left behind.
+
+def run_stages(
+    cfg: BuildConfig,
+    command: str | None = None,
+    reporter: Reporter | None = None,
+) -> Inputs:
+    """Run every enabled stage of `STAGES` in this process, one unit after another.
+
+    Returns every stage's merged result by name (`["finalize"]` is the manifest, `.get("publish")`
+    what was published). Holds the output folder's lock for the whole run and first clears what a
+    killed run left behind. Writes the run report once `REPORT_AFTER` (finalize) is done, so that
+    publishing uploads it with the rest.
     """
     rep = reporter or Reporter()
+    ctx = RunContext(cfg, command)
     work = WorkDir(cfg)
     shards = preflight(cfg)  # a bad config or missing input fails here, before anything is written
+    inputs = Inputs(shards=shards)
     with work.lock(log.info):
         reap_orphans(work.root, log.info)  # e.g. the temporary Prefect API of a killed flow run
         work.remove_temporaries()
         clock = RunClock()
-        stages: dict[str, StageReport] = {}
-        with clock.stage("prepare") as st:
-            rep.start("prepare", len(shards), "shards")
-            prepared = []
-            for s in shards:
-                r = prepare_shard(cfg, s, work, rep.unit("prepare", s.shard_id))
-                prepared.append(r)
-                rep.advance("prepare", label=s.shard_id, tokens=r.kept_tokens)
-                log.info(
-                    "prepared %s: %d documents, %d kept%s",
-                    s.shard_id,
-                    r.documents,
-                    r.kept,
-                    " (reused)" if r.reused else "",
-                )
-            st.units, st.reused = len(prepared), sum(r.reused for r in prepared)
-        stages["prepare"] = prepare_counts(prepared)
-        embedded: list = []
-        if cfg.diversity.embedder:
-            from pipeline.stages.embed import embed_shard
-
-            with clock.stage("embed") as st:
-                rep.start("embed", len(prepared), "shards")
-                for r in prepared:
-                    embedded.append(embed_shard(cfg, work, r))
-                    rep.advance("embed", label=r.shard_id)
-                st.units = len(embedded)
-            stages["embed"] = StageReport(
-                items_in=sum(r.kept for r in prepared), items_out=sum(e.documents for e in embedded)
-            )
-        with clock.stage("select") as st:
-            rep.start("select", 1, "step")
-            selected = select(cfg, work, prepared)
-            rep.advance("select", tokens=sum(t.content_tokens for t in selected.targets))
-            st.units, st.reused = 1, int(selected.reused)
-        stages["select"] = select_counts(prepared, selected)
-        with clock.stage("write") as st:
-            steps = lineage_steps(prepared, selected)
-            units = output_units(selected)
-            rep.start("write", len(units), "shards")
-            written = []
-            for ti, k in units:
-                label = f"{selected.targets[ti].config_name}/{k}"
-                w = write_shard(cfg, work, selected, prepared, ti, k, steps, rep.unit("write", label))
-                written.append(w)
-                rep.advance("write", label=label, rows=w.entry.rows)
-            st.units, st.reused = len(written), sum(w.reused for w in written)
-        entries = [w.entry for w in written]
-        stages["write"] = write_counts(selected, entries)
-        audit_extra, extra = diversity_outputs(cfg, work, embedded, selected)
-        extra_configs: dict = {}
-        if cfg.procedural.enabled:
-            from pipeline.stages.procedural import run_procedural
-
-            with clock.stage("procedural") as st:
-                proc = run_procedural(cfg, work, group_by_target(selected, entries), steps)
-                st.units, st.reused = proc.batches, proc.reused
-            stages["procedural"] = StageReport(items_out=proc.samples, tokens_out=proc.tokens)
-            extra["procedural"] = proc.extra
-            extra_configs.update(proc.extra_configs)
-        if cfg.rewriter.enabled:
-            from pipeline.stages.rewriter import run_rewriter
-
-            with clock.stage("rewriter") as st:
-                rw = run_rewriter(cfg, work, selected)
-                st.units = 1
-            stages["rewriter"] = rw.report
-            extra["rewriter"] = rw.stats
-            extra_configs.update(rw.extra_configs)
-            audit_extra.update(rw.audit_extra)
-        with clock.stage("finalize") as st:
-            rep.start("finalize", 1, "step")
-            manifest = finalize_run(
-                cfg,
-                work,
-                prepared,
-                selected,
-                group_by_target(selected, entries),
-                stages,
-                command,
-                extra=extra,
-                extra_configs=extra_configs,
-                audit_extra=audit_extra,
-            )
-            st.units = 1
-        rep.close()
-        write_report(work.out, build_report(manifest, clock, cfg.output.dir, "in-process", command))
-    return manifest
-
-
-def diversity_outputs(
-    cfg: BuildConfig, work: WorkDir, embedded: list, selected: SelectResult
-) -> tuple[dict, dict]:
-    """The diversity stage's audit tables and statistics for finalize_run ({} when it is off)."""
-    if not cfg.diversity.embedder:
-        return {}, {}
-    from pipeline.output.semantic_report import diversity_outputs as outputs
-
-    return outputs(cfg, work, embedded, selected)
+        for stage in enabled_stages(cfg):
+            with clock.stage(stage.name) as st:
+                job = stage.bind(ctx, inputs)
+                units = job.units()
+                rep.start(stage.name, len(units), stage.unit_noun)
+                results = []
+                for unit in units:
+                    r = job.run_unit(unit, rep.unit(stage.name, job.label(unit)))
+                    results.append(r)
+                    label, counts = job.advance(r)
+                    rep.advance(stage.name, label=label, **counts)
+                    line = job.log_line(r)
+                    if line:
+                        log.info("%s", line)
+                merged = job.merge(results)
+                st.units, st.reused = len(units), job.reused(results, merged)
+            inputs.record(stage.name, job.key, merged, job.report(merged))
+            if stage.name == REPORT_AFTER:
+                rep.close()
+                write_report(work.out, build_report(merged, clock, cfg.output.dir, "in-process", command))
+    return inputs

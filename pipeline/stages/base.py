@@ -1,0 +1,144 @@
+"""The stage protocol: what a stage of the build is, independent of who runs it.
+
+A `Stage` is an entry of the one ordered list (`pipeline.stages.plan.STAGES`). For a run it is
+*bound* to the run context and the merged results of the stages before it, giving its `StageWork`:
+
+- `key`: the hash of the stage's config sections plus its inputs' keys (what its output depends on);
+- `units()`: the independent pieces of work (input shards, output shards, batches);
+- `run_unit(unit)`: one piece, pure with respect to its inputs and outputs on disk (safe to retry,
+  to run on another machine, to skip when its verified record exists);
+- `merge(results)`: the stage's result from its units' results, in unit order.
+
+Executors are loops over the list and own only *how* units run: `pipeline.build.run_build` calls
+`run_unit` one after another in this process, `flows.build` maps it as Prefect tasks (threads or
+Dask). The design follows datatrove's `PipelineStep` with separate executors and NeMo Curator's
+backend-independent stages. Nothing here imports Prefect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+from pipeline.core.progress import UnitProgress
+from pipeline.core.workdir import WorkDir
+from schemas.config import BuildConfig, section_hash
+from schemas.manifest import StageReport
+
+U = TypeVar("U")  # a unit of work
+R = TypeVar("R")  # what one unit returns
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Run-level facts every stage may use: the config, the command line, the seed and the folders.
+
+    A stage's output depends only on the config sections it declares (`Stage.sections`) and the
+    run-level seed; its key hashes exactly those, so reading a stage's `sections` says what it needs.
+    """
+
+    cfg: BuildConfig
+    command: str | None = None
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.run.seed
+
+    @property
+    def work(self) -> WorkDir:
+        return WorkDir(self.cfg)  # cheap, and rebuilt where a unit runs (picklable context)
+
+
+@dataclass
+class Inputs:
+    """What a stage is bound to: the run's input shards (listed by the preflight), the merged results
+    of the stages that already ran (by stage name), their keys, and their manifest counts."""
+
+    shards: list[Any] = field(default_factory=list)
+    results: dict[str, Any] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
+    reports: dict[str, StageReport] = field(default_factory=dict)
+
+    def record(self, name: str, key: str, merged: Any, report: StageReport | None) -> None:
+        self.results[name] = merged
+        self.keys[name] = key
+        if report is not None:
+            self.reports[name] = report
+
+    def __getitem__(self, name: str) -> Any:
+        return self.results[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.results.get(name, default)
+
+
+class StageWork(ABC, Generic[U, R]):
+    """One stage bound to one run: its units, how to run one, how to merge their results."""
+
+    def __init__(self, stage: Stage, ctx: RunContext, inputs: Inputs) -> None:
+        self.stage = stage
+        self.ctx = ctx
+        self.inputs = inputs
+        self.key = stage.key(ctx, {n: inputs.keys.get(n, "") for n in stage.inputs})
+
+    @abstractmethod
+    def units(self) -> list[U]: ...
+
+    @abstractmethod
+    def run_unit(self, unit: U, progress: UnitProgress | None = None) -> R: ...
+
+    def merge(self, results: list[R]) -> Any:
+        return results
+
+    def report(self, merged: Any) -> StageReport | None:
+        """The stage's counts for the manifest (None: the stage adds no entry)."""
+        return None
+
+    def reused(self, results: list[R], merged: Any) -> int:
+        """How many units reused a verified earlier result."""
+        return sum(bool(getattr(r, "reused", False)) for r in results)
+
+    def label(self, unit: U) -> str:
+        """The unit's name in progress bars and logs."""
+        return self.stage.name
+
+    def advance(self, result: R) -> tuple[str, dict[str, int]]:
+        """(label, counts) a progress reporter shows when a unit finishes."""
+        return self.stage.name, {}
+
+    def log_line(self, result: R) -> str | None:
+        """One line for the run log when a unit finishes (None: nothing to say)."""
+        return None
+
+
+class Stage(ABC):
+    """An entry of the stage list: its name, the config sections it reads, the stages it reads."""
+
+    name: ClassVar[str]
+    sections: ClassVar[tuple[str, ...]]  # BuildConfig sections the stage's output depends on
+    inputs: ClassVar[tuple[str, ...]] = ()  # earlier stages whose merged results it reads
+    unit_noun: ClassVar[str] = "shards"
+    task_name: ClassVar[str]  # the Prefect task name of its units (kept stable for the UI and tests)
+    # Prefect retries of a unit: None = the run's `run.retries`; a number = fixed for this stage
+    retries: ClassVar[int | None] = None
+
+    def enabled(self, cfg: BuildConfig) -> bool:
+        return True
+
+    def config(self, cfg: BuildConfig) -> dict[str, Any]:
+        """The typed config sections this stage depends on (a view of the run's config)."""
+        return {s: getattr(cfg, s) for s in self.sections}
+
+    def key(self, ctx: RunContext, input_keys: Mapping[str, str]) -> str:
+        """sha256 of the stage's sections, the run seed and its inputs' keys (16 hex digits)."""
+        h = hashlib.sha256()
+        h.update(f"{self.name}|{section_hash(ctx.cfg, *self.sections)}|seed={ctx.seed}".encode())
+        for name in sorted(input_keys):
+            h.update(f"|{name}={input_keys[name]}".encode())
+        return h.hexdigest()[:16]
+
+    @abstractmethod
+    def bind(self, ctx: RunContext, inputs: Inputs) -> StageWork: ...
