@@ -166,7 +166,7 @@ def test_haystack_reuses_row_ids_exactly(library_run) -> None:  # type: ignore[n
 def test_wrong_reused_ids_fall_back_to_a_full_tokenization(
     library_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
-    import pipeline.synth.chat as chat
+    import pipeline.synth.chat.haystack as chat
 
     real = chat._reuse_row_ids
 
