@@ -37,7 +37,7 @@ from pipeline.output.report import (
     write_report,
 )
 from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
-from pipeline.stages.plan import REPORT_AFTER, enabled_stages
+from pipeline.stages.plan import run_plan
 from schemas.config import BuildConfig, load_config, with_overrides
 from schemas.manifest import Manifest
 
@@ -140,34 +140,27 @@ def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
     rep = active_reporter() or LogReporter(logger.info)
     work = WorkDir(cfg)
     shards = preflight(cfg)  # a bad config or missing input fails here, before anything is written
-    ctx = RunContext(cfg, command)
-    inputs = Inputs(shards=shards)
     logger.info("%d input shards from %d sources -> %s", len(shards), len(cfg.sources), cfg.output.dir)
+
+    def run_units(stage: Stage, job: StageWork, units: list[Any]) -> list[Any]:
+        return gather(stage_task(stage, cfg).map(unmapped(job), units), rep, stage.name, job.advance)
+
     with work.lock(logger.info), run_helpers(work.root, logger.info):
         work.remove_temporaries()
         clock = RunClock()
-        for stage in enabled_stages(cfg):  # the same loop as pipeline.build.run_stages
-            with clock.stage(stage.name) as st:
-                job = stage.bind(ctx, inputs)
-                units = job.units()
-                rep.start(stage.name, len(units), stage.unit_noun)
-                results = gather(
-                    stage_task(stage, cfg).map(unmapped(job), units), rep, stage.name, job.advance
-                )
-                merged = job.merge(results)
-                st.units, st.reused = len(units), job.reused(results, merged)
-            inputs.record(stage.name, job.key, merged, job.report(merged))
-            if stage.name == REPORT_AFTER:
-                manifest = merged
-                rep.close()
-                runner = (
-                    f"dask {cfg.run.dask_address or 'local'}" if cfg.run.task_runner == "dask" else "threads"
-                )
-                md = write_report(work.out, build_report(manifest, clock, cfg.output.dir, runner, command))
-                for line in summary_lines(manifest):
-                    logger.info(line)
-                card_artifacts(cfg, manifest)
-                logger.info("run report (%s):\n%s", work.out / "report.md", md)
+
+        def after_report(manifest: Manifest) -> None:
+            runner = f"dask {cfg.run.dask_address or 'local'}" if cfg.run.task_runner == "dask" else "threads"
+            md = write_report(work.out, build_report(manifest, clock, cfg.output.dir, runner, command))
+            for line in summary_lines(manifest):
+                logger.info(line)
+            card_artifacts(cfg, manifest)
+            logger.info("run report (%s):\n%s", work.out / "report.md", md)
+
+        # the same loop as pipeline.build.run_stages; only how units run differs
+        inputs = run_plan(
+            RunContext(cfg, command), Inputs(shards=shards), run_units, rep, clock, after_report
+        )
     manifest = inputs["finalize"]
     result: dict[str, Any] = {
         "output_dir": cfg.output.dir,

@@ -1,4 +1,4 @@
-"""The in-process executor: a loop over the stage list, every unit in this process, no Prefect.
+"""The in-process executor: the stage loop (`run_plan`) with every unit run in this process, no Prefect.
 
 `run_build` runs `pipeline.stages.plan.STAGES` in order (the flow in `flows/build.py` is the same
 loop with units mapped as Prefect tasks); `preflight` holds every check that can fail before work
@@ -12,6 +12,7 @@ import json
 import logging
 import shlex
 from pathlib import Path
+from typing import Any
 
 from pipeline.core.helpers import reap_orphans
 from pipeline.core.progress import Reporter
@@ -22,14 +23,13 @@ from pipeline.output.report import (
     write_report,
 )
 from pipeline.readers import InputShard, list_input_shards
-from pipeline.stages.base import Inputs, RunContext
+from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
 from pipeline.stages.plan import (
-    REPORT_AFTER,
     diversity_outputs,
-    enabled_stages,
     group_by_target,
     lineage_steps,
     output_units,
+    run_plan,
     semantic_selectors,
 )
 from pipeline.stages.prepare import tokenizer_for
@@ -182,32 +182,27 @@ def run_stages(
     publishing uploads it with the rest.
     """
     rep = reporter or Reporter()
-    ctx = RunContext(cfg, command)
     work = WorkDir(cfg)
     shards = preflight(cfg)  # a bad config or missing input fails here, before anything is written
-    inputs = Inputs(shards=shards)
+
+    def run_units(stage: Stage, job: StageWork, units: list[Any]) -> list[Any]:
+        results = []
+        for unit in units:
+            r = job.run_unit(unit, rep.unit(stage.name, job.label(unit)))
+            results.append(r)
+            label, counts = job.advance(r)
+            rep.advance(stage.name, label=label, **counts)
+            line = job.log_line(r)
+            if line:
+                log.info("%s", line)
+        return results
+
     with work.lock(log.info):
         reap_orphans(work.root, log.info)  # e.g. the temporary Prefect API of a killed flow run
         work.remove_temporaries()
         clock = RunClock()
-        for stage in enabled_stages(cfg):
-            with clock.stage(stage.name) as st:
-                job = stage.bind(ctx, inputs)
-                units = job.units()
-                rep.start(stage.name, len(units), stage.unit_noun)
-                results = []
-                for unit in units:
-                    r = job.run_unit(unit, rep.unit(stage.name, job.label(unit)))
-                    results.append(r)
-                    label, counts = job.advance(r)
-                    rep.advance(stage.name, label=label, **counts)
-                    line = job.log_line(r)
-                    if line:
-                        log.info("%s", line)
-                merged = job.merge(results)
-                st.units, st.reused = len(units), job.reused(results, merged)
-            inputs.record(stage.name, job.key, merged, job.report(merged))
-            if stage.name == REPORT_AFTER:
-                rep.close()
-                write_report(work.out, build_report(merged, clock, cfg.output.dir, "in-process", command))
-    return inputs
+
+        def after_report(manifest: Manifest) -> None:
+            write_report(work.out, build_report(manifest, clock, cfg.output.dir, "in-process", command))
+
+        return run_plan(RunContext(cfg, command), Inputs(shards=shards), run_units, rep, clock, after_report)

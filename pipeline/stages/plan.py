@@ -12,14 +12,15 @@ level up: exact dedup, the configured semantic selectors (SemDeDup, D4), then so
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.progress import UnitProgress
+from pipeline.core.progress import Reporter, UnitProgress
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.exact import exact_dedup, source_budgets
 from pipeline.corpus.index import Selector
-from pipeline.output.report import prepare_counts, select_counts, write_counts
+from pipeline.output.report import RunClock, prepare_counts, select_counts, write_counts
 from pipeline.readers import InputShard, list_input_shards
 from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
 from pipeline.stages.finalize import finalize_run
@@ -462,6 +463,39 @@ REPORT_AFTER = "finalize"
 
 def enabled_stages(cfg: BuildConfig) -> list[Stage]:
     return [s for s in STAGES if s.enabled(cfg)]
+
+
+# How an executor runs one stage's units: (stage, its work, its units) -> results in unit order.
+UnitRunner = Callable[[Stage, StageWork, list[Any]], list[Any]]
+
+
+def run_plan(
+    ctx: RunContext,
+    inputs: Inputs,
+    run_units: UnitRunner,
+    reporter: Reporter,
+    clock: RunClock,
+    after_report: Callable[[Manifest], None],
+) -> Inputs:
+    """The loop every executor is: each enabled stage of `STAGES` in order, bound to what ran before.
+
+    `run_units` is what differs between executors (in this process, or Prefect tasks on threads or
+    Dask). `after_report(manifest)` writes the run report once `REPORT_AFTER` is done, before the
+    stages after it (publishing uploads the report with the rest).
+    """
+    for stage in enabled_stages(ctx.cfg):
+        with clock.stage(stage.name) as st:
+            job = stage.bind(ctx, inputs)
+            units = job.units()
+            reporter.start(stage.name, len(units), stage.unit_noun)
+            results = run_units(stage, job, units)
+            merged = job.merge(results)
+            st.units, st.reused = len(units), job.reused(results, merged)
+        inputs.record(stage.name, job.key, merged, job.report(merged))
+        if stage.name == REPORT_AFTER:
+            reporter.close()
+            after_report(merged)
+    return inputs
 
 
 def lineage_steps(prepared: list[PrepareResult], selected: SelectResult) -> list[str]:
