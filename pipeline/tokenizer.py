@@ -343,11 +343,12 @@ _REFERENCES_LOCK = threading.Lock()  # prepare tasks run in threads: build each 
 
 
 def _rank_reference(
-    key: str, ranks: Callable[[], dict[bytes, int]], pattern: str
+    name: str, key: str, ranks: Callable[[], dict[bytes, int]], pattern: str
 ) -> Callable[[str], list[int]]:
+    """Encoder of `hf_bpe_from_ranks` (built once per process, its JSON cached on disk by `key`)."""
     with _REFERENCES_LOCK:
         if key not in _REFERENCES:
-            _REFERENCES[key] = hf_bpe_from_ranks(ranks(), pattern)
+            _REFERENCES[key] = HFTok.from_str(_hf_json_for(name, ranks, pattern, key))
         ref = _REFERENCES[key]
     return lambda text: list(ref.encode(text, add_special_tokens=False).ids)
 
@@ -390,7 +391,7 @@ class QuicktokTokenizer(Tokenizer):
         enc = self._encoding
         return (
             f"Hugging Face BPE over the {enc} ranks",
-            _rank_reference(enc, lambda: bundled_ranks(enc), _PATTERNS[enc]),
+            _rank_reference(enc, self.identity.vocab_hash, lambda: bundled_ranks(enc), _PATTERNS[enc]),
         )
 
     def special_token_id(self, token: str) -> int:
@@ -504,7 +505,9 @@ class TiktokenTokenizer(Tokenizer):
         enc = self._enc
         return (
             f"Hugging Face BPE over the {enc.name} ranks",
-            _rank_reference(f"tiktoken:{enc.name}", lambda: dict(enc._mergeable_ranks), enc._pat_str),
+            _rank_reference(
+                enc.name, self.identity.vocab_hash, lambda: dict(enc._mergeable_ranks), enc._pat_str
+            ),
         )
 
     def special_token_id(self, token: str) -> int:
@@ -537,6 +540,55 @@ class TiktokenTokenizer(Tokenizer):
         blob = b"".join(struct.pack("<I", r) + t for t, r in ranks)
         meta = json.dumps({"pat": self._enc._pat_str, "special": self._enc._special_tokens}, sort_keys=True)
         return blob + meta.encode()
+
+
+# --- fastokens -------------------------------------------------------------------------------------------
+
+
+def _hf_json_for(enc_name: str, ranks: Callable[[], dict[bytes, int]], pattern: str, key: str) -> str:
+    """The tokenizer.json text of `hf_bpe_from_ranks`, cached on disk by `key` (a hash of the ranks,
+    pattern and special tokens): building it takes seconds, reading it a fraction."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "longloom" / "tokenizers"
+    path = root / f"{enc_name}-{key}.json"
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        pass
+    text = hf_bpe_from_ranks(ranks(), pattern).to_str()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError:  # a read-only home only costs the rebuild next time
+        pass
+    return text
+
+
+class FastokensTokenizer(TiktokenTokenizer):
+    """`fastokens:<encoding>`: the fastokens library (a Rust reimplementation of Hugging Face
+    `tokenizers`) running the same vocabulary as `tiktoken:<encoding>`, as the merge-list BPE that
+    `hf_bpe_from_ranks` derives from the ranks. tiktoken stays underneath for special tokens, decoding
+    and the token tables; only encoding moves. Exact where the README says it was proven."""
+
+    def __init__(self, encoding: str, name: str, max_piece_chars: int = 65_536, threads: int = 0) -> None:
+        super().__init__(encoding, name, max_piece_chars, threads)
+        import fastokens
+
+        enc = self._enc
+        key = self.identity.vocab_hash
+        text = _hf_json_for(enc.name, lambda: dict(enc._mergeable_ranks), enc._pat_str, key)
+        # fastokens runs its batch on a Rayon pool sized by this variable when the pool starts
+        os.environ.setdefault("RAYON_NUM_THREADS", str(self.threads))
+        self._fast = fastokens.Tokenizer.from_json_str(text)
+
+    def _encode_pieces(self, texts: Sequence[str]) -> tuple[IdArray, OffsetArray]:
+        # split_special_tokens: special-token text in a document stays ordinary text
+        ids, offsets = self._fast.encode_batch_flat(list(texts), False, True)
+        return (
+            np.frombuffer(ids, np.uint32).view(np.int32),
+            np.frombuffer(offsets, np.uint64).astype(np.int64),
+        )
 
 
 # --- Hugging Face tokenizers ---------------------------------------------------------------------------
@@ -703,11 +755,13 @@ def load_tokenizer(name: str, max_piece_chars: int = 65_536, threads: int = 0) -
         tok = QuicktokTokenizer(spec, name, max_piece_chars, threads)
     elif backend == "tiktoken":
         tok = TiktokenTokenizer(spec, name, max_piece_chars, threads)
+    elif backend == "fastokens":
+        tok = FastokensTokenizer(spec, name, max_piece_chars, threads)
     elif backend == "hf":
         tok = HFTokenizer(spec, name, max_piece_chars, threads)
     else:
         raise TokenizerError(
-            f"unknown tokenizer backend {backend!r} in {name!r}; use quicktok:, tiktoken: or hf:"
+            f"unknown tokenizer backend {backend!r} in {name!r}; use fastokens:, tiktoken:, quicktok: or hf:"
         )
     _CACHE[key] = tok
     return tok

@@ -107,9 +107,9 @@ class SourceConfig(Strict):
 
 class TokenizerConfig(Strict):
     name: str = Field(
-        default="tiktoken:llama3",
-        description="'tiktoken:<encoding>' (llama3 bundled; Meta's ranks and split pattern), 'quicktok:<encoding>' "
-        "or 'hf:<tokenizer.json path, folder or hub id>'.",
+        default="fastokens:llama3",
+        description="'fastokens:<encoding>' or 'tiktoken:<encoding>' (llama3 bundled: Meta's ranks and split "
+        "pattern), 'quicktok:<encoding>' or 'hf:<tokenizer.json path, folder or hub id>'.",
     )
     max_piece_chars: int = Field(
         default=65_536,
@@ -129,9 +129,10 @@ class TokenizerConfig(Strict):
     @classmethod
     def _known_backend(cls, v: str) -> str:
         backend = v.split(":", 1)[0]
-        if ":" not in v or backend not in ("quicktok", "tiktoken", "hf"):
+        if ":" not in v or backend not in ("fastokens", "tiktoken", "quicktok", "hf"):
             raise ValueError(
-                f"tokenizer {v!r}: expected '<backend>:<name>' with backend one of 'quicktok', 'tiktoken', 'hf'"
+                f"tokenizer {v!r}: expected '<backend>:<name>' with backend one of 'fastokens', 'tiktoken', "
+                f"'quicktok', 'hf'"
             )
         if v == "quicktok:llama3":  # measured: not canonical (see README, Tokenizers)
             raise ValueError(

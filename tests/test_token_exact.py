@@ -6,14 +6,30 @@ inputs, and on long documents cut into pieces."""
 from __future__ import annotations
 
 import base64
+import json
 import random
 
 import numpy as np
 import pytest
 
-from pipeline.tokenizer import bundled_ranks, bundled_specials, load_tokenizer, split_points
+from pipeline.tokenizer import (
+    LLAMA3_PATTERN,
+    bundled_ranks,
+    bundled_specials,
+    hf_bpe_from_ranks,
+    load_tokenizer,
+    split_points,
+)
 from schemas.config import TokenizerConfig
-from tests.token_reference import distinct_words, meta_hf, meta_tiktoken, real_documents, reference_ids
+from tests.token_reference import (
+    distinct_words,
+    meta_hf,
+    meta_llama3_dir,
+    meta_tiktoken,
+    real_documents,
+    reference_ids,
+    reference_word_ids,
+)
 
 DEFAULT = TokenizerConfig().name
 
@@ -64,11 +80,25 @@ def test_bundled_vocabulary_is_metas() -> None:
     assert sorted(specials.values()) == list(range(128_000, 128_256))
 
 
-def test_default_equals_reference_on_every_distinct_word() -> None:
-    words = [*distinct_words(), " girding"]
+def test_derived_merges_are_metas_tokenizer_json() -> None:
+    """The merge list the fast backend and the verify reference run, derived here from the bundled
+    ranks, is exactly the vocabulary and merge list of Meta's tokenizer.json."""
+    ours = json.loads(hf_bpe_from_ranks(bundled_ranks("llama3"), LLAMA3_PATTERN).to_str())["model"]
+    meta = json.loads((meta_llama3_dir() / "tokenizer.json").read_text())["model"]
+
+    def pairs(merges: list) -> list[tuple[str, ...]]:
+        return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+
+    assert ours["vocab"] == meta["vocab"]
+    assert pairs(ours["merges"]) == pairs(meta["merges"])
+
+
+@pytest.mark.parametrize("name", sorted({DEFAULT, "tiktoken:llama3", "fastokens:llama3"}))
+def test_default_equals_reference_on_every_distinct_word(name: str) -> None:
+    words, want = reference_word_ids()
     assert len(words) > 50_000
-    ids, offsets = load_tokenizer(DEFAULT).encode_batch(words)
-    assert_same_ids(words, ids, offsets, reference_ids(words))
+    ids, offsets = load_tokenizer(name).encode_batch(words)
+    assert_same_ids(words, ids, offsets, want)
 
 
 def test_default_equals_reference_on_whole_documents() -> None:
@@ -99,9 +129,10 @@ def adversarial() -> list[str]:
     ]
 
 
-def test_default_equals_reference_on_adversarial_inputs() -> None:
+@pytest.mark.parametrize("name", sorted({DEFAULT, "tiktoken:llama3", "fastokens:llama3"}))
+def test_default_equals_reference_on_adversarial_inputs(name: str) -> None:
     texts = adversarial()
-    ids, offsets = load_tokenizer(DEFAULT).encode_batch(texts)
+    ids, offsets = load_tokenizer(name).encode_batch(texts)
     assert_same_ids(texts, ids, offsets, reference_ids(texts))
 
 

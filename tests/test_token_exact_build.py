@@ -100,7 +100,7 @@ def test_every_segment_of_a_build_equals_metas_reference_ids(tmp_path: Path) -> 
     cfg = make_config(
         tmp_path / "out",
         DATA,
-        tokenizer={"name": "tiktoken:llama3", "max_piece_chars": 4096, "verify": 0},
+        tokenizer={"max_piece_chars": 4096, "verify": 0},  # the default tokenizer
         packing={"strategy": "best_fit", "last_row": "pad", "targets": [{"length": 4096}]},
         procedural={"enabled": False},
     )

