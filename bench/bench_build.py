@@ -362,6 +362,8 @@ class Row:
 def bench_one(corpus: Path, tokenizer: str, args: argparse.Namespace, out: Path) -> Row:
     row = Row(corpus.name, corpus_bytes(corpus) / MB, tokenizer)
     config = bench_config(corpus, out, tokenizer, args.targets, args.dedup, args.strategy)
+    if args.verify is not None:  # tokenizer.verify: the default (0.01) unless given
+        config["tokenizer"]["verify"] = args.verify
     for rep in range(args.repeats):
         bare = run_child("bare", {"corpus": str(corpus), "tokenizer": tokenizer})
         build = run_child("build", {"config": config, "runner": args.runner})
@@ -491,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategy", default="best_fit", choices=["best_fit", "greedy"])
     ap.add_argument("--dedup", action="store_true", help="keep exact dedup on (drops the corpus' repeats)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--verify", type=float, help="tokenizer.verify share (default: the config default, 0.01)")
     ap.add_argument(
         "--runner",
         default="library",

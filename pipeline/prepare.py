@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -148,7 +148,8 @@ class TokenVerifier:
     def __init__(self, cfg: BuildConfig, tok: Tokenizer, shard_id: str) -> None:
         self.fraction = cfg.tokenizer.verify
         ref = tok.reference() if self.fraction > 0 else None
-        self.ref_name, self.ref = ref if ref is not None else ("", None)
+        self.ref_name = ref[0] if ref is not None else ""
+        self.ref: Callable[[str], list[int]] | None = ref[1] if ref is not None else None
         self.tok_name = tok.name
         # seeded per shard, so the sample does not depend on which worker runs the shard or when
         shard_key = int(hashlib.sha256(shard_id.encode()).hexdigest()[:15], 16)
