@@ -36,12 +36,12 @@ log = logging.getLogger("longloom")
 
 def preflight(cfg: BuildConfig) -> list[InputShard]:
     """Every check that can fail before work starts: inputs exist, tokenizer and its tokens resolve."""
-    from pipeline.tokenizer import TokenizerError
+    from pipeline.tokenizer import TokenizerError, separator_and_pad
 
     try:
         tok = tokenizer_for(cfg)
-        tok.special_token_id(cfg.packing.separator)
-        tok.special_token_id(cfg.packing.pad_token or cfg.packing.separator)
+        for special in separator_and_pad(tok, cfg.packing.separator, cfg.packing.pad_token):
+            tok.special_token_id(special)
     except TokenizerError as err:
         raise ConfigError(f"tokenizer / packing.separator / packing.pad_token: {err}") from None
     if cfg.diversity.embedder:

@@ -29,6 +29,7 @@ from pipeline.faults import crash_point
 from pipeline.parquet_io import ParquetSink, sha256_file, write_json_atomic
 from pipeline.prepare import PrepareResult, tokenizer_for
 from pipeline.select import SelectResult
+from pipeline.tokenizer import separator_and_pad
 from pipeline.workdir import WorkDir
 from schemas.config import BuildConfig
 from schemas.manifest import (
@@ -211,7 +212,7 @@ def finalize_run(
         if isinstance(stats, dict):
             checks += [Check.model_validate(c) for c in stats.get("checks", [])]
     tok = tokenizer_for(cfg)
-    pad = cfg.packing.pad_token or cfg.packing.separator
+    sep, pad = separator_and_pad(tok, cfg.packing.separator, cfg.packing.pad_token)
     manifest = Manifest(
         longloom_version=__version__,
         config_hash=work.config_hash,
@@ -223,8 +224,8 @@ def finalize_run(
             name=tok.identity.name,
             vocab_hash=tok.identity.vocab_hash,
             n_vocab=tok.identity.n_vocab,
-            separator=cfg.packing.separator,
-            separator_id=tok.special_token_id(cfg.packing.separator),
+            separator=sep,
+            separator_id=tok.special_token_id(sep),
             pad_token=pad,
             pad_id=tok.special_token_id(pad),
         ),

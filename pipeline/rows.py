@@ -30,7 +30,7 @@ from pipeline.parquet_io import (
 from pipeline.prepare import PrepareResult, tokenizer_for
 from pipeline.progress import UnitProgress
 from pipeline.select import SelectResult, TargetPlan
-from pipeline.tokenizer import Tokenizer
+from pipeline.tokenizer import Tokenizer, separator_and_pad
 from pipeline.workdir import WorkDir, run_lineage
 from schemas.config import BuildConfig
 from schemas.manifest import ShardEntry
@@ -422,8 +422,9 @@ def write_shard(
     if previous is not None:
         return WrittenShard(previous, reused=True)
     tok = tokenizer_for(cfg)
-    sep_id = tok.special_token_id(cfg.packing.separator)
-    pad_id = tok.special_token_id(cfg.packing.pad_token or cfg.packing.separator)
+    sep_id, pad_id = (
+        tok.special_token_id(t) for t in separator_and_pad(tok, cfg.packing.separator, cfg.packing.pad_token)
+    )
     L = plan.target_length
     first = k * plan.rows_per_shard
     last = min(plan.n_rows, first + plan.rows_per_shard)
