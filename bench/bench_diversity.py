@@ -415,6 +415,8 @@ def child_real(n: int, workdir: Path, embedder: str, windows_from: Path | None) 
     m = run_build(cfg)
     total = time.perf_counter() - t0
     d = m.extra["diversity"]
+    report = json.loads((out / "report.json").read_text())
+    timings = report["diversity"]  # seconds and cache use are in the run report, not the manifest
     pairs = None
     if windows_from is not None:
         planted = json.loads((corpus[0].parent / "planted.json").read_text())
@@ -423,14 +425,16 @@ def child_real(n: int, workdir: Path, embedder: str, windows_from: Path | None) 
         "embedder": embedder,
         "documents": m.sources["mix"].documents,
         "ok": m.ok,
-        "stages": {r["stage"]: r["seconds"] for r in json.loads((out / "report.json").read_text())["stages"]},
+        "stages": {r["stage"]: r["seconds"] for r in report["stages"]},
         "threshold": d["semdedup"]["threshold"],
-        "semdedup_seconds": d["semdedup"]["seconds"],
+        "semdedup_seconds": timings["semdedup"]["seconds"],
         "clusters": d["semdedup"]["clusters"],
         "pruned": d["semdedup"]["pruned"],
         "planted": n // 20,
         "planted_pairs_resolved": pairs,
-        "embed_docs_per_s": round(d["embedding"]["documents"] / max(d["embedding"]["seconds"], 1e-9), 1),
+        "embed_docs_per_s": round(
+            d["embedding"]["documents"] / max(timings["embedding"]["seconds"], 1e-9), 1
+        ),
         "total_seconds": round(total, 1),
         "peak_rss_mb": round(peak_rss_mb()),
     }

@@ -17,6 +17,7 @@ cache, and counts its model calls so tests and statistics can see whether the ca
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -27,6 +28,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     from pipeline.tokenizer import Tokenizer
+
+from schemas.diversity import EMBEDDER_PREFIXES
 
 MINILM = "minilm"
 STATIC_MINILM = "static-minilm"
@@ -205,6 +208,9 @@ def default_threshold(spec: str) -> float:
 
 
 _LOADED: dict[tuple[str, str, str | None], Embedder] = {}
+# a model that failed to load fails again at once: every shard's task asks, and a hub that is not
+# answering must not be asked again (with its own retries) once per shard
+_FAILED: dict[tuple[str, str, str | None], str] = {}
 _LOAD_LOCK = threading.Lock()
 
 
@@ -213,23 +219,81 @@ def load_embedder(spec: str, device: str = "cpu", tokenizer: Tokenizer | None = 
     vocab = tokenizer.identity.vocab_hash if spec == STATIC_TOKENS and tokenizer is not None else None
     key = (spec, device, vocab)
     with _LOAD_LOCK:
+        if key in _FAILED:
+            raise EmbedderError(_FAILED[key])
         if key not in _LOADED:
-            _LOADED[key] = _build(spec, device, tokenizer)
+            try:
+                _LOADED[key] = _build(spec, device, tokenizer)
+            except EmbedderError as err:
+                _FAILED[key] = str(err)
+                raise
         return _LOADED[key]
 
 
-def check_embedder_spec(spec: str) -> None:
-    """Cheap checks before any work starts: the bundled model is installed, a local path exists."""
-    import re
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "name" or "org/name", as the hub spells repository ids
+LOCAL_PREFIXES = (".", "/", "~")  # a target starting so is a path, never a hub id
+HUB_TIMEOUT_SECONDS = 10.0
 
+
+def model_location(spec: str, base_dir: str | Path = ".") -> tuple[str, str, Path | None]:
+    """(kind, target, local folder or None for a hub id) of an `st:`/`model2vec:` spec.
+
+    A relative path starts at `base_dir` (the config file's folder), as source paths do. A target that
+    exists there, or starts with `.`, `/` or `~`, is a local path, never a hub id; a missing one is an
+    error naming the folder it looked for.
+    """
+    kind, _, target = spec.partition(":")
+    p = Path(target).expanduser()
+    local = p if p.is_absolute() else Path(base_dir) / p
+    if local.exists():
+        return kind, target, local.resolve()
+    if target.startswith(LOCAL_PREFIXES) or "\\" in target or p.is_absolute():
+        raise EmbedderError(f"diversity.embedder {spec!r}: model folder {local} not found")
+    if not HUB_ID.fullmatch(target):
+        raise EmbedderError(
+            f"diversity.embedder {spec!r}: {target!r} is neither an existing folder (looked for {local}) "
+            "nor a hub id ('org/name')"
+        )
+    return kind, target, None
+
+
+def resolved_spec(spec: str, base_dir: str | Path = ".") -> str:
+    """The spec with a local model path made absolute against `base_dir` (hub ids and names unchanged)."""
+    if not spec.startswith(EMBEDDER_PREFIXES):
+        return spec
+    kind, target, local = model_location(spec, base_dir)
+    return f"{kind}:{local}" if local is not None else f"{kind}:{target}"
+
+
+def check_hub_model(spec: str, repo_id: str) -> None:
+    """A hub id must be in the local hub cache or answer the hub once, fast: else one line, before any work."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    try:
+        snapshot_download(repo_id, local_files_only=True)
+        return
+    except Exception:  # not cached (LocalEntryNotFoundError and kin): ask the hub below
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise EmbedderError(
+            f"diversity.embedder {spec!r}: no folder of that name, and the hub id {repo_id!r} is not in the "
+            "local hub cache while HF_HUB_OFFLINE is set; give a local model folder"
+        )
+    try:
+        HfApi(endpoint=constants.ENDPOINT).model_info(repo_id, timeout=HUB_TIMEOUT_SECONDS)
+    except Exception as err:  # connection errors, 401/404: the message must stay one line, no URL or token
+        raise EmbedderError(
+            f"diversity.embedder {spec!r}: no folder of that name, and the hub cannot serve {repo_id!r} "
+            f"({type(err).__name__}); give a local model folder, or a hub id on a machine that reaches the hub"
+        ) from None
+
+
+def check_embedder_spec(spec: str, base_dir: str | Path = ".") -> None:
+    """Checks before any work starts: the bundled model is installed, a local model folder exists
+    (relative to the config's folder), a hub id is cached or reachable (one request)."""
     if spec in (MINILM, STATIC_MINILM, STATIC_TOKENS):
         minilm_path()
         return
-    _kind, _, target = spec.partition(":")
-    if Path(target).expanduser().exists():
-        return
-    looks_like_path = target.startswith((".", "/", "~")) or "\\" in target or target.count("/") > 1
-    if looks_like_path or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", target):
-        raise EmbedderError(
-            f"diversity.embedder {spec!r}: {target!r} is neither an existing folder nor a hub id ('org/name')"
-        )
+    _kind, target, local = model_location(spec, base_dir)
+    if local is None:
+        check_hub_model(spec, target)

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.embed import Embedder, load_embedder
+from pipeline.embed import Embedder, load_embedder, resolved_spec
 from pipeline.embed_cache import KEY_DTYPE, EmbeddingCache
 from pipeline.embed_distill import cache_root
 from pipeline.embed_tokens import TokenStaticEmbedder
@@ -112,6 +112,17 @@ def chunk_spans(n_tokens: int, chunk: int, max_chunks: int) -> list[tuple[int, i
     return [(int(s), int(s) + chunk) for s in starts]
 
 
+def coverage(n_tokens: np.ndarray, chunk: int, max_chunks: int) -> np.ndarray:
+    """Fraction of each document's tokens that its chunks cover: `chunk_spans`' rule, vectorised.
+
+    A document of n tokens is tiled when ceil(n / chunk) <= max_chunks; otherwise max_chunks chunks of
+    `chunk` tokens are spread over it without overlap (their starts lie more than `chunk` apart).
+    """
+    n = np.asarray(n_tokens, np.int64)
+    cap = chunk * max_chunks
+    return np.where(n > cap, cap / np.maximum(n, 1), 1.0)
+
+
 def open_embeddings(cfg: BuildConfig, work: WorkDir, shard_id: str) -> np.ndarray:
     """The shard's embeddings as a read-only memmap (rows = documents)."""
     return np.load(embed_dir(cfg, work) / f"{shard_id}.npy", mmap_mode="r")
@@ -152,14 +163,17 @@ def embed_documents(
     d = cfg.diversity
     assert d.embedder, "embedding needs diversity.embedder"
     tok = tokenizer_for(cfg)
-    embedder = load_embedder(d.embedder, d.device, tok)
+    embedder = load_embedder(resolved_spec(d.embedder, cfg.base_dir), d.device, tok)
     key = embedding_key(cfg, embedder, tok)
     cache = EmbeddingCache(cache_dir(cfg), key, embedder.dim, d.dtype)
     chunk = chunk_tokens_for(cfg, embedder)
     pf = pq.ParquetFile(docs_path)
-    meta = pf.read(columns=["content_hash"])
+    meta = pf.read(columns=["content_hash", "n_tokens"])
     keys = np.array(meta.column("content_hash").to_pylist(), dtype=KEY_DTYPE)
     n = len(keys)
+    # coverage is a property of the documents and the chunking, so it is counted over every row, hit or
+    # miss, and comes out the same with a cold or a warm cache
+    cov = coverage(meta.column("n_tokens").to_numpy(), chunk, d.max_chunks)
     calls_before = embedder.calls
     res = EmbedResult(
         shard_id=shard_id,
@@ -177,8 +191,8 @@ def embed_documents(
         cache_misses=0,
         model_calls=0,
         chunks=0,
-        partial_documents=0,
-        min_coverage=1.0,
+        partial_documents=int((cov < 1.0).sum()),
+        min_coverage=float(cov.min(initial=1.0)),
         seconds=0.0,
     )
     final = embed_dir(cfg, work) / res.file
@@ -249,12 +263,7 @@ def _embed_rows(
             total=len(rows), desc=f"embed {shard_id}", unit="doc", disable=not d.progress, leave=False
         ) as bar:
             for r, start, n in zip(rows.tolist(), token_starts.tolist(), lengths.tolist(), strict=True):
-                spans = chunk_spans(n, chunk, d.max_chunks)
-                covered = sum(b - a for a, b in spans)
-                if covered < n:
-                    res.partial_documents += 1
-                    res.min_coverage = min(res.min_coverage, covered / n)
-                for a, b in spans:
+                for a, b in chunk_spans(n, chunk, d.max_chunks):
                     ids = np.empty(b - a, np.int32)
                     read_tokens_into(fd, ids, start + a)
                     texts.append(tok.decode(ids))
@@ -296,7 +305,7 @@ def _embed_rows_from_ids(
             here = rows[b0:b1]
             b0 = b1
             lo = token_start[here]
-            owner, lo, hi = _chunk_bounds(lo, lo + n_tokens[here], chunk, cfg.diversity.max_chunks, res)
+            owner, lo, hi = _chunk_bounds(lo, lo + n_tokens[here], chunk, cfg.diversity.max_chunks)
             lengths = hi - lo
             chunk_offsets = np.zeros(len(lo) + 1, np.int64)
             np.cumsum(lengths, out=chunk_offsets[1:])
@@ -313,7 +322,7 @@ def _embed_rows_from_ids(
 
 
 def _chunk_bounds(
-    lo: np.ndarray, hi: np.ndarray, chunk: int, max_chunks: int, res: EmbedResult
+    lo: np.ndarray, hi: np.ndarray, chunk: int, max_chunks: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(owner, start, end) of every chunk, in flat token positions; owner = index into `lo`, ascending."""
     n = hi - lo
@@ -325,10 +334,6 @@ def _chunk_bounds(
     owner, start, end = [np.flatnonzero(short)], [lo[short]], [hi[short]]
     for k in long_docs.tolist():
         spans = np.array(chunk_spans(int(n[k]), chunk, max_chunks), np.int64)
-        covered = int((spans[:, 1] - spans[:, 0]).sum())
-        if covered < n[k]:
-            res.partial_documents += 1
-            res.min_coverage = min(res.min_coverage, covered / int(n[k]))
         owner.append(np.full(len(spans), k))
         start.append(lo[k] + spans[:, 0])
         end.append(lo[k] + spans[:, 1])

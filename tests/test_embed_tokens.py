@@ -154,8 +154,8 @@ def test_planted_edited_copies_are_pruned_with_static_tokens(
 def test_stage_vectors_are_chunk_means_of_id_spans(
     corpus: Corpus, tokens_run: tuple[Path, Manifest], embedder: TokenStaticEmbedder, tmp_path: Path
 ) -> None:
-    out, m = tokens_run
-    cfg = corpus.config(out, Path(m.extra["diversity"]["cache_dir"]), embedder="static-tokens")
+    out, _m = tokens_run
+    cfg = corpus.config(out, out.parent / "cache", embedder="static-tokens")
     work = WorkDir(cfg)
     stored = doc_vectors(out, cfg)
     docs = sorted((work.prepare_dir / "documents").glob("*.parquet"))[0]
