@@ -2,6 +2,7 @@
 
     python bench/bench_diversity.py                       # everything below (~15 min on 2 cores)
     python bench/bench_diversity.py --only embedders
+    python bench/bench_diversity.py --only cache --sizes 100000,1000000
     python bench/bench_diversity.py --only real --sizes 10000,100000
     python bench/bench_diversity.py --only synthetic --sizes 10000,100000,1000000
 
@@ -520,9 +521,52 @@ def run_child(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def bench_cache(sizes: list[int], doc_tokens: int = 250) -> None:
+    """Reading N cached 256-d vectors against embedding N documents of `doc_tokens` token ids (static-tokens).
+
+    Why the stage skips the cache for static-tokens (issue 18.7): a lookup loads and sorts every key of
+    the cache, then gathers the rows hit, while the id path is one embedding_bag per batch.
+    """
+    from pipeline.embed import load_embedder
+    from pipeline.embed_cache import EmbeddingCache
+    from pipeline.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("quicktok:llama3")
+    emb = load_embedder("static-tokens", tokenizer=tok)
+    rng = np.random.default_rng(0)
+    texts = [t for _, t in wiki_leads()] + code_blocks(2000)
+    real_ids = tok.encode_batch(texts)[0].astype(np.int32)
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            keys = np.array([f"{i:064x}".encode() for i in rng.permutation(n)], dtype="S64")
+            cache = EmbeddingCache(Path(tmp), "k", emb.dim, "float16")
+            for a in range(0, n, 50_000):  # segments as shard tasks would write them
+                cache.add(keys[a : a + 50_000], rng.normal(size=(len(keys[a : a + 50_000]), emb.dim)))
+            t0 = time.perf_counter()
+            found, _ = cache.lookup(keys[rng.permutation(n)])
+            lookup = time.perf_counter() - t0
+            assert found.all()
+            # one shard's lookup costs what the whole cache holds: it loads and sorts every key
+            t0 = time.perf_counter()
+            cache.lookup(keys[: min(n, 50_000)])
+            shard_lookup = time.perf_counter() - t0
+        ids = np.resize(real_ids, n * doc_tokens)  # real text's token ids, tiled
+        offsets = np.arange(0, n * doc_tokens + 1, doc_tokens)
+        t0 = time.perf_counter()
+        for a in range(0, n, 2048):  # the stage's batches (ID_BATCH_ROWS)
+            b = min(n, a + 2048)
+            emb.encode_ids(ids[offsets[a] : offsets[b]], offsets[a : b + 1] - offsets[a])  # type: ignore[attr-defined]
+        embed = time.perf_counter() - t0
+        print(
+            f"  {n:>9,d} documents: cache lookup {lookup:.2f} s (of 50,000 of them: {shard_lookup:.2f} s); "
+            f"static-tokens from ids ({doc_tokens} tokens each) {embed:.2f} s "
+            f"(50,000 of them: {embed * min(n, 50_000) / n:.2f} s)"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["embedders", "quality", "real", "windows", "synthetic"])
+    p.add_argument("--only", choices=["embedders", "quality", "cache", "real", "windows", "synthetic"])
     p.add_argument("--sizes", default=None, help="comma-separated document counts")
     p.add_argument(
         "--embedders",
@@ -573,6 +617,9 @@ def main() -> None:
         bench_embedders(minilm_chunks=128, static_chunks=4000)
     if a.only in (None, "quality"):
         bench_quality(n_leads=600, n_code=3000)
+    if a.only in (None, "cache"):
+        print("embedding cache lookup against static-tokens embedding, in this process")
+        bench_cache([int(s) for s in (a.sizes or "100000,1000000").split(",")])
     if a.only in (None, "real"):
         sizes = [int(s) for s in (a.sizes or "10000,100000").split(",")]
         print("real text, library run (fresh embedding cache and output), one child process per size")

@@ -21,6 +21,7 @@ import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,26 @@ class EmbedderError(ValueError):
     """An embedder that cannot be loaded, worded for the person who wrote the config."""
 
 
+def default_chunk_tokens(max_seq_tokens: int | None) -> int:
+    """Pipeline tokens per chunk so a chunk fits the model's window (its tokens run ~1.3x longer)."""
+    if max_seq_tokens is None:
+        return 512
+    return max(16, int(max_seq_tokens * 0.75))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the embedding key needs to know about a model, known without loading it once recorded."""
+
+    identity: str
+    dim: int
+    max_seq_tokens: int | None
+
+    @property
+    def default_chunk_tokens(self) -> int:
+        return default_chunk_tokens(self.max_seq_tokens)
+
+
 class Embedder(ABC):
     """Texts -> unit vectors. Subclasses implement `_encode`; `encode` counts calls and normalises."""
 
@@ -54,10 +75,11 @@ class Embedder(ABC):
 
     @property
     def default_chunk_tokens(self) -> int:
-        """Pipeline tokens per chunk so a chunk fits the model's window (its tokens run ~1.3x longer)."""
-        if self.max_seq_tokens is None:
-            return 512
-        return max(16, int(self.max_seq_tokens * 0.75))
+        return default_chunk_tokens(self.max_seq_tokens)
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(self.identity, self.dim, self.max_seq_tokens)
 
     @property
     def default_batch_size(self) -> int:
@@ -99,16 +121,29 @@ class SentenceTransformerEmbedder(Embedder):
         )
 
 
+# folder -> (names, sizes and mtimes of its files, fingerprint): hashing MiniLM's 90 MB once per process,
+# not once per shard task
+_FINGERPRINTS: dict[str, tuple[tuple, str]] = {}
+
+
 def folder_fingerprint(folder: Path) -> str:
     """sha256 over every file's relative path and bytes: the same weights give the same key anywhere."""
+    files = sorted(
+        q
+        for q in folder.rglob("*")
+        if q.is_file() and not q.name.startswith(".") and q.name.lower() != "readme.md"
+    )
+    stamp = tuple((str(q), q.stat().st_size, q.stat().st_mtime_ns) for q in files)
+    known = _FINGERPRINTS.get(str(folder))
+    if known is not None and known[0] == stamp:
+        return known[1]
     h = hashlib.sha256()
-    for p in sorted(q for q in folder.rglob("*") if q.is_file() and not q.name.startswith(".")):
-        if p.name.lower() == "readme.md":
-            continue
+    for p in files:
         h.update(str(p.relative_to(folder)).encode() + b"\0")
         with open(p, "rb") as f:
             while block := f.read(1 << 22):
                 h.update(block)
+    _FINGERPRINTS[str(folder)] = (stamp, h.hexdigest()[:16])
     return h.hexdigest()[:16]
 
 
@@ -191,6 +226,21 @@ def _build(spec: str, device: str, tokenizer: Tokenizer | None) -> Embedder:
         f"diversity.embedder {spec!r}: expected 'minilm', 'static-minilm', 'static-tokens', 'st:<path|hub id>' "
         "or 'model2vec:<path|hub id>'"
     )
+
+
+def embedder_identity(spec: str) -> str:
+    """The identity `_build` gives the embedder of a resolved spec, without loading the model: a rerun
+    whose vectors are all cached never loads it. Not for `static-tokens` (it needs the tokenizer)."""
+    if spec == MINILM:
+        return f"minilm@{folder_fingerprint(minilm_path())}"
+    if spec == STATIC_MINILM:
+        from pipeline.embed_distill import static_minilm
+
+        return f"static-minilm@{folder_fingerprint(static_minilm())}"
+    kind, _, target = spec.partition(":")
+    if kind in ("st", "model2vec") and target:
+        return _identity(kind, target)[0]
+    raise EmbedderError(f"diversity.embedder {spec!r}: no identity without loading")
 
 
 def default_threshold(spec: str) -> float:

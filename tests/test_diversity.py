@@ -630,3 +630,50 @@ def test_a_model_that_fails_to_load_is_not_retried(monkeypatch: pytest.MonkeyPat
     assert calls == ["st:acme/unloadable"]
     assert not retry_unless_embedder_error(None, None, Failed(data=embed.EmbedderError("x")))
     assert retry_unless_embedder_error(None, None, Failed(data=OSError("disk hiccup")))
+
+
+def test_a_fully_cached_rerun_loads_no_model(
+    corpus: Corpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """18.7: the model is loaded only when a cache miss needs it; static-tokens skips the cache, which is
+    slower to read than embedding from token ids."""
+    import pipeline.embed as embed
+
+    first = corpus.config(tmp_path / "first", tmp_path / "cache", embedder="static-minilm")
+    run_build(first)
+    vecs = doc_vectors(tmp_path / "first", first)
+    loads: list[str] = []
+    real_build = embed._build
+
+    def counting(spec: str, device: str, tokenizer: Any) -> embed.Embedder:
+        loads.append(spec)
+        return real_build(spec, device, tokenizer)
+
+    monkeypatch.setattr(embed, "_build", counting)
+    monkeypatch.setattr(embed, "_LOADED", {})  # a fresh process: nothing loaded yet
+    again = corpus.config(tmp_path / "again", tmp_path / "cache", embedder="static-minilm")
+    run_build(again)
+    assert loads == []
+    assert run_report(tmp_path / "again")["diversity"]["embedding"]["cache_hits"] == corpus.n
+    warm = doc_vectors(tmp_path / "again", again)
+    assert all(np.array_equal(vecs[k], warm[k]) for k in vecs)
+    # a new text is a miss: now the model is loaded, once
+    extra = corpus.root / "more.jsonl"
+    extra.write_text(json.dumps({"id": "new-1", "text": "A document no run has embedded yet. " * 40}) + "\n")
+    more = corpus.config(tmp_path / "more", tmp_path / "cache", embedder="static-minilm")
+    more = more.model_copy(
+        update={
+            "sources": [
+                *more.sources,
+                more.sources[0].model_copy(update={"name": "more", "paths": ["more.jsonl"]}),
+            ]
+        }
+    )
+    run_build(more)
+    assert loads == ["static-minilm"]
+    # static-tokens neither reads nor fills the cache
+    tokens = corpus.config(tmp_path / "tokens", tmp_path / "tokens-cache", embedder="static-tokens")
+    run_build(tokens)
+    assert not list((tmp_path / "tokens-cache").rglob("*.npy"))
+    e = run_report(tmp_path / "tokens")["diversity"]["embedding"]
+    assert e["cache_hits"] == 0 and e["cache_misses"] == corpus.n
