@@ -67,6 +67,24 @@ class SemDedupConfig(_Strict):
         description="Which document of a near-duplicate group is kept; ties go to the earlier document.",
     )
     kmeans: KMeansConfig = Field(default_factory=KMeansConfig)
+    boundary_margin: Literal["auto"] | float | None = Field(
+        default="auto",
+        description=(
+            "Near-duplicates that k-means splits across clusters: a document whose second-nearest centroid "
+            "is within this cosine of its nearest is also compared, as a guest, with that cluster's members "
+            "(each cluster stays an independent unit of work). 'auto' = half of sqrt(2 - 2 x threshold) x "
+            "the distance between the two centroids, the margin within which one document of every pair "
+            "above the threshold must lie (see pipeline/diversity/prune.py); a number = a fixed margin; "
+            "None = compare inside clusters only."
+        ),
+    )
+
+    @field_validator("boundary_margin")
+    @classmethod
+    def _margin_range(cls, v: str | float | None) -> str | float | None:
+        if isinstance(v, float | int) and not 0.0 <= v <= 2.0:
+            raise ValueError("boundary_margin: a cosine margin between 0 and 2, 'auto' or null")
+        return v
 
 
 class D4Config(_Strict):

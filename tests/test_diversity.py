@@ -677,3 +677,41 @@ def test_a_fully_cached_rerun_loads_no_model(
     assert not list((tmp_path / "tokens-cache").rglob("*.npy"))
     e = run_report(tmp_path / "tokens")["diversity"]["embedding"]
     assert e["cache_hits"] == 0 and e["cache_misses"] == corpus.n
+
+
+def test_near_duplicates_split_across_clusters_are_found() -> None:
+    """18.5: pairs that k-means puts in two clusters meet as boundary guests; the drops equal those of
+    one exact cluster (the reference: every pair compared), and each names a kept partner."""
+    from pipeline.diversity.prune import semdedup_arrays
+    from schemas.diversity import SemDedupConfig
+
+    rng = np.random.default_rng(5)
+    d = 32
+    centers = rng.normal(size=(8, d))
+    x = np.repeat(centers, 150, axis=0) + 0.9 * rng.normal(size=(1200, d))
+    # 40 planted pairs halfway between two topics: each copy leans a little to one side
+    a, b = centers[rng.integers(0, 8, 40)], centers[rng.integers(0, 8, 40)]
+    mid = (a + b) / 2 + 0.3 * rng.normal(size=(40, d))
+    lean = 0.03 * (a - b)
+    x = np.r_[x, mid + lean, mid - lean + 0.02 * rng.normal(size=(40, d))]
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    n_tokens = rng.integers(100, 1000, len(x))
+
+    def run(clusters: int, margin: str | float | None) -> Any:
+        sd = SemDedupConfig(kmeans={"clusters": clusters}, boundary_margin=margin)
+        return semdedup_arrays(x, n_tokens, 0.97, sd, IndexConfig(), 0)
+
+    exact = run(1, None)
+    planted = {(1200 + k, 1240 + k) for k in range(40)}
+    found = {tuple(sorted((int(p), int(q)))) for p, q in zip(exact.dropped, exact.nearest, strict=True)}
+    assert found >= planted
+    inside = run(8, None)
+    assert not inside.across.any() and len(inside.dropped) < len(exact.dropped)  # the defect: pairs split
+    guests = run(8, "auto")  # the default
+    assert set(guests.dropped.tolist()) == set(exact.dropped.tolist())
+    assert guests.across.any() and 0 < guests.guests < len(x) // 4  # bounded: few documents compared twice
+    kept = np.ones(len(x), bool)
+    kept[guests.dropped] = False
+    assert kept[guests.nearest].all()
+    cos = (x[guests.dropped] * x[guests.nearest]).sum(1)
+    assert np.allclose(cos, guests.similarity, atol=1e-5) and (cos > 0.97).all()

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.diversity.cluster import as_f32, assign, group_bounds, kmeans, near_pairs
+from pipeline.diversity.cluster import as_f32, assign, assign_top2, group_bounds, kmeans, near_pairs
 from pipeline.diversity.vectors import CorpusEmbeddings
 from pipeline.embed import default_threshold
 from pipeline.parquet_io import ParquetSink, write_json_atomic
@@ -108,55 +108,123 @@ class DedupResult:
     """SemDeDup decisions on an array of vectors (local row numbers)."""
 
     dropped: np.ndarray  # rows dropped
-    nearest: np.ndarray  # for each dropped row: its most similar kept row of the cluster
+    nearest: np.ndarray  # for each dropped row: its most similar kept row (same cluster, or a guest's)
     similarity: np.ndarray
-    cluster: np.ndarray  # per dropped row
+    cluster: np.ndarray  # per dropped row: its own cluster
     cluster_size: np.ndarray
     centroid_similarity: np.ndarray
+    across: np.ndarray  # per dropped row: its kept partner belongs to another cluster
     clusters: int
     largest_cluster: int
+    guests: int  # boundary documents also compared in their second-nearest cluster
     search: dict[str, int]
+
+
+def cluster_pairs(
+    x: np.ndarray, rows: np.ndarray, threshold: float, index: IndexConfig, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """Pairs above `threshold` among `rows` of `x` (one cluster's members and guests), as rows of x.
+
+    A unit of work that needs only these vectors: a worker can run it for one cluster on its own.
+    """
+    rows = np.sort(rows)  # ascending reads from a memmap
+    i, j, s, method = near_pairs(x[rows], threshold, index, seed)
+    return rows[i], rows[j], s, method
+
+
+def boundary_guests(
+    centroids: np.ndarray,
+    labels: np.ndarray,
+    csim: np.ndarray,
+    labels2: np.ndarray,
+    csim2: np.ndarray,
+    threshold: float,
+    margin: str | float | None,
+) -> np.ndarray:
+    """Rows also compared in their second-nearest cluster.
+
+    Why 'auto' suffices: for unit x in cluster p and y in cluster q with cos(x, y) > t, the two gaps
+    (x.c_p - x.c_q) + (y.c_q - y.c_p) = (x - y).(c_p - c_q) <= |x - y| |c_p - c_q|, and |x - y| <
+    sqrt(2 - 2t); so one of the two is within half of sqrt(2 - 2t) |c_p - c_q| of its partner's centroid.
+    When that centroid is its second-nearest, the pair meets in that cluster.
+    """
+    has2 = labels2 >= 0
+    gap = csim - csim2
+    if margin is None:
+        return np.zeros(len(labels), bool)
+    if margin == "auto":
+        c = np.asarray(centroids, np.float64)
+        l2 = np.where(has2, labels2, labels)
+        dist = np.linalg.norm(c[labels] - c[l2], axis=1)
+        bound = 0.5 * np.sqrt(max(0.0, 2.0 - 2.0 * threshold)) * dist
+        return has2 & (gap <= bound + 1e-6)
+    return has2 & (gap <= float(margin))
 
 
 def semdedup_arrays(
     x: np.ndarray, n_tokens: np.ndarray, threshold: float, sd: SemDedupConfig, index: IndexConfig, seed: int
 ) -> DedupResult:
-    """SemDeDup on unit vectors `x` (any float dtype, memmaps welcome): cluster, then prune per cluster."""
+    """SemDeDup on unit vectors `x` (any float dtype, memmaps welcome).
+
+    1. Cluster (spherical k-means) and assign every row its nearest and second-nearest centroid.
+    2. Per cluster, independently: the pairs above the threshold among its members and its guests
+       (rows whose second-nearest centroid is within `boundary_margin` of their nearest:
+       `boundary_guests`), so near-duplicates that k-means split across two clusters still meet.
+    3. One greedy pass over the pairs (their number follows the duplicates, not the corpus): rows are
+       visited in `keep` order, and a row is dropped when a kept earlier row is paired with it. Without
+       guests every pair lies inside one cluster, and this is SemDeDup's per-cluster rule exactly.
+    """
+    n = len(x)
     centroids = kmeans(x, sd.kmeans, seed)
-    labels, csim = assign(x, centroids)
-    order = np.lexsort((np.arange(len(x)), _priority(sd.keep, n_tokens, csim), labels))
+    labels, csim, labels2, csim2 = assign_top2(x, centroids)
+    order = np.lexsort((np.arange(n), _priority(sd.keep, n_tokens, csim)))  # global keep order
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
+    guest = boundary_guests(centroids, labels, csim, labels2, csim2, threshold, sd.boundary_margin)
+    sizes = np.bincount(labels, minlength=len(centroids))
+    by_label = np.argsort(labels, kind="stable")
+    guests = np.flatnonzero(guest)
+    guests = guests[np.argsort(labels2[guests], kind="stable")]
+    guest_bounds = np.searchsorted(labels2[guests], np.arange(len(centroids) + 1))
+    member_bounds = np.searchsorted(labels[by_label], np.arange(len(centroids) + 1))
     methods: Counter[str] = Counter()
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("who", "near", "sim", "c", "size")}
+    ai, aj, as_ = [], [], []
     largest = 0
-    for a, b in group_bounds(labels[order]):
-        m = order[a:b]  # this cluster's members, in keep order
-        largest = max(largest, b - a)
-        i, j, s, method = near_pairs(x[np.sort(m)][np.argsort(np.argsort(m))], threshold, index, seed)
-        methods[method] += 1
-        dropped = greedy_drop(len(m), i, j)
-        if not dropped.any():
+    for c in range(len(centroids)):
+        m = by_label[member_bounds[c] : member_bounds[c + 1]]
+        g = guests[guest_bounds[c] : guest_bounds[c + 1]]
+        if len(m) + len(g) < 2 or not len(m):
             continue
-        who, near, sim = nearest_kept(i, j, s, dropped)
-        assert len(who) == int(dropped.sum()), "every dropped document has a kept partner above threshold"
-        parts["who"].append(m[who])
-        parts["near"].append(m[near])
-        parts["sim"].append(sim)
-        parts["c"].append(np.full(len(who), labels[m[0]], np.int32))
-        parts["size"].append(np.full(len(who), b - a, np.int32))
-
-    def cat(k: str, dtype: str) -> np.ndarray:
-        return np.concatenate(parts[k]).astype(dtype) if parts[k] else np.zeros(0, dtype)
-
-    dropped_rows = cat("who", "int64")
+        largest = max(largest, len(m) + len(g))
+        i, j, sim, method = cluster_pairs(x, np.r_[m, g], threshold, index, seed)
+        methods[method] += 1
+        ai.append(i)
+        aj.append(j)
+        as_.append(sim)
+    i = np.concatenate(ai) if ai else np.zeros(0, np.int64)
+    j = np.concatenate(aj) if aj else np.zeros(0, np.int64)
+    sim = np.concatenate(as_).astype(np.float32) if as_ else np.zeros(0, np.float32)
+    # a pair found in two clusters (both rows guests of each other's cluster) counts once
+    lo, hi = np.minimum(rank[i], rank[j]), np.maximum(rank[i], rank[j])
+    _, first = np.unique(lo * n + hi, return_index=True)
+    lo, hi, sim = lo[first], hi[first], sim[first]
+    dropped_rank = greedy_drop(n, lo, hi)
+    who_r, near_r, sim_kept = nearest_kept(lo, hi, sim, dropped_rank)
+    assert len(who_r) == int(dropped_rank.sum()), "every dropped document has a kept partner above threshold"
+    who, near = order[who_r], order[near_r]
+    o = np.argsort(who, kind="stable")
+    who, near, sim_kept = who[o], near[o], sim_kept[o]
     return DedupResult(
-        dropped=dropped_rows,
-        nearest=cat("near", "int64"),
-        similarity=cat("sim", "float32"),
-        cluster=cat("c", "int32"),
-        cluster_size=cat("size", "int32"),
-        centroid_similarity=csim[dropped_rows],
+        dropped=who,
+        nearest=near,
+        similarity=sim_kept.astype(np.float32),
+        cluster=labels[who].astype(np.int32),
+        cluster_size=sizes[labels[who]].astype(np.int32),
+        centroid_similarity=csim[who],
+        across=labels[who] != labels[near],
         clusters=len(centroids),
         largest_cluster=largest,
+        guests=int(guest.sum()),
         search=dict(methods),
     )
 
@@ -185,8 +253,12 @@ def semdedup(
     )
     out.detail = [
         f"cosine {sv:.4f} > {threshold} to kept {idx.doc_id[q]} "
-        f"(keep={sd.keep}; cluster {c} of {size}; n_tokens {idx.n_tokens[p]} vs {idx.n_tokens[q]})"
-        for p, q, sv, c, size in zip(pos, near, r.similarity, r.cluster, r.cluster_size, strict=True)
+        f"(keep={sd.keep}; cluster {c} of {size}"
+        + ("; partner from a neighbouring cluster, compared as a boundary guest" if x_ else "")
+        + f"; n_tokens {idx.n_tokens[p]} vs {idx.n_tokens[q]})"
+        for p, q, sv, c, size, x_ in zip(
+            pos, near, r.similarity, r.cluster, r.cluster_size, r.across, strict=True
+        )
     ]
     stats = {
         "step": SEMDEDUP_STEP,
@@ -197,6 +269,9 @@ def semdedup(
         "kmeans_sample": min(len(alive), r.clusters * sd.kmeans.sample_per_cluster),
         "kmeans_iterations": sd.kmeans.iterations,
         "largest_cluster": r.largest_cluster,
+        "boundary_margin": sd.boundary_margin,
+        "boundary_guests": r.guests,
+        "pruned_across_clusters": int(r.across.sum()),
         "search": r.search,
         "pruned": len(pos),
         "pruned_tokens": int(idx.n_tokens[pos].sum()),
