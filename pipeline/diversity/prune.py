@@ -16,17 +16,20 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.diversity.cluster import as_f32, assign, assign_top2, group_bounds, kmeans, near_pairs
+from pipeline.diversity.lexical import jaccard, sketch
 from pipeline.diversity.vectors import CorpusEmbeddings
-from pipeline.embed import default_threshold
+from pipeline.embed import STATIC_MINILM, STATIC_TOKENS, default_threshold
 from pipeline.parquet_io import ParquetSink, write_json_atomic
-from pipeline.prepare import PrepareResult
+from pipeline.prepare import PrepareResult, tokens_file_of
 from pipeline.select import DocIndex, Drop
 from pipeline.workdir import WorkDir
 from schemas.config import BuildConfig
@@ -114,6 +117,8 @@ class DedupResult:
     cluster_size: np.ndarray
     centroid_similarity: np.ndarray
     across: np.ndarray  # per dropped row: its kept partner belongs to another cluster
+    lexical: np.ndarray  # per dropped row: shingle Jaccard with its kept partner (NaN: not checked)
+    unconfirmed: int  # pairs above the cosine threshold that the lexical check rejected
     clusters: int
     largest_cluster: int
     guests: int  # boundary documents also compared in their second-nearest cluster
@@ -161,8 +166,18 @@ def boundary_guests(
     return has2 & (gap <= float(margin))
 
 
+Confirm = Callable[[np.ndarray, np.ndarray], np.ndarray]  # rows i, j -> lexical similarity of each pair
+
+
 def semdedup_arrays(
-    x: np.ndarray, n_tokens: np.ndarray, threshold: float, sd: SemDedupConfig, index: IndexConfig, seed: int
+    x: np.ndarray,
+    n_tokens: np.ndarray,
+    threshold: float,
+    sd: SemDedupConfig,
+    index: IndexConfig,
+    seed: int,
+    confirm: Confirm | None = None,
+    min_confirm: float = 0.0,
 ) -> DedupResult:
     """SemDeDup on unit vectors `x` (any float dtype, memmaps welcome).
 
@@ -208,12 +223,25 @@ def semdedup_arrays(
     lo, hi = np.minimum(rank[i], rank[j]), np.maximum(rank[i], rank[j])
     _, first = np.unique(lo * n + hi, return_index=True)
     lo, hi, sim = lo[first], hi[first], sim[first]
+    lexical = np.full(len(lo), np.nan, np.float32)
+    if confirm is not None and len(lo):  # a pair that shares too little text is no near-duplicate
+        lexical = np.asarray(confirm(order[lo], order[hi]), np.float32)
+        ok = lexical >= min_confirm
+        lo, hi, sim, lexical = lo[ok], hi[ok], sim[ok], lexical[ok]
     dropped_rank = greedy_drop(n, lo, hi)
     who_r, near_r, sim_kept = nearest_kept(lo, hi, sim, dropped_rank)
+    pair_lexical = dict(zip((lo * n + hi).tolist(), lexical.tolist(), strict=True))
+    lex_kept = np.array(
+        [
+            pair_lexical[min(a, b) * n + max(a, b)]
+            for a, b in zip(who_r.tolist(), near_r.tolist(), strict=True)
+        ],
+        np.float32,
+    )
     assert len(who_r) == int(dropped_rank.sum()), "every dropped document has a kept partner above threshold"
     who, near = order[who_r], order[near_r]
     o = np.argsort(who, kind="stable")
-    who, near, sim_kept = who[o], near[o], sim_kept[o]
+    who, near, sim_kept, lex_kept = who[o], near[o], sim_kept[o], lex_kept[o]
     return DedupResult(
         dropped=who,
         nearest=near,
@@ -222,11 +250,56 @@ def semdedup_arrays(
         cluster_size=sizes[labels[who]].astype(np.int32),
         centroid_similarity=csim[who],
         across=labels[who] != labels[near],
+        lexical=lex_kept,
+        unconfirmed=int(len(first) - len(lo)),
         clusters=len(centroids),
         largest_cluster=largest,
         guests=int(guest.sum()),
         search=dict(methods),
     )
+
+
+def lexical_check_on(cfg: BuildConfig) -> bool:
+    """The lexical confirmation is on by default for static embedders, whose averaged word vectors bring
+    distinct documents of one vocabulary above the threshold (README "Calibration")."""
+    lx = cfg.diversity.semdedup.lexical
+    if lx.enabled is not None:
+        return lx.enabled
+    spec = cfg.diversity.embedder or ""
+    return spec in (STATIC_MINILM, STATIC_TOKENS) or spec.startswith("model2vec:")
+
+
+class TokenSketches:
+    """Bottom-k shingle sketches of documents (DocIndex positions), read from their stored token ids."""
+
+    def __init__(self, idx: DocIndex, shingle_tokens: int, size: int) -> None:
+        self.idx = idx
+        self.k, self.size = shingle_tokens, size
+        self._starts: dict[int, np.ndarray] = {}
+        self._tokens: dict[int, np.ndarray] = {}
+        self._memo: dict[int, np.ndarray] = {}
+
+    def ids(self, pos: int) -> np.ndarray:
+        s = int(self.idx.shard[pos])
+        if s not in self._starts:
+            docs = self.idx.files[s]
+            self._starts[s] = pq.read_table(docs, columns=["token_start"]).column("token_start").to_numpy()
+            path = tokens_file_of(Path(docs))
+            empty = not path.exists() or path.stat().st_size == 0  # np.memmap refuses an empty file
+            self._tokens[s] = np.zeros(0, np.int32) if empty else np.memmap(path, dtype="<i4", mode="r")
+        a = int(self._starts[s][self.idx.row[pos]])
+        return np.asarray(self._tokens[s][a : a + int(self.idx.n_tokens[pos])])
+
+    def of(self, pos: int) -> np.ndarray:
+        if pos not in self._memo:
+            self._memo[pos] = sketch(self.ids(pos), self.k, self.size)
+        return self._memo[pos]
+
+    def jaccard(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.array(
+            [jaccard(self.of(p), self.of(q), self.size) for p, q in zip(a.tolist(), b.tolist(), strict=True)],
+            np.float32,
+        )
 
 
 def semdedup(
@@ -239,7 +312,16 @@ def semdedup(
     sd = d.semdedup
     threshold = sd.threshold or default_threshold(d.embedder)
     x = CorpusEmbeddings(cfg, idx, work).gather(alive)
-    r = semdedup_arrays(x, idx.n_tokens[alive], threshold, sd, d.index, d.seed)
+    lx = sd.lexical
+    check = lexical_check_on(cfg)
+    confirm: Confirm | None = None
+    if check:
+        sketches = TokenSketches(idx, lx.shingle_tokens, lx.sketch)
+
+        def confirm(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+            return sketches.jaccard(alive[i], alive[j])
+
+    r = semdedup_arrays(x, idx.n_tokens[alive], threshold, sd, d.index, d.seed, confirm, lx.min_jaccard)
     out = Pruned(SEMDEDUP_STEP, SEMDEDUP_REASON, sd.keep)
     pos, near = alive[r.dropped], alive[r.nearest]
     out.add(
@@ -255,9 +337,10 @@ def semdedup(
         f"cosine {sv:.4f} > {threshold} to kept {idx.doc_id[q]} "
         f"(keep={sd.keep}; cluster {c} of {size}"
         + ("; partner from a neighbouring cluster, compared as a boundary guest" if x_ else "")
+        + (f"; {lx.shingle_tokens}-token shingle Jaccard {jv:.3f} >= {lx.min_jaccard}" if check else "")
         + f"; n_tokens {idx.n_tokens[p]} vs {idx.n_tokens[q]})"
-        for p, q, sv, c, size, x_ in zip(
-            pos, near, r.similarity, r.cluster, r.cluster_size, r.across, strict=True
+        for p, q, sv, c, size, x_, jv in zip(
+            pos, near, r.similarity, r.cluster, r.cluster_size, r.across, r.lexical, strict=True
         )
     ]
     stats = {
@@ -272,6 +355,9 @@ def semdedup(
         "boundary_margin": sd.boundary_margin,
         "boundary_guests": r.guests,
         "pruned_across_clusters": int(r.across.sum()),
+        "lexical_check": lx.model_dump(mode="json") | {"enabled": check},
+        "pairs_rejected_by_lexical_check": r.unconfirmed,
+        "min_jaccard_of_pruned": float(np.nanmin(r.lexical)) if check and len(r.lexical) else None,
         "search": r.search,
         "pruned": len(pos),
         "pruned_tokens": int(idx.n_tokens[pos].sum()),
