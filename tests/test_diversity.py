@@ -715,3 +715,30 @@ def test_near_duplicates_split_across_clusters_are_found() -> None:
     assert kept[guests.nearest].all()
     cos = (x[guests.dropped] * x[guests.nearest]).sum(1)
     assert np.allclose(cos, guests.similarity, atol=1e-5) and (cos > 0.97).all()
+
+
+def test_confirmed_greedy_equals_checking_every_pair_first() -> None:
+    """18.6: the lexical check is asked lazily, with the result of filtering every pair first."""
+    from pipeline.diversity.prune import confirmed_greedy
+
+    rng = np.random.default_rng(4)
+    for _ in range(40):
+        n = 30
+        adj = np.triu(rng.random((n, n)) < 0.25, 1)
+        lo, hi = np.nonzero(adj)
+        sim = rng.random(len(lo)).astype(np.float32)
+        passes = rng.random((n, n)) < 0.6
+        asked: list[tuple[int, int]] = []
+
+        def check(a: int, b: int, passes: np.ndarray = passes, asked: list = asked) -> float:
+            asked.append((a, b))
+            return 1.0 if passes[min(a, b), max(a, b)] else 0.0
+
+        dropped, who, near, cos, lex, _ = confirmed_greedy(n, lo, hi, sim, check, 0.5)
+        ok = passes[lo, hi]
+        want = greedy_drop(n, lo[ok], hi[ok])
+        w_who, w_near, w_sim = nearest_kept(lo[ok], hi[ok], sim[ok], want)
+        assert (dropped == want).all()
+        o = np.argsort(who)
+        assert (who[o] == w_who).all() and (near[o] == w_near).all() and np.allclose(cos[o], w_sim)
+        assert (lex == 1.0).all() and len(asked) <= len(lo)

@@ -125,6 +125,58 @@ class DedupResult:
     search: dict[str, int]
 
 
+def confirmed_greedy(
+    n: int,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    sim: np.ndarray,
+    check: Callable[[int, int], float],
+    min_ok: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """`greedy_drop` and `nearest_kept` over the pairs (lo < hi, keep ranks) that pass `check`, asking it
+    only where the answer matters: a pair whose member is already dropped decides nothing (a group of k
+    near-identical documents costs k - 1 checks, not k(k - 1) / 2). Returns (dropped mask, dropped,
+    partner, cosine, check value, pairs rejected)."""
+    o = np.lexsort((hi, lo))
+    lo, hi, sim = lo[o], hi[o], sim[o]
+    value = np.full(len(lo), np.nan)
+    dropped = np.zeros(n, bool)
+    rejected = 0
+    for k, (u, v) in enumerate(zip(lo.tolist(), hi.tolist(), strict=True)):
+        if dropped[u] or dropped[v]:  # u is final when its pairs come up: every pair ending at u came first
+            continue
+        value[k] = check(u, v)
+        if value[k] >= min_ok:
+            dropped[v] = True
+        else:
+            rejected += 1
+    # each dropped document's most similar kept partner whose pair passes (its dropping pair does)
+    a, b = np.r_[lo, hi], np.r_[hi, lo]
+    ss, vv, kk = np.r_[sim, sim], np.r_[value, value], np.r_[np.arange(len(lo)), np.arange(len(lo))]
+    ok = dropped[a] & ~dropped[b]
+    a, b, ss, vv, kk = a[ok], b[ok], ss[ok], vv[ok], kk[ok]
+    o = np.lexsort((-ss, a))
+    who, near, cos, lex = [], [], [], []
+    for start, end in group_bounds(a[o]):
+        for t in o[start:end].tolist():
+            if np.isnan(vv[t]):
+                vv[t] = value[kk[t]] = check(int(a[t]), int(b[t]))
+            if vv[t] >= min_ok:
+                who.append(int(a[t]))
+                near.append(int(b[t]))
+                cos.append(float(ss[t]))
+                lex.append(float(vv[t]))
+                break
+    return (
+        dropped,
+        np.array(who, np.int64),
+        np.array(near, np.int64),
+        np.array(cos, np.float32),
+        np.array(lex, np.float32),
+        rejected,
+    )
+
+
 def cluster_pairs(
     x: np.ndarray, rows: np.ndarray, threshold: float, index: IndexConfig, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
@@ -223,21 +275,19 @@ def semdedup_arrays(
     lo, hi = np.minimum(rank[i], rank[j]), np.maximum(rank[i], rank[j])
     _, first = np.unique(lo * n + hi, return_index=True)
     lo, hi, sim = lo[first], hi[first], sim[first]
-    lexical = np.full(len(lo), np.nan, np.float32)
-    if confirm is not None and len(lo):  # a pair that shares too little text is no near-duplicate
-        lexical = np.asarray(confirm(order[lo], order[hi]), np.float32)
-        ok = lexical >= min_confirm
-        lo, hi, sim, lexical = lo[ok], hi[ok], sim[ok], lexical[ok]
-    dropped_rank = greedy_drop(n, lo, hi)
-    who_r, near_r, sim_kept = nearest_kept(lo, hi, sim, dropped_rank)
-    pair_lexical = dict(zip((lo * n + hi).tolist(), lexical.tolist(), strict=True))
-    lex_kept = np.array(
-        [
-            pair_lexical[min(a, b) * n + max(a, b)]
-            for a, b in zip(who_r.tolist(), near_r.tolist(), strict=True)
-        ],
-        np.float32,
-    )
+    unconfirmed = 0
+    if confirm is None or not len(lo):
+        dropped_rank = greedy_drop(n, lo, hi)
+        who_r, near_r, sim_kept = nearest_kept(lo, hi, sim, dropped_rank)
+        lex_kept = np.full(len(who_r), np.nan, np.float32)
+    else:
+
+        def check(a: int, b: int) -> float:
+            return float(confirm(order[[a]], order[[b]])[0])
+
+        dropped_rank, who_r, near_r, sim_kept, lex_kept, unconfirmed = confirmed_greedy(
+            n, lo, hi, sim, check, min_confirm
+        )
     assert len(who_r) == int(dropped_rank.sum()), "every dropped document has a kept partner above threshold"
     who, near = order[who_r], order[near_r]
     o = np.argsort(who, kind="stable")
@@ -251,7 +301,7 @@ def semdedup_arrays(
         centroid_similarity=csim[who],
         across=labels[who] != labels[near],
         lexical=lex_kept,
-        unconfirmed=int(len(first) - len(lo)),
+        unconfirmed=unconfirmed,
         clusters=len(centroids),
         largest_cluster=largest,
         guests=int(guest.sum()),
