@@ -23,6 +23,7 @@ import flows
 from flows.api import prefect_api, run_helpers
 from pipeline.build import (
     diversity_outputs,
+    diversity_report,
     group_by_target,
     lineage_steps,
     longloom_commit,
@@ -69,7 +70,20 @@ def prepare_task(cfg: BuildConfig, shard: InputShard) -> PrepareResult:
     return res
 
 
-@task(name="embed-shard", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def retry_unless_embedder_error(task: Any, task_run: Any, state: Any) -> bool:
+    """A model that cannot be loaded fails the same way on every try: end the task instead of retrying."""
+    from pipeline.embed import EmbedderError
+
+    return not isinstance(state.data, EmbedderError)
+
+
+@task(
+    name="embed-shard",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_unless_embedder_error,
+)
 def embed_task(cfg: BuildConfig, prepared: PrepareResult) -> Any:
     from pipeline.embed_stage import embed_shard
 
@@ -268,7 +282,7 @@ def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
                 embedded = gather(
                     emb.map(unmapped(cfg), prepared), rep, "embed", lambda e: (e.shard_id, {"docs": e.documents})
                 )
-                st.units = len(embedded)
+                st.units, st.reused = len(embedded), sum(e.reused for e in embedded)
             stages["embed"] = StageReport(
                 items_in=sum(r.kept for r in prepared), items_out=sum(e.documents for e in embedded)
             )
@@ -314,7 +328,8 @@ def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
             st.units = 1
         rep.close()
         runner = f"dask {cfg.run.dask_address or 'local'}" if cfg.run.task_runner == "dask" else "threads"
-        md = write_report(work.out, build_report(manifest, clock, cfg.output.dir, runner, command))
+        report = build_report(manifest, clock, cfg.output.dir, runner, command)
+        md = write_report(work.out, report | diversity_report(cfg, work, embedded, selected))
     for line in summary_lines(manifest):
         logger.info(line)
     card_artifacts(cfg, manifest)

@@ -48,7 +48,7 @@ def preflight(cfg: BuildConfig) -> list[InputShard]:
         from pipeline.embed import EmbedderError, check_embedder_spec
 
         try:
-            check_embedder_spec(cfg.diversity.embedder)
+            check_embedder_spec(cfg.diversity.embedder, cfg.base_dir)
         except EmbedderError as err:
             raise ConfigError(str(err)) from None
         semantic_selectors(cfg)  # a configured SemDeDup/D4 that cannot load fails here, not mid-run
@@ -207,7 +207,7 @@ def run_build(
                 for r in prepared:
                     embedded.append(embed_shard(cfg, work, r))
                     rep.advance("embed", label=r.shard_id)
-                st.units = len(embedded)
+                st.units, st.reused = len(embedded), sum(e.reused for e in embedded)
             stages["embed"] = StageReport(
                 items_in=sum(r.kept for r in prepared), items_out=sum(e.documents for e in embedded)
             )
@@ -267,7 +267,8 @@ def run_build(
             )
             st.units = 1
         rep.close()
-        write_report(work.out, build_report(manifest, clock, cfg.output.dir, "in-process", command))
+        report = build_report(manifest, clock, cfg.output.dir, "in-process", command)
+        write_report(work.out, report | diversity_report(cfg, work, embedded, selected))
     return manifest
 
 
@@ -280,3 +281,12 @@ def diversity_outputs(
     from pipeline.diversity import diversity_outputs as outputs
 
     return outputs(cfg, work, embedded, selected)
+
+
+def diversity_report(cfg: BuildConfig, work: WorkDir, embedded: list, selected: SelectResult) -> dict:
+    """{"diversity": this run's timings and cache use} for report.json ({} when the stage is off)."""
+    if not cfg.diversity.embedder:
+        return {}
+    from pipeline.diversity import diversity_run_stats
+
+    return {"diversity": diversity_run_stats(cfg, work, embedded, selected)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pipeline.diversity.order import similarity_order
 from pipeline.diversity.prune import d4, semdedup
-from pipeline.diversity.report import diversity_outputs
+from pipeline.diversity.report import diversity_outputs, diversity_run_stats
 from pipeline.select import Selector
 
 
@@ -18,4 +18,4 @@ def selectors() -> list[Selector]:
     return [semdedup, d4]
 
 
-__all__ = ["diversity_outputs", "selectors", "similarity_order"]
+__all__ = ["diversity_outputs", "diversity_run_stats", "selectors", "similarity_order"]
