@@ -313,14 +313,17 @@ def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
                 st.units, st.reused = proc.batches, proc.reused
             optional["extra"]["procedural"] = proc.extra
             optional["extra_configs"].update(proc.extra_configs)
+        run_stats: dict = {}  # what this run spent, for the report only
         if cfg.rewriter.enabled:
             from flows.rewriter import rewriter_stage
+            from pipeline.rewriter.stage import manifest_stats, run_report_stats
 
             with clock.stage("rewriter") as st:
                 rw = rewriter_stage(cfg, selected)
                 st.units = 1
             stages["rewriter"] = rw.report
-            optional["extra"]["rewriter"] = rw.stats
+            optional["extra"]["rewriter"] = manifest_stats(rw.stats)
+            run_stats |= run_report_stats(rw.stats)
             optional["extra_configs"].update(rw.extra_configs)
             optional["audit_extra"].update(rw.audit_extra)
         with clock.stage("finalize") as st:
@@ -329,7 +332,7 @@ def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
         rep.close()
         runner = f"dask {cfg.run.dask_address or 'local'}" if cfg.run.task_runner == "dask" else "threads"
         report = build_report(manifest, clock, cfg.output.dir, runner, command)
-        md = write_report(work.out, report | diversity_report(cfg, work, embedded, selected))
+        md = write_report(work.out, report | diversity_report(cfg, work, embedded, selected) | run_stats)
     for line in summary_lines(manifest):
         logger.info(line)
     card_artifacts(cfg, manifest)

@@ -241,14 +241,16 @@ def run_build(
             stages["procedural"] = StageReport(items_out=proc.samples, tokens_out=proc.tokens)
             extra["procedural"] = proc.extra
             extra_configs.update(proc.extra_configs)
+        run_stats: dict = {}  # what this run spent, for the report only
         if cfg.rewriter.enabled:
-            from pipeline.rewriter.stage import run_rewriter
+            from pipeline.rewriter.stage import manifest_stats, run_report_stats, run_rewriter
 
             with clock.stage("rewriter") as st:
                 rw = run_rewriter(cfg, work, selected)
                 st.units = 1
             stages["rewriter"] = rw.report
-            extra["rewriter"] = rw.stats
+            extra["rewriter"] = manifest_stats(rw.stats)
+            run_stats |= run_report_stats(rw.stats)
             extra_configs.update(rw.extra_configs)
             audit_extra.update(rw.audit_extra)
         with clock.stage("finalize") as st:
@@ -268,7 +270,7 @@ def run_build(
             st.units = 1
         rep.close()
         report = build_report(manifest, clock, cfg.output.dir, "in-process", command)
-        write_report(work.out, report | diversity_report(cfg, work, embedded, selected))
+        write_report(work.out, report | diversity_report(cfg, work, embedded, selected) | run_stats)
     return manifest
 
 
