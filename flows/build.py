@@ -49,6 +49,7 @@ from pipeline.select import SelectResult, select_and_layout
 from pipeline.workdir import WorkDir
 from schemas.config import BuildConfig, load_config, with_overrides
 from schemas.manifest import Manifest, ShardEntry, StageReport
+from schemas.redact import redact_url
 
 DEFAULT_CONFIG = flows.DEFAULT_CONFIG
 
@@ -330,7 +331,8 @@ def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
             manifest = finalize_task(cfg, prepared, selected, entries, stages, command, optional, embedded)
             st.units = 1
         rep.close()
-        runner = f"dask {cfg.run.dask_address or 'local'}" if cfg.run.task_runner == "dask" else "threads"
+        address = redact_url(cfg.run.dask_address) if cfg.run.dask_address else "local"
+        runner = f"dask {address}" if cfg.run.task_runner == "dask" else "threads"
         report = build_report(manifest, clock, cfg.output.dir, runner, command)
         md = write_report(work.out, report | diversity_report(cfg, work, embedded, selected) | run_stats)
     for line in summary_lines(manifest):
