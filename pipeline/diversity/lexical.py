@@ -52,8 +52,12 @@ def jaccard(a: np.ndarray, b: np.ndarray, size: int) -> float:
     """Jaccard estimate from two bottom-`size` sketches (exact when both hold every shingle)."""
     if not len(a) and not len(b):
         return 1.0
-    union = np.union1d(a, b)
-    if len(a) >= size or len(b) >= size:  # a sketch may be cut: estimate from the union's bottom `size`
-        union = union[:size]
+    if len(a) < size and len(b) < size:  # both complete: exact, by binary search in the sorted sketches
+        if not len(a) or not len(b):
+            return 0.0
+        at = np.minimum(np.searchsorted(b, a), len(b) - 1)
+        inter = int((b[at] == a).sum())
+        return inter / (len(a) + len(b) - inter)
+    union = np.union1d(a, b)[:size]  # a sketch may be cut: estimate from the union's bottom `size`
     both = np.isin(union, a, assume_unique=True) & np.isin(union, b, assume_unique=True)
     return float(both.sum()) / len(union)
