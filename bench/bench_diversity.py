@@ -67,7 +67,7 @@ def bench_embedders(minilm_chunks: int, static_chunks: int) -> None:
 
     texts = list(sample_texts())
     wiki = [t for t in texts if len(t) < 4000][:static_chunks]
-    tok = load_tokenizer("quicktok:llama3")
+    tok = load_tokenizer("fastokens:llama3")
     books = [t for t in texts if len(t) > 50_000]
     print("embedders (real text; chunk = pipeline tokens decoded back to text)")
     specs = (
@@ -167,7 +167,7 @@ def bench_quality(n_leads: int, n_code: int) -> None:
     from pipeline.tokenizer import load_tokenizer
     from tests.test_diversity import HAND_PARAPHRASES, light_edit, paraphrase
 
-    tok = load_tokenizer("quicktok:llama3")
+    tok = load_tokenizer("fastokens:llama3")
     leads = wiki_leads()
     by_id = dict(leads)
     short = [t for _, t in leads if 300 < len(t) < 1500][:n_leads]
@@ -288,7 +288,7 @@ def window_corpus(n: int, source: Path, workdir: Path, shards: int = 8, seed: in
         raise SystemExit(
             f"no part-*.jsonl in {source}: build one with `python bench/make_corpus.py {source} --mb 2000`"
         )
-    tok = load_tokenizer("quicktok:llama3")
+    tok = load_tokenizer("fastokens:llama3")
     rng = np.random.default_rng(seed)
     n_dup = n // 20
     n_base = n - n_dup
@@ -533,7 +533,7 @@ def bench_cache(sizes: list[int], doc_tokens: int = 250) -> None:
     from pipeline.embed_cache import EmbeddingCache
     from pipeline.tokenizer import load_tokenizer
 
-    tok = load_tokenizer("quicktok:llama3")
+    tok = load_tokenizer("fastokens:llama3")
     emb = load_embedder("static-tokens", tokenizer=tok)
     rng = np.random.default_rng(0)
     texts = [t for _, t in wiki_leads()] + code_blocks(2000)
@@ -605,7 +605,7 @@ def bench_recall(sizes: list[int], spec: str, wiki_json: Path, min_jaccard: floa
     from pipeline.tokenizer import load_tokenizer
     from schemas.diversity import IndexConfig, SemDedupConfig
 
-    tok = load_tokenizer("quicktok:llama3")
+    tok = load_tokenizer("fastokens:llama3")
     emb = load_embedder(spec, tokenizer=tok)
     threshold = default_threshold(spec)
     for n in sizes:
@@ -678,7 +678,7 @@ def bench_calibration(n_leads: int, specs: list[str], wiki_json: Path, min_jacca
     from pipeline.embed import default_threshold, load_embedder
     from pipeline.tokenizer import load_tokenizer
 
-    tok = load_tokenizer("quicktok:llama3")
+    tok = load_tokenizer("fastokens:llama3")
     leads = json.loads(wiki_json.read_text())
     n_total = int(n_leads / 0.95)
     texts, pairs = planted_corpus(n_total, wiki_json)

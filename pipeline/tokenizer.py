@@ -62,7 +62,7 @@ class TokenizerError(ValueError):
 
 @dataclass(frozen=True)
 class TokenizerIdentity:
-    name: str  # as configured, e.g. "quicktok:llama3"
+    name: str  # as configured, e.g. "fastokens:llama3"
     vocab_hash: str  # sha256 over the vocabulary, merges/ranks and special tokens
     n_vocab: int
 
