@@ -184,8 +184,53 @@ class FrequentWordsTask(_Task):
     words_per_line: int = Field(default=40, ge=10, le=200)
 
 
+class AdversarialTask(_Task):
+    """Adversarial and conflicting evidence: near-miss keys, contradicting updates, prefix-sharing decoy chains."""
+
+    task: Literal["adversarial"] = "adversarial"
+    kind: Literal["near_miss", "update_latest", "update_original", "prefix_chain"] = Field(
+        default="near_miss",
+        description="near_miss: distractor needles whose keys share a word with the asked key; "
+        "update_latest / update_original: the value is corrected later in the context, the question asks "
+        "for the last / the first value; prefix_chain: a hash chain with decoy chains whose hashes share "
+        "their first characters with the real chain's.",
+    )
+    distractors: int = Field(
+        default=4, ge=1, le=100, description="Near-miss keys, corrections, or decoy chains."
+    )
+    hops: int = Field(default=4, ge=1, le=100, description="prefix_chain: links of the real chain.")
+    hash_length: int = Field(default=16, ge=8, le=64, description="prefix_chain: characters of a hash.")
+    alphabet: str = Field(
+        default="0123456789abcdef", min_length=2, description="prefix_chain: hash characters."
+    )
+    shared_prefix: int = Field(
+        default=8,
+        ge=1,
+        le=60,
+        description="prefix_chain: leading characters a decoy hash shares with the real one.",
+    )
+
+    @model_validator(mode="after")
+    def _fits(self) -> AdversarialTask:
+        if self.kind == "prefix_chain":
+            if len(set(self.alphabet)) != len(self.alphabet) or any(
+                c.isspace() or c == "→" for c in self.alphabet
+            ):
+                raise ValueError("alphabet must be distinct, non-whitespace characters")
+            if len(self.alphabet) ** (self.hash_length - self.shared_prefix) < 1e6:
+                raise ValueError(
+                    "alphabet ** (hash_length - shared_prefix) is too small: decoy hashes would collide"
+                )
+        return self
+
+
 TaskConfig = Annotated[
-    HashChainTask | MultiNeedleTask | VariableTrackingTask | AggregationTask | FrequentWordsTask,
+    HashChainTask
+    | MultiNeedleTask
+    | VariableTrackingTask
+    | AggregationTask
+    | FrequentWordsTask
+    | AdversarialTask,
     Field(discriminator="task"),
 ]
 

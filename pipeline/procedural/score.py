@@ -39,7 +39,7 @@ _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
 _WORDS = re.compile(r"[a-z]+(?:[ '-][a-z]+)*")
 
 # Tasks whose answers are identifiers (hashes, codes, numbers, variable names): compared with case.
-CASE_SENSITIVE_TASKS = {"hash_chain", "multi_needle", "variable_tracking"}
+CASE_SENSITIVE_TASKS = {"hash_chain", "multi_needle", "variable_tracking", "adversarial"}
 
 
 def case_sensitive(task: str, expected: list[str]) -> bool:
