@@ -224,13 +224,47 @@ class AdversarialTask(_Task):
         return self
 
 
+class QATask(_Task):
+    """RULER's qa_1 / qa_2: a QA row's gold paragraph(s) among other rows' paragraphs; answer its question."""
+
+    task: Literal["qa"] = "qa"
+    path: str | None = Field(
+        default=None, description="A JSONL file (.gz allowed) of QA rows, relative to the config file."
+    )
+    dataset: str | None = Field(
+        default=None, description="Or: a Hugging Face dataset (local folder or hub id)."
+    )
+    split: str = "train"
+    question_field: str = "question"
+    answers_field: str = Field(
+        default="answers", description="A string, a list of strings, or SQuAD's {text: [...]}."
+    )
+    context_field: str = Field(
+        default="context",
+        description="The gold paragraph(s): a string, a list of strings, or HotpotQA's {sentences: [[...]]}.",
+    )
+    answers: Literal["any", "all"] = Field(
+        default="any",
+        description="any: any listed answer is right (SQuAD, HotpotQA); all: every listed answer is asked for.",
+    )
+    # where a relative `path` starts; set by the stage from the config's folder, never recorded in params
+    base_dir: str | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> QATask:
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("qa: give exactly one of `path` (JSONL) or `dataset` (Hugging Face)")
+        return self
+
+
 TaskConfig = Annotated[
     HashChainTask
     | MultiNeedleTask
     | VariableTrackingTask
     | AggregationTask
     | FrequentWordsTask
-    | AdversarialTask,
+    | AdversarialTask
+    | QATask,
     Field(discriminator="task"),
 ]
 
