@@ -257,6 +257,42 @@ class QATask(_Task):
         return self
 
 
+class ICLTask(_Task):
+    """Many-shot in-context learning: k labelled examples of a dataset, then the label of a held-out row."""
+
+    task: Literal["icl"] = "icl"
+    path: str | None = Field(
+        default=None,
+        description="A JSONL (.gz allowed) or Parquet file of labelled rows, relative to the config.",
+    )
+    dataset: str | None = Field(
+        default=None, description="Or: a Hugging Face dataset (local folder or hub id)."
+    )
+    split: str = "train"
+    text_field: str = "text"
+    label_field: str = "label"
+    shots: int = Field(default=64, ge=1, le=200_000, description="Examples in the context (k).")
+    balance: Literal["natural", "balanced"] = Field(
+        default="balanced",
+        description="natural: examples drawn in the dataset's label proportions; balanced: as even as possible.",
+    )
+    order: Literal["shuffled", "grouped"] = Field(
+        default="shuffled",
+        description="shuffled: labels interleaved at random; grouped: all of a label together.",
+    )
+    max_example_chars: int = Field(
+        default=600, ge=20, le=100_000, description="Longer texts are cut at a word end."
+    )
+    # where a relative `path` starts; set by the stage from the config's folder, never recorded in params
+    base_dir: str | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ICLTask:
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("icl: give exactly one of `path` (JSONL/Parquet) or `dataset` (Hugging Face)")
+        return self
+
+
 TaskConfig = Annotated[
     HashChainTask
     | MultiNeedleTask
@@ -264,7 +300,8 @@ TaskConfig = Annotated[
     | AggregationTask
     | FrequentWordsTask
     | AdversarialTask
-    | QATask,
+    | QATask
+    | ICLTask,
     Field(discriminator="task"),
 ]
 

@@ -2,7 +2,8 @@
 
 Generators (versioned steps): hash_chain@1 (Magic's HashHop), multi_needle@1, variable_tracking@1 and
 aggregation@1 and frequent_words@1 (after NVIDIA's RULER), adversarial@1 (near-miss keys,
-contradicting updates, prefix-sharing decoy chains), qa@1 (RULER's qa_1/qa_2 over a QA dataset the user names). Samples are token-exact chats built on real packed rows.
+contradicting updates, prefix-sharing decoy chains), qa@1 (RULER's qa_1/qa_2 over a QA dataset the user names),
+icl@1 (many-shot in-context learning over a labelled dataset). Samples are token-exact chats built on real packed rows.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pipeline.procedural.aggregation import Aggregation
 from pipeline.procedural.base import Draft, Generator, Needle, Query
 from pipeline.procedural.frequent_words import FrequentWords
 from pipeline.procedural.hash_chain import HashChain
+from pipeline.procedural.icl import ManyShotICL
 from pipeline.procedural.needles import MultiNeedle
 from pipeline.procedural.qa import QA
 from pipeline.procedural.variables import VariableTracking
@@ -26,6 +28,7 @@ GENERATORS: dict[str, Generator] = {
         FrequentWords(),
         Adversarial(),
         QA(),
+        ManyShotICL(),
     )
 }
 

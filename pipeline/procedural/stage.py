@@ -99,7 +99,7 @@ def sample_seed(base: int, label: str, target_length: int, index: int) -> int:
 
 def bound_task(cfg: BuildConfig, task: Any) -> Any:
     """The task as its generator sees it: relative dataset paths start at the config file's folder."""
-    if getattr(task, "task", None) == "qa" and task.base_dir is None:
+    if getattr(task, "task", None) in ("qa", "icl") and task.base_dir is None:
         return task.model_copy(update={"base_dir": str(cfg.base_dir)})
     return task
 
