@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import flows
 from schemas.config import BuildConfig, ConfigError, load_config, with_overrides
@@ -119,13 +120,34 @@ def cmd_score(args: argparse.Namespace) -> int:
     try:
         table = load_eval(args.eval, args.config)
         preds = (
-            reference_predictions(table) if args.predictions is None else read_predictions(args.predictions)
+            reference_predictions(table)
+            if args.predictions is None
+            else read_predictions(args.predictions, table)
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     report = score_table(table, preds).as_dict()
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_export_eval(args: argparse.Namespace) -> int:
+    from pipeline.procedural.export import export_eval
+    from pipeline.procedural.score import load_eval
+
+    dest = Path(args.dest) if args.dest else Path(args.eval) / "eval_export" / args.format
+    try:
+        table = load_eval(args.eval, args.config)
+        files = export_eval(table, dest, args.format, name=f"longloom_{args.config}")
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(
+        json.dumps(
+            {"format": args.format, "rows": table.num_rows, "files": [str(f) for f in files]}, indent=2
+        )
+    )
     return 0
 
 
@@ -272,10 +294,22 @@ def parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("score", help="grade model answers against a procedural evaluation export")
     sc.add_argument("eval", help="output folder of a run (or the eval Parquet files)")
     sc.add_argument(
-        "predictions", nargs="?", help='JSONL of {"eval_id", "prediction"}; omitted: grade the references'
+        "predictions",
+        nargs="?",
+        help='JSONL of {"eval_id", "prediction"}, RULER prediction JSONL or lm-eval samples_*.jsonl '
+        "(a file or a folder); omitted: grade the references",
     )
     sc.add_argument("--config", default="procedural_eval", help="eval config name in the output folder")
     sc.set_defaults(func=cmd_score)
+
+    ex = sub.add_parser(
+        "export-eval", help="write the evaluation rows as RULER JSONL or an lm-evaluation-harness task"
+    )
+    ex.add_argument("eval", help="output folder of a run (or the eval Parquet files)")
+    ex.add_argument("dest", nargs="?", help="folder to write; default: <eval>/eval_export/<format>")
+    ex.add_argument("--format", choices=["ruler", "lm-eval"], required=True)
+    ex.add_argument("--config", default="procedural_eval", help="eval config name in the output folder")
+    ex.set_defaults(func=cmd_export_eval)
 
     s = sub.add_parser(
         "schema", help="print the config schema (every field, type, default and allowed value)"
