@@ -190,3 +190,18 @@ def test_changed_shard_is_refused(built: tuple[Manifest, Path], tmp_path: Path) 
         export(copy, tmp_path / "e", "megatron")
     assert not (tmp_path / "e").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".e.")]
+
+
+def test_cli_error_is_one_line(built: tuple[Manifest, Path], tmp_path: Path) -> None:
+    """The command line says what is wrong in one line and exits 2, with no traceback."""
+    _, out = built
+    cmd = [sys.executable, "-m", "flows.cli", "export", str(out), "--format", "megatron"]
+    cmd += ["--to", str(tmp_path / "e"), "--config", "nope"]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --config nope: not a config with token ids in {out.resolve()}; "
+        "choose from pretrain_16384, pretrain_65536, procedural"
+    ]

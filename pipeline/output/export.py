@@ -18,6 +18,7 @@ project's pinned environment (README, "Exports").
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -101,6 +102,8 @@ def exportable_configs(out: Path, manifest: Manifest) -> dict[str, list[tuple[st
         found[t.config_name] = [(e.path, e.sha256, e.rows) for e in t.shards]
     for name, entries in manifest.extra_configs.items():
         files = [(e.path, e.sha256, e.rows) for e in entries]
+        if files and not (out / files[0][0]).is_file():
+            raise ExportError(f"{out / files[0][0]}: listed in manifest.json but missing; rebuild the output")
         # evaluation tables and the like carry no token ids: nothing to export
         if files and "input_ids" in pq.read_schema(out / files[0][0]).names:
             found[name] = files
@@ -294,7 +297,7 @@ def _partial_name(dest: Path) -> str:
 
 def _clear_leftovers(dest: Path) -> None:
     """Delete the hidden folders of exports to `dest` that were killed (their process is gone)."""
-    for p in dest.parent.glob(f".{dest.name}.*-*"):
+    for p in dest.parent.glob(f".{glob.escape(dest.name)}.*-*"):
         pid = p.name.rsplit("-", 1)[-1]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
