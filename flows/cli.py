@@ -209,6 +209,22 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.output.export import ExportError, export
+
+    out = Path(args.output_dir)
+    dest = Path(args.to) if args.to else out / "exports" / args.format
+    try:
+        res = export(out, dest, args.format, configs=args.config, with_boundaries=args.with_boundaries)
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(res.lines()))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="longloom",
@@ -266,6 +282,24 @@ def parser() -> argparse.ArgumentParser:
         "default: the run's publish.include_audit",
     )
     pub.set_defaults(func=cmd_publish)
+
+    ex = sub.add_parser(
+        "export",
+        help="write OUTPUT_DIR's configs in a trainer's format (megatron: .bin/.idx via megatron-core), "
+        "with a Parquet sidecar of each row's lineage keyed by sequence index",
+    )
+    ex.add_argument("output_dir", help="a finished build's output folder")
+    ex.add_argument("--format", required=True, choices=["megatron"])
+    ex.add_argument("--to", help="destination folder (default: OUTPUT_DIR/exports/FORMAT); replaced whole")
+    ex.add_argument(
+        "--config", action="append", help="export only this config (repeatable; default: every config with ids)"
+    )
+    ex.add_argument(
+        "--with-boundaries",
+        action="store_true",
+        help="add cu_seqlens and position_ids (restarting at each document) to the sidecar, from segments",
+    )
+    ex.set_defaults(func=cmd_export)
 
     g = sub.add_parser(
         "gc",
