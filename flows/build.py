@@ -37,9 +37,10 @@ from pipeline.output.report import (
     write_report,
 )
 from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
-from pipeline.stages.plan import run_plan
+from pipeline.stages.plan import EmbedStage, run_plan
 from schemas.config import BuildConfig, load_config, with_overrides
 from schemas.manifest import Manifest
+from schemas.redact import redact_url
 
 DEFAULT_CONFIG = flows.DEFAULT_CONFIG
 
@@ -61,9 +62,25 @@ def unit_task(job: StageWork, unit: Any) -> Any:
 def stage_task(stage: Stage, cfg: BuildConfig) -> Any:
     """`unit_task` named for `stage`, with the stage's retries (None: the run's `run.retries`)."""
     retries = cfg.run.retries if stage.retries is None else stage.retries
-    return unit_task.with_options(
+    task = unit_task.with_options(
         name=stage.task_name, retries=retries, retry_delay_seconds=cfg.run.retry_delay_seconds
     )
+    if stage.no_retry_on:
+        task = task.with_options(retry_condition_fn=retry_condition(stage.no_retry_on))
+    return task
+
+
+def retry_condition(no_retry: tuple[type[BaseException], ...]) -> Callable[[Any, Any, Any], bool]:
+    """A Prefect retry condition: retry unless the unit failed with one of `no_retry`."""
+
+    def retry_unless(task: Any, task_run: Any, state: Any) -> bool:
+        return not isinstance(state.data, no_retry)
+
+    return retry_unless
+
+
+# the embed stage's: a model that cannot be loaded fails the same way on every try
+retry_unless_embedder_error = retry_condition(EmbedStage.no_retry_on)
 
 
 def card_artifacts(cfg: BuildConfig, manifest: Manifest) -> None:
@@ -149,9 +166,11 @@ def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
         work.remove_temporaries()
         clock = RunClock()
 
-        def after_report(manifest: Manifest) -> None:
-            runner = f"dask {cfg.run.dask_address or 'local'}" if cfg.run.task_runner == "dask" else "threads"
-            md = write_report(work.out, build_report(manifest, clock, cfg.output.dir, runner, command))
+        def after_report(manifest: Manifest, extra: dict[str, Any]) -> None:
+            address = redact_url(cfg.run.dask_address) if cfg.run.dask_address else "local"
+            runner = f"dask {address}" if cfg.run.task_runner == "dask" else "threads"
+            report = build_report(manifest, clock, cfg.output.dir, runner, command)
+            md = write_report(work.out, report | extra)
             for line in summary_lines(manifest):
                 logger.info(line)
             card_artifacts(cfg, manifest)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import flows
 from schemas.config import BuildConfig, ConfigError, load_config, with_overrides
@@ -124,13 +125,34 @@ def cmd_score(args: argparse.Namespace) -> int:
     try:
         table = load_eval(args.eval, args.config)
         preds = (
-            reference_predictions(table) if args.predictions is None else read_predictions(args.predictions)
+            reference_predictions(table)
+            if args.predictions is None
+            else read_predictions(args.predictions, table)
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     report = score_table(table, preds).as_dict()
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_export_eval(args: argparse.Namespace) -> int:
+    from pipeline.synth.procedural.export import export_eval
+    from pipeline.synth.procedural.score import load_eval
+
+    dest = Path(args.dest) if args.dest else Path(args.eval) / "eval_export" / args.format
+    try:
+        table = load_eval(args.eval, args.config)
+        files = export_eval(table, dest, args.format, name=f"longloom_{args.config}")
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(
+        json.dumps(
+            {"format": args.format, "rows": table.num_rows, "files": [str(f) for f in files]}, indent=2
+        )
+    )
     return 0
 
 
@@ -192,6 +214,22 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.output.export import ExportError, export
+
+    out = Path(args.output_dir)
+    dest = Path(args.to) if args.to else out / "exports" / args.format
+    try:
+        res = export(out, dest, args.format, configs=args.config, with_boundaries=args.with_boundaries)
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(res.lines()))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="longloom",
@@ -250,6 +288,24 @@ def parser() -> argparse.ArgumentParser:
     )
     pub.set_defaults(func=cmd_publish)
 
+    ex = sub.add_parser(
+        "export",
+        help="write OUTPUT_DIR's configs in a trainer's format (megatron: .bin/.idx via megatron-core), "
+        "with a Parquet sidecar of each row's lineage keyed by sequence index",
+    )
+    ex.add_argument("output_dir", help="a finished build's output folder")
+    ex.add_argument("--format", required=True, choices=["megatron"])
+    ex.add_argument("--to", help="destination folder (default: OUTPUT_DIR/exports/FORMAT); replaced whole")
+    ex.add_argument(
+        "--config", action="append", help="export only this config (repeatable; default: every config with ids)"
+    )
+    ex.add_argument(
+        "--with-boundaries",
+        action="store_true",
+        help="add cu_seqlens and position_ids (restarting at each document) to the sidecar, from segments",
+    )
+    ex.set_defaults(func=cmd_export)
+
     g = sub.add_parser(
         "gc",
         help="list (and with --delete remove) intermediates under OUTPUT_DIR/.longloom that no current "
@@ -277,10 +333,22 @@ def parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("score", help="grade model answers against a procedural evaluation export")
     sc.add_argument("eval", help="output folder of a run (or the eval Parquet files)")
     sc.add_argument(
-        "predictions", nargs="?", help='JSONL of {"eval_id", "prediction"}; omitted: grade the references'
+        "predictions",
+        nargs="?",
+        help='JSONL of {"eval_id", "prediction"}, RULER prediction JSONL or lm-eval samples_*.jsonl '
+        "(a file or a folder); omitted: grade the references",
     )
     sc.add_argument("--config", default="procedural_eval", help="eval config name in the output folder")
     sc.set_defaults(func=cmd_score)
+
+    ex = sub.add_parser(
+        "export-eval", help="write the evaluation rows as RULER JSONL or an lm-evaluation-harness task"
+    )
+    ex.add_argument("eval", help="output folder of a run (or the eval Parquet files)")
+    ex.add_argument("dest", nargs="?", help="folder to write; default: <eval>/eval_export/<format>")
+    ex.add_argument("--format", choices=["ruler", "lm-eval"], required=True)
+    ex.add_argument("--config", default="procedural_eval", help="eval config name in the output folder")
+    ex.set_defaults(func=cmd_export_eval)
 
     s = sub.add_parser(
         "schema", help="print the config schema (every field, type, default and allowed value)"

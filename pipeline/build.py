@@ -52,19 +52,19 @@ __all__ = [
 
 def preflight(cfg: BuildConfig) -> list[InputShard]:
     """Every check that can fail before work starts: inputs exist, tokenizer and its tokens resolve."""
-    from pipeline.core.tokenizer import TokenizerError
+    from pipeline.core.tokenizer import TokenizerError, separator_and_pad
 
     try:
         tok = tokenizer_for(cfg)
-        tok.special_token_id(cfg.packing.separator)
-        tok.special_token_id(cfg.packing.pad_token or cfg.packing.separator)
+        for special in separator_and_pad(tok, cfg.packing.separator, cfg.packing.pad_token):
+            tok.special_token_id(special)
     except TokenizerError as err:
         raise ConfigError(f"tokenizer / packing.separator / packing.pad_token: {err}") from None
     if cfg.diversity.embedder:
         from pipeline.embedders.registry import EmbedderError, check_embedder_spec
 
         try:
-            check_embedder_spec(cfg.diversity.embedder)
+            check_embedder_spec(cfg.diversity.embedder, cfg.base_dir)
         except EmbedderError as err:
             raise ConfigError(str(err)) from None
         semantic_selectors(cfg)  # a configured SemDeDup/D4 that cannot load fails here, not mid-run
@@ -202,7 +202,8 @@ def run_stages(
         work.remove_temporaries()
         clock = RunClock()
 
-        def after_report(manifest: Manifest) -> None:
-            write_report(work.out, build_report(manifest, clock, cfg.output.dir, "in-process", command))
+        def after_report(manifest: Manifest, extra: dict[str, Any]) -> None:
+            report = build_report(manifest, clock, cfg.output.dir, "in-process", command)
+            write_report(work.out, report | extra)
 
         return run_plan(RunContext(cfg, command), Inputs(shards=shards), run_units, rep, clock, after_report)

@@ -49,6 +49,29 @@ class IndexConfig(_Strict):
     nprobe: int = Field(default=8, ge=1)
 
 
+class LexicalConfig(_Strict):
+    """Lexical confirmation before a semantic drop: the pair's token-id shingles must overlap
+    (Jaccard of `shingle_tokens`-grams, bottom-k sketches; pipeline/corpus/semantic/lexical.py)."""
+
+    enabled: bool | None = Field(
+        default=None,
+        description="None = on for static embedders (static-minilm, static-tokens, model2vec:), off otherwise.",
+    )
+    shingle_tokens: int = Field(default=3, ge=1, le=64, description="Tokens per shingle.")
+    min_jaccard: float = Field(
+        default=0.3,
+        ge=0.0,
+        le=1.0,
+        description="A pair counts as a near-duplicate only at this Jaccard or above.",
+    )
+    sketch: int = Field(
+        default=512,
+        ge=16,
+        le=65536,
+        description="Smallest shingle hashes kept per document (exact below that).",
+    )
+
+
 class SemDedupConfig(_Strict):
     """SemDeDup (Abbas et al. 2023): inside each k-means cluster, drop documents too close to a kept one."""
 
@@ -67,6 +90,25 @@ class SemDedupConfig(_Strict):
         description="Which document of a near-duplicate group is kept; ties go to the earlier document.",
     )
     kmeans: KMeansConfig = Field(default_factory=KMeansConfig)
+    lexical: LexicalConfig = Field(default_factory=LexicalConfig)
+    boundary_margin: Literal["auto"] | float | None = Field(
+        default="auto",
+        description=(
+            "Near-duplicates that k-means splits across clusters: a document whose second-nearest centroid "
+            "is within this cosine of its nearest is also compared, as a guest, with that cluster's members "
+            "(each cluster stays an independent unit of work). 'auto' = half of sqrt(2 - 2 x threshold) x "
+            "the distance between the two centroids, the margin within which one document of every pair "
+            "above the threshold must lie (see pipeline/corpus/semantic/prune.py); a number = a fixed margin; "
+            "None = compare inside clusters only."
+        ),
+    )
+
+    @field_validator("boundary_margin")
+    @classmethod
+    def _margin_range(cls, v: str | float | None) -> str | float | None:
+        if isinstance(v, float | int) and not 0.0 <= v <= 2.0:
+            raise ValueError("boundary_margin: a cosine margin between 0 and 2, 'auto' or null")
+        return v
 
 
 class D4Config(_Strict):

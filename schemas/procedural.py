@@ -184,8 +184,124 @@ class FrequentWordsTask(_Task):
     words_per_line: int = Field(default=40, ge=10, le=200)
 
 
+class AdversarialTask(_Task):
+    """Adversarial and conflicting evidence: near-miss keys, contradicting updates, prefix-sharing decoy chains."""
+
+    task: Literal["adversarial"] = "adversarial"
+    kind: Literal["near_miss", "update_latest", "update_original", "prefix_chain"] = Field(
+        default="near_miss",
+        description="near_miss: distractor needles whose keys share a word with the asked key; "
+        "update_latest / update_original: the value is corrected later in the context, the question asks "
+        "for the last / the first value; prefix_chain: a hash chain with decoy chains whose hashes share "
+        "their first characters with the real chain's.",
+    )
+    distractors: int = Field(
+        default=4, ge=1, le=100, description="Near-miss keys, corrections, or decoy chains."
+    )
+    hops: int = Field(default=4, ge=1, le=100, description="prefix_chain: links of the real chain.")
+    hash_length: int = Field(default=16, ge=8, le=64, description="prefix_chain: characters of a hash.")
+    alphabet: str = Field(
+        default="0123456789abcdef", min_length=2, description="prefix_chain: hash characters."
+    )
+    shared_prefix: int = Field(
+        default=8,
+        ge=1,
+        le=60,
+        description="prefix_chain: leading characters a decoy hash shares with the real one.",
+    )
+
+    @model_validator(mode="after")
+    def _fits(self) -> AdversarialTask:
+        if self.kind == "prefix_chain":
+            if len(set(self.alphabet)) != len(self.alphabet) or any(
+                c.isspace() or c == "→" for c in self.alphabet
+            ):
+                raise ValueError("alphabet must be distinct, non-whitespace characters")
+            if len(self.alphabet) ** (self.hash_length - self.shared_prefix) < 1e6:
+                raise ValueError(
+                    "alphabet ** (hash_length - shared_prefix) is too small: decoy hashes would collide"
+                )
+        return self
+
+
+class QATask(_Task):
+    """RULER's qa_1 / qa_2: a QA row's gold paragraph(s) among other rows' paragraphs; answer its question."""
+
+    task: Literal["qa"] = "qa"
+    path: str | None = Field(
+        default=None, description="A JSONL file (.gz allowed) of QA rows, relative to the config file."
+    )
+    dataset: str | None = Field(
+        default=None, description="Or: a Hugging Face dataset (local folder or hub id)."
+    )
+    split: str = "train"
+    question_field: str = "question"
+    answers_field: str = Field(
+        default="answers", description="A string, a list of strings, or SQuAD's {text: [...]}."
+    )
+    context_field: str = Field(
+        default="context",
+        description="The gold paragraph(s): a string, a list of strings, or HotpotQA's {sentences: [[...]]}.",
+    )
+    answers: Literal["any", "all"] = Field(
+        default="any",
+        description="any: any listed answer is right (SQuAD, HotpotQA); all: every listed answer is asked for.",
+    )
+    # where a relative `path` starts; set by the stage from the config's folder, never recorded in params
+    base_dir: str | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> QATask:
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("qa: give exactly one of `path` (JSONL) or `dataset` (Hugging Face)")
+        return self
+
+
+class ICLTask(_Task):
+    """Many-shot in-context learning: k labelled examples of a dataset, then the label of a held-out row."""
+
+    task: Literal["icl"] = "icl"
+    path: str | None = Field(
+        default=None,
+        description="A JSONL (.gz allowed) or Parquet file of labelled rows, relative to the config.",
+    )
+    dataset: str | None = Field(
+        default=None, description="Or: a Hugging Face dataset (local folder or hub id)."
+    )
+    split: str = "train"
+    text_field: str = "text"
+    label_field: str = "label"
+    shots: int = Field(default=64, ge=1, le=200_000, description="Examples in the context (k).")
+    balance: Literal["natural", "balanced"] = Field(
+        default="balanced",
+        description="natural: examples drawn in the dataset's label proportions; balanced: as even as possible.",
+    )
+    order: Literal["shuffled", "grouped"] = Field(
+        default="shuffled",
+        description="shuffled: labels interleaved at random; grouped: all of a label together.",
+    )
+    max_example_chars: int = Field(
+        default=600, ge=20, le=100_000, description="Longer texts are cut at a word end."
+    )
+    # where a relative `path` starts; set by the stage from the config's folder, never recorded in params
+    base_dir: str | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ICLTask:
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("icl: give exactly one of `path` (JSONL/Parquet) or `dataset` (Hugging Face)")
+        return self
+
+
 TaskConfig = Annotated[
-    HashChainTask | MultiNeedleTask | VariableTrackingTask | AggregationTask | FrequentWordsTask,
+    HashChainTask
+    | MultiNeedleTask
+    | VariableTrackingTask
+    | AggregationTask
+    | FrequentWordsTask
+    | AdversarialTask
+    | QATask
+    | ICLTask,
     Field(discriminator="task"),
 ]
 

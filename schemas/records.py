@@ -283,3 +283,13 @@ REWRITER_AUDIT_SCHEMA = pa.schema(
     ],
     metadata={"longloom.table": "rewriter_audit@1"},
 )
+
+# --- document boundaries of a row (`longloom export --with-boundaries`) --------------------------------
+# `cu_seqlens`: offsets where each sequence of the row starts, then the row's length (a document with its
+# separator is one sequence; the padding at the end is one more). `position_ids`: one per token,
+# restarting at 0 at every sequence. What FlashAttention's varlen kernels and packed-sequence
+# training take, so that no token attends across a document boundary.
+BOUNDARY_FIELDS: tuple[pa.Field, pa.Field] = (
+    pa.field("cu_seqlens", pa.list_(pa.int32()), nullable=False),
+    pa.field("position_ids", pa.list_(pa.int32()), nullable=False),
+)

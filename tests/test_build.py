@@ -41,7 +41,7 @@ def test_rows_have_exact_lengths_and_the_schema(sample_run: tuple[BuildConfig, M
             assert np.all(table.column("length").to_numpy() == t.target_length)
             lineage = table.column("lineage").to_pylist()[0]
             assert (
-                lineage["tokenizer"] == "quicktok:llama3"
+                lineage["tokenizer"] == "fastokens:llama3"
                 and lineage["config_hash"] == manifest.row_config_hashes["pretraining"]
             )
             assert "best_fit@2" in lineage["steps"] and "exact_dedup@1" in lineage["steps"]

@@ -11,6 +11,7 @@ import itertools
 import json
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +200,7 @@ def test_planted_near_duplicates_are_pruned_and_distinct_documents_kept(
 
 def test_audit_table_explains_every_drop(corpus: Corpus, pruned_run: tuple[Path, Manifest]) -> None:
     out, m = pruned_run
-    cfg = corpus.config(out, Path(m.extra["diversity"]["cache_dir"]))
+    cfg = corpus.config(out, Path(run_report(out)["diversity"]["cache_dir"]))
     pruned = read_table(out, "pruned")
     filtered = [r for r in read_table(out, "filtered") if r["step"] == "semdedup@1"]
     assert {r["doc_id"] for r in filtered} == {r["doc_id"] for r in pruned}
@@ -223,25 +224,30 @@ def test_audit_table_explains_every_drop(corpus: Corpus, pruned_run: tuple[Path,
         assert r["cluster_size"] >= 2 and r["uri"].endswith("wiki.jsonl") and r["record"] >= 1
 
 
+def run_report(out: Path) -> dict[str, Any]:
+    return json.loads((out / "report.json").read_text())
+
+
 def test_embedding_cache_is_hit_on_rerun(
     corpus: Corpus, pruned_run: tuple[Path, Manifest], tmp_path: Path
 ) -> None:
-    _, first = pruned_run
-    cache = Path(first.extra["diversity"]["cache_dir"])
-    emb = first.extra["diversity"]["embedding"]
+    out, first = pruned_run
+    cache = Path(run_report(out)["diversity"]["cache_dir"])
+    emb = run_report(out)["diversity"]["embedding"]
     assert emb["cache_misses"] > 0 and emb["model_calls"] > 0
     model = load_embedder("minilm")
     calls = model.calls
     # a second pass over the same texts from a fresh output folder: every vector comes from the cache
     again = run_build(corpus.config(tmp_path / "second", cache))
-    e2 = again.extra["diversity"]["embedding"]
+    e2 = run_report(tmp_path / "second")["diversity"]["embedding"]
     assert model.calls == calls
     assert e2["model_calls"] == 0 and e2["cache_misses"] == 0
     assert e2["cache_hits"] == emb["cache_hits"] + emb["cache_misses"]
     assert again.extra["diversity"]["pruned_by_rule"] == first.extra["diversity"]["pruned_by_rule"]
     # a rerun in place reuses the verified per-shard files
-    third = run_build(corpus.config(tmp_path / "second", cache))
-    assert third.extra["diversity"]["embedding"]["shards_reused"] == 1 and model.calls == calls
+    run_build(corpus.config(tmp_path / "second", cache))
+    assert run_report(tmp_path / "second")["diversity"]["embedding"]["shards_reused"] == 1
+    assert model.calls == calls
 
 
 def test_d4_keeps_the_fraction_farthest_from_centroids(corpus: Corpus, cache: Path, tmp_path: Path) -> None:
@@ -437,7 +443,7 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
     from pipeline.build import preflight
 
     cfg = make_config(tmp_path / "out", diversity={"embedder": "st:./no/such/model"})
-    with pytest.raises(ConfigError, match="neither an existing folder nor a hub id"):
+    with pytest.raises(ConfigError, match="not found"):
         preflight(cfg)
 
 
@@ -466,3 +472,273 @@ def test_flow_with_diversity_reconciles(tmp_path: Path, prefect_harness: None) -
     n_pruned = sum(f.rows for f in m.audit["pruned"])
     assert n_pruned == sum(d["pruned_by_rule"].values()) > 0
     assert {t.strategy for t in m.targets} == {"similarity@2"}
+    # 18.3: a rerun in place reuses every embedding shard, and the report of the Prefect run says so
+    assert run(cfg)["checks_ok"]
+    embed = next(s for s in run_report(tmp_path / "out")["stages"] if s["stage"] == "embed")
+    assert embed["reused"] == embed["units"] == len(m.inputs)
+
+
+# --- issue 18 ---------------------------------------------------------------------------------------------
+
+
+def reference_coverage(cfg: BuildConfig, chunk: int, max_chunks: int) -> tuple[int, float]:
+    """(partial documents, smallest coverage) recounted from the prepared documents with chunk_spans."""
+    partial, lowest = 0, 1.0
+    for f in sorted((WorkDir(cfg).prepare_dir / "documents").glob("*.parquet")):
+        for n in pq.read_table(f, columns=["n_tokens"]).column("n_tokens").to_pylist():
+            covered = sum(b - a for a, b in chunk_spans(n, chunk, max_chunks))
+            if covered < n:
+                partial, lowest = partial + 1, min(lowest, covered / n)
+    return partial, lowest
+
+
+def test_partial_embedding_count_is_the_same_with_a_warm_cache(corpus: Corpus, tmp_path: Path) -> None:
+    """18.1: coverage is a property of the documents and the chunking, not of where the vector came from."""
+    small = {"embedder": "static-minilm", "chunk_tokens": 32, "max_chunks": 2}
+    cold_cfg = corpus.config(tmp_path / "cold", tmp_path / "cache", **small)
+    cold = run_build(cold_cfg).extra["diversity"]["embedding"]
+    warm = run_build(corpus.config(tmp_path / "warm", tmp_path / "cache", **small)).extra["diversity"][
+        "embedding"
+    ]
+    partial, lowest = reference_coverage(cold_cfg, 32, 2)
+    assert partial > 0
+    for e in (cold, warm):
+        assert e["partial_documents"] == partial
+        assert e["min_coverage"] == pytest.approx(lowest)
+
+
+def test_manifest_holds_no_timings_and_the_report_does(corpus: Corpus, tmp_path: Path) -> None:
+    """18.2: two runs of one config (cold cache, then warm, then in place) give byte-identical manifests;
+    18.3: the report counts the embedding shards a rerun in place reused."""
+    div = {"embedder": "static-minilm", "packing": {"strategy": "similarity", "targets": [{"length": 2048}]}}
+    cfg = corpus.config(tmp_path / "out", tmp_path / "cache", **div)
+    run_build(cfg)
+    first = (tmp_path / "out" / "manifest.json").read_bytes()
+    shutil.rmtree(tmp_path / "out")
+    run_build(cfg)  # warm cache: different hit counts and seconds, same output
+    assert (tmp_path / "out" / "manifest.json").read_bytes() == first
+    run_build(cfg)  # in place: every shard reused
+    assert (tmp_path / "out" / "manifest.json").read_bytes() == first
+    m = Manifest.model_validate_json(first)
+    assert "seconds" not in json.dumps(m.extra["diversity"])
+    report = run_report(tmp_path / "out")
+    d = report["diversity"]
+    assert d["embedding"]["seconds"] >= 0 and d["semdedup"]["seconds"] > 0
+    assert d["order"]["2048"]["seconds"] > 0
+    embed = next(s for s in report["stages"] if s["stage"] == "embed")
+    assert embed["units"] == m.extra["diversity"]["embedding"]["shards"] == len(m.inputs)
+    assert embed["reused"] == embed["units"] == d["embedding"]["shards_reused"]
+
+
+def save_as_model2vec(folder: Path) -> None:
+    """The static-minilm weights in model2vec's folder layout (tokenizer.json + model.safetensors)."""
+    from safetensors.numpy import save_file
+
+    module = load_embedder("static-minilm").model[0]  # type: ignore[attr-defined]
+    folder.mkdir(parents=True)
+    module.tokenizer.save(str(folder / "tokenizer.json"))
+    save_file({"embeddings": module.embedding.weight.detach().numpy()}, str(folder / "model.safetensors"))
+
+
+def test_model_paths_resolve_against_the_config_folder(
+    corpus: Corpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """18.4: `model2vec:models/m2v` is the folder beside the config (as sources are), whatever the cwd,
+    and a path that exists is never taken for a hub id although it is shaped like `org/name`."""
+    from pipeline.build import preflight
+
+    save_as_model2vec(corpus.root / "models" / "m2v")
+    monkeypatch.chdir(tmp_path)  # the config's folder is corpus.root, not the working directory
+    cfg = corpus.config(tmp_path / "out", tmp_path / "cache", embedder="model2vec:models/m2v")
+    preflight(cfg)
+    m = run_build(cfg)
+    assert m.ok and m.extra["diversity"]["embedding"]["embedder"].startswith("model2vec:m2v@")
+
+
+def one_line_config_error(cfg: BuildConfig) -> str:
+    from pipeline.build import preflight
+
+    with pytest.raises(ConfigError) as err:
+        preflight(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and "Traceback" not in msg
+    return msg
+
+
+def test_missing_model_paths_and_unreachable_hub_ids_fail_in_preflight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """18.4: a missing local model path is "not found"; a hub id the hub cannot serve fails once, in
+    preflight (what `longloom validate` and `longloom build` run before any work), with one line."""
+    import http.server
+    import threading
+
+    from huggingface_hub import constants
+
+    for spec in ("st:/no/such/model", "model2vec:./models/missing", "st:~/no/such/model"):
+        msg = one_line_config_error(make_config(tmp_path / "out", diversity={"embedder": spec}))
+        assert "not found" in msg and ("no/such/model" in msg or "models/missing" in msg)
+    # shaped like a hub id and not on disk: not in the local hub cache, and the machine is offline
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    offline = make_config(tmp_path / "out", diversity={"embedder": "st:acme/no-such-model"})
+    assert "HF_HUB_OFFLINE" in one_line_config_error(offline)
+    # online, but the hub answers 503: asked exactly once (no retries), one line
+    requests: list[str] = []
+
+    class Down(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Down)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        msg = one_line_config_error(offline)
+    finally:
+        server.shutdown()
+    assert "acme/no-such-model" in msg and "cannot serve" in msg
+    # the client may ask other endpoints of its own (agent-harnesses); the model is asked for once
+    assert [r for r in requests if "no-such-model" in r] == ["/api/models/acme/no-such-model"], requests
+
+
+def test_a_model_that_fails_to_load_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """18.4: the loader remembers a failure (every shard asks), and the Prefect task does not retry it."""
+    from prefect.states import Failed
+
+    import pipeline.embedders.registry as embed
+    from flows.build import retry_unless_embedder_error
+
+    calls: list[str] = []
+
+    def broken(spec: str, device: str, tokenizer: object) -> embed.Embedder:
+        calls.append(spec)
+        raise embed.EmbedderError(f"diversity.embedder {spec!r}: cannot load")
+
+    monkeypatch.setattr(embed, "_build", broken)
+    for _ in range(3):
+        with pytest.raises(embed.EmbedderError, match="cannot load"):
+            embed.load_embedder("st:acme/unloadable")
+    assert calls == ["st:acme/unloadable"]
+    assert not retry_unless_embedder_error(None, None, Failed(data=embed.EmbedderError("x")))
+    assert retry_unless_embedder_error(None, None, Failed(data=OSError("disk hiccup")))
+
+
+def test_a_fully_cached_rerun_loads_no_model(
+    corpus: Corpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """18.7: the model is loaded only when a cache miss needs it; static-tokens skips the cache, which is
+    slower to read than embedding from token ids."""
+    import pipeline.embedders.registry as embed
+
+    first = corpus.config(tmp_path / "first", tmp_path / "cache", embedder="static-minilm")
+    run_build(first)
+    vecs = doc_vectors(tmp_path / "first", first)
+    loads: list[str] = []
+    real_build = embed._build
+
+    def counting(spec: str, device: str, tokenizer: Any) -> embed.Embedder:
+        loads.append(spec)
+        return real_build(spec, device, tokenizer)
+
+    monkeypatch.setattr(embed, "_build", counting)
+    monkeypatch.setattr(embed, "_LOADED", {})  # a fresh process: nothing loaded yet
+    again = corpus.config(tmp_path / "again", tmp_path / "cache", embedder="static-minilm")
+    run_build(again)
+    assert loads == []
+    assert run_report(tmp_path / "again")["diversity"]["embedding"]["cache_hits"] == corpus.n
+    warm = doc_vectors(tmp_path / "again", again)
+    assert all(np.array_equal(vecs[k], warm[k]) for k in vecs)
+    # a new text is a miss: now the model is loaded, once
+    extra = corpus.root / "more.jsonl"
+    extra.write_text(json.dumps({"id": "new-1", "text": "A document no run has embedded yet. " * 40}) + "\n")
+    more = corpus.config(tmp_path / "more", tmp_path / "cache", embedder="static-minilm")
+    more = more.model_copy(
+        update={
+            "sources": [
+                *more.sources,
+                more.sources[0].model_copy(update={"name": "more", "paths": ["more.jsonl"]}),
+            ]
+        }
+    )
+    run_build(more)
+    assert loads == ["static-minilm"]
+    # static-tokens neither reads nor fills the cache
+    tokens = corpus.config(tmp_path / "tokens", tmp_path / "tokens-cache", embedder="static-tokens")
+    run_build(tokens)
+    assert not list((tmp_path / "tokens-cache").rglob("*.npy"))
+    e = run_report(tmp_path / "tokens")["diversity"]["embedding"]
+    assert e["cache_hits"] == 0 and e["cache_misses"] == corpus.n
+
+
+def test_near_duplicates_split_across_clusters_are_found() -> None:
+    """18.5: pairs that k-means puts in two clusters meet as boundary guests; the drops equal those of
+    one exact cluster (the reference: every pair compared), and each names a kept partner."""
+    from pipeline.corpus.semantic.prune import semdedup_arrays
+    from schemas.diversity import SemDedupConfig
+
+    rng = np.random.default_rng(5)
+    d = 32
+    centers = rng.normal(size=(8, d))
+    x = np.repeat(centers, 150, axis=0) + 0.9 * rng.normal(size=(1200, d))
+    # 40 planted pairs halfway between two topics: each copy leans a little to one side
+    a, b = centers[rng.integers(0, 8, 40)], centers[rng.integers(0, 8, 40)]
+    mid = (a + b) / 2 + 0.3 * rng.normal(size=(40, d))
+    lean = 0.03 * (a - b)
+    x = np.r_[x, mid + lean, mid - lean + 0.02 * rng.normal(size=(40, d))]
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    n_tokens = rng.integers(100, 1000, len(x))
+
+    def run(clusters: int, margin: str | float | None) -> Any:
+        sd = SemDedupConfig(kmeans={"clusters": clusters}, boundary_margin=margin)
+        return semdedup_arrays(x, n_tokens, 0.97, sd, IndexConfig(), 0)
+
+    exact = run(1, None)
+    planted = {(1200 + k, 1240 + k) for k in range(40)}
+    found = {tuple(sorted((int(p), int(q)))) for p, q in zip(exact.dropped, exact.nearest, strict=True)}
+    assert found >= planted
+    inside = run(8, None)
+    assert not inside.across.any() and len(inside.dropped) < len(exact.dropped)  # the defect: pairs split
+    guests = run(8, "auto")  # the default
+    assert set(guests.dropped.tolist()) == set(exact.dropped.tolist())
+    assert guests.across.any() and 0 < guests.guests < len(x) // 4  # bounded: few documents compared twice
+    kept = np.ones(len(x), bool)
+    kept[guests.dropped] = False
+    assert kept[guests.nearest].all()
+    cos = (x[guests.dropped] * x[guests.nearest]).sum(1)
+    assert np.allclose(cos, guests.similarity, atol=1e-5) and (cos > 0.97).all()
+
+
+def test_confirmed_greedy_equals_checking_every_pair_first() -> None:
+    """18.6: the lexical check is asked lazily, with the result of filtering every pair first."""
+    from pipeline.corpus.semantic.prune import confirmed_greedy
+
+    rng = np.random.default_rng(4)
+    for _ in range(40):
+        n = 30
+        adj = np.triu(rng.random((n, n)) < 0.25, 1)
+        lo, hi = np.nonzero(adj)
+        sim = rng.random(len(lo)).astype(np.float32)
+        passes = rng.random((n, n)) < 0.6
+        asked: list[tuple[int, int]] = []
+
+        def check(a: int, b: int, passes: np.ndarray = passes, asked: list = asked) -> float:
+            asked.append((a, b))
+            return 1.0 if passes[min(a, b), max(a, b)] else 0.0
+
+        dropped, who, near, cos, lex, _ = confirmed_greedy(n, lo, hi, sim, check, 0.5)
+        ok = passes[lo, hi]
+        want = greedy_drop(n, lo[ok], hi[ok])
+        w_who, w_near, w_sim = nearest_kept(lo[ok], hi[ok], sim[ok], want)
+        assert (dropped == want).all()
+        o = np.argsort(who)
+        assert (who[o] == w_who).all() and (near[o] == w_near).all() and np.allclose(cos[o], w_sim)
+        assert (lex == 1.0).all() and len(asked) <= len(lo)

@@ -7,6 +7,7 @@ machine, ~30-90 s, then cached like the table itself; building the table takes ~
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -154,8 +155,8 @@ def test_planted_edited_copies_are_pruned_with_static_tokens(
 def test_stage_vectors_are_chunk_means_of_id_spans(
     corpus: Corpus, tokens_run: tuple[Path, Manifest], embedder: TokenStaticEmbedder, tmp_path: Path
 ) -> None:
-    out, m = tokens_run
-    cfg = corpus.config(out, Path(m.extra["diversity"]["cache_dir"]), embedder="static-tokens")
+    out, _m = tokens_run
+    cfg = corpus.config(out, out.parent / "cache", embedder="static-tokens")
     work = WorkDir(cfg)
     stored = doc_vectors(out, cfg)
     docs = sorted((work.prepare_dir / "documents").glob("*.parquet"))[0]
@@ -185,3 +186,70 @@ def test_stage_vectors_are_chunk_means_of_id_spans(
         chunks = [naive(embedder.table, x[a:b]) for a, b in chunk_spans(len(x), 32, 3)]
         want = np.mean(chunks, axis=0)
         assert np.allclose(got[row], want / np.linalg.norm(want), atol=1e-5)
+
+
+# --- issue 18.6: lexical confirmation before a static-model drop ---------------------------------------
+
+
+def test_shingle_jaccard_matches_python_sets() -> None:
+    from pipeline.corpus.semantic.lexical import jaccard, sketch
+
+    rng = np.random.default_rng(3)
+
+    def grams(x: list[int], k: int) -> set[tuple[int, ...]]:
+        return {tuple(x[i : i + k]) for i in range(len(x) - k + 1)} if len(x) >= k else {tuple(x)}
+
+    for n, size in ((60, 512), (3000, 512)):  # exact below the sketch size, an estimate above it
+        a = rng.integers(0, 400, n).tolist()
+        b = list(a)
+        for _ in range(n // 10):
+            b[rng.integers(0, n)] = int(rng.integers(0, 400))
+        want = len(grams(a, 3) & grams(b, 3)) / len(grams(a, 3) | grams(b, 3))
+        got = jaccard(sketch(np.array(a), 3, size), sketch(np.array(b), 3, size), size)
+        assert got == pytest.approx(want, abs=1e-9 if n < size else 0.07), (n, got, want)
+
+
+def test_static_drops_need_shared_text(tmp_path: Path) -> None:
+    """A word-shuffled copy has a static model's vector (a mean of word vectors) but no shared 3-grams: the
+    lexical check keeps it, while edited copies are still pruned, each drop recording its Jaccard."""
+    import gzip
+    import json
+    import random
+
+    from tests.conftest import DATA, make_config
+    from tests.test_diversity import light_edit
+
+    with gzip.open(DATA / "sample/wiki/part-000.jsonl.gz", "rt", encoding="utf-8") as f:
+        docs = [json.loads(line) for line in f]
+    docs = [d for d in docs if not d["id"].endswith("-dup") and 400 < len(d["text"]) < 1500][:60]
+    rows = list(docs)
+    for i, d in enumerate(docs[:5]):
+        rows.append({"id": f"{d['id']}-edited", "text": light_edit(d["text"], i)})
+    for i, d in enumerate(docs[5:10]):
+        words = d["text"].split()
+        random.Random(i).shuffle(words)
+        rows.append({"id": f"{d['id']}-shuffled", "text": " ".join(words)})
+    (tmp_path / "w.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def run(out: str, **semdedup: object) -> dict[str, dict]:
+        cfg = make_config(
+            tmp_path / out,
+            base_dir=tmp_path,
+            sources=[{"name": "w", "kind": "jsonl", "paths": ["w.jsonl"], "id_field": "id"}],
+            packing={"strategy": "greedy", "targets": [{"length": 2048}]},
+            diversity={"embedder": "static-tokens", "progress": False, "semdedup": semdedup},
+        )
+        m = run_build(cfg)
+        assert m.ok
+        return {r["doc_id"]: r for r in read_table(tmp_path / out, "pruned")}
+
+    shuffled = {(d["id"], f"{d['id']}-shuffled") for d in docs[5:10]}
+    edited = {(d["id"], f"{d['id']}-edited") for d in docs[:5]}
+    unchecked = run("off", lexical={"enabled": False})
+    assert all((a in unchecked) or (b in unchecked) for a, b in shuffled)  # the defect
+    checked = run("on")  # default for static embedders
+    assert not any(a in checked or b in checked for a, b in shuffled)
+    assert all((a in checked) != (b in checked) for a, b in edited)
+    for r in checked.values():
+        jac = float(re.search(r"shingle Jaccard ([0-9.]+) >= 0\.3", r["detail"]).group(1))  # type: ignore[union-attr]
+        assert jac >= 0.3

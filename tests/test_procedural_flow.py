@@ -90,7 +90,7 @@ def test_library_run_outputs_and_distance_report(library_run) -> None:  # type: 
 
 def test_haystack_lineage_points_at_the_source_text(library_run) -> None:  # type: ignore[no-untyped-def]
     out, _ = library_run
-    tok = load_tokenizer("quicktok:llama3")
+    tok = load_tokenizer("fastokens:llama3")  # the sample config's tokenizer
     docs = sample_docs()
     chat = ds.dataset(str(out / "data" / "procedural"), format="parquet").to_table()
     rows = pq.read_table(next((out / "data").glob("pretrain_*/*.parquet")), columns=["row_id"]).column(
@@ -155,7 +155,7 @@ def test_haystack_reuses_row_ids_exactly(library_run) -> None:  # type: ignore[n
     from pipeline.synth.chat import Haystack
 
     out, _ = library_run
-    tok = load_tokenizer("quicktok:llama3")
+    tok = load_tokenizer("fastokens:llama3")  # the sample config's tokenizer
     for f in sorted((out / "data").glob("pretrain_*/*.parquet")):
         rows = pq.read_table(f, columns=["row_id", "input_ids", "segments"]).to_pylist()
         for limit in (None, 3000, 40_000):

@@ -502,3 +502,9 @@ def test_unreachable_endpoint_fails_at_once_in_one_line(out: Path, tmp_path: Pat
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     dry = cli.run("publish", str(out), "--repo-id", REPO, "--dry-run")
     assert dry.returncode == 0 and "could not be reached" in dry.stdout and "Retrying" not in dry.stderr
+
+    # credentials inside HF_ENDPOINT are used, never shown: the one line names the host without them
+    cli.env["HF_ENDPOINT"] = f"http://hubuser:hub-pass-1234@127.0.0.1:{dead_port}/?token=tok-5678"
+    proc = cli.run("publish", str(out), "--repo-id", REPO)
+    assert proc.returncode == 2 and f"127.0.0.1:{dead_port}" in proc.stderr
+    assert "hub-pass-1234" not in proc.stderr + proc.stdout and "tok-5678" not in proc.stderr + proc.stdout

@@ -577,10 +577,20 @@ def test_run_build_reports_rewriter_in_manifest(tmp_path: Path, monkeypatch: pyt
             rewriter=rewriter_section(srv.base_url, strategies=[{"kind": "chunk_qa", "samples": 4}]),
         )
         m = run_build(cfg)
+        first_manifest = (tmp_path / "out" / "manifest.json").read_bytes()
+        first_report = json.loads((tmp_path / "out" / "report.json").read_text())
+        run_build(cfg)  # every answer from the cache: other spending, same manifest
+        rerun_report = json.loads((tmp_path / "out" / "report.json").read_text())
     st = m.extra["rewriter"]
     assert_reconciles(st, 4)
     assert st["accepted"] == 3 and st["rejected"] == {"evidence_not_found": 1}
-    assert st["usage"]["chunk_qa"]["prompt_tokens"] > 0 and st["totals"]["requests"] == 4
+    # what a run spent is in its report, never in the manifest, so a cached rerun's manifest is identical
+    assert "usage" not in st and "totals" not in st
+    assert (tmp_path / "out" / "manifest.json").read_bytes() == first_manifest
+    spent = first_report["rewriter"]
+    assert spent["usage"]["chunk_qa"]["prompt_tokens"] > 0 and spent["totals"]["requests"] == 4
+    assert rerun_report["rewriter"]["totals"]["requests"] == 0
+    assert rerun_report["rewriter"]["totals"]["cache_hits"] == 4
     assert [e.rows for e in m.extra_configs["rewriter"]] == [3]
     assert [e.rows for e in m.audit["rewriter_rejected"]] == [1]
     assert m.stages["rewriter"].items_out == 3

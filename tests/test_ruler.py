@@ -185,7 +185,7 @@ def test_ruler_config_covers_the_suite_and_passes_preflight(tmp_path: Path) -> N
     from pipeline.build import preflight
 
     cfg = ruler_config(tmp_path / "out")
-    assert [t.label for t in cfg.procedural.tasks] == RULER_TASKS
+    assert [t.label for t in cfg.procedural.tasks] == [*RULER_TASKS, "qa_1", "qa_2"]  # QA: test_ruler_qa.py
     preflight(cfg)
 
 

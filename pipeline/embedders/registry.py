@@ -16,9 +16,13 @@ cache, and counts its model calls so tests and statistics can see whether the ca
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.core.tokenizer import Tokenizer
 
 from pipeline.embedders.base import (
     MINILM,
@@ -26,14 +30,31 @@ from pipeline.embedders.base import (
     STATIC_TOKENS,
     Embedder,
     EmbedderError,
+    ModelInfo,
+    default_chunk_tokens,
     folder_fingerprint,
     minilm_path,
 )
 from pipeline.embedders.minilm import SentenceTransformerEmbedder, load_model2vec, load_sentence_transformer
+from schemas.diversity import EMBEDDER_PREFIXES
 
-if TYPE_CHECKING:
-    from pipeline.core.tokenizer import Tokenizer
-
+# re-exported: callers name the registry for everything about embedders
+__all__ = [
+    "MINILM",
+    "STATIC_MINILM",
+    "STATIC_TOKENS",
+    "Embedder",
+    "EmbedderError",
+    "ModelInfo",
+    "check_embedder_spec",
+    "default_chunk_tokens",
+    "default_threshold",
+    "embedder_identity",
+    "folder_fingerprint",
+    "load_embedder",
+    "minilm_path",
+    "resolved_spec",
+]
 
 
 def _identity(kind: str, path_or_id: str) -> tuple[str, bool]:
@@ -80,21 +101,37 @@ def _build(spec: str, device: str, tokenizer: Tokenizer | None) -> Embedder:
     )
 
 
-def default_threshold(spec: str) -> float:
-    """SemDeDup threshold calibrated on the bundled samples (see README "Diversity pruning").
+def embedder_identity(spec: str) -> str:
+    """The identity `_build` gives the embedder of a resolved spec, without loading the model: a rerun
+    whose vectors are all cached never loads it. Not for `static-tokens` (it needs the tokenizer)."""
+    if spec == MINILM:
+        return f"minilm@{folder_fingerprint(minilm_path())}"
+    if spec == STATIC_MINILM:
+        from pipeline.embedders.static_minilm import static_minilm
 
-    MiniLM: lightly edited copies >= 0.94, hand-written paraphrases 0.88-0.96, distinct Wikipedia leads
-    <= 0.71. The static model scores everything higher (edits >= 0.99, paraphrases 0.94-0.96, distinct
-    leads <= 0.86) and, averaging word vectors, brings whole books of one genre close (KJV books up to
-    0.96) and 2% of standard-library code blocks above 0.97 to an unrelated block: its default only
-    catches edited copies; use a transformer model for paraphrases. `static-tokens` (`bench_diversity.py
-    --only quality`) is as conservative: edited copies >= 0.984, paraphrases 0.93-0.96 (caught only when
-    barely reworded), distinct leads <= 0.94, KJV books up to 0.967, 2.0% of code blocks above 0.97.
+        return f"static-minilm@{folder_fingerprint(static_minilm())}"
+    kind, _, target = spec.partition(":")
+    if kind in ("st", "model2vec") and target:
+        return _identity(kind, target)[0]
+    raise EmbedderError(f"diversity.embedder {spec!r}: no identity without loading")
+
+
+def default_threshold(spec: str) -> float:
+    """SemDeDup's default cosine threshold: 0.97 for static models, 0.85 for transformer models.
+
+    Checked on 3,001 distinct Wikipedia leads no threshold was tuned on, with 157 planted edited copies
+    (README "Thresholds and the lexical check", `bench_diversity.py --only calibration`): static models
+    score distinct leads of one vocabulary high (Sister / Brother 0.97), hence their high threshold and the
+    lexical check before their drops (`pipeline.corpus.semantic.lexical`); MiniLM separates them better and also
+    catches paraphrases, which a static model scores 0.93-0.96.
     """
     return 0.97 if spec in (STATIC_MINILM, STATIC_TOKENS) or spec.startswith("model2vec:") else 0.85
 
 
 _LOADED: dict[tuple[str, str, str | None], Embedder] = {}
+# a model that failed to load fails again at once: every shard's task asks, and a hub that is not
+# answering must not be asked again (with its own retries) once per shard
+_FAILED: dict[tuple[str, str, str | None], str] = {}
 _LOAD_LOCK = threading.Lock()
 
 
@@ -103,23 +140,81 @@ def load_embedder(spec: str, device: str = "cpu", tokenizer: Tokenizer | None = 
     vocab = tokenizer.identity.vocab_hash if spec == STATIC_TOKENS and tokenizer is not None else None
     key = (spec, device, vocab)
     with _LOAD_LOCK:
+        if key in _FAILED:
+            raise EmbedderError(_FAILED[key])
         if key not in _LOADED:
-            _LOADED[key] = _build(spec, device, tokenizer)
+            try:
+                _LOADED[key] = _build(spec, device, tokenizer)
+            except EmbedderError as err:
+                _FAILED[key] = str(err)
+                raise
         return _LOADED[key]
 
 
-def check_embedder_spec(spec: str) -> None:
-    """Cheap checks before any work starts: the bundled model is installed, a local path exists."""
-    import re
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # "name" or "org/name", as the hub spells repository ids
+LOCAL_PREFIXES = (".", "/", "~")  # a target starting so is a path, never a hub id
+HUB_TIMEOUT_SECONDS = 10.0
 
+
+def model_location(spec: str, base_dir: str | Path = ".") -> tuple[str, str, Path | None]:
+    """(kind, target, local folder or None for a hub id) of an `st:`/`model2vec:` spec.
+
+    A relative path starts at `base_dir` (the config file's folder), as source paths do. A target that
+    exists there, or starts with `.`, `/` or `~`, is a local path, never a hub id; a missing one is an
+    error naming the folder it looked for.
+    """
+    kind, _, target = spec.partition(":")
+    p = Path(target).expanduser()
+    local = p if p.is_absolute() else Path(base_dir) / p
+    if local.exists():
+        return kind, target, local.resolve()
+    if target.startswith(LOCAL_PREFIXES) or "\\" in target or p.is_absolute():
+        raise EmbedderError(f"diversity.embedder {spec!r}: model folder {local} not found")
+    if not HUB_ID.fullmatch(target):
+        raise EmbedderError(
+            f"diversity.embedder {spec!r}: {target!r} is neither an existing folder (looked for {local}) "
+            "nor a hub id ('org/name')"
+        )
+    return kind, target, None
+
+
+def resolved_spec(spec: str, base_dir: str | Path = ".") -> str:
+    """The spec with a local model path made absolute against `base_dir` (hub ids and names unchanged)."""
+    if not spec.startswith(EMBEDDER_PREFIXES):
+        return spec
+    kind, target, local = model_location(spec, base_dir)
+    return f"{kind}:{local}" if local is not None else f"{kind}:{target}"
+
+
+def check_hub_model(spec: str, repo_id: str) -> None:
+    """A hub id must be in the local hub cache or answer the hub once, fast: else one line, before any work."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    try:
+        snapshot_download(repo_id, local_files_only=True)
+        return
+    except Exception:  # not cached (LocalEntryNotFoundError and kin): ask the hub below
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise EmbedderError(
+            f"diversity.embedder {spec!r}: no folder of that name, and the hub id {repo_id!r} is not in the "
+            "local hub cache while HF_HUB_OFFLINE is set; give a local model folder"
+        )
+    try:
+        HfApi(endpoint=constants.ENDPOINT).model_info(repo_id, timeout=HUB_TIMEOUT_SECONDS)
+    except Exception as err:  # connection errors, 401/404: the message must stay one line, no URL or token
+        raise EmbedderError(
+            f"diversity.embedder {spec!r}: no folder of that name, and the hub cannot serve {repo_id!r} "
+            f"({type(err).__name__}); give a local model folder, or a hub id on a machine that reaches the hub"
+        ) from None
+
+
+def check_embedder_spec(spec: str, base_dir: str | Path = ".") -> None:
+    """Checks before any work starts: the bundled model is installed, a local model folder exists
+    (relative to the config's folder), a hub id is cached or reachable (one request)."""
     if spec in (MINILM, STATIC_MINILM, STATIC_TOKENS):
         minilm_path()
         return
-    _kind, _, target = spec.partition(":")
-    if Path(target).expanduser().exists():
-        return
-    looks_like_path = target.startswith((".", "/", "~")) or "\\" in target or target.count("/") > 1
-    if looks_like_path or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", target):
-        raise EmbedderError(
-            f"diversity.embedder {spec!r}: {target!r} is neither an existing folder nor a hub id ('org/name')"
-        )
+    _kind, target, local = model_location(spec, base_dir)
+    if local is None:
+        check_hub_model(spec, target)

@@ -237,4 +237,4 @@ def load_token_embedder(tok: Tokenizer, root: Path | None = None) -> TokenStatic
 
 
 if __name__ == "__main__":
-    print(token_table_dir(load_tokenizer(sys.argv[1] if len(sys.argv) > 1 else "quicktok:llama3")))
+    print(token_table_dir(load_tokenizer(sys.argv[1] if len(sys.argv) > 1 else "fastokens:llama3")))

@@ -1,3 +1,3 @@
-"""What a run leaves for people: the audit tables, the dataset card, plots, the run report and
-publishing to a hub.
+"""What a run leaves for people: the audit tables, the dataset card, plots, the run report, publishing
+to a hub, and exports to the formats trainers read.
 """

@@ -30,6 +30,7 @@ from pipeline.output.card import (
 from pipeline.output.card.figures import figure_mismatches
 from schemas.manifest import FileEntry, Manifest
 from schemas.publish import PublishConfig, repo_id_problem
+from schemas.redact import redact_url
 
 log = logging.getLogger("longloom")
 
@@ -289,9 +290,10 @@ def publish(
     if not dry_run and get_token() is None:
         raise PublishError("no hub token: set HF_TOKEN in the environment (never in a config file)")
     exists: bool | None
+    shown = redact_url(api.endpoint)  # what errors and the plan show: never credentials in a URL
     unreachable = reachable(api.endpoint)
     if unreachable and not dry_run:
-        raise PublishError(f"{api.endpoint}: cannot reach the hub ({unreachable}); check HF_ENDPOINT")
+        raise PublishError(f"{shown}: cannot reach the hub ({unreachable}); check HF_ENDPOINT")
     try:
         if unreachable:
             raise ConnectionError(unreachable)
@@ -301,15 +303,15 @@ def publish(
             api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
             remote = remote_files(api, repo_id, revision)
     except HfHubHTTPError as err:
-        raise PublishError(f"{api.endpoint}: {err}") from None
+        raise PublishError(f"{shown}: {err}") from None
     except Exception as err:  # connection refused, DNS, timeouts: a dry run still lists everything
         if not dry_run:
             raise PublishError(
-                f"{api.endpoint}: cannot reach the hub ({type(err).__name__}: {err}); check HF_ENDPOINT"
+                f"{shown}: cannot reach the hub ({type(err).__name__}: {err}); check HF_ENDPOINT"
             ) from None
         remote, exists = None, None
     changes = plan_changes(local, remote or {}, delete_stale)
-    plan = PublishPlan(repo_id, revision, api.endpoint, exists, changes, dry_run)
+    plan = PublishPlan(repo_id, revision, shown, exists, changes, dry_run)
     for line in plan.lines():
         log.info(line)
     if dry_run or not plan.of("add", "update", "delete"):
@@ -330,7 +332,7 @@ def publish(
             repo_id, operations=ops, commit_message=message, repo_type="dataset", revision=revision
         )
     except HfHubHTTPError as err:
-        raise PublishError(f"{api.endpoint}: commit to {repo_id} failed: {err}") from None
+        raise PublishError(f"{shown}: commit to {repo_id} failed: {err}") from None
     log.info("committed %s to %s", info.oid, repo_id)
     return PublishResult(plan, dry_run, commit=info.oid, url=info.commit_url)
 

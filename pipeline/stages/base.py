@@ -124,6 +124,8 @@ class Stage(ABC):
     task_name: ClassVar[str]  # the Prefect task name of its units (kept stable for the UI and tests)
     # Prefect retries of a unit: None = the run's `run.retries`; a number = fixed for this stage
     retries: ClassVar[int | None] = None
+    # errors a retry cannot mend (a model that cannot load): the unit fails at once
+    no_retry_on: ClassVar[tuple[type[BaseException], ...]] = ()
 
     def enabled(self, cfg: BuildConfig) -> bool:
         return True

@@ -30,7 +30,14 @@ from pipeline.core.parquet_io import atomic_path, read_tokens_into, sha256_file,
 from pipeline.core.tokenizer import Tokenizer
 from pipeline.core.workdir import WorkDir
 from pipeline.embedders.cache import KEY_DTYPE, EmbeddingCache
-from pipeline.embedders.registry import Embedder, load_embedder
+from pipeline.embedders.registry import (
+    STATIC_TOKENS,
+    Embedder,
+    ModelInfo,
+    embedder_identity,
+    load_embedder,
+    resolved_spec,
+)
 from pipeline.embedders.static_minilm import cache_root
 from pipeline.embedders.static_tokens import TokenStaticEmbedder
 from pipeline.stages.prepare import PrepareResult, tokenizer_for, tokens_file_of
@@ -86,18 +93,51 @@ def cache_dir(cfg: BuildConfig) -> Path:
     )
 
 
-def chunk_tokens_for(cfg: BuildConfig, embedder: Embedder) -> int:
-    return cfg.diversity.chunk_tokens or embedder.default_chunk_tokens
+def chunk_tokens_for(cfg: BuildConfig, model: Embedder | ModelInfo) -> int:
+    return cfg.diversity.chunk_tokens or model.default_chunk_tokens
 
 
-def embedding_key(cfg: BuildConfig, embedder: Embedder, tok: Tokenizer) -> str:
+def embedding_key(cfg: BuildConfig, model: Embedder | ModelInfo, tok: Tokenizer) -> str:
     """Everything a cached vector depends on besides the text: weights, chunking, tokenizer, dtype."""
     d = cfg.diversity
-    parts = [EMBED_STEP, embedder.identity, chunk_tokens_for(cfg, embedder), d.max_chunks]
+    parts = [EMBED_STEP, model.identity, chunk_tokens_for(cfg, model), d.max_chunks]
     parts += [tok.identity.vocab_hash, d.dtype]
     digest = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in embedder.identity.split("@")[0])
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model.identity.split("@")[0])
     return f"{safe}-{digest}"
+
+
+def uses_cache(spec: str) -> bool:
+    """`static-tokens` embeds from stored token ids faster than cached vectors can be looked up (the
+    lookup loads every key of the cache; bench_diversity.py --only cache): it neither reads nor fills it."""
+    return spec != STATIC_TOKENS
+
+
+def _info_file(cfg: BuildConfig, identity: str) -> Path:
+    return cache_dir(cfg) / "models" / f"{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
+
+
+def model_info(cfg: BuildConfig, spec: str, tok: Tokenizer) -> tuple[ModelInfo, Embedder | None]:
+    """The model's identity, dimension and window, and the model itself only if it had to be loaded.
+
+    The identity comes from the weights' fingerprint without loading; dimension and window are recorded
+    beside the cache the first time the model is loaded, so a rerun whose vectors are all cached needs
+    no model (loading MiniLM and torch took ~15 s for 0 model calls).
+    """
+    if uses_cache(spec):
+        identity = embedder_identity(spec)
+        path = _info_file(cfg, identity)
+        try:
+            rec = json.loads(path.read_text())
+            if rec["identity"] == identity:
+                return ModelInfo(identity, int(rec["dim"]), rec["max_seq_tokens"]), None
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # not recorded yet (or unreadable): load the model and record it
+    embedder = load_embedder(spec, cfg.diversity.device, tok)
+    if uses_cache(spec):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, asdict(embedder.info))
+    return embedder.info, embedder
 
 
 def chunk_spans(n_tokens: int, chunk: int, max_chunks: int) -> list[tuple[int, int]]:
@@ -110,6 +150,17 @@ def chunk_spans(n_tokens: int, chunk: int, max_chunks: int) -> list[tuple[int, i
         return [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
     starts = np.linspace(0, n_tokens - chunk, max_chunks).round().astype(np.int64)
     return [(int(s), int(s) + chunk) for s in starts]
+
+
+def coverage(n_tokens: np.ndarray, chunk: int, max_chunks: int) -> np.ndarray:
+    """Fraction of each document's tokens that its chunks cover: `chunk_spans`' rule, vectorised.
+
+    A document of n tokens is tiled when ceil(n / chunk) <= max_chunks; otherwise max_chunks chunks of
+    `chunk` tokens are spread over it without overlap (their starts lie more than `chunk` apart).
+    """
+    n = np.asarray(n_tokens, np.int64)
+    cap = chunk * max_chunks
+    return np.where(n > cap, cap / np.maximum(n, 1), 1.0)
 
 
 def open_embeddings(cfg: BuildConfig, work: WorkDir, shard_id: str) -> np.ndarray:
@@ -151,25 +202,29 @@ def embed_documents(
     started = time.perf_counter()
     d = cfg.diversity
     assert d.embedder, "embedding needs diversity.embedder"
+    spec = resolved_spec(d.embedder, cfg.base_dir)
     tok = tokenizer_for(cfg)
-    embedder = load_embedder(d.embedder, d.device, tok)
-    key = embedding_key(cfg, embedder, tok)
-    cache = EmbeddingCache(cache_dir(cfg), key, embedder.dim, d.dtype)
-    chunk = chunk_tokens_for(cfg, embedder)
+    info, embedder = model_info(cfg, spec, tok)
+    key = embedding_key(cfg, info, tok)
+    cache = EmbeddingCache(cache_dir(cfg), key, info.dim, d.dtype) if uses_cache(spec) else None
+    chunk = chunk_tokens_for(cfg, info)
     pf = pq.ParquetFile(docs_path)
-    meta = pf.read(columns=["content_hash"])
+    meta = pf.read(columns=["content_hash", "n_tokens"])
     keys = np.array(meta.column("content_hash").to_pylist(), dtype=KEY_DTYPE)
     n = len(keys)
-    calls_before = embedder.calls
+    # coverage is a property of the documents and the chunking, so it is counted over every row, hit or
+    # miss, and comes out the same with a cold or a warm cache
+    cov = coverage(meta.column("n_tokens").to_numpy(), chunk, d.max_chunks)
+    calls_before = embedder.calls if embedder is not None else 0
     res = EmbedResult(
         shard_id=shard_id,
         documents=n,
-        dim=embedder.dim,
+        dim=info.dim,
         dtype=d.dtype,
         file=f"{shard_id}.npy",
         sha256="",
         documents_sha256=docs_sha,
-        embedder=embedder.identity,
+        embedder=info.identity,
         cache_key=key,
         chunk_tokens=chunk,
         max_chunks=d.max_chunks,
@@ -177,15 +232,18 @@ def embed_documents(
         cache_misses=0,
         model_calls=0,
         chunks=0,
-        partial_documents=0,
-        min_coverage=1.0,
+        partial_documents=int((cov < 1.0).sum()),
+        min_coverage=float(cov.min(initial=1.0)),
         seconds=0.0,
     )
     final = embed_dir(cfg, work) / res.file
     with atomic_path(final) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(d.dtype), shape=(n, embedder.dim))
-        found, vecs = cache.lookup(keys)
-        out[found] = vecs
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(d.dtype), shape=(n, info.dim))
+        if cache is not None:
+            found, vecs = cache.lookup(keys)
+            out[found] = vecs
+        else:
+            found = np.zeros(n, bool)
         res.cache_hits = int(found.sum())
         # each distinct missing text is embedded once, then copied to its repeats in the shard
         miss_rows = np.flatnonzero(~found)
@@ -193,17 +251,21 @@ def embed_documents(
         todo = miss_rows[first]
         res.cache_misses = len(todo)
         if len(todo):
+            if embedder is None:  # a miss needs the model: load it now (once per process)
+                embedder = load_embedder(spec, d.device, tok)
+                calls_before = embedder.calls
             tokens_path = tokens_file_of(docs_path)
             if isinstance(embedder, TokenStaticEmbedder):
                 _embed_rows_from_ids(cfg, embedder, pf, tokens_path, np.sort(todo), chunk, out, res, shard_id)
             else:
                 _embed_rows(cfg, embedder, tok, pf, tokens_path, np.sort(todo), chunk, out, res, shard_id)
             out[miss_rows] = out[todo[inverse]]
-            cache.add(keys[todo], np.asarray(out[todo]))
+            if cache is not None:
+                cache.add(keys[todo], np.asarray(out[todo]))
         out.flush()
         del out
     res.sha256 = sha256_file(final)
-    res.model_calls = embedder.calls - calls_before
+    res.model_calls = embedder.calls - calls_before if embedder is not None else 0
     res.seconds = round(time.perf_counter() - started, 3)
     write_json_atomic(embed_dir(cfg, work) / f"{shard_id}.json", res.to_json())
     return res
@@ -249,12 +311,7 @@ def _embed_rows(
             total=len(rows), desc=f"embed {shard_id}", unit="doc", disable=not d.progress, leave=False
         ) as bar:
             for r, start, n in zip(rows.tolist(), token_starts.tolist(), lengths.tolist(), strict=True):
-                spans = chunk_spans(n, chunk, d.max_chunks)
-                covered = sum(b - a for a, b in spans)
-                if covered < n:
-                    res.partial_documents += 1
-                    res.min_coverage = min(res.min_coverage, covered / n)
-                for a, b in spans:
+                for a, b in chunk_spans(n, chunk, d.max_chunks):
                     ids = np.empty(b - a, np.int32)
                     read_tokens_into(fd, ids, start + a)
                     texts.append(tok.decode(ids))
@@ -296,7 +353,7 @@ def _embed_rows_from_ids(
             here = rows[b0:b1]
             b0 = b1
             lo = token_start[here]
-            owner, lo, hi = _chunk_bounds(lo, lo + n_tokens[here], chunk, cfg.diversity.max_chunks, res)
+            owner, lo, hi = _chunk_bounds(lo, lo + n_tokens[here], chunk, cfg.diversity.max_chunks)
             lengths = hi - lo
             chunk_offsets = np.zeros(len(lo) + 1, np.int64)
             np.cumsum(lengths, out=chunk_offsets[1:])
@@ -313,7 +370,7 @@ def _embed_rows_from_ids(
 
 
 def _chunk_bounds(
-    lo: np.ndarray, hi: np.ndarray, chunk: int, max_chunks: int, res: EmbedResult
+    lo: np.ndarray, hi: np.ndarray, chunk: int, max_chunks: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(owner, start, end) of every chunk, in flat token positions; owner = index into `lo`, ascending."""
     n = hi - lo
@@ -325,10 +382,6 @@ def _chunk_bounds(
     owner, start, end = [np.flatnonzero(short)], [lo[short]], [hi[short]]
     for k in long_docs.tolist():
         spans = np.array(chunk_spans(int(n[k]), chunk, max_chunks), np.int64)
-        covered = int((spans[:, 1] - spans[:, 0]).sum())
-        if covered < n[k]:
-            res.partial_documents += 1
-            res.min_coverage = min(res.min_coverage, covered / int(n[k]))
         owner.append(np.full(len(spans), k))
         start.append(lo[k] + spans[:, 0])
         end.append(lo[k] + spans[:, 1])

@@ -22,6 +22,7 @@ from typing import Any
 from pipeline import __version__
 from pipeline.core.faults import crash_point
 from pipeline.core.parquet_io import sha256_file, write_json_atomic
+from pipeline.core.tokenizer import separator_and_pad
 from pipeline.core.workdir import WorkDir
 from pipeline.output.audit import audit_counts, merge_audit
 from pipeline.output.card import write_card
@@ -159,7 +160,7 @@ def finalize_run(
         if isinstance(stats, dict):
             checks += [Check.model_validate(c) for c in stats.get("checks", [])]
     tok = tokenizer_for(cfg)
-    pad = cfg.packing.pad_token or cfg.packing.separator
+    sep, pad = separator_and_pad(tok, cfg.packing.separator, cfg.packing.pad_token)
     manifest = Manifest(
         longloom_version=__version__,
         config_hash=work.config_hash,
@@ -171,8 +172,8 @@ def finalize_run(
             name=tok.identity.name,
             vocab_hash=tok.identity.vocab_hash,
             n_vocab=tok.identity.n_vocab,
-            separator=cfg.packing.separator,
-            separator_id=tok.special_token_id(cfg.packing.separator),
+            separator=sep,
+            separator_id=tok.special_token_id(sep),
             pad_token=pad,
             pad_id=tok.special_token_id(pad),
         ),

@@ -20,6 +20,7 @@ from pipeline.core.progress import Reporter, UnitProgress
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.exact import exact_dedup, source_budgets
 from pipeline.corpus.index import Selector
+from pipeline.embedders.base import EmbedderError
 from pipeline.output.report import RunClock, prepare_counts, select_counts, write_counts
 from pipeline.readers import InputShard, list_input_shards
 from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
@@ -120,6 +121,7 @@ class EmbedStage(Stage):
     sections = ("diversity", "tokenizer")
     inputs = ("prepare",)
     task_name = "embed-shard"
+    no_retry_on = (EmbedderError,)  # a model that cannot be loaded fails the same way on every try
 
     def enabled(self, cfg: BuildConfig) -> bool:
         return bool(cfg.diversity.embedder)
@@ -140,9 +142,6 @@ class _Embed(StageWork[PrepareResult, Any]):
     def report(self, merged: list[Any]) -> StageReport:
         prepared = self.inputs["prepare"]
         return StageReport(items_in=sum(r.kept for r in prepared), items_out=sum(e.documents for e in merged))
-
-    def reused(self, results: list[Any], merged: Any) -> int:
-        return 0  # as before the stage protocol: the embed stage reports no reuse count
 
     def label(self, unit: PrepareResult) -> str:
         return unit.shard_id
@@ -384,7 +383,9 @@ class _Finalize(StageWork[None, Manifest]):
             extra_configs.update(proc.extra_configs)
         rw = inp.get("rewriter")
         if rw is not None:
-            extra["rewriter"] = rw.stats
+            from pipeline.stages.rewriter import manifest_stats
+
+            extra["rewriter"] = manifest_stats(rw.stats)  # what this run spent goes to report.json
             extra_configs.update(rw.extra_configs)
             audit_extra.update(rw.audit_extra)
         return finalize_run(
@@ -461,6 +462,23 @@ STAGES: list[Stage] = [
 REPORT_AFTER = "finalize"
 
 
+def report_extra(ctx: RunContext, inputs: Inputs) -> dict[str, Any]:
+    """What the run report adds beyond the manifest: this run's diversity timings and cache use, and
+    what the rewriter spent (requests, cache hits, tokens, cost); never in the manifest, which must be
+    byte-identical across runs of one config."""
+    cfg, out = ctx.cfg, {}
+    if cfg.diversity.embedder:
+        from pipeline.output.semantic_report import diversity_run_stats
+
+        out["diversity"] = diversity_run_stats(cfg, ctx.work, inputs.get("embed") or [], inputs["select"])
+    rw = inputs.get("rewriter")
+    if rw is not None:
+        from pipeline.stages.rewriter import run_report_stats
+
+        out |= run_report_stats(rw.stats)
+    return out
+
+
 def enabled_stages(cfg: BuildConfig) -> list[Stage]:
     return [s for s in STAGES if s.enabled(cfg)]
 
@@ -475,13 +493,14 @@ def run_plan(
     run_units: UnitRunner,
     reporter: Reporter,
     clock: RunClock,
-    after_report: Callable[[Manifest], None],
+    after_report: Callable[[Manifest, dict[str, Any]], None],
 ) -> Inputs:
     """The loop every executor is: each enabled stage of `STAGES` in order, bound to what ran before.
 
     `run_units` is what differs between executors (in this process, or Prefect tasks on threads or
     Dask). `after_report(manifest)` writes the run report once `REPORT_AFTER` is done, before the
-    stages after it (publishing uploads the report with the rest).
+    stages after it (publishing uploads the report with the rest); its second argument is
+    `report_extra`, what the report holds beyond the manifest.
     """
     for stage in enabled_stages(ctx.cfg):
         with clock.stage(stage.name) as st:
@@ -494,7 +513,7 @@ def run_plan(
         inputs.record(stage.name, job.key, merged, job.report(merged))
         if stage.name == REPORT_AFTER:
             reporter.close()
-            after_report(merged)
+            after_report(merged, report_extra(ctx, inputs))
     return inputs
 
 

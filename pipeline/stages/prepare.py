@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +39,7 @@ from pipeline.core.tokenizer import HFTokenizer, Tokenizer, TokenizerError, load
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.filters import DocColumns, filters_for_source
 from pipeline.readers import InputShard, read_shard
-from schemas.config import BuildConfig
+from schemas.config import BuildConfig, ConfigError
 from schemas.records import DOC_SCHEMA, FILTERED_SCHEMA, QUARANTINE_SCHEMA
 
 # The format of a prepared shard's files; a record of another format is redone, never reused.
@@ -176,6 +176,52 @@ def tokenizer_for(cfg: BuildConfig) -> Tokenizer:
     return _LOCAL_HF[key]
 
 
+class TokenMismatchError(ConfigError):
+    """The configured tokenizer gave other ids than the reference implementation (tokenizer.verify)."""
+
+
+class TokenVerifier:
+    """`tokenizer.verify`: re-tokenizes a seeded sample of a shard's documents (at least its first)
+    with an independent implementation of the same vocabulary and stops the run at any difference."""
+
+    def __init__(self, cfg: BuildConfig, tok: Tokenizer, shard_id: str) -> None:
+        self.fraction = cfg.tokenizer.verify
+        ref = tok.reference() if self.fraction > 0 else None
+        self.ref_name = ref[0] if ref is not None else ""
+        self.ref: Callable[[str], list[int]] | None = ref[1] if ref is not None else None
+        self.tok_name = tok.name
+        # seeded per shard, so the sample does not depend on which worker runs the shard or when
+        shard_key = int(hashlib.sha256(shard_id.encode()).hexdigest()[:15], 16)
+        self.rng = np.random.default_rng([cfg.run.seed, shard_key])
+        self.first = True
+        self.checked = 0
+
+    def check(self, docs: pa.Table, texts: list[str], ids: np.ndarray, offsets: np.ndarray) -> None:
+        if self.ref is None or not texts:
+            return
+        picked = self.rng.random(len(texts)) < self.fraction
+        if self.first:
+            picked[0] = True
+            self.first = False
+        for i in np.flatnonzero(picked):
+            got = ids[offsets[i] : offsets[i + 1]].tolist()
+            want = self.ref(texts[i])
+            self.checked += 1
+            if got == want:
+                continue
+            pos = next(
+                (k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
+                min(len(got), len(want)),
+            )
+            row = {c: docs.column(c)[int(i)].as_py() for c in ("source", "uri", "record", "doc_id")}
+            raise TokenMismatchError(
+                f"tokenizer.verify: document {row['source']}/{row['uri']}#{row['record']} (id {row['doc_id']}): "
+                f"{self.tok_name} differs from the reference ({self.ref_name}) at token {pos}: "
+                f"{got[pos : pos + 3]} vs {want[pos : pos + 3]} ({len(got)} vs {len(want)} ids); "
+                f"the tokenizer is not exact on this input: choose an exact one (see README, Tokenizers)"
+            )
+
+
 def _add(counter: dict[str, int], key: str, n: int) -> None:
     if n:
         counter[key] = counter.get(key, 0) + n
@@ -195,6 +241,7 @@ def prepare_shard(
         return previous
     started = time.perf_counter()
     tok = tokenizer_for(cfg)
+    verifier = TokenVerifier(cfg, tok, shard.shard_id)
     filters = filters_for_source(cfg, shard.source)
     folder = work.prepare_dir
     paths = {
@@ -244,7 +291,7 @@ def prepare_shard(
                         _add(res.quarantined, reason, n)
                 if batch.docs.num_rows:
                     kept, kept_ids, dropped = _tokenize_and_filter(
-                        batch.docs, tok, filters, shard.source, res, res.kept_tokens, hasher
+                        batch.docs, tok, filters, shard.source, res, res.kept_tokens, hasher, verifier
                     )
                     io.submit(_write_documents, docs_out, tokens_out, filtered_out, kept, kept_ids, dropped)
                     del kept, kept_ids, dropped
@@ -367,6 +414,7 @@ def _tokenize_and_filter(
     res: PrepareResult,
     token_base: int,
     hasher: ThreadPoolExecutor,
+    verifier: TokenVerifier | None = None,
 ) -> tuple[pa.Table, np.ndarray, pa.Table]:
     """Tokenize and filter one batch: the kept documents' rows and ids (ids starting at `token_base`
     in the tokens file), and the dropped documents' rows."""
@@ -375,6 +423,8 @@ def _tokenize_and_filter(
     hashes_f = hasher.submit(arrow_content_hashes, text_col)
     texts: list[str] = text_col.to_pylist()
     ids, offsets = tok.encode_batch(texts)
+    if verifier is not None:
+        verifier.check(docs, texts, ids, offsets)
     n_chars = np.fromiter(map(len, texts), np.int64, count=len(texts))
     del texts
     n_tokens = np.diff(offsets)
@@ -444,6 +494,8 @@ def _tokenize_and_filter(
 __all__ = [
     "PREPARE_STEP",
     "PrepareResult",
+    "TokenMismatchError",
+    "TokenVerifier",
     "input_stamp",
     "load_verified",
     "prepare_shard",

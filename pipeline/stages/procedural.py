@@ -104,6 +104,13 @@ def sample_seed(base: int, label: str, target_length: int, index: int) -> int:
     return int(ss.generate_state(1, dtype=np.uint64)[0] & np.uint64(2**63 - 1))
 
 
+def bound_task(cfg: BuildConfig, task: Any) -> Any:
+    """The task as its generator sees it: relative dataset paths start at the config file's folder."""
+    if getattr(task, "task", None) in ("qa", "icl") and task.base_dir is None:
+        return task.model_copy(update={"base_dir": str(cfg.base_dir)})
+    return task
+
+
 def check_procedural(cfg: BuildConfig) -> None:
     """Config problems found before any work starts: template vs tokenizer, targets too short for a task."""
     from pipeline.core.tokenizer import TokenizerError
@@ -119,7 +126,9 @@ def check_procedural(cfg: BuildConfig) -> None:
     shortest = min(target_lengths(cfg))
     for i, task in enumerate(p.tasks):
         try:
-            draft = GENERATORS[task.task].draft(task, np.random.default_rng(0), 0, p.depth_range)
+            draft = GENERATORS[task.task].draft(
+                bound_task(cfg, task), np.random.default_rng(0), 0, p.depth_range
+            )
         except ValueError as err:
             raise ConfigError(f"procedural.tasks.{i} ({task.label}): {err}") from None
         msgs, ctx, _ = chat_messages(draft, p.system_prompt)
@@ -195,7 +204,9 @@ def generate_batch(
     tok = tokenizer_for(cfg)
     template = load_template(p.chat_template, tok)
     pool = pool_from_shards(work.out, shards)
-    lineage_base = run_lineage(cfg, work, tok, [*steps, PROCEDURAL_STEP], "procedural")  # each sample sets its seed
+    lineage_base = run_lineage(
+        cfg, work, tok, [*steps, PROCEDURAL_STEP], "procedural"
+    )  # each sample sets its seed
     chat_rel, eval_rel = _paths(cfg, batch)
     stats: list[SampleStat] = []
     chat_sink = ParquetSink(work.out / chat_rel, CHAT_SCHEMA, cfg.output.compression_level)
@@ -207,7 +218,7 @@ def generate_batch(
     try:
         for spec in batch.specs:
             t0 = time.perf_counter()
-            task = p.tasks[spec.task_index]
+            task = bound_task(cfg, p.tasks[spec.task_index])
             gen = GENERATORS[task.task]
             rng = np.random.default_rng(spec.seed)
             draft = gen.draft(task, rng, spec.index, p.depth_range)

@@ -389,7 +389,7 @@ def merge(cfg: BuildConfig, work: WorkDir, plan: RewriterPlan, results: list[Bat
         items_in=stats["requested"],
         items_out=stats["accepted"],
         tokens_out=int(pc.sum(kept.column("length")).as_py() or 0) if kept.num_rows else 0,
-        notes={"acceptance_rate": stats["acceptance_rate"], "http_requests": stats["totals"]["requests"]},
+        notes={"acceptance_rate": stats["acceptance_rate"]},
     )
     return RewriterOutput({CONFIG_NAME: data_files}, {AUDIT_NAME: audit_files}, stats, report)
 
@@ -516,6 +516,21 @@ def check_rewriter(cfg: BuildConfig) -> None:
                 errors.append(f"rewriter.strategies.{i}.inputs: {err}")
     if errors:
         raise ConfigError("invalid rewriter configuration:\n  - " + "\n  - ".join(errors))
+
+
+# What this run spent (requests, cache hits, tokens, cost): it differs between a first run and a cached
+# rerun of the same config, so it belongs in the run report, never in the manifest's identity.
+RUN_DEPENDENT = ("usage", "totals", "currency_note")
+
+
+def manifest_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    """The stage's statistics that only the config and inputs decide (manifest extra["rewriter"])."""
+    return {k: v for k, v in stats.items() if k not in RUN_DEPENDENT}
+
+
+def run_report_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    """{"rewriter": what this run spent} for report.json."""
+    return {"rewriter": {k: stats[k] for k in RUN_DEPENDENT if k in stats}}
 
 
 def run_rewriter(cfg: BuildConfig, work: WorkDir, selected: SelectResult) -> RewriterOutput:

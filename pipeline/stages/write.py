@@ -28,7 +28,7 @@ from pipeline.core.parquet_io import (
     write_json_atomic,
 )
 from pipeline.core.progress import UnitProgress
-from pipeline.core.tokenizer import Tokenizer
+from pipeline.core.tokenizer import Tokenizer, separator_and_pad
 from pipeline.core.workdir import WorkDir, run_lineage
 from pipeline.stages.prepare import PrepareResult, tokenizer_for
 from pipeline.stages.select import SelectResult, TargetPlan
@@ -422,8 +422,9 @@ def write_shard(
     if previous is not None:
         return WrittenShard(previous, reused=True)
     tok = tokenizer_for(cfg)
-    sep_id = tok.special_token_id(cfg.packing.separator)
-    pad_id = tok.special_token_id(cfg.packing.pad_token or cfg.packing.separator)
+    sep_id, pad_id = (
+        tok.special_token_id(t) for t in separator_and_pad(tok, cfg.packing.separator, cfg.packing.pad_token)
+    )
     L = plan.target_length
     first = k * plan.rows_per_shard
     last = min(plan.n_rows, first + plan.rows_per_shard)

@@ -1,7 +1,8 @@
 """Clustering and neighbour search on unit vectors, with memory bounded by cluster size.
 
 - `kmeans`: spherical k-means (faiss), fitted on a seeded sample of at most clusters x sample_per_cluster.
-- `assign`: nearest centroid of every vector, in blocks (a flat index over the k centroids).
+- `assign`: nearest centroid of every vector, in blocks (a flat index over the k centroids);
+  `assign_top2` also gives the second-nearest (SemDeDup's boundary guests).
 - `near_pairs`: all pairs above a cosine threshold inside one cluster: exact blocked products when the
   cluster has at most `flat_max` members, otherwise the `neighbors` nearest by an HNSW or IVF index.
 - `knn`: the nearest neighbours of every member of one cluster, exact or approximate by the same rule.
@@ -68,6 +69,26 @@ def assign(x: np.ndarray, centroids: np.ndarray, block: int = 65536) -> tuple[np
         labels[a : a + block] = i[:, 0]
         sims[a : a + block] = s[:, 0]
     return labels, sims
+
+
+def assign_top2(
+    x: np.ndarray, centroids: np.ndarray, block: int = 65536
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(nearest label, its cosine, second-nearest label or -1, its cosine) of every row, in blocks."""
+    import faiss
+
+    k = min(2, len(centroids))
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(as_f32(centroids))
+    n = len(x)
+    labels, sims = np.zeros(n, np.int32), np.zeros(n, np.float32)
+    labels2, sims2 = np.full(n, -1, np.int32), np.full(n, -np.inf, np.float32)
+    for a in range(0, n, block):
+        s, i = index.search(as_f32(x[a : a + block]), k)
+        labels[a : a + block], sims[a : a + block] = i[:, 0], s[:, 0]
+        if k == 2:
+            labels2[a : a + block], sims2[a : a + block] = i[:, 1], s[:, 1]
+    return labels, sims, labels2, sims2
 
 
 def group_bounds(sorted_labels: np.ndarray) -> list[tuple[int, int]]:

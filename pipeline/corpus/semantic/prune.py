@@ -16,7 +16,9 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -25,10 +27,11 @@ import pyarrow.parquet as pq
 from pipeline.core.parquet_io import ParquetSink, write_json_atomic
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.index import DocIndex, Drop
-from pipeline.corpus.semantic.cluster import as_f32, assign, group_bounds, kmeans, near_pairs
+from pipeline.corpus.semantic.cluster import as_f32, assign, assign_top2, group_bounds, kmeans, near_pairs
+from pipeline.corpus.semantic.lexical import jaccard, sketch
 from pipeline.corpus.semantic.vectors import CorpusEmbeddings
-from pipeline.embedders.registry import default_threshold
-from pipeline.stages.prepare import PrepareResult
+from pipeline.embedders.registry import STATIC_MINILM, STATIC_TOKENS, default_threshold
+from pipeline.stages.prepare import PrepareResult, tokens_file_of
 from schemas.config import BuildConfig
 from schemas.diversity import IndexConfig, SemDedupConfig
 from schemas.records import PRUNED_SCHEMA
@@ -108,57 +111,245 @@ class DedupResult:
     """SemDeDup decisions on an array of vectors (local row numbers)."""
 
     dropped: np.ndarray  # rows dropped
-    nearest: np.ndarray  # for each dropped row: its most similar kept row of the cluster
+    nearest: np.ndarray  # for each dropped row: its most similar kept row (same cluster, or a guest's)
     similarity: np.ndarray
-    cluster: np.ndarray  # per dropped row
+    cluster: np.ndarray  # per dropped row: its own cluster
     cluster_size: np.ndarray
     centroid_similarity: np.ndarray
+    across: np.ndarray  # per dropped row: its kept partner belongs to another cluster
+    lexical: np.ndarray  # per dropped row: shingle Jaccard with its kept partner (NaN: not checked)
+    unconfirmed: int  # pairs above the cosine threshold that the lexical check rejected
     clusters: int
     largest_cluster: int
+    guests: int  # boundary documents also compared in their second-nearest cluster
     search: dict[str, int]
 
 
-def semdedup_arrays(
-    x: np.ndarray, n_tokens: np.ndarray, threshold: float, sd: SemDedupConfig, index: IndexConfig, seed: int
-) -> DedupResult:
-    """SemDeDup on unit vectors `x` (any float dtype, memmaps welcome): cluster, then prune per cluster."""
-    centroids = kmeans(x, sd.kmeans, seed)
-    labels, csim = assign(x, centroids)
-    order = np.lexsort((np.arange(len(x)), _priority(sd.keep, n_tokens, csim), labels))
-    methods: Counter[str] = Counter()
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("who", "near", "sim", "c", "size")}
-    largest = 0
-    for a, b in group_bounds(labels[order]):
-        m = order[a:b]  # this cluster's members, in keep order
-        largest = max(largest, b - a)
-        i, j, s, method = near_pairs(x[np.sort(m)][np.argsort(np.argsort(m))], threshold, index, seed)
-        methods[method] += 1
-        dropped = greedy_drop(len(m), i, j)
-        if not dropped.any():
+def confirmed_greedy(
+    n: int,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    sim: np.ndarray,
+    check: Callable[[int, int], float],
+    min_ok: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """`greedy_drop` and `nearest_kept` over the pairs (lo < hi, keep ranks) that pass `check`, asking it
+    only where the answer matters: a pair whose member is already dropped decides nothing (a group of k
+    near-identical documents costs k - 1 checks, not k(k - 1) / 2). Returns (dropped mask, dropped,
+    partner, cosine, check value, pairs rejected)."""
+    o = np.lexsort((hi, lo))
+    lo, hi, sim = lo[o], hi[o], sim[o]
+    value = np.full(len(lo), np.nan)
+    dropped = np.zeros(n, bool)
+    rejected = 0
+    for k, (u, v) in enumerate(zip(lo.tolist(), hi.tolist(), strict=True)):
+        if dropped[u] or dropped[v]:  # u is final when its pairs come up: every pair ending at u came first
             continue
-        who, near, sim = nearest_kept(i, j, s, dropped)
-        assert len(who) == int(dropped.sum()), "every dropped document has a kept partner above threshold"
-        parts["who"].append(m[who])
-        parts["near"].append(m[near])
-        parts["sim"].append(sim)
-        parts["c"].append(np.full(len(who), labels[m[0]], np.int32))
-        parts["size"].append(np.full(len(who), b - a, np.int32))
+        value[k] = check(u, v)
+        if value[k] >= min_ok:
+            dropped[v] = True
+        else:
+            rejected += 1
+    # each dropped document's most similar kept partner whose pair passes (its dropping pair does)
+    a, b = np.r_[lo, hi], np.r_[hi, lo]
+    ss, vv, kk = np.r_[sim, sim], np.r_[value, value], np.r_[np.arange(len(lo)), np.arange(len(lo))]
+    ok = dropped[a] & ~dropped[b]
+    a, b, ss, vv, kk = a[ok], b[ok], ss[ok], vv[ok], kk[ok]
+    o = np.lexsort((-ss, a))
+    who, near, cos, lex = [], [], [], []
+    for start, end in group_bounds(a[o]):
+        for t in o[start:end].tolist():
+            if np.isnan(vv[t]):
+                vv[t] = value[kk[t]] = check(int(a[t]), int(b[t]))
+            if vv[t] >= min_ok:
+                who.append(int(a[t]))
+                near.append(int(b[t]))
+                cos.append(float(ss[t]))
+                lex.append(float(vv[t]))
+                break
+    return (
+        dropped,
+        np.array(who, np.int64),
+        np.array(near, np.int64),
+        np.array(cos, np.float32),
+        np.array(lex, np.float32),
+        rejected,
+    )
 
-    def cat(k: str, dtype: str) -> np.ndarray:
-        return np.concatenate(parts[k]).astype(dtype) if parts[k] else np.zeros(0, dtype)
 
-    dropped_rows = cat("who", "int64")
+def cluster_pairs(
+    x: np.ndarray, rows: np.ndarray, threshold: float, index: IndexConfig, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """Pairs above `threshold` among `rows` of `x` (one cluster's members and guests), as rows of x.
+
+    A unit of work that needs only these vectors: a worker can run it for one cluster on its own.
+    """
+    rows = np.sort(rows)  # ascending reads from a memmap
+    i, j, s, method = near_pairs(x[rows], threshold, index, seed)
+    return rows[i], rows[j], s, method
+
+
+def boundary_guests(
+    centroids: np.ndarray,
+    labels: np.ndarray,
+    csim: np.ndarray,
+    labels2: np.ndarray,
+    csim2: np.ndarray,
+    threshold: float,
+    margin: str | float | None,
+) -> np.ndarray:
+    """Rows also compared in their second-nearest cluster.
+
+    Why 'auto' suffices: for unit x in cluster p and y in cluster q with cos(x, y) > t, the two gaps
+    (x.c_p - x.c_q) + (y.c_q - y.c_p) = (x - y).(c_p - c_q) <= |x - y| |c_p - c_q|, and |x - y| <
+    sqrt(2 - 2t); so one of the two is within half of sqrt(2 - 2t) |c_p - c_q| of its partner's centroid.
+    When that centroid is its second-nearest, the pair meets in that cluster.
+    """
+    has2 = labels2 >= 0
+    gap = csim - csim2
+    if margin is None:
+        return np.zeros(len(labels), bool)
+    if margin == "auto":
+        c = np.asarray(centroids, np.float64)
+        l2 = np.where(has2, labels2, labels)
+        dist = np.linalg.norm(c[labels] - c[l2], axis=1)
+        bound = 0.5 * np.sqrt(max(0.0, 2.0 - 2.0 * threshold)) * dist
+        return has2 & (gap <= bound + 1e-6)
+    return has2 & (gap <= float(margin))
+
+
+Confirm = Callable[[np.ndarray, np.ndarray], np.ndarray]  # rows i, j -> lexical similarity of each pair
+
+
+def semdedup_arrays(
+    x: np.ndarray,
+    n_tokens: np.ndarray,
+    threshold: float,
+    sd: SemDedupConfig,
+    index: IndexConfig,
+    seed: int,
+    confirm: Confirm | None = None,
+    min_confirm: float = 0.0,
+) -> DedupResult:
+    """SemDeDup on unit vectors `x` (any float dtype, memmaps welcome).
+
+    1. Cluster (spherical k-means) and assign every row its nearest and second-nearest centroid.
+    2. Per cluster, independently: the pairs above the threshold among its members and its guests
+       (rows whose second-nearest centroid is within `boundary_margin` of their nearest:
+       `boundary_guests`), so near-duplicates that k-means split across two clusters still meet.
+    3. One greedy pass over the pairs (their number follows the duplicates, not the corpus): rows are
+       visited in `keep` order, and a row is dropped when a kept earlier row is paired with it. Without
+       guests every pair lies inside one cluster, and this is SemDeDup's per-cluster rule exactly.
+    """
+    n = len(x)
+    centroids = kmeans(x, sd.kmeans, seed)
+    labels, csim, labels2, csim2 = assign_top2(x, centroids)
+    order = np.lexsort((np.arange(n), _priority(sd.keep, n_tokens, csim)))  # global keep order
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
+    guest = boundary_guests(centroids, labels, csim, labels2, csim2, threshold, sd.boundary_margin)
+    sizes = np.bincount(labels, minlength=len(centroids))
+    by_label = np.argsort(labels, kind="stable")
+    guests = np.flatnonzero(guest)
+    guests = guests[np.argsort(labels2[guests], kind="stable")]
+    guest_bounds = np.searchsorted(labels2[guests], np.arange(len(centroids) + 1))
+    member_bounds = np.searchsorted(labels[by_label], np.arange(len(centroids) + 1))
+    methods: Counter[str] = Counter()
+    ai, aj, as_ = [], [], []
+    largest = 0
+    for c in range(len(centroids)):
+        m = by_label[member_bounds[c] : member_bounds[c + 1]]
+        g = guests[guest_bounds[c] : guest_bounds[c + 1]]
+        if len(m) + len(g) < 2 or not len(m):
+            continue
+        largest = max(largest, len(m) + len(g))
+        i, j, sim, method = cluster_pairs(x, np.r_[m, g], threshold, index, seed)
+        methods[method] += 1
+        ai.append(i)
+        aj.append(j)
+        as_.append(sim)
+    i = np.concatenate(ai) if ai else np.zeros(0, np.int64)
+    j = np.concatenate(aj) if aj else np.zeros(0, np.int64)
+    sim = np.concatenate(as_).astype(np.float32) if as_ else np.zeros(0, np.float32)
+    # a pair found in two clusters (both rows guests of each other's cluster) counts once
+    lo, hi = np.minimum(rank[i], rank[j]), np.maximum(rank[i], rank[j])
+    _, first = np.unique(lo * n + hi, return_index=True)
+    lo, hi, sim = lo[first], hi[first], sim[first]
+    unconfirmed = 0
+    if confirm is None or not len(lo):
+        dropped_rank = greedy_drop(n, lo, hi)
+        who_r, near_r, sim_kept = nearest_kept(lo, hi, sim, dropped_rank)
+        lex_kept = np.full(len(who_r), np.nan, np.float32)
+    else:
+
+        def check(a: int, b: int) -> float:
+            return float(confirm(order[[a]], order[[b]])[0])
+
+        dropped_rank, who_r, near_r, sim_kept, lex_kept, unconfirmed = confirmed_greedy(
+            n, lo, hi, sim, check, min_confirm
+        )
+    assert len(who_r) == int(dropped_rank.sum()), "every dropped document has a kept partner above threshold"
+    who, near = order[who_r], order[near_r]
+    o = np.argsort(who, kind="stable")
+    who, near, sim_kept, lex_kept = who[o], near[o], sim_kept[o], lex_kept[o]
     return DedupResult(
-        dropped=dropped_rows,
-        nearest=cat("near", "int64"),
-        similarity=cat("sim", "float32"),
-        cluster=cat("c", "int32"),
-        cluster_size=cat("size", "int32"),
-        centroid_similarity=csim[dropped_rows],
+        dropped=who,
+        nearest=near,
+        similarity=sim_kept.astype(np.float32),
+        cluster=labels[who].astype(np.int32),
+        cluster_size=sizes[labels[who]].astype(np.int32),
+        centroid_similarity=csim[who],
+        across=labels[who] != labels[near],
+        lexical=lex_kept,
+        unconfirmed=unconfirmed,
         clusters=len(centroids),
         largest_cluster=largest,
+        guests=int(guest.sum()),
         search=dict(methods),
     )
+
+
+def lexical_check_on(cfg: BuildConfig) -> bool:
+    """The lexical confirmation is on by default for static embedders, whose averaged word vectors bring
+    distinct documents of one vocabulary above the threshold (README "Calibration")."""
+    lx = cfg.diversity.semdedup.lexical
+    if lx.enabled is not None:
+        return lx.enabled
+    spec = cfg.diversity.embedder or ""
+    return spec in (STATIC_MINILM, STATIC_TOKENS) or spec.startswith("model2vec:")
+
+
+class TokenSketches:
+    """Bottom-k shingle sketches of documents (DocIndex positions), read from their stored token ids."""
+
+    def __init__(self, idx: DocIndex, shingle_tokens: int, size: int) -> None:
+        self.idx = idx
+        self.k, self.size = shingle_tokens, size
+        self._starts: dict[int, np.ndarray] = {}
+        self._tokens: dict[int, np.ndarray] = {}
+        self._memo: dict[int, np.ndarray] = {}
+
+    def ids(self, pos: int) -> np.ndarray:
+        s = int(self.idx.shard[pos])
+        if s not in self._starts:
+            docs = self.idx.files[s]
+            self._starts[s] = pq.read_table(docs, columns=["token_start"]).column("token_start").to_numpy()
+            path = tokens_file_of(Path(docs))
+            empty = not path.exists() or path.stat().st_size == 0  # np.memmap refuses an empty file
+            self._tokens[s] = np.zeros(0, np.int32) if empty else np.memmap(path, dtype="<i4", mode="r")
+        a = int(self._starts[s][self.idx.row[pos]])
+        return np.asarray(self._tokens[s][a : a + int(self.idx.n_tokens[pos])])
+
+    def of(self, pos: int) -> np.ndarray:
+        if pos not in self._memo:
+            self._memo[pos] = sketch(self.ids(pos), self.k, self.size)
+        return self._memo[pos]
+
+    def jaccard(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.array(
+            [jaccard(self.of(p), self.of(q), self.size) for p, q in zip(a.tolist(), b.tolist(), strict=True)],
+            np.float32,
+        )
 
 
 def semdedup(
@@ -171,7 +362,16 @@ def semdedup(
     sd = d.semdedup
     threshold = sd.threshold or default_threshold(d.embedder)
     x = CorpusEmbeddings(cfg, idx, work).gather(alive)
-    r = semdedup_arrays(x, idx.n_tokens[alive], threshold, sd, d.index, d.seed)
+    lx = sd.lexical
+    check = lexical_check_on(cfg)
+    confirm: Confirm | None = None
+    if check:
+        sketches = TokenSketches(idx, lx.shingle_tokens, lx.sketch)
+
+        def confirm(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+            return sketches.jaccard(alive[i], alive[j])
+
+    r = semdedup_arrays(x, idx.n_tokens[alive], threshold, sd, d.index, d.seed, confirm, lx.min_jaccard)
     out = Pruned(SEMDEDUP_STEP, SEMDEDUP_REASON, sd.keep)
     pos, near = alive[r.dropped], alive[r.nearest]
     out.add(
@@ -185,8 +385,13 @@ def semdedup(
     )
     out.detail = [
         f"cosine {sv:.4f} > {threshold} to kept {idx.doc_id[q]} "
-        f"(keep={sd.keep}; cluster {c} of {size}; n_tokens {idx.n_tokens[p]} vs {idx.n_tokens[q]})"
-        for p, q, sv, c, size in zip(pos, near, r.similarity, r.cluster, r.cluster_size, strict=True)
+        f"(keep={sd.keep}; cluster {c} of {size}"
+        + ("; partner from a neighbouring cluster, compared as a boundary guest" if x_ else "")
+        + (f"; {lx.shingle_tokens}-token shingle Jaccard {jv:.3f} >= {lx.min_jaccard}" if check else "")
+        + f"; n_tokens {idx.n_tokens[p]} vs {idx.n_tokens[q]})"
+        for p, q, sv, c, size, x_, jv in zip(
+            pos, near, r.similarity, r.cluster, r.cluster_size, r.across, r.lexical, strict=True
+        )
     ]
     stats = {
         "step": SEMDEDUP_STEP,
@@ -197,6 +402,12 @@ def semdedup(
         "kmeans_sample": min(len(alive), r.clusters * sd.kmeans.sample_per_cluster),
         "kmeans_iterations": sd.kmeans.iterations,
         "largest_cluster": r.largest_cluster,
+        "boundary_margin": sd.boundary_margin,
+        "boundary_guests": r.guests,
+        "pruned_across_clusters": int(r.across.sum()),
+        "lexical_check": lx.model_dump(mode="json") | {"enabled": check},
+        "pairs_rejected_by_lexical_check": r.unconfirmed,
+        "min_jaccard_of_pruned": float(np.nanmin(r.lexical)) if check and len(r.lexical) else None,
         "search": r.search,
         "pruned": len(pos),
         "pruned_tokens": int(idx.n_tokens[pos].sum()),

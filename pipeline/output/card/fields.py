@@ -42,7 +42,7 @@ _SEGMENT = {
 _LINEAGE = {
     "lineage": "how the row was made",
     "lineage.config_hash": "hash of the config settings that decide the bytes (see `manifest.json`)",
-    "lineage.tokenizer": "tokenizer name as configured, e.g. `quicktok:llama3`",
+    "lineage.tokenizer": "tokenizer name as configured, e.g. `fastokens:llama3`",
     "lineage.tokenizer_hash": "hash of the tokenizer's vocabulary and special tokens",
     "lineage.longloom_version": "Longloom version that wrote the row",
     "lineage.seed": "the run's seed",

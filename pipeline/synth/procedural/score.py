@@ -1,6 +1,8 @@
 """Grade a model's answers to the evaluation export: exact, set or ordered match per question.
 
-Predictions are JSONL lines `{"eval_id": ..., "prediction": ...}` (`id` / `answer` are accepted too).
+Predictions are JSONL lines `{"eval_id": ..., "prediction": ...}` (`id` / `answer` are accepted too),
+or the prediction files of RULER and of the lm-evaluation-harness for an export made by
+`pipeline.synth.procedural.export` (see `read_predictions`).
 Answers are compared after light normalisation (surrounding whitespace and punctuation, an "Answer:"
 lead-in); set and ordered answers are split on commas, semicolons, line breaks, arrows and " and ".
 Case is ignored only for answers made of plain words: hashes, ids, codes and variable names compare
@@ -37,7 +39,7 @@ _BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
 _WORDS = re.compile(r"[a-z]+(?:[ '-][a-z]+)*")
 
 # Tasks whose answers are identifiers (hashes, codes, numbers, variable names): compared with case.
-CASE_SENSITIVE_TASKS = {"hash_chain", "multi_needle", "variable_tracking"}
+CASE_SENSITIVE_TASKS = {"hash_chain", "multi_needle", "variable_tracking", "adversarial"}
 
 
 def case_sensitive(task: str, expected: list[str]) -> bool:
@@ -222,24 +224,64 @@ def score_table(table: pa.Table, predictions: dict[str, str]) -> ScoreReport:
     return rep
 
 
-def read_predictions(path: str | Path) -> dict[str, str]:
-    """eval_id -> prediction from a JSONL file; a malformed line is an error naming the line."""
+def _prediction_of(obj: dict[str, Any], index_ids: list[str] | None) -> tuple[str, str] | None:
+    """(eval_id, answer) of one prediction line in any of the three formats; None if it is not one."""
+    if "resps" in obj or "filtered_resps" in obj:  # lm-evaluation-harness --log_samples
+        doc = obj.get("doc")
+        key = doc.get("eval_id") if isinstance(doc, dict) else None
+        resp = obj.get("filtered_resps") or obj.get("resps") or []
+        while isinstance(resp, list):  # [[text]] (resps) or [text] (filtered_resps)
+            resp = resp[0] if resp else ""
+        return (key, resp) if isinstance(key, str) and isinstance(resp, str) else None
+    if "pred" in obj:  # RULER's prediction JSONL
+        key = obj.get("eval_id")
+        if key is None and isinstance(obj.get("others"), dict):
+            key = obj["others"].get("eval_id")
+        idx = obj.get("index")
+        if key is None and index_ids is not None and isinstance(idx, int) and 0 <= idx < len(index_ids):
+            key = index_ids[idx]
+        return (key, obj["pred"]) if isinstance(key, str) and isinstance(obj["pred"], str) else None
+    key = obj.get("eval_id", obj.get("id"))
+    val = obj.get("prediction", obj.get("answer"))
+    return (key, val) if isinstance(key, str) and isinstance(val, str) else None
+
+
+def _prediction_files(path: Path) -> list[Path]:
+    if not path.is_dir():
+        return [path]
+    # a folder: RULER's per-task files, or lm-eval's output folder (samples_*.jsonl, per model subfolder)
+    files = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
+    samples = [p for p in files if p.name.startswith("samples_")]
+    if not files:
+        raise FileNotFoundError(f"{path}: no .jsonl prediction files in this folder")
+    return samples or files
+
+
+def read_predictions(path: str | Path, table: pa.Table | None = None) -> dict[str, str]:
+    """eval_id -> prediction from JSONL: Longloom's `{"eval_id", "prediction"}`, RULER's prediction rows
+    (`pred`, with `eval_id` / `others.eval_id`, or `index` into the export's eval_id order when `table` is
+    given) or lm-eval's `samples_*.jsonl` (`doc.eval_id`, `filtered_resps`, else `resps`). A folder is read
+    whole. A malformed line is an error naming the file and line."""
+    index_ids = sorted(table.column("eval_id").to_pylist()) if table is not None else None
     out: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                key = obj.get("eval_id", obj.get("id"))
-                val = obj.get("prediction", obj.get("answer"))
-            except (json.JSONDecodeError, AttributeError) as err:
-                raise ValueError(f"{path}:{n}: not a JSON object ({err})") from None
-            if not isinstance(key, str) or not isinstance(val, str):
-                raise ValueError(
-                    f'{path}:{n}: expected {{"eval_id": str, "prediction": str}}, got keys {sorted(obj)}'
-                )
-            out[key] = val
+    for f_path in _prediction_files(Path(path)):
+        with open(f_path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{f_path}:{n}: not a JSON object ({err})") from None
+                got = _prediction_of(obj, index_ids) if isinstance(obj, dict) else None
+                if got is None:
+                    keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+                    raise ValueError(
+                        f'{f_path}:{n}: expected {{"eval_id": str, "prediction": str}}, a RULER prediction '
+                        f"(pred with eval_id, others.eval_id or index) or an lm-eval sample (doc.eval_id, "
+                        f"resps); got keys {keys}"
+                    )
+                out[got[0]] = got[1]
     return out
 
 
