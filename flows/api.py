@@ -189,7 +189,9 @@ def start_temporary() -> Server:
     """Start a temporary API for this process only, without importing Prefect's server app here."""
     port = _free_port()
     # as Prefect's own temporary server (SubprocessASGIServer): no UI, no background services
-    env = _server_env({"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"})
+    env = _server_env(
+        {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    )
     env.pop("PREFECT_API_URL", None)
     cmd = [sys.executable, "-m", "uvicorn", "--app-dir", _prefect_path()]
     cmd += ["--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1"]
@@ -268,7 +270,9 @@ def stop_kept(home: Path | None = None, grace: float = 20.0) -> str:
         proc = _same_process(record) if record else None
         (home / RECORD_NAME).unlink(missing_ok=True)
     if proc is None:
-        return "no Longloom-started Prefect server is running" + (" (removed a stale record)" if record else "")
+        return "no Longloom-started Prefect server is running" + (
+            " (removed a stale record)" if record else ""
+        )
     assert record is not None
     procs = [proc]
     # its own session: the group holds `prefect server` and whatever it runs
