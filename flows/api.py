@@ -357,6 +357,29 @@ def prefect_api() -> Iterator[tuple[str, int | None]]:
             refresh_global_settings_context()
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas for threads started from now on; whether it took effect.
+
+    Prefect runs each task in a thread, and glibc gives busy threads arenas of their own (up to 8 per
+    core): the memory a finished task freed stays mapped in its arena and the flow process's RSS grows
+    by ~120 MB over the in-process run on the bundled sample (741 against 622 MiB measured with
+    MALLOC_ARENA_MAX=2; in-process 548 MiB). The same effect as that environment variable, set from
+    here because the variable is read only when the process starts. No-op off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
+
+
 def temporary_server_pids() -> list[int]:
     """Pids of temporary Prefect servers this process started (by `prefect_api` or Prefect itself)."""
     pids = [pid for pid in _TEMPORARY if psutil.pid_exists(pid)]

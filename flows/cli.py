@@ -47,8 +47,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
             print("\n".join(publish_configured(Path(cfg.output.dir), cfg.publish).plan.lines()))
         return 0 if manifest.ok else 1
-    from flows.api import api_server
+    from flows.api import api_server, limit_malloc_arenas
     from pipeline.build import preflight
+
+    limit_malloc_arenas()  # before any task thread starts: the flow process's RSS (issue 19.2)
 
     # The Prefect server starts first (or an earlier build's kept server is found), then the same
     # checks as `longloom validate` and the imports of Prefect overlap its start-up; a config or input
