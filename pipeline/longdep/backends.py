@@ -45,8 +45,9 @@ class LogprobModel(Protocol):
         """The model's own token ids for `text`, without special tokens."""
         ...
 
-    def logprobs(self, seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        """For each sequence of n ids, n-1 float64 values: log p(ids[i] | ids[:i]) for i = 1..n-1."""
+    def logprobs(self, seqs: Sequence[Sequence[int]], last: int | None = None) -> list[np.ndarray]:
+        """For each sequence of n ids, n-1 float64 values: log p(ids[i] | ids[:i]) for i = 1..n-1;
+        only the final `last` of them when `last` is given (a backend may then skip the rest)."""
         ...
 
 
@@ -120,7 +121,7 @@ class HFCausalLM:
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def logprobs(self, seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    def logprobs(self, seqs: Sequence[Sequence[int]], last: int | None = None) -> list[np.ndarray]:
         import torch
 
         bos = self.tokenizer.bos_token_id
@@ -133,11 +134,17 @@ class HFCausalLM:
             # its own log-probability is dropped below, keeping the n-1 contract
             rows = [([bos] if bos is not None else []) + list(seqs[i]) for i in idx]
             x = torch.tensor(rows, dtype=torch.long, device=self.device)
-            with torch.inference_mode():
-                logits = self.model(input_ids=x).logits.float()
-            lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, x[:, 1:, None])[..., 0]
             skip = 1 if bos is not None else 0
-            arr = lp[:, skip:].double().cpu().numpy()
+            k = min(last, x.shape[1] - 1 - skip) if last else x.shape[1] - 1 - skip
+            if k <= 0:  # a one-token sequence predicts nothing
+                for i in idx:
+                    out[i] = np.zeros(0)
+                continue
+            # only the logits that predict the wanted tokens: the 262K-word output layer costs more
+            # than the whole transformer body for a small model, so computing it everywhere is waste
+            with torch.inference_mode():
+                logits = self.model(input_ids=x, logits_to_keep=k + 1).logits[:, :-1].float()
+            arr = torch.log_softmax(logits, dim=-1).gather(-1, x[:, -k:, None])[..., 0].double().cpu().numpy()
             for j, i in enumerate(idx):
                 out[i] = arr[j]
         return [a if a is not None else np.zeros(0) for a in out]
@@ -228,7 +235,7 @@ class OpenAICompletions:
                 f"{self.model_id}: completions endpoint answered HTTP {e.code}: {e.read()[:300]!r}"
             ) from None
 
-    def logprobs(self, seqs: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    def logprobs(self, seqs: Sequence[Sequence[int]], last: int | None = None) -> list[np.ndarray]:
         bos = self.tokenizer.bos_token_id
         out = []
         for s in seqs:
@@ -260,7 +267,8 @@ class OpenAICompletions:
                 raise BackendError(
                     f"{self.model_id}: got {len(vals)} log-probabilities for {len(s) - 1} tokens"
                 )
-            out.append(np.asarray(vals, dtype=np.float64))
+            arr = np.asarray(vals, dtype=np.float64)
+            out.append(arr[-last:] if last else arr)
         return out
 
 

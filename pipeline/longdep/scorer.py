@@ -141,7 +141,7 @@ def score_ids(
     lps: dict[tuple[int, int], np.ndarray] = {}
     for i in range(0, len(jobs), cfg.batch_size):
         chunk = jobs[i : i + cfg.batch_size]
-        res = model.logprobs([ids[s - c : s + L] for s, c in chunk])
+        res = model.logprobs([ids[s - c : s + L] for s, c in chunk], last=L)
         for (s, c), lp in zip(chunk, res, strict=True):
             lps[(s, c)] = lp[-L:]  # predictions of the span's tokens
     gains_raw, gains, copies = [], [], []
