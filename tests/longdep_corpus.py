@@ -83,8 +83,8 @@ def concatenated_leads(tok: Tokenize, n: int, k: int, seed: int = 0) -> list[lis
 def repeated_docs(tok: Tokenize, n: int, k: int) -> list[list[int]]:
     """(c): the PSF licence notice, the CC BY-SA notice, and Wikipedia leads, each repeated to n tokens."""
     paras = [
-        (DATA / "LICENSES/PSF-LICENSE-python-3.11.txt").read_text(encoding="utf-8")[:1500],
-        (DATA / "LICENSES/CC-BY-SA-4.0-NOTICE.txt").read_text(encoding="utf-8")[:1500],
+        (DATA / "LICENSES/PSF-LICENSE-python-3.11.txt").read_text(encoding="utf-8")[:600],
+        (DATA / "LICENSES/CC-BY-SA-4.0-NOTICE.txt").read_text(encoding="utf-8")[:600],
         *wiki_leads()[:k],
     ]
     docs = []

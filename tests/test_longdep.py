@@ -101,7 +101,7 @@ def test_smoke_one_document_of_each_kind(gemma: HFCausalLM, tmp_path: Path) -> N
     n = 320
     code = far_dependency_docs(gemma.tokenize, n, k_code=1, k_books=0)[0]
     leads = concatenated_leads(gemma.tokenize, n, k=1)[0]
-    rep = repeated_docs(gemma.tokenize, n, k=1)[0]
+    rep = repeated_docs(gemma.tokenize, n, k=3)[2]  # a ~100-token Wikipedia lead, repeated
     cfg = LongDepConfig(
         short_window=32, max_context=256, span_tokens=16, spans_per_document=2, distances=(64,)
     )
@@ -110,10 +110,11 @@ def test_smoke_one_document_of_each_kind(gemma: HFCausalLM, tmp_path: Path) -> N
         assert r.status == "scored" and r.method == METHOD and r.positions == 32
         assert set(r.profile) == {"64", "256"}
         assert r.settings["short_window"] == 32 and "gguf-a5fd3b62" in r.model_fingerprint
-    # the repeated licence is mostly verbatim copies: the correction removes most of its raw gain
+    print({k: (r.score, r.raw_score, r.copy_fraction) for k, r in res.items()})
+    # the repeated lead is mostly verbatim copies: the correction removes most of its raw gain
     assert res["rep"].copy_fraction is not None and res["rep"].copy_fraction > 0.5
     assert res["rep"].raw_score is not None and res["rep"].score is not None
-    assert res["rep"].raw_score > 1.0 > res["rep"].score
+    assert res["rep"].raw_score > 0.5 and res["rep"].score < 0.5 * res["rep"].raw_score
     assert res["code"].copy_fraction is not None and res["code"].copy_fraction < 0.5
 
 
