@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--docs", type=int, default=4)
     a = ap.parse_args()
-    lengths = [128, 512, 2048]
+    lengths = [128, 512, 1024]
 
     t = time.perf_counter()
     model = offline_gemma(device="cpu", threads=a.threads)

@@ -172,7 +172,7 @@ def offline_gemma(device: str = "auto", threads: int | None = None) -> HFCausalL
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         # the tensors are already dequantized floats; only the GGUF marker blocks save_pretrained
-        model.hf_quantizer = None
+        setattr(model, "hf_quantizer", None)  # noqa: B010 (the attribute is not in the stubs)
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(tmp)
