@@ -10,6 +10,7 @@ documents win only without the copy correction.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -200,6 +201,11 @@ def test_openai_backend_parses_both_answer_shapes(gemma: HFCausalLM, endpoint: s
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("LONGLOOM_LONGDEP_CLAIMS") != "1",
+    reason="about 54K forwarded tokens (over 10 minutes on 2 CPU cores) and never yet run to the end, so "
+    "its thresholds are unverified; run with LONGLOOM_LONGDEP_CLAIMS=1",
+)
 def test_far_dependencies_outrank_concatenations_and_copies_do_not_count(gemma: HFCausalLM) -> None:
     n = 576  # full 512-token context for spans past the first 512 tokens
     cfg = LongDepConfig(short_window=64, max_context=512, span_tokens=32, spans_per_document=3, distances=())
