@@ -48,15 +48,20 @@ def cmd_build(args: argparse.Namespace) -> int:
         if published:
             print("\n".join(published["plan"]))
         return 0 if manifest.ok else 1
+    from flows.api import api_server, limit_malloc_arenas
     from pipeline.build import preflight
 
-    # The same checks as `longloom validate`, before Prefect starts its temporary API (which can
-    # take minutes under load): a config or input error shows in seconds. The flow repeats them.
-    preflight(cfg)
-    from flows.build import run as run_flow
+    limit_malloc_arenas()  # before any task thread starts: the flow process's RSS (issue 19.2)
 
-    with use_reporter(BarReporter()):
-        result = run_flow(cfg, command=command)  # the flow logs the report itself
+    # The Prefect server starts first (or an earlier build's kept server is found), then the same
+    # checks as `longloom validate` and the imports of Prefect overlap its start-up; a config or input
+    # error still shows in seconds. The flow waits for the server and repeats the checks.
+    with api_server(args.prefect_server):
+        preflight(cfg)
+        from flows.build import run as run_flow
+
+        with use_reporter(BarReporter()):
+            result = run_flow(cfg, command=command)  # the flow logs the report itself
     print(json.dumps(result, indent=2))
     return 0 if result["checks_ok"] else 1
 
@@ -109,6 +114,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    if args.action in ("stop", "status"):
+        from flows.api import kept_server, stop_kept
+
+        if args.action == "stop":
+            print(stop_kept())
+            return 0
+        found = kept_server()
+        print(f"running at {found.url} (pid {found.pid}; log {found.log})" if found else "not running")
+        return 0 if found else 1
     from flows.deploy import start_server
 
     return start_server(args.host, args.port)
@@ -244,6 +258,13 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--dask-address", help="run on an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
     b.add_argument("--workers", type=int, help="override run.workers")
     b.add_argument("--no-prefect", action="store_true", help="run the stages in-process without Prefect")
+    b.add_argument(
+        "--prefect-server",
+        choices=["keep", "temporary"],
+        help="without PREFECT_API_URL: keep a local server running for later builds and the UI (stop it "
+        "with `longloom server stop`), or start one for this build only; default: "
+        "$LONGLOOM_PREFECT_SERVER, else keep at a terminal and temporary elsewhere",
+    )
     b.set_defaults(func=cmd_build)
 
     v = sub.add_parser("validate", help="check a config and its inputs without running anything")
@@ -325,7 +346,12 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--output", help="override output.dir")
     d.set_defaults(func=cmd_serve)
 
-    srv = sub.add_parser("server", help="start the local Prefect server and UI (SQLite database)")
+    srv = sub.add_parser(
+        "server",
+        help="run the local Prefect server and UI (SQLite database) until stopped; `server stop` stops "
+        "the one builds keep running, `server status` shows it",
+    )
+    srv.add_argument("action", nargs="?", choices=["run", "stop", "status"], default="run")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=4200)
     srv.set_defaults(func=cmd_server)

@@ -29,7 +29,10 @@ def test_server_urls_follow_host_and_port() -> None:
 
 
 def _port_free(port: int) -> bool:
+    """No process listens on the port. SO_REUSEADDR lets the bind ignore connections the stopped server
+    left in TIME_WAIT (our own health checks), which hold the port number but no listener."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("0.0.0.0", port))
         except OSError:

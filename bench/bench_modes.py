@@ -1,0 +1,197 @@
+"""The ways to run a build, side by side on one corpus: Prefect cold and warm, in-process, bare encoder.
+
+    python bench/bench_modes.py --corpus /tmp/corpora/bench-50mb --repeats 2
+    python bench/bench_modes.py --sample --repeats 2
+
+Each repeat runs, one after the other (interleaved, so a change in machine load hits every mode):
+- `prefect cold`: `longloom build --prefect-server temporary`: the command starts a temporary Prefect
+  API for this build and stops it at the end (its database already exists: migrations are not timed);
+- `prefect warm`: `longloom build --prefect-server keep` with the kept local server already running
+  (started by an untimed first build, stopped with `longloom server stop` at the end);
+- `--no-prefect`: the same stages in-process;
+- `bare encoder`: the default tokenizer's `encode_batch` alone over the corpus texts (parsed outside the
+  timing; bench/bench_build.py's `bare` child);
+- datatrove's tokenization pipeline, when `datatrove` is installed (else a line says it was skipped).
+Commands run as real processes (`python -m flows.cli ...`) from an empty output folder; seconds are
+wall time of the whole command, tokens/s counts the corpus' tokens as the bare encoder counts them.
+Peak RSS is sampled every 20 ms over the command's process tree (psutil) and, separately, for the
+command's own process; the warm server's RSS (not part of the build's tree) is shown on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+from bench_build import bench_config, corpus_bytes  # noqa: E402
+
+MIB = 2**20
+
+
+def measure(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Wall seconds, exit code, peak RSS of the process tree and of the process alone, last stdout line."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    peak = own_peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak, own_peak
+        p = psutil.Process(proc.pid)
+        while not done.is_set():
+            try:
+                own = p.memory_info().rss
+                total = own + sum(c.memory_info().rss for c in p.children(recursive=True))
+            except psutil.Error:
+                total = own = 0
+            peak, own_peak = max(peak, total), max(own_peak, own)
+            done.wait(0.02)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    assert proc.stdout is not None
+    out = proc.stdout.read().decode(errors="replace")
+    code = proc.wait()
+    seconds = time.perf_counter() - t0
+    done.set()
+    thread.join()
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {code}")
+    lines = out.strip().splitlines()
+    return {"seconds": seconds, "peak": peak, "own": own_peak, "last": lines[-1] if lines else ""}
+
+
+def kept_server_rss(env: dict[str, str]) -> int:
+    record = json.loads((Path(env["PREFECT_HOME"]) / "longloom-server.json").read_text())
+    p = psutil.Process(int(record["pid"]))
+    return int(p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True)))
+
+
+def datatrove_cmd(corpus: Path, out: Path) -> list[str] | None:
+    import importlib.util
+
+    if importlib.util.find_spec("datatrove") is None:
+        return None
+    code = (
+        "import sys\n"
+        "from datatrove.executor import LocalPipelineExecutor\n"
+        "from datatrove.pipeline.readers import JsonlReader\n"
+        "from datatrove.pipeline.tokens import DocumentTokenizer\n"
+        f"LocalPipelineExecutor(pipeline=[JsonlReader({str(corpus)!r}, glob_pattern='part-*.jsonl'),"
+        f" DocumentTokenizer({str(out)!r})], tasks=1, logging_dir={str(out / 'logs')!r}).run()\n"
+    )
+    return [sys.executable, "-c", code]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--corpus", type=Path, help="a bench/make_corpus.py folder")
+    ap.add_argument("--sample", action="store_true", help="the bundled sample (data/sample.yaml) instead")
+    ap.add_argument("--tokenizer", default=None, help="default: the config default")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "longloom-bench-modes")
+    args = ap.parse_args(argv)
+    if not args.sample and not args.corpus:
+        ap.error("give --corpus FOLDER or --sample")
+    from schemas.config import load_config
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    out = args.work / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_UI_API_URL")}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        PREFECT_HOME=str(args.work / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
+        DO_NOT_TRACK="1",
+        HF_HUB_OFFLINE="1",
+    )
+    if args.sample:
+        config = ROOT / "data" / "sample.yaml"
+        tokenizer = args.tokenizer or load_config(config).tokenizer.name
+        label = "bundled sample"
+    else:
+        tokenizer = args.tokenizer or load_config(ROOT / "data" / "sample.yaml").tokenizer.name
+        cfg = bench_config(args.corpus, out, tokenizer, [65536], True, "best_fit")
+        config = args.work / "bench.yaml"
+        config.write_text(yaml.safe_dump(cfg))
+        label = f"{args.corpus.name} ({corpus_bytes(args.corpus) / 1e6:.0f} MB)"
+    cli = [sys.executable, "-m", "flows.cli"]
+    build = [*cli, "build", str(config), "--output", str(out)]
+    modes: dict[str, list[str] | None] = {
+        "longloom build (Prefect, cold: temporary API)": [*build, "--prefect-server", "temporary"],
+        "longloom build (Prefect, warm: kept server)": [*build, "--prefect-server", "keep"],
+        "longloom build --no-prefect": [*build, "--no-prefect"],
+    }
+    if not args.sample:
+        payload = json.dumps({"corpus": str(args.corpus), "tokenizer": tokenizer})
+        modes["bare encoder (encode_batch only)"] = [
+            sys.executable, str(ROOT / "bench" / "bench_build.py"), "--child", "bare", payload
+        ]  # fmt: skip
+        dt = datatrove_cmd(args.corpus, args.work / "datatrove")
+        if dt is None:
+            print("datatrove is not installed: its tokenization pipeline is skipped (pip install datatrove)")
+        else:
+            modes["datatrove tokenization pipeline, 1 task"] = dt
+    print(f"{label}, tokenizer {tokenizer}, load {os.getloadavg()[0]:.1f}: untimed warm-up build", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    measure([*build, "--prefect-server", "keep"], env)  # migrates the database, starts the kept server
+    results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    tokens = 0
+    try:
+        for rep in range(args.repeats):
+            for name, cmd in modes.items():
+                shutil.rmtree(out, ignore_errors=True)
+                shutil.rmtree(args.work / "datatrove", ignore_errors=True)
+                assert cmd is not None
+                r = measure(cmd, env)
+                if name.startswith("bare"):
+                    child = json.loads(r["last"])
+                    tokens, r["seconds"] = child["tokens"], child["seconds"]
+                if "warm" in name:
+                    r["server"] = kept_server_rss(env)
+                results[name].append(r)
+                print(
+                    f"  #{rep + 1} {name}: {r['seconds']:.1f} s, peak RSS {r['peak'] / MIB:.0f} MiB "
+                    f"(tree), {r['own'] / MIB:.0f} MiB (own); load {os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
+    finally:
+        subprocess.run([*cli, "server", "stop"], env=env, cwd=ROOT, capture_output=True)
+    if not tokens:  # the sample: tokens from the --no-prefect run's manifest
+        tokens = sum(t["tokens"] for t in json.loads((out / "manifest.json").read_text())["targets"])
+        print(f"(tokens: the {tokens:,} tokens of the output rows)")
+    ref = min(r["seconds"] for r in results["longloom build --no-prefect"])
+    print(f"\n{label}, tokenizer {tokenizer}, best of {args.repeats}:\n")
+    print("| run | seconds (best / worst) | M tok/s | vs --no-prefect | peak RSS, tree | own process |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, rs in results.items():
+        best = min(r["seconds"] for r in rs)
+        extra = f" (+ kept server {max(r['server'] for r in rs) / MIB:.0f} MiB)" if "warm" in name else ""
+        print(
+            f"| {name} | {best:.1f} / {max(r['seconds'] for r in rs):.1f} | {tokens / best / 1e6:.2f} "
+            f"| {ref / best:.2f}× | {max(r['peak'] for r in rs) / MIB:,.0f} MiB{extra} "
+            f"| {max(r['own'] for r in rs) / MIB:,.0f} MiB |"
+        )
+    shutil.rmtree(out, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

