@@ -122,6 +122,12 @@ def summary_lines(m: Manifest) -> list[str]:
         from pipeline.stages.procedural import describe
 
         lines += describe(m.extra["procedural"])
+    if "rewriter" in m.extra:
+        rw = m.extra["rewriter"]
+        lines.append(
+            f"  rewriter: {rw['accepted']}/{rw['requested']} accepted; rejected {rw['rejected']}; "
+            f"failed {rw['failed']} (spending in report.json)"
+        )
     bad = [c for c in m.checks if not c.ok]
     lines.append(f"  reconciliation: {len(m.checks) - len(bad)}/{len(m.checks)} checks pass")
     lines += [f"    FAILED {c.name}: {c.detail}" for c in bad]
