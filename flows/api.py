@@ -40,7 +40,7 @@ from typing import Any
 
 import psutil
 
-from pipeline.core.helpers import forget_helpers, reap_orphans, record_helpers
+from pipeline.core.helpers import forget_helpers, process_identity, reap_orphans, record_helpers, same_process
 from pipeline.core.progress import waiting
 
 MODE_ENV = "LONGLOOM_PREFECT_SERVER"
@@ -93,22 +93,6 @@ def _free_port(preferred: int | None = None) -> int:
         except OSError:
             s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _identity(pid: int) -> dict[str, Any]:
-    p = psutil.Process(pid)
-    return {"pid": pid, "create_time": p.create_time(), "cmdline": p.cmdline()}
-
-
-def _same_process(entry: dict[str, Any]) -> psutil.Process | None:
-    """The recorded process if it still runs (same pid, start time and command line): pids get reused."""
-    try:
-        p = psutil.Process(int(entry["pid"]))
-        if abs(p.create_time() - float(entry["create_time"])) < 0.01 and p.cmdline() == entry["cmdline"]:
-            return p
-    except (psutil.Error, KeyError, TypeError, ValueError):
-        pass
-    return None
 
 
 @dataclass
@@ -213,7 +197,7 @@ def read_record(home: Path | None = None) -> dict[str, Any] | None:
 def kept_server(home: Path | None = None) -> Server | None:
     """The kept server recorded under the Prefect home, if that very process still runs."""
     record = read_record(home)
-    if record is None or _same_process(record) is None:
+    if record is None or same_process(record) is None:
         return None
     return Server(url=str(record["url"]), pid=int(record["pid"]), kept=True, log=Path(record.get("log", "")))
 
@@ -255,7 +239,7 @@ def find_or_start_kept(home: Path | None = None) -> Server:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        record = {**_identity(proc.pid), "url": url, "log": str(log)}
+        record = {**process_identity(psutil.Process(proc.pid)), "url": url, "log": str(log)}
         tmp = home / f".{RECORD_NAME}.tmp"
         tmp.write_text(json.dumps(record, indent=2))
         os.replace(tmp, home / RECORD_NAME)
@@ -267,7 +251,7 @@ def stop_kept(home: Path | None = None, grace: float = 20.0) -> str:
     home = home or prefect_home()
     with _home_lock(home):
         record = read_record(home)
-        proc = _same_process(record) if record else None
+        proc = same_process(record) if record else None
         (home / RECORD_NAME).unlink(missing_ok=True)
     if proc is None:
         return "no Longloom-started Prefect server is running" + (

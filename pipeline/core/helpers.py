@@ -19,11 +19,12 @@ from typing import Any
 import psutil
 
 
-def _identity(p: psutil.Process) -> dict[str, Any]:
+def process_identity(p: psutil.Process) -> dict[str, Any]:
+    """What identifies a running process across pid reuse: pid, start time, command line."""
     return {"pid": p.pid, "create_time": p.create_time(), "cmdline": p.cmdline()}
 
 
-def _same(entry: dict[str, Any]) -> psutil.Process | None:
+def same_process(entry: dict[str, Any]) -> psutil.Process | None:
     """The recorded process if it still runs (same pid, start time and command line), else None."""
     try:
         p = psutil.Process(int(entry["pid"]))
@@ -46,10 +47,10 @@ def record_helpers(work_root: Path, pids: list[int]) -> Path | None:
     helpers = []
     for pid in pids:
         with contextlib.suppress(psutil.Error):
-            helpers.append(_identity(psutil.Process(pid)))
+            helpers.append(process_identity(psutil.Process(pid)))
     if not helpers:
         return None
-    owner = _identity(psutil.Process(os.getpid()))
+    owner = process_identity(psutil.Process(os.getpid()))
     folder = helpers_dir(work_root)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{owner['pid']}.json"
@@ -70,13 +71,13 @@ def reap_orphans(work_root: Path, log: Callable[[str], Any], grace: float = 10.0
     for path in sorted(folder.glob("[!.]*.json")) if folder.is_dir() else []:
         try:
             record = json.loads(path.read_text())
-            owner_alive = _same(record["owner"]) is not None
+            owner_alive = same_process(record["owner"]) is not None
             helpers = record["helpers"]
         except (OSError, ValueError, KeyError, TypeError):
             owner_alive, helpers = False, []  # a damaged record: nothing it names can be trusted
         if owner_alive:
             continue
-        procs = [p for p in (_same(h) for h in helpers) if p is not None]
+        procs = [p for p in (same_process(h) for h in helpers) if p is not None]
         for p in procs:
             log(f"ending {' '.join(p.cmdline()[:3])}... (pid {p.pid}), left running by a killed run")
             with contextlib.suppress(psutil.Error):
