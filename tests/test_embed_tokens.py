@@ -253,3 +253,46 @@ def test_static_drops_need_shared_text(tmp_path: Path) -> None:
     for r in checked.values():
         jac = float(re.search(r"shingle Jaccard ([0-9.]+) >= 0\.3", r["detail"]).group(1))  # type: ignore[union-attr]
         assert jac >= 0.3
+
+
+def test_sketch_memo_is_bounded_and_exact(tmp_path: Path) -> None:
+    """18: the lexical check's sketches are memoised within a byte budget (an unbounded memo held every
+    checked document's sketch: 5.6 GB at 1M documents); evicted sketches are recomputed, same Jaccard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.corpus.index import DocIndex
+    from pipeline.corpus.semantic.lexical import jaccard, sketch
+    from pipeline.corpus.semantic.prune import TokenSketches
+
+    rng = np.random.default_rng(5)
+    n, size = 400, 64
+    lengths = rng.integers(80, 200, n)
+    ids = rng.integers(0, 5000, int(lengths.sum())).astype("<i4")
+    starts = np.r_[0, np.cumsum(lengths)[:-1]]
+    (tmp_path / "documents").mkdir()
+    (tmp_path / "tokens").mkdir()
+    docs = tmp_path / "documents" / "s0.parquet"
+    pq.write_table(pa.table({"token_start": starts}), docs)
+    ids.tofile(tmp_path / "tokens" / "s0.int32")
+    idx = DocIndex(
+        shard=np.zeros(n, np.int32),
+        row=np.arange(n, dtype=np.int64),
+        source=np.zeros(n, np.int32),
+        n_tokens=lengths.astype(np.int64),
+        content_hash=np.array([b"%064d" % i for i in range(n)], dtype="S64"),
+        doc_id=[f"d{i}" for i in range(n)],
+        sources=["s"],
+        files=[str(docs)],
+    )
+    cap = 20 * size * 8  # room for about 20 sketches
+    sk = TokenSketches(idx, 3, size, memo_bytes=cap)
+    a, b = rng.integers(0, n, 2000), rng.integers(0, n, 2000)
+    got = sk.jaccard(a, b)
+    assert sk.memo_bytes <= cap
+    pieces = np.split(ids, np.cumsum(lengths)[:-1])
+    want = [
+        jaccard(sketch(pieces[p], 3, size), sketch(pieces[q], 3, size), size)
+        for p, q in zip(a, b, strict=True)
+    ]
+    assert np.allclose(got, want)
