@@ -12,6 +12,7 @@ from typing import Any
 from pipeline import __version__
 from pipeline.core.tokenizer import Tokenizer
 from schemas.config import ROW_SECTIONS, BuildConfig, config_hash, section_hash
+from schemas.stage_config import RunLevel
 
 CONFIG_HASH_FILE = "config-hash"  # under .longloom/: the config hash of the run that holds the folder
 
@@ -23,6 +24,9 @@ class WorkDir:
         self.out = Path(cfg.output.dir)
         self.root = self.out / ".longloom"
         self.config_hash = config_hash(cfg)
+        # how intermediate Parquet under .longloom/ is compressed: how its files are written, never
+        # what they hold, so no stage key depends on it (output files use their stage's own setting)
+        self.compression_level = cfg.output.compression_level
         # Reading, tokenizing and per-document filtering depend on these sections only, so a new
         # packing config reuses the tokenized documents.
         self.prepare_key = section_hash(cfg, "sources", "tokenizer", "filters", "run")
@@ -91,7 +95,7 @@ class WorkDir:
 
 
 def run_lineage(
-    cfg: BuildConfig, work: WorkDir, tok: Tokenizer, steps: list[str], kind: str = "pretraining"
+    cfg: RunLevel, work: WorkDir, tok: Tokenizer, steps: list[str], kind: str = "pretraining"
 ) -> dict[str, Any]:
     """The per-run part of every output row's lineage (LINEAGE_TYPE) for one kind of row.
 

@@ -27,6 +27,7 @@ from pipeline.core.progress import UnitProgress
 from pipeline.core.workdir import WorkDir
 from schemas.config import BuildConfig, section_hash
 from schemas.manifest import StageReport
+from schemas.stage_config import ConfigView
 
 U = TypeVar("U")  # a unit of work
 R = TypeVar("R")  # what one unit returns
@@ -81,6 +82,8 @@ class StageWork(ABC, Generic[U, R]):
     def __init__(self, stage: Stage, ctx: RunContext, inputs: Inputs) -> None:
         self.stage = stage
         self.ctx = ctx
+        # the stage's config: only its declared sections plus the run-level seed and paths
+        self.cfg: Any = stage.config(ctx.cfg)
         self.inputs = inputs
         self.key = stage.key(ctx, {n: inputs.keys.get(n, "") for n in stage.inputs})
 
@@ -119,6 +122,8 @@ class Stage(ABC):
 
     name: ClassVar[str]
     sections: ClassVar[tuple[str, ...]]  # BuildConfig sections the stage's output depends on
+    # the protocol (schemas.stage_config) its functions take: exactly `sections` plus the run level
+    config_type: ClassVar[type]
     inputs: ClassVar[tuple[str, ...]] = ()  # earlier stages whose merged results it reads
     unit_noun: ClassVar[str] = "shards"
     task_name: ClassVar[str]  # the Prefect task name of its units (kept stable for the UI and tests)
@@ -130,9 +135,10 @@ class Stage(ABC):
     def enabled(self, cfg: BuildConfig) -> bool:
         return True
 
-    def config(self, cfg: BuildConfig) -> dict[str, Any]:
-        """The typed config sections this stage depends on (a view of the run's config)."""
-        return {s: getattr(cfg, s) for s in self.sections}
+    def config(self, cfg: BuildConfig) -> Any:
+        """What the stage's units are handed of the config: a view holding only `sections` plus the
+        run-level seed and paths (`schemas.stage_config`); reading anything else raises."""
+        return ConfigView(self.name, cfg, self.sections)
 
     def key(self, ctx: RunContext, input_keys: Mapping[str, str]) -> str:
         """sha256 of the stage's sections, the run seed and its inputs' keys (16 hex digits)."""

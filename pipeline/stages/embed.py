@@ -41,7 +41,7 @@ from pipeline.embedders.registry import (
 from pipeline.embedders.static_minilm import cache_root
 from pipeline.embedders.static_tokens import TokenStaticEmbedder
 from pipeline.stages.prepare import PrepareResult, tokenizer_for, tokens_file_of
-from schemas.config import BuildConfig
+from schemas.stage_config import EmbedConfig, HasDiversity
 
 EMBED_STEP = "embed@1"
 ENCODE_BLOCK_CHUNKS = 2048  # chunks decoded and handed to the model at once (bounded memory)
@@ -80,24 +80,24 @@ class EmbedResult:
         return asdict(self)
 
 
-def embed_dir(cfg: BuildConfig, work: WorkDir) -> Path:
+def embed_dir(cfg: HasDiversity, work: WorkDir) -> Path:
     """Per-run embedding files: keyed by the prepared documents and the embedding settings."""
     d = cfg.diversity
     blob = json.dumps([EMBED_STEP, d.embedder, d.chunk_tokens, d.max_chunks, d.dtype]).encode()
     return work.root / f"embed-{work.prepare_key}-{hashlib.sha256(blob).hexdigest()[:12]}"
 
 
-def cache_dir(cfg: BuildConfig) -> Path:
+def cache_dir(cfg: HasDiversity) -> Path:
     return (
         Path(cfg.diversity.cache_dir).expanduser() if cfg.diversity.cache_dir else cache_root() / "embeddings"
     )
 
 
-def chunk_tokens_for(cfg: BuildConfig, model: Embedder | ModelInfo) -> int:
+def chunk_tokens_for(cfg: HasDiversity, model: Embedder | ModelInfo) -> int:
     return cfg.diversity.chunk_tokens or model.default_chunk_tokens
 
 
-def embedding_key(cfg: BuildConfig, model: Embedder | ModelInfo, tok: Tokenizer) -> str:
+def embedding_key(cfg: HasDiversity, model: Embedder | ModelInfo, tok: Tokenizer) -> str:
     """Everything a cached vector depends on besides the text: weights, chunking, tokenizer, dtype."""
     d = cfg.diversity
     parts = [EMBED_STEP, model.identity, chunk_tokens_for(cfg, model), d.max_chunks]
@@ -113,11 +113,11 @@ def uses_cache(spec: str) -> bool:
     return spec != STATIC_TOKENS
 
 
-def _info_file(cfg: BuildConfig, identity: str) -> Path:
+def _info_file(cfg: HasDiversity, identity: str) -> Path:
     return cache_dir(cfg) / "models" / f"{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
 
 
-def model_info(cfg: BuildConfig, spec: str, tok: Tokenizer) -> tuple[ModelInfo, Embedder | None]:
+def model_info(cfg: HasDiversity, spec: str, tok: Tokenizer) -> tuple[ModelInfo, Embedder | None]:
     """The model's identity, dimension and window, and the model itself only if it had to be loaded.
 
     The identity comes from the weights' fingerprint without loading; dimension and window are recorded
@@ -163,18 +163,18 @@ def coverage(n_tokens: np.ndarray, chunk: int, max_chunks: int) -> np.ndarray:
     return np.where(n > cap, cap / np.maximum(n, 1), 1.0)
 
 
-def open_embeddings(cfg: BuildConfig, work: WorkDir, shard_id: str) -> np.ndarray:
+def open_embeddings(cfg: HasDiversity, work: WorkDir, shard_id: str) -> np.ndarray:
     """The shard's embeddings as a read-only memmap (rows = documents)."""
     return np.load(embed_dir(cfg, work) / f"{shard_id}.npy", mmap_mode="r")
 
 
-def embed_shard(cfg: BuildConfig, work: WorkDir, prepared: PrepareResult) -> EmbedResult:
+def embed_shard(cfg: EmbedConfig, work: WorkDir, prepared: PrepareResult) -> EmbedResult:
     """Embed one prepared shard (or reuse its verified result)."""
     docs = work.prepare_dir / prepared.files["documents"]
     return embed_documents(cfg, work, prepared.shard_id, docs, prepared.sha256.get("documents"))
 
 
-def load_verified(cfg: BuildConfig, work: WorkDir, shard_id: str, docs_sha: str) -> EmbedResult | None:
+def load_verified(cfg: HasDiversity, work: WorkDir, shard_id: str, docs_sha: str) -> EmbedResult | None:
     rec = embed_dir(cfg, work) / f"{shard_id}.json"
     if not rec.exists():
         return None
@@ -192,7 +192,7 @@ def load_verified(cfg: BuildConfig, work: WorkDir, shard_id: str, docs_sha: str)
 
 
 def embed_documents(
-    cfg: BuildConfig, work: WorkDir, shard_id: str, docs_path: Path, docs_sha: str | None = None
+    cfg: EmbedConfig, work: WorkDir, shard_id: str, docs_path: Path, docs_sha: str | None = None
 ) -> EmbedResult:
     """Embed every document of a tokenized documents file into `<embed dir>/<shard_id>.npy`."""
     docs_sha = docs_sha or sha256_file(docs_path)
@@ -272,7 +272,7 @@ def embed_documents(
 
 
 def _embed_rows(
-    cfg: BuildConfig,
+    cfg: EmbedConfig,
     embedder: Embedder,
     tok: Tokenizer,
     pf: pq.ParquetFile,
@@ -324,7 +324,7 @@ def _embed_rows(
 
 
 def _embed_rows_from_ids(
-    cfg: BuildConfig,
+    cfg: EmbedConfig,
     embedder: TokenStaticEmbedder,
     pf: pq.ParquetFile,
     tokens_path: Path,

@@ -30,6 +30,15 @@ from pipeline.stages.select import SelectResult, SimilarityOrder, select_and_lay
 from pipeline.stages.write import WrittenShard, write_shard
 from schemas.config import BuildConfig, ConfigError
 from schemas.manifest import Manifest, ShardEntry, StageReport
+from schemas.stage_config import (
+    EmbedConfig,
+    PrepareConfig,
+    ProceduralStageConfig,
+    PublishStageConfig,
+    RewriterStageConfig,
+    SelectConfig,
+    WriteConfig,
+)
 
 
 def semantic_selectors(cfg: BuildConfig) -> list[Selector]:
@@ -83,7 +92,8 @@ class PrepareStage(Stage):
     """Read, filter and tokenize each input shard (`pipeline.stages.prepare`)."""
 
     name = "prepare"
-    sections = ("sources", "tokenizer", "filters", "packing")
+    sections = ("sources", "tokenizer", "filters")
+    config_type = PrepareConfig
     task_name = "prepare-shard"
 
     def bind(self, ctx: RunContext, inputs: Inputs) -> StageWork:
@@ -92,10 +102,10 @@ class PrepareStage(Stage):
 
 class _Prepare(StageWork[InputShard, PrepareResult]):
     def units(self) -> list[InputShard]:
-        return list(self.inputs.shards) or list_input_shards(self.ctx.cfg)
+        return list(self.inputs.shards) or list_input_shards(self.cfg)
 
     def run_unit(self, unit: InputShard, progress: UnitProgress | None = None) -> PrepareResult:
-        return prepare_shard(self.ctx.cfg, unit, self.ctx.work, progress)
+        return prepare_shard(self.cfg, unit, self.ctx.work, progress)
 
     def report(self, merged: list[PrepareResult]) -> StageReport:
         return prepare_counts(merged)
@@ -120,6 +130,7 @@ class EmbedStage(Stage):
     name = "embed"
     sections = ("diversity", "tokenizer")
     inputs = ("prepare",)
+    config_type = EmbedConfig
     task_name = "embed-shard"
     no_retry_on = (EmbedderError,)  # a model that cannot be loaded fails the same way on every try
 
@@ -137,7 +148,7 @@ class _Embed(StageWork[PrepareResult, Any]):
     def run_unit(self, unit: PrepareResult, progress: UnitProgress | None = None) -> Any:
         from pipeline.stages.embed import embed_shard
 
-        return embed_shard(self.ctx.cfg, self.ctx.work, unit)
+        return embed_shard(self.cfg, self.ctx.work, unit)
 
     def report(self, merged: list[Any]) -> StageReport:
         prepared = self.inputs["prepare"]
@@ -160,9 +171,11 @@ class SelectStage(Stage):
     """Choose documents and lay out rows over the whole corpus (`pipeline.stages.select`)."""
 
     name = "select"
-    sections = ("sources", "filters", "diversity", "packing")
+    # tokenizer: embeddings missing or stale since the embed stage are made again here
+    sections = ("sources", "tokenizer", "filters", "diversity", "packing", "output")
     inputs = ("prepare", "embed")
     unit_noun = "step"
+    config_type = SelectConfig
     task_name = "select-and-layout"
     retries = 1
 
@@ -175,7 +188,7 @@ class _Select(StageWork[None, SelectResult]):
         return [None]  # one step over small columns of the whole corpus
 
     def run_unit(self, unit: None, progress: UnitProgress | None = None) -> SelectResult:
-        return select(self.ctx.cfg, self.ctx.work, self.inputs["prepare"])
+        return select(self.cfg, self.ctx.work, self.inputs["prepare"])
 
     def merge(self, results: list[SelectResult]) -> SelectResult:
         return results[0]
@@ -198,8 +211,9 @@ class WriteStage(Stage):
     """Fill each output shard's rows from the layouts (`pipeline.stages.write`)."""
 
     name = "write"
-    sections = ("sources", "tokenizer", "filters", "diversity", "packing", "output")
+    sections = ("tokenizer", "packing", "output")
     inputs = ("prepare", "select")
+    config_type = WriteConfig
     task_name = "write-shard"
 
     def bind(self, ctx: RunContext, inputs: Inputs) -> StageWork:
@@ -217,7 +231,7 @@ class _Write(StageWork[tuple[int, int], WrittenShard]):
     def run_unit(self, unit: tuple[int, int], progress: UnitProgress | None = None) -> WrittenShard:
         ti, k = unit
         return write_shard(
-            self.ctx.cfg,
+            self.cfg,
             self.ctx.work,
             self.inputs["select"],
             self.inputs["prepare"],
@@ -246,9 +260,10 @@ class ProceduralStage(Stage):
     """Procedural long-range chat samples over the packed rows (`pipeline.stages.procedural`)."""
 
     name = "procedural"
-    sections = ("procedural", "tokenizer", "packing")
+    sections = ("procedural", "tokenizer", "packing", "output")
     inputs = ("prepare", "select", "write")
     unit_noun = "batches"
+    config_type = ProceduralStageConfig
     task_name = "procedural-batch"
 
     def enabled(self, cfg: BuildConfig) -> bool:
@@ -270,17 +285,17 @@ class _Procedural(StageWork[Any, Any]):
     def units(self) -> list[Any]:
         from pipeline.stages.procedural import plan_procedural
 
-        return list(plan_procedural(self.ctx.cfg))
+        return list(plan_procedural(self.cfg))
 
     def run_unit(self, unit: Any, progress: UnitProgress | None = None) -> Any:
         from pipeline.stages.procedural import generate_batch
 
-        return generate_batch(self.ctx.cfg, self.ctx.work, unit, self.shards, self.steps)
+        return generate_batch(self.cfg, self.ctx.work, unit, self.shards, self.steps)
 
     def merge(self, results: list[Any]) -> Any:
         from pipeline.stages.procedural import summarize_procedural
 
-        return summarize_procedural(self.ctx.cfg, self.ctx.work, results)
+        return summarize_procedural(self.cfg, self.ctx.work, results)
 
     def report(self, merged: Any) -> StageReport:
         return StageReport(items_out=merged.samples, tokens_out=merged.tokens)
@@ -302,9 +317,10 @@ class RewriterStage(Stage):
     """LLM-rewritten long-context samples (`pipeline.stages.rewriter`)."""
 
     name = "rewriter"
-    sections = ("rewriter", "tokenizer", "packing")
+    sections = ("rewriter", "tokenizer", "packing", "output")
     inputs = ("select", "write")
     unit_noun = "batches"
+    config_type = RewriterStageConfig
     task_name = "rewriter-batch"
     retries = 1
 
@@ -320,7 +336,7 @@ class _Rewriter(StageWork[Any, Any]):
         from pipeline.synth.rewriter.plan import make_plan
 
         super().__init__(stage, ctx, inputs)
-        self.plan = make_plan(ctx.cfg, inputs["select"])
+        self.plan = make_plan(self.cfg, inputs["select"])
 
     def units(self) -> list[Any]:
         return list(self.plan.batches)
@@ -328,12 +344,12 @@ class _Rewriter(StageWork[Any, Any]):
     def run_unit(self, unit: Any, progress: UnitProgress | None = None) -> Any:
         from pipeline.stages.rewriter import run_batch
 
-        return run_batch(self.ctx.cfg, self.ctx.work, unit, self.plan.sample_length)
+        return run_batch(self.cfg, self.ctx.work, unit, self.plan.sample_length)
 
     def merge(self, results: list[Any]) -> Any:
         from pipeline.stages.rewriter import merge
 
-        return merge(self.ctx.cfg, self.ctx.work, self.plan, results)
+        return merge(self.cfg, self.ctx.work, self.plan, results)
 
     def report(self, merged: Any) -> StageReport:
         return merged.report
@@ -357,11 +373,17 @@ class FinalizeStage(Stage):
         "rewriter",
         "output",
         "card",
+        "publish",  # the manifest records the whole config
     )
     inputs = ("prepare", "embed", "select", "write", "procedural", "rewriter")
     unit_noun = "step"
+    config_type = BuildConfig
     task_name = "finalize"
     retries = 0
+
+    def config(self, cfg: BuildConfig) -> BuildConfig:
+        # the manifest records the whole config (and the card its card section): finalize reads it all
+        return cfg
 
     def bind(self, ctx: RunContext, inputs: Inputs) -> StageWork:
         return _Finalize(self, ctx, inputs)
@@ -372,7 +394,7 @@ class _Finalize(StageWork[None, Manifest]):
         return [None]
 
     def run_unit(self, unit: None, progress: UnitProgress | None = None) -> Manifest:
-        cfg, work, inp = self.ctx.cfg, self.ctx.work, self.inputs
+        cfg, work, inp = self.cfg, self.ctx.work, self.inputs
         selected = inp["select"]
         entries = [w.entry for w in inp["write"]]
         audit_extra, extra = diversity_outputs(cfg, work, inp.get("embed") or [], selected)
@@ -409,9 +431,10 @@ class PublishStage(Stage):
     """Push the finished output to the hub when `publish:` asks for it and every check passed."""
 
     name = "publish"
-    sections = ("publish",)
+    sections = ("publish", "output")
     inputs = ("finalize",)
     unit_noun = "step"
+    config_type = PublishStageConfig
     task_name = "publish"
     retries = 1
 
@@ -430,7 +453,7 @@ class _Publish(StageWork[None, dict[str, Any] | None]):
     def run_unit(self, unit: None, progress: UnitProgress | None = None) -> dict[str, Any]:
         from pipeline.output.publish import publish_configured
 
-        res = publish_configured(Path(self.ctx.cfg.output.dir), self.ctx.cfg.publish)
+        res = publish_configured(Path(self.cfg.output.dir), self.cfg.publish)
         return {
             "repo_id": res.plan.repo_id,
             "commit": res.commit,

@@ -39,8 +39,9 @@ from pipeline.core.tokenizer import HFTokenizer, Tokenizer, TokenizerError, load
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.filters import DocColumns, filters_for_source
 from pipeline.readers import InputShard, read_shard
-from schemas.config import BuildConfig, ConfigError
+from schemas.config import ConfigError
 from schemas.records import DOC_SCHEMA, FILTERED_SCHEMA, QUARANTINE_SCHEMA
+from schemas.stage_config import HasSources, HasTokenizer, PrepareConfig
 
 # The format of a prepared shard's files; a record of another format is redone, never reused.
 PREPARE_STEP = "prepare@2"  # @2: token ids in a raw file beside the documents table
@@ -91,7 +92,7 @@ class PrepareResult:
         return cls(**d)
 
 
-def input_stamp(cfg: BuildConfig, shard: InputShard) -> str:
+def input_stamp(cfg: HasSources, shard: InputShard) -> str:
     """A cheap fingerprint of a shard's input (path, size and mtime of every file in it).
 
     A completion record is reused only while the stamp matches, so an input that grew or was
@@ -136,7 +137,7 @@ def arrow_content_hashes(col: pa.Array) -> list[str]:
 _LOCAL_HF: dict[tuple[str, str, int, int], Tokenizer] = {}
 
 
-def local_hf_tokenizer_path(cfg: BuildConfig) -> Path | None:
+def local_hf_tokenizer_path(cfg: HasTokenizer) -> Path | None:
     """The local file or folder an `hf:` tokenizer names, resolved like `sources[].paths` (against the
     config's folder); None for a hub id. A path that does not exist is "file not found", never a hub
     lookup: a hub id is `name` or `org/name`, anything else (absolute, `./`, `~`, `.json`, deeper) a path.
@@ -162,7 +163,7 @@ def local_hf_tokenizer_path(cfg: BuildConfig) -> Path | None:
     return None
 
 
-def tokenizer_for(cfg: BuildConfig) -> Tokenizer:
+def tokenizer_for(cfg: HasTokenizer) -> Tokenizer:
     local = local_hf_tokenizer_path(cfg)
     if local is None:
         return load_tokenizer(cfg.tokenizer.name, cfg.tokenizer.max_piece_chars, cfg.tokenizer.threads)
@@ -184,7 +185,7 @@ class TokenVerifier:
     """`tokenizer.verify`: re-tokenizes a seeded sample of a shard's documents (at least its first)
     with an independent implementation of the same vocabulary and stops the run at any difference."""
 
-    def __init__(self, cfg: BuildConfig, tok: Tokenizer, shard_id: str) -> None:
+    def __init__(self, cfg: HasTokenizer, tok: Tokenizer, shard_id: str) -> None:
         self.fraction = cfg.tokenizer.verify
         ref = tok.reference() if self.fraction > 0 else None
         self.ref_name = ref[0] if ref is not None else ""
@@ -228,7 +229,7 @@ def _add(counter: dict[str, int], key: str, n: int) -> None:
 
 
 def prepare_shard(
-    cfg: BuildConfig, shard: InputShard, work: WorkDir, progress: UnitProgress | None = None
+    cfg: PrepareConfig, shard: InputShard, work: WorkDir, progress: UnitProgress | None = None
 ) -> PrepareResult:
     """Read one input shard to tokenized, filtered documents (or reuse a verified earlier result).
 
@@ -269,7 +270,7 @@ def prepare_shard(
         input_stamp=stamp,
         format=PREPARE_STEP,
     )
-    level = cfg.output.compression_level
+    level = work.compression_level
     # Intermediates skip fsync: reuse verifies their checksums, so a file a crash left incomplete
     # is redone, never trusted.
     with (

@@ -37,10 +37,11 @@ from pipeline.synth.procedural import GENERATORS
 from pipeline.synth.procedural.base import Draft
 from pipeline.synth.procedural.pool import RowPool, pool_from_shards
 from pipeline.synth.procedural.sample import BuiltSample, build_sample
-from schemas.config import BuildConfig, ConfigError
+from schemas.config import ConfigError
 from schemas.manifest import FileEntry, ShardEntry
 from schemas.procedural import ProceduralConfig
 from schemas.records import CHAT_SCHEMA, EVAL_SCHEMA
+from schemas.stage_config import ProceduralStageConfig, RunLevel
 
 PROCEDURAL_STEP = "procedural@1"
 log = logging.getLogger("longloom")
@@ -93,7 +94,7 @@ class ProceduralSummary:
     reused: int = 0
 
 
-def target_lengths(cfg: BuildConfig) -> list[int]:
+def target_lengths(cfg: ProceduralStageConfig) -> list[int]:
     p = cfg.procedural
     return list(p.target_lengths) if p.target_lengths else [t.length for t in cfg.packing.targets]
 
@@ -104,14 +105,14 @@ def sample_seed(base: int, label: str, target_length: int, index: int) -> int:
     return int(ss.generate_state(1, dtype=np.uint64)[0] & np.uint64(2**63 - 1))
 
 
-def bound_task(cfg: BuildConfig, task: Any) -> Any:
+def bound_task(cfg: RunLevel, task: Any) -> Any:
     """The task as its generator sees it: relative dataset paths start at the config file's folder."""
     if getattr(task, "task", None) in ("qa", "icl") and task.base_dir is None:
         return task.model_copy(update={"base_dir": str(cfg.base_dir)})
     return task
 
 
-def check_procedural(cfg: BuildConfig) -> None:
+def check_procedural(cfg: ProceduralStageConfig) -> None:
     """Config problems found before any work starts: template vs tokenizer, targets too short for a task."""
     from pipeline.core.tokenizer import TokenizerError
     from pipeline.synth.chat import load_template
@@ -143,7 +144,7 @@ def check_procedural(cfg: BuildConfig) -> None:
             )
 
 
-def plan_procedural(cfg: BuildConfig) -> list[ProceduralBatch]:
+def plan_procedural(cfg: ProceduralStageConfig) -> list[ProceduralBatch]:
     p = cfg.procedural
     base = p.seed if p.seed is not None else cfg.run.seed
     specs = [
@@ -169,7 +170,7 @@ def pool_shards(written: list[list[ShardEntry]]) -> list[tuple[str, int]]:
     return [(e.path, e.rows) for entries in written for e in entries]
 
 
-def _paths(cfg: BuildConfig, b: ProceduralBatch) -> tuple[str, str | None]:
+def _paths(cfg: ProceduralStageConfig, b: ProceduralBatch) -> tuple[str, str | None]:
     name = f"train-{b.k:05d}-of-{b.n:05d}.parquet"
     ev = cfg.procedural.eval_config_name
     return f"data/{cfg.procedural.config_name}/{name}", (f"data/{ev}/{name}" if ev else None)
@@ -194,7 +195,11 @@ def _verified(work: WorkDir, b: ProceduralBatch) -> BatchResult | None:
 
 
 def generate_batch(
-    cfg: BuildConfig, work: WorkDir, batch: ProceduralBatch, shards: list[tuple[str, int]], steps: list[str]
+    cfg: ProceduralStageConfig,
+    work: WorkDir,
+    batch: ProceduralBatch,
+    shards: list[tuple[str, int]],
+    steps: list[str],
 ) -> BatchResult:
     """Generate, verify and write one batch of samples (or return its verified result from a rerun)."""
     done = _verified(work, batch)
@@ -357,7 +362,9 @@ def _histogram(values: list[float]) -> list[int]:
     return [int(c) for c in counts]
 
 
-def summarize_procedural(cfg: BuildConfig, work: WorkDir, results: list[BatchResult]) -> ProceduralSummary:
+def summarize_procedural(
+    cfg: ProceduralStageConfig, work: WorkDir, results: list[BatchResult]
+) -> ProceduralSummary:
     """Check the files against the plan and describe what was made, per task and per target length."""
     p = cfg.procedural
     plan = plan_procedural(cfg)
@@ -445,7 +452,7 @@ def summarize_procedural(cfg: BuildConfig, work: WorkDir, results: list[BatchRes
 
 
 def run_procedural(
-    cfg: BuildConfig, work: WorkDir, written: list[list[ShardEntry]], steps: list[str]
+    cfg: ProceduralStageConfig, work: WorkDir, written: list[list[ShardEntry]], steps: list[str]
 ) -> ProceduralSummary:
     """Every batch in this process, one after another (the library path of `run_build`)."""
     shards = pool_shards(written)

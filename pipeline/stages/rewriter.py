@@ -45,9 +45,10 @@ from pipeline.synth.rewriter.plan import Batch, RewriterPlan, SamplePlan, make_p
 from pipeline.synth.rewriter.secrets import Redactor, all_secrets, endpoint_host, resolve_api_key
 from pipeline.synth.rewriter.strategies import Rejection, build_request, interpret, passages_for
 from pipeline.synth.rewriter.templates import load_template
-from schemas.config import BuildConfig, ConfigError
+from schemas.config import ConfigError
 from schemas.manifest import FileEntry, StageReport
 from schemas.records import CHAT_SCHEMA, REWRITER_AUDIT_SCHEMA
+from schemas.stage_config import RewriterStageConfig
 
 log = logging.getLogger("longloom.rewriter")
 
@@ -62,7 +63,7 @@ def stage_dir(work: WorkDir) -> Path:
     return work.rewriter_dir
 
 
-def cache_dir(cfg: BuildConfig) -> Path:
+def cache_dir(cfg: RewriterStageConfig) -> Path:
     rw = cfg.rewriter
     return Path(rw.cache_dir) if rw.cache_dir else Path(cfg.output.dir) / ".longloom" / "rewriter-cache"
 
@@ -114,7 +115,7 @@ async def _fetch_all(client: RewriterClient, jobs: list[_Job], desc: str, show: 
             await asyncio.gather(*(one(j) for j in todo))
 
 
-def run_batch(cfg: BuildConfig, work: WorkDir, batch: Batch, sample_length: int) -> BatchResult:
+def run_batch(cfg: RewriterStageConfig, work: WorkDir, batch: Batch, sample_length: int) -> BatchResult:
     """One batch of contexts: prompts, answers, validation; writes the batch's part files."""
     t0 = time.perf_counter()
     rw = cfg.rewriter
@@ -301,7 +302,9 @@ def _in_plan_order(table: pa.Table, order: dict[str, int]) -> pa.Table:
     return table.take(pa.array(np.argsort(rank, kind="stable"), pa.int64()))
 
 
-def merge(cfg: BuildConfig, work: WorkDir, plan: RewriterPlan, results: list[BatchResult]) -> RewriterOutput:
+def merge(
+    cfg: RewriterStageConfig, work: WorkDir, plan: RewriterPlan, results: list[BatchResult]
+) -> RewriterOutput:
     """Drop repeated questions across the run, write the chat set and the audit table, add up the report."""
     t0 = time.perf_counter()
     sdir = stage_dir(work)
@@ -395,7 +398,7 @@ def merge(cfg: BuildConfig, work: WorkDir, plan: RewriterPlan, results: list[Bat
 
 
 def _report(
-    cfg: BuildConfig,
+    cfg: RewriterStageConfig,
     plan: RewriterPlan,
     results: list[BatchResult],
     counts: dict[str, dict[str, Any]],
@@ -476,7 +479,7 @@ def _report(
     }
 
 
-def check_rewriter(cfg: BuildConfig) -> None:
+def check_rewriter(cfg: RewriterStageConfig) -> None:
     """Config problems found before any work starts: templates, chat template, targets, inputs."""
     from pipeline.synth.chat import TEMPLATES
     from pipeline.synth.rewriter.inputs import load_conversations
@@ -533,7 +536,7 @@ def run_report_stats(stats: dict[str, Any]) -> dict[str, Any]:
     return {"rewriter": {k: stats[k] for k in RUN_DEPENDENT if k in stats}}
 
 
-def run_rewriter(cfg: BuildConfig, work: WorkDir, selected: SelectResult) -> RewriterOutput:
+def run_rewriter(cfg: RewriterStageConfig, work: WorkDir, selected: SelectResult) -> RewriterOutput:
     """The whole stage in this process, batch after batch (what pipeline.build.run_build calls)."""
     plan = make_plan(cfg, selected)
     results = [run_batch(cfg, work, b, plan.sample_length) for b in plan.batches]

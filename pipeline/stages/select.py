@@ -25,8 +25,9 @@ from pipeline.core.parquet_io import ParquetSink, sha256_file, trim_heap, write_
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.index import DocIndex, Drop, Selector, config_name, load_doc_index
 from pipeline.stages.prepare import PrepareResult
-from schemas.config import BuildConfig, ConfigError
+from schemas.config import ConfigError
 from schemas.records import FILTERED_SCHEMA
+from schemas.stage_config import SelectConfig
 
 SELECT_STEP = "select@1"
 LAYOUT_SCHEMA = pa.schema(
@@ -99,7 +100,7 @@ def inputs_key(prepared: list[PrepareResult]) -> str:
     return h.hexdigest()[:32]
 
 
-def _route(cfg: BuildConfig, idx: DocIndex, alive: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+def _route(cfg: SelectConfig, idx: DocIndex, alive: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
     """Send each document to one target length; returns positions per target, and the unrouted."""
     targets = cfg.packing.targets
     if len(targets) == 1 and targets[0].token_budget is None:
@@ -133,7 +134,8 @@ SimilarityOrder = Callable[..., tuple[np.ndarray, np.ndarray | None]]
 
 
 def _order(
-    cfg: BuildConfig,
+    cfg: SelectConfig,
+    work: WorkDir,
     idx: DocIndex,
     members: np.ndarray,
     target_length: int,
@@ -144,7 +146,7 @@ def _order(
     if strategy == "similarity":
         if similarity_order is None:
             raise ConfigError("packing.strategy: similarity needs the semantic order; none was given")
-        order, sims = similarity_order(cfg, idx, members, target_length=target_length)
+        order, sims = similarity_order(cfg, idx, members, target_length=target_length, work=work)
         return members[order], sims, "similarity@2"  # @2: greedy layout with the cutting rule
     if cfg.packing.doc_order == "shuffle":
         rng = np.random.default_rng(cfg.run.seed)
@@ -152,7 +154,7 @@ def _order(
     return members, None, ""
 
 
-def _layout(cfg: BuildConfig, footprints: np.ndarray, L: int) -> Layout:
+def _layout(cfg: SelectConfig, footprints: np.ndarray, L: int) -> Layout:
     p = cfg.packing
     if p.strategy == "best_fit":
         return pack_best_fit(
@@ -162,7 +164,7 @@ def _layout(cfg: BuildConfig, footprints: np.ndarray, L: int) -> Layout:
 
 
 def select_and_layout(
-    cfg: BuildConfig,
+    cfg: SelectConfig,
     work: WorkDir,
     prepared: list[PrepareResult],
     selectors: Sequence[Selector],
@@ -208,7 +210,7 @@ def select_and_layout(
     tail = np.zeros(len(sources), np.int64)
     for t_cfg, members in zip(cfg.packing.targets, per_target, strict=True):
         L = t_cfg.length
-        ordered, sims, order_step = _order(cfg, idx, members, L, similarity_order)
+        ordered, sims, order_step = _order(cfg, work, idx, members, L, similarity_order)
         ntok = idx.n_tokens[ordered]
         lay = _layout(cfg, ntok + 1, L)  # +1: the separator after each document
         strategy = order_step or lay.strategy
@@ -256,7 +258,7 @@ def select_and_layout(
 
 
 def _write_layout(
-    cfg: BuildConfig,
+    cfg: SelectConfig,
     work: WorkDir,
     idx: DocIndex,
     ordered: np.ndarray,

@@ -32,9 +32,9 @@ from pipeline.core.tokenizer import Tokenizer, separator_and_pad
 from pipeline.core.workdir import WorkDir, run_lineage
 from pipeline.stages.prepare import PrepareResult, tokenizer_for
 from pipeline.stages.select import SelectResult, TargetPlan
-from schemas.config import BuildConfig
 from schemas.manifest import ShardEntry
 from schemas.records import LINEAGE_TYPE, SEGMENT_TYPE, row_schema
+from schemas.stage_config import WriteConfig
 
 
 def shard_path(plan: TargetPlan, k: int) -> str:
@@ -253,7 +253,7 @@ class RowStats:
 
 
 def build_rows(
-    cfg: BuildConfig,
+    cfg: WriteConfig,
     plan: TargetPlan,
     layout: pa.Table,
     store: DocumentStore,
@@ -400,7 +400,7 @@ def _write_and_release(sink: ParquetSink, table: pa.Table) -> None:
 
 
 def write_shard(
-    cfg: BuildConfig,
+    cfg: WriteConfig,
     work: WorkDir,
     selected: SelectResult,
     prepared: list[PrepareResult],
