@@ -5,16 +5,23 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
 from pipeline.core.tokenizer import Tokenizer
-from schemas.config import ROW_SECTIONS, BuildConfig, config_hash, section_hash
+from schemas.config import PREPARE_SECTIONS, ROW_SECTIONS, BuildConfig, config_hash, section_hash
 from schemas.stage_config import RunLevel
 
 CONFIG_HASH_FILE = "config-hash"  # under .longloom/: the config hash of the run that holds the folder
+
+
+def folder_key(cfg: BuildConfig, sections: Iterable[str]) -> str:
+    """The key of a stage's work: the hash of the config sections its output depends on (its own and,
+    transitively, its inputs') and the run-level seed. `Stage.key` is this hash, and the stage's work
+    folder is named by it, so verified work is reused exactly when the stage's key matches."""
+    return section_hash(cfg, *sorted({*sections, "run"}))  # `run` hashes the seed only (execution-only rest)
 
 
 class WorkDir:
@@ -27,12 +34,13 @@ class WorkDir:
         # how intermediate Parquet under .longloom/ is compressed: how its files are written, never
         # what they hold, so no stage key depends on it (output files use their stage's own setting)
         self.compression_level = cfg.output.compression_level
+        # The keys of the stages' folders (tests/test_stage_keys.py holds them equal to `Stage.key`).
         # Reading, tokenizing and per-document filtering depend on these sections only, so a new
         # packing config reuses the tokenized documents.
-        self.prepare_key = section_hash(cfg, "sources", "tokenizer", "filters", "run")
+        self.prepare_key = folder_key(cfg, PREPARE_SECTIONS)
         # What each kind of output row depends on (schemas.config.ROW_SECTIONS): selection and the
         # pretraining shards never depend on the procedural or rewriter settings.
-        self.row_keys = {kind: section_hash(cfg, *sections) for kind, sections in ROW_SECTIONS.items()}
+        self.row_keys = {kind: folder_key(cfg, sections) for kind, sections in ROW_SECTIONS.items()}
 
     @property
     def prepare_dir(self) -> Path:

@@ -80,11 +80,17 @@ class EmbedResult:
         return asdict(self)
 
 
-def embed_dir(cfg: HasDiversity, work: WorkDir) -> Path:
-    """Per-run embedding files: keyed by the prepared documents and the embedding settings."""
+def embed_key(cfg: HasDiversity, work: WorkDir) -> str:
+    """The embed stage's key: the prepared documents' key and the embedding settings (the part of the
+    diversity section embeddings depend on, so changing a selection threshold reuses them)."""
     d = cfg.diversity
     blob = json.dumps([EMBED_STEP, d.embedder, d.chunk_tokens, d.max_chunks, d.dtype]).encode()
-    return work.root / f"embed-{work.prepare_key}-{hashlib.sha256(blob).hexdigest()[:12]}"
+    return f"{work.prepare_key}-{hashlib.sha256(blob).hexdigest()[:12]}"
+
+
+def embed_dir(cfg: HasDiversity, work: WorkDir) -> Path:
+    """Per-run embedding files: keyed by the prepared documents and the embedding settings."""
+    return work.root / f"embed-{embed_key(cfg, work)}"
 
 
 def cache_dir(cfg: HasDiversity) -> Path:

@@ -96,6 +96,9 @@ class PrepareStage(Stage):
     config_type = PrepareConfig
     task_name = "prepare-shard"
 
+    def work_dir(self, ctx: RunContext) -> Path:
+        return ctx.work.prepare_dir
+
     def bind(self, ctx: RunContext, inputs: Inputs) -> StageWork:
         return _Prepare(self, ctx, inputs)
 
@@ -136,6 +139,17 @@ class EmbedStage(Stage):
 
     def enabled(self, cfg: BuildConfig) -> bool:
         return bool(cfg.diversity.embedder)
+
+    def key(self, ctx: RunContext, depends: frozenset[str]) -> str:
+        # embeddings depend on a few fields of `diversity` only (not on its selection settings)
+        from pipeline.stages.embed import embed_key
+
+        return embed_key(ctx.cfg, ctx.work)
+
+    def work_dir(self, ctx: RunContext) -> Path:
+        from pipeline.stages.embed import embed_dir
+
+        return embed_dir(ctx.cfg, ctx.work)
 
     def bind(self, ctx: RunContext, inputs: Inputs) -> StageWork:
         return _Embed(self, ctx, inputs)
@@ -179,6 +193,9 @@ class SelectStage(Stage):
     task_name = "select-and-layout"
     retries = 1
 
+    def work_dir(self, ctx: RunContext) -> Path:
+        return ctx.work.select_dir
+
     def bind(self, ctx: RunContext, inputs: Inputs) -> StageWork:
         return _Select(self, ctx, inputs)
 
@@ -215,6 +232,9 @@ class WriteStage(Stage):
     inputs = ("prepare", "select")
     config_type = WriteConfig
     task_name = "write-shard"
+
+    def work_dir(self, ctx: RunContext) -> Path:
+        return ctx.work.select_dir  # its verified shard records sit with the layouts they fill
 
     def bind(self, ctx: RunContext, inputs: Inputs) -> StageWork:
         return _Write(self, ctx, inputs)
@@ -268,6 +288,9 @@ class ProceduralStage(Stage):
 
     def enabled(self, cfg: BuildConfig) -> bool:
         return cfg.procedural.enabled
+
+    def work_dir(self, ctx: RunContext) -> Path:
+        return ctx.work.procedural_dir
 
     def bind(self, ctx: RunContext, inputs: Inputs) -> StageWork:
         return _Procedural(self, ctx, inputs)
@@ -326,6 +349,9 @@ class RewriterStage(Stage):
 
     def enabled(self, cfg: BuildConfig) -> bool:
         return cfg.rewriter.enabled
+
+    def work_dir(self, ctx: RunContext) -> Path:
+        return ctx.work.rewriter_dir
 
     def bind(self, ctx: RunContext, inputs: Inputs) -> StageWork:
         return _Rewriter(self, ctx, inputs)
@@ -533,7 +559,7 @@ def run_plan(
             results = run_units(stage, job, units)
             merged = job.merge(results)
             st.units, st.reused = len(units), job.reused(results, merged)
-        inputs.record(stage.name, job.key, merged, job.report(merged))
+        inputs.record(stage.name, job.key, merged, job.report(merged), job.depends)
         if stage.name == REPORT_AFTER:
             reporter.close()
             after_report(merged, report_extra(ctx, inputs))
