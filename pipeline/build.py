@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeline.core.helpers import reap_orphans
 from pipeline.core.progress import Reporter
+from pipeline.core.tokenizer import tokenizer_for
 from pipeline.core.workdir import CONFIG_HASH_FILE, WorkDir
 from pipeline.output.report import (
     RunClock,
@@ -32,7 +33,6 @@ from pipeline.stages.plan import (
     run_plan,
     semantic_selectors,
 )
-from pipeline.stages.prepare import tokenizer_for
 from schemas.config import BuildConfig, ConfigError, config_hash
 from schemas.manifest import Manifest
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.core.results import PrepareResult
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.filters import stable_uniform
 from pipeline.corpus.index import DocIndex, Drop
-from pipeline.stages.prepare import PrepareResult
 from schemas.stage_config import SelectConfig
 
 

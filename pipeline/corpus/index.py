@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.core.results import PrepareResult
 from pipeline.core.workdir import WorkDir
-from pipeline.stages.prepare import PrepareResult
 from schemas.stage_config import SelectConfig
 
 

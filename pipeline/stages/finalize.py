@@ -22,12 +22,11 @@ from typing import Any
 from pipeline import __version__
 from pipeline.core.faults import crash_point
 from pipeline.core.parquet_io import sha256_file, write_json_atomic
-from pipeline.core.tokenizer import separator_and_pad
+from pipeline.core.results import PrepareResult, SelectResult
+from pipeline.core.tokenizer import separator_and_pad, tokenizer_for
 from pipeline.core.workdir import WorkDir
 from pipeline.output.audit import audit_counts, merge_audit
 from pipeline.output.card import write_card
-from pipeline.stages.prepare import PrepareResult, tokenizer_for
-from pipeline.stages.select import SelectResult
 from schemas.config import BuildConfig
 from schemas.manifest import (
     Check,
@@ -230,7 +229,7 @@ def stage_dirs(cfg: BuildConfig, work: WorkDir) -> list[Path]:
 
         dirs.append(stage_dir(work))
     if cfg.diversity.embedder:
-        from pipeline.stages.embed import embed_dir
+        from pipeline.embedders.documents import embed_dir
 
         dirs.append(embed_dir(cfg, work))
     return dirs

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.progress import Reporter, UnitProgress
+from pipeline.core.results import PrepareResult, SelectResult, WrittenShard
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.exact import exact_dedup, source_budgets
 from pipeline.corpus.index import Selector
@@ -25,9 +26,9 @@ from pipeline.output.report import RunClock, prepare_counts, select_counts, writ
 from pipeline.readers import InputShard, list_input_shards
 from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
 from pipeline.stages.finalize import finalize_run
-from pipeline.stages.prepare import PrepareResult, prepare_shard
-from pipeline.stages.select import SelectResult, SimilarityOrder, select_and_layout
-from pipeline.stages.write import WrittenShard, write_shard
+from pipeline.stages.prepare import prepare_shard
+from pipeline.stages.select import SimilarityOrder, select_and_layout
+from pipeline.stages.write import write_shard
 from schemas.config import BuildConfig, ConfigError
 from schemas.manifest import Manifest, ShardEntry, StageReport
 from schemas.stage_config import (
@@ -142,12 +143,12 @@ class EmbedStage(Stage):
 
     def key(self, ctx: RunContext, depends: frozenset[str]) -> str:
         # embeddings depend on a few fields of `diversity` only (not on its selection settings)
-        from pipeline.stages.embed import embed_key
+        from pipeline.embedders.documents import embed_key
 
         return embed_key(ctx.cfg, ctx.work)
 
     def work_dir(self, ctx: RunContext) -> Path:
-        from pipeline.stages.embed import embed_dir
+        from pipeline.embedders.documents import embed_dir
 
         return embed_dir(ctx.cfg, ctx.work)
 

@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,7 +34,8 @@ from pipeline.core.parquet_io import (
     write_json_atomic,
 )
 from pipeline.core.progress import UnitProgress
-from pipeline.core.tokenizer import HFTokenizer, Tokenizer, TokenizerError, load_tokenizer
+from pipeline.core.results import PrepareResult, tokens_file_of
+from pipeline.core.tokenizer import Tokenizer, tokenizer_for
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.filters import DocColumns, filters_for_source
 from pipeline.readers import InputShard, read_shard
@@ -53,43 +53,6 @@ READ_AHEAD = 1  # input batches read ahead of the one being tokenized
 # long one) per call. Larger batches measured no faster here.
 BATCH_BYTES = 4 << 20
 T = TypeVar("T")
-
-
-@dataclass
-class PrepareResult:
-    """What one input shard produced; persisted as the shard's completion record."""
-
-    shard_id: str
-    source: str
-    uri: str
-    revision: str | None
-    input_bytes: int
-    records_read: int
-    quarantined: dict[str, int]
-    documents: int
-    tokens_read: int
-    filtered: dict[str, int]
-    filtered_tokens: dict[str, int]
-    kept: int
-    kept_tokens: int
-    files: dict[str, str] = field(default_factory=dict)  # kind -> path relative to the stage folder
-    sha256: dict[str, str] = field(default_factory=dict)  # kind -> checksum
-    seconds: float = 0.0
-    steps: list[str] = field(default_factory=list)
-    input_stamp: str = ""  # what the input looked like when read (see `input_stamp`)
-    format: str = ""  # PREPARE_STEP of the code that wrote it
-    reused: bool = False  # set when loaded from an earlier run's record, never stored as True
-
-    @property
-    def records_in_documents(self) -> int:
-        return self.records_read - sum(self.quarantined.values())
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "reused": False}
-
-    @classmethod
-    def from_json(cls, d: dict) -> PrepareResult:
-        return cls(**d)
 
 
 def input_stamp(cfg: HasSources, shard: InputShard) -> str:
@@ -132,49 +95,6 @@ def arrow_content_hashes(col: pa.Array) -> list[str]:
     mv = memoryview(data) if data is not None else memoryview(b"")
     sha = hashlib.sha256
     return [sha(mv[a:b]).hexdigest() for a, b in itertools.pairwise(offsets)]
-
-
-_LOCAL_HF: dict[tuple[str, str, int, int], Tokenizer] = {}
-
-
-def local_hf_tokenizer_path(cfg: HasTokenizer) -> Path | None:
-    """The local file or folder an `hf:` tokenizer names, resolved like `sources[].paths` (against the
-    config's folder); None for a hub id. A path that does not exist is "file not found", never a hub
-    lookup: a hub id is `name` or `org/name`, anything else (absolute, `./`, `~`, `.json`, deeper) a path.
-    """
-    backend, _, spec = cfg.tokenizer.name.partition(":")
-    if backend != "hf":
-        return None
-    path = cfg.resolve(str(Path(spec).expanduser()))
-    if path.exists():
-        return path
-    looks_local = (
-        Path(spec).is_absolute()
-        or spec.startswith((".", "~"))
-        or spec.endswith(".json")
-        or "\\" in spec
-        or spec.count("/") > 1
-    )
-    if looks_local:
-        raise TokenizerError(
-            f"file not found: {path} (tokenizer.name {cfg.tokenizer.name!r}; a relative path starts at the "
-            f"config's folder {cfg.base_dir})"
-        )
-    return None
-
-
-def tokenizer_for(cfg: HasTokenizer) -> Tokenizer:
-    local = local_hf_tokenizer_path(cfg)
-    if local is None:
-        return load_tokenizer(cfg.tokenizer.name, cfg.tokenizer.max_piece_chars, cfg.tokenizer.threads)
-    # loaded from the resolved path, named as the config wrote it: lineage and manifests never carry
-    # this machine's absolute paths, and one process can hold two configs' same-named files apart
-    key = (str(local.resolve()), cfg.tokenizer.name, cfg.tokenizer.max_piece_chars, cfg.tokenizer.threads)
-    if key not in _LOCAL_HF:
-        _LOCAL_HF[key] = HFTokenizer(
-            key[0], cfg.tokenizer.name, cfg.tokenizer.max_piece_chars, cfg.tokenizer.threads
-        )
-    return _LOCAL_HF[key]
 
 
 class TokenMismatchError(ConfigError):
@@ -316,11 +236,6 @@ def prepare_shard(
     crash_point("prepared")
     trim_heap()
     return res
-
-
-def tokens_file_of(documents_file: Path) -> Path:
-    """The raw token file written beside a prepared shard's documents table."""
-    return documents_file.parent.parent / "tokens" / f"{documents_file.stem}.int32"
 
 
 def load_verified(work: WorkDir, shard_id: str, stamp: str) -> PrepareResult | None:

@@ -22,9 +22,8 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 from pipeline.core.parquet_io import ParquetSink, sha256_file, write_json_atomic
-from pipeline.core.tokenizer import Tokenizer
+from pipeline.core.tokenizer import Tokenizer, tokenizer_for
 from pipeline.core.workdir import WorkDir, run_lineage
-from pipeline.stages.prepare import tokenizer_for
 from pipeline.synth.chat import (
     AssemblyError,
     ChatTemplate,

@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.core.parquet_io import ParquetSink, write_json_atomic
+from pipeline.core.results import SelectResult
+from pipeline.core.tokenizer import tokenizer_for
 from pipeline.core.workdir import WorkDir, run_lineage
-from pipeline.stages.prepare import tokenizer_for
-from pipeline.stages.select import SelectResult
 from pipeline.synth.chat import chat_table
 from pipeline.synth.chat import load_template as load_chat_template
 from pipeline.synth.rewriter.assemble import SampleFailure, build_record, generator_name, params_json

@@ -12,7 +12,6 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +21,9 @@ import pyarrow.parquet as pq
 from pipeline.core.faults import crash_point
 from pipeline.core.packing import Layout, pack_best_fit, pack_greedy
 from pipeline.core.parquet_io import ParquetSink, sha256_file, trim_heap, write_json_atomic
+from pipeline.core.results import PrepareResult, SelectResult, TargetPlan
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.index import DocIndex, Drop, Selector, config_name, load_doc_index
-from pipeline.stages.prepare import PrepareResult
 from schemas.config import ConfigError
 from schemas.records import FILTERED_SCHEMA
 from schemas.stage_config import SelectConfig
@@ -42,49 +41,6 @@ LAYOUT_SCHEMA = pa.schema(
         pa.field("neighbor_similarity", pa.float32()),
     ]
 )
-
-
-@dataclass
-class TargetPlan:
-    target_length: int
-    config_name: str
-    strategy: str
-    n_rows: int
-    rows_per_shard: int
-    n_shards: int
-    last_row_pad: int
-    layout_file: str
-    layout_sha256: str
-    documents: int
-    split_documents: int
-    needless_splits: int
-    content_tokens: int
-    dropped_tail_tokens: int
-
-
-@dataclass
-class SelectResult:
-    targets: list[TargetPlan]
-    filtered: dict[str, dict[str, int]]  # source -> reason -> documents dropped at this stage
-    filtered_tokens: dict[str, dict[str, int]]
-    packed_tokens: dict[str, int]
-    dropped_tail_tokens: dict[str, int]
-    filtered_file: str
-    filtered_sha256: str
-    steps: list[str]
-    seconds: float
-    extra: dict = field(default_factory=dict)
-    inputs_key: str = ""  # `inputs_key(prepared)` of the documents this selection was made from
-    reused: bool = False  # set when loaded from an earlier run's record, never stored as True
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "reused": False}
-
-    @classmethod
-    def from_json(cls, d: dict) -> SelectResult:
-        d = dict(d)
-        d["targets"] = [TargetPlan(**t) for t in d["targets"]]
-        return cls(**d)
 
 
 def inputs_key(prepared: list[PrepareResult]) -> str:

@@ -28,18 +28,12 @@ from pipeline.core.parquet_io import (
     write_json_atomic,
 )
 from pipeline.core.progress import UnitProgress
-from pipeline.core.tokenizer import Tokenizer, separator_and_pad
+from pipeline.core.results import PrepareResult, SelectResult, TargetPlan, WrittenShard, shard_path
+from pipeline.core.tokenizer import Tokenizer, separator_and_pad, tokenizer_for
 from pipeline.core.workdir import WorkDir, run_lineage
-from pipeline.stages.prepare import PrepareResult, tokenizer_for
-from pipeline.stages.select import SelectResult, TargetPlan
 from schemas.manifest import ShardEntry
 from schemas.records import LINEAGE_TYPE, SEGMENT_TYPE, row_schema
 from schemas.stage_config import WriteConfig
-
-
-def shard_path(plan: TargetPlan, k: int) -> str:
-    """Output path of shard k, relative to the output folder (Hugging Face `train-` naming)."""
-    return f"data/{plan.config_name}/train-{k:05d}-of-{plan.n_shards:05d}.parquet"
 
 
 class DocumentStore:
@@ -364,14 +358,6 @@ def _read_layout_rows(path: Path, first_row: int, last_row: int) -> pa.Table:
     filt = (ds.field("row") >= first_row) & (ds.field("row") < last_row)
     t = dataset.to_table(filter=filt)
     return t.sort_by([("row", "ascending"), ("row_start", "ascending")])
-
-
-@dataclass
-class WrittenShard:
-    """One output shard's manifest entry, and whether an earlier run's verified shard was kept."""
-
-    entry: ShardEntry
-    reused: bool
 
 
 def unit_key(selected: SelectResult, plan: TargetPlan) -> str:

@@ -25,13 +25,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.parquet_io import ParquetSink, write_json_atomic
+from pipeline.core.results import PrepareResult, tokens_file_of
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.index import DocIndex, Drop
 from pipeline.corpus.semantic.cluster import as_f32, assign, assign_top2, group_bounds, kmeans, near_pairs
 from pipeline.corpus.semantic.lexical import jaccard, sketch
 from pipeline.corpus.semantic.vectors import CorpusEmbeddings
 from pipeline.embedders.registry import STATIC_MINILM, STATIC_TOKENS, default_threshold
-from pipeline.stages.prepare import PrepareResult, tokens_file_of
 from schemas.diversity import IndexConfig, SemDedupConfig
 from schemas.records import PRUNED_SCHEMA
 from schemas.stage_config import SelectConfig

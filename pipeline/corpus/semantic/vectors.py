@@ -8,7 +8,7 @@ import numpy as np
 
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.index import DocIndex
-from pipeline.stages.embed import embed_dir, embed_documents, open_embeddings
+from pipeline.embedders.documents import embed_dir, embed_documents, open_embeddings
 from schemas.stage_config import EmbedConfig
 
 # documents files whose embeddings were verified in this process, with the (size, mtime) of both files:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.stages.select import SelectResult, TargetPlan
+from pipeline.core.results import SelectResult, TargetPlan
 from pipeline.synth.rewriter.contexts import ContextRef, context_refs
 from pipeline.synth.rewriter.inputs import Conversation, load_conversations
 from schemas.config import ConfigError
