@@ -140,3 +140,15 @@ class WrittenShard:
 
     entry: ShardEntry
     reused: bool
+
+
+def output_units(selected: SelectResult) -> list[tuple[int, int]]:
+    """(target index, shard index) of every output shard, in order."""
+    return [(ti, k) for ti, plan in enumerate(selected.targets) for k in range(plan.n_shards)]
+
+
+def group_by_target(selected: SelectResult, entries: list[ShardEntry]) -> list[list[ShardEntry]]:
+    out: list[list[ShardEntry]] = [[] for _ in selected.targets]
+    for (ti, _), e in zip(output_units(selected), entries, strict=True):
+        out[ti].append(e)
+    return out

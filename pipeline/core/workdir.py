@@ -9,10 +9,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__
-from pipeline.core.tokenizer import Tokenizer
 from schemas.config import PREPARE_SECTIONS, ROW_SECTIONS, BuildConfig, config_hash, section_hash
-from schemas.stage_config import RunLevel
 
 CONFIG_HASH_FILE = "config-hash"  # under .longloom/: the config hash of the run that holds the folder
 
@@ -100,21 +97,3 @@ class WorkDir:
                     p.unlink()
                     n += 1
         return n
-
-
-def run_lineage(
-    cfg: RunLevel, work: WorkDir, tok: Tokenizer, steps: list[str], kind: str = "pretraining"
-) -> dict[str, Any]:
-    """The per-run part of every output row's lineage (LINEAGE_TYPE) for one kind of row.
-
-    `config_hash` is the hash of the config sections rows of this `kind` depend on (ROW_SECTIONS), so a
-    change elsewhere in the config leaves them byte-identical; the manifest lists these hashes.
-    """
-    return {
-        "config_hash": work.row_keys[kind],
-        "tokenizer": tok.identity.name,
-        "tokenizer_hash": tok.identity.vocab_hash,
-        "longloom_version": __version__,
-        "seed": cfg.run.seed,
-        "steps": steps,
-    }

@@ -38,8 +38,11 @@ from pipeline.core.results import PrepareResult, tokens_file_of
 from pipeline.core.tokenizer import Tokenizer, tokenizer_for
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.filters import DocColumns, filters_for_source
-from pipeline.readers import InputShard, read_shard
+from pipeline.output.report import prepare_counts
+from pipeline.readers import InputShard, list_input_shards, read_shard
+from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
 from schemas.config import ConfigError
+from schemas.manifest import StageReport
 from schemas.records import DOC_SCHEMA, FILTERED_SCHEMA, QUARANTINE_SCHEMA
 from schemas.stage_config import HasSources, HasTokenizer, PrepareConfig
 
@@ -418,3 +421,42 @@ __all__ = [
     "tokenizer_for",
     "tokens_file_of",
 ]
+
+
+class PrepareStage(Stage):
+    """Read, filter and tokenize each input shard (`pipeline.stages.prepare`)."""
+
+    name = "prepare"
+    sections = ("sources", "tokenizer", "filters")
+    config_type = PrepareConfig
+    task_name = "prepare-shard"
+
+    def work_dir(self, ctx: RunContext) -> Path:
+        return ctx.work.prepare_dir
+
+    def bind(self, ctx: RunContext, inputs: Inputs) -> StageWork:
+        return _Prepare(self, ctx, inputs)
+
+
+class _Prepare(StageWork[InputShard, PrepareResult]):
+    def units(self) -> list[InputShard]:
+        return list(self.inputs.shards) or list_input_shards(self.cfg)
+
+    def run_unit(self, unit: InputShard, progress: UnitProgress | None = None) -> PrepareResult:
+        return prepare_shard(self.cfg, unit, self.ctx.work, progress)
+
+    def report(self, merged: list[PrepareResult]) -> StageReport:
+        return prepare_counts(merged)
+
+    def label(self, unit: InputShard) -> str:
+        return unit.shard_id
+
+    def advance(self, r: PrepareResult) -> tuple[str, dict[str, int]]:
+        return r.shard_id, {"tokens": r.kept_tokens}
+
+    def log_line(self, r: PrepareResult) -> str:
+        return (
+            f"{r.shard_id}: {r.records_read} records, {r.documents} documents, {r.kept} kept "
+            f"({r.kept_tokens} tokens), {sum(r.quarantined.values())} quarantined"
+            + (" (reused a verified earlier result)" if r.reused else "")
+        )

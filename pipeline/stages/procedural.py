@@ -21,9 +21,13 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel
 
+from pipeline.core.lineage import lineage_steps, run_lineage
 from pipeline.core.parquet_io import ParquetSink, sha256_file, write_json_atomic
+from pipeline.core.progress import UnitProgress
+from pipeline.core.results import group_by_target
 from pipeline.core.tokenizer import Tokenizer, tokenizer_for
-from pipeline.core.workdir import WorkDir, run_lineage
+from pipeline.core.workdir import WorkDir
+from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
 from pipeline.synth.chat import (
     AssemblyError,
     ChatTemplate,
@@ -36,8 +40,8 @@ from pipeline.synth.procedural import GENERATORS
 from pipeline.synth.procedural.base import Draft
 from pipeline.synth.procedural.pool import RowPool, pool_from_shards
 from pipeline.synth.procedural.sample import BuiltSample, build_sample
-from schemas.config import ConfigError
-from schemas.manifest import FileEntry, ShardEntry
+from schemas.config import BuildConfig, ConfigError
+from schemas.manifest import FileEntry, ShardEntry, StageReport
 from schemas.procedural import ProceduralConfig
 from schemas.records import CHAT_SCHEMA, EVAL_SCHEMA
 from schemas.stage_config import ProceduralStageConfig, RunLevel
@@ -473,3 +477,55 @@ def describe(extra: dict[str, Any]) -> list[str]:
             f"{d.get('p10', 0):.0f}/{d.get('p50', 0):.0f}/{d.get('p90', 0):.0f} tokens"
         )
     return lines
+
+
+class ProceduralStage(Stage):
+    """Procedural long-range chat samples over the packed rows (`pipeline.stages.procedural`)."""
+
+    name = "procedural"
+    sections = ("procedural", "tokenizer", "packing", "output")
+    inputs = ("prepare", "select", "write")
+    unit_noun = "batches"
+    config_type = ProceduralStageConfig
+    task_name = "procedural-batch"
+
+    def enabled(self, cfg: BuildConfig) -> bool:
+        return cfg.procedural.enabled
+
+    def work_dir(self, ctx: RunContext) -> Path:
+        return ctx.work.procedural_dir
+
+    def bind(self, ctx: RunContext, inputs: Inputs) -> StageWork:
+        return _Procedural(self, ctx, inputs)
+
+
+class _Procedural(StageWork[Any, Any]):
+    def __init__(self, stage: Stage, ctx: RunContext, inputs: Inputs) -> None:
+        super().__init__(stage, ctx, inputs)
+        selected, written = inputs["select"], inputs["write"]
+        self.steps = lineage_steps(inputs["prepare"], selected)
+        self.shards = pool_shards(group_by_target(selected, [w.entry for w in written]))
+
+    def units(self) -> list[Any]:
+        return list(plan_procedural(self.cfg))
+
+    def run_unit(self, unit: Any, progress: UnitProgress | None = None) -> Any:
+        return generate_batch(self.cfg, self.ctx.work, unit, self.shards, self.steps)
+
+    def merge(self, results: list[Any]) -> Any:
+        return summarize_procedural(self.cfg, self.ctx.work, results)
+
+    def report(self, merged: Any) -> StageReport:
+        return StageReport(items_out=merged.samples, tokens_out=merged.tokens)
+
+    def reused(self, results: list[Any], merged: Any) -> int:
+        return int(merged.reused)
+
+    def label(self, unit: Any) -> str:
+        return f"batch {unit.k + 1}/{unit.n}"
+
+    def advance(self, r: Any) -> tuple[str, dict[str, int]]:
+        return "procedural", {"samples": len(r.stats)}
+
+    def log_line(self, r: Any) -> str:
+        return f"procedural batch: {len(r.stats)} samples ({', '.join(sorted({s.label for s in r.stats}))})"

@@ -24,10 +24,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from pipeline.core.lineage import run_lineage
 from pipeline.core.parquet_io import ParquetSink, write_json_atomic
+from pipeline.core.progress import UnitProgress
 from pipeline.core.results import SelectResult
 from pipeline.core.tokenizer import tokenizer_for
-from pipeline.core.workdir import WorkDir, run_lineage
+from pipeline.core.workdir import WorkDir
+from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
 from pipeline.synth.chat import chat_table
 from pipeline.synth.chat import load_template as load_chat_template
 from pipeline.synth.rewriter.assemble import SampleFailure, build_record, generator_name, params_json
@@ -45,7 +48,7 @@ from pipeline.synth.rewriter.plan import Batch, RewriterPlan, SamplePlan, make_p
 from pipeline.synth.rewriter.secrets import Redactor, all_secrets, endpoint_host, resolve_api_key
 from pipeline.synth.rewriter.strategies import Rejection, build_request, interpret, passages_for
 from pipeline.synth.rewriter.templates import load_template
-from schemas.config import ConfigError
+from schemas.config import BuildConfig, ConfigError
 from schemas.manifest import FileEntry, StageReport
 from schemas.records import CHAT_SCHEMA, REWRITER_AUDIT_SCHEMA
 from schemas.stage_config import RewriterStageConfig
@@ -551,3 +554,48 @@ def summary_line(stats: dict[str, Any]) -> str:
         f"{t['requests']} HTTP requests, {t['cache_hits']} cache hits, "
         f"{t['prompt_tokens']}+{t['completion_tokens']} tokens, cost {t['cost']:.4f}"
     )
+
+
+class RewriterStage(Stage):
+    """LLM-rewritten long-context samples (`pipeline.stages.rewriter`)."""
+
+    name = "rewriter"
+    sections = ("rewriter", "tokenizer", "packing", "output")
+    inputs = ("select", "write")
+    unit_noun = "batches"
+    config_type = RewriterStageConfig
+    task_name = "rewriter-batch"
+    retries = 1
+
+    def enabled(self, cfg: BuildConfig) -> bool:
+        return cfg.rewriter.enabled
+
+    def work_dir(self, ctx: RunContext) -> Path:
+        return ctx.work.rewriter_dir
+
+    def bind(self, ctx: RunContext, inputs: Inputs) -> StageWork:
+        return _Rewriter(self, ctx, inputs)
+
+
+class _Rewriter(StageWork[Any, Any]):
+    def __init__(self, stage: Stage, ctx: RunContext, inputs: Inputs) -> None:
+        from pipeline.synth.rewriter.plan import make_plan
+
+        super().__init__(stage, ctx, inputs)
+        self.plan = make_plan(self.cfg, inputs["select"])
+
+    def units(self) -> list[Any]:
+        return list(self.plan.batches)
+
+    def run_unit(self, unit: Any, progress: UnitProgress | None = None) -> Any:
+        return run_batch(self.cfg, self.ctx.work, unit, self.plan.sample_length)
+
+    def merge(self, results: list[Any]) -> Any:
+        return merge(self.cfg, self.ctx.work, self.plan, results)
+
+    def report(self, merged: Any) -> StageReport:
+        return merged.report
+
+    def log_line(self, r: Any) -> str:
+        acc = sum(c["accepted"] for c in r.counts.values())
+        return f"rewriter batch: {acc} accepted, {r.requests_sent} HTTP requests ({r.seconds:.1f}s)"

@@ -21,10 +21,14 @@ import pyarrow.parquet as pq
 from pipeline.core.faults import crash_point
 from pipeline.core.packing import Layout, pack_best_fit, pack_greedy
 from pipeline.core.parquet_io import ParquetSink, sha256_file, trim_heap, write_json_atomic
+from pipeline.core.progress import UnitProgress
 from pipeline.core.results import PrepareResult, SelectResult, TargetPlan
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.index import DocIndex, Drop, Selector, config_name, load_doc_index
+from pipeline.output.report import select_counts
+from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
 from schemas.config import ConfigError
+from schemas.manifest import StageReport
 from schemas.records import FILTERED_SCHEMA
 from schemas.stage_config import SelectConfig
 
@@ -354,3 +358,64 @@ def _load_verified(work: WorkDir, rec: Path, key: str) -> SelectResult | None:
             return None
     res.reused = True
     return res
+
+
+# What the stage list hands the select stage for a run's config: its corpus selectors, in order, and
+# the document order of `packing.strategy: similarity` (None for the other strategies).
+SelectorsFor = Callable[[SelectConfig], Sequence[Selector]]
+OrderFor = Callable[[SelectConfig], SimilarityOrder | None]
+
+
+class SelectStage(Stage):
+    """Choose documents and lay out rows over the whole corpus (`select_and_layout`).
+
+    The selectors (exact dedup, the semantic ones, source budgets) and the similarity order are handed
+    in by the stage list (`pipeline.stages.plan`), so this module never imports the semantic package.
+    """
+
+    name = "select"
+    # tokenizer: embeddings missing or stale since the embed stage are made again here
+    sections = ("sources", "tokenizer", "filters", "diversity", "packing", "output")
+    inputs = ("prepare", "embed")
+    unit_noun = "step"
+    config_type = SelectConfig
+    task_name = "select-and-layout"
+    retries = 1
+
+    def __init__(self, selectors: SelectorsFor, order: OrderFor) -> None:
+        self.selectors = selectors
+        self.order = order
+
+    def work_dir(self, ctx: RunContext) -> Path:
+        return ctx.work.select_dir
+
+    def bind(self, ctx: RunContext, inputs: Inputs) -> StageWork:
+        return _Select(self, ctx, inputs)
+
+
+class _Select(StageWork[None, SelectResult]):
+    def units(self) -> list[None]:
+        return [None]  # one step over small columns of the whole corpus
+
+    def run_unit(self, unit: None, progress: UnitProgress | None = None) -> SelectResult:
+        stage, cfg = self.stage, self.cfg
+        assert isinstance(stage, SelectStage)
+        return select_and_layout(
+            cfg, self.ctx.work, self.inputs["prepare"], stage.selectors(cfg), stage.order(cfg)
+        )
+
+    def merge(self, results: list[SelectResult]) -> SelectResult:
+        return results[0]
+
+    def report(self, merged: SelectResult) -> StageReport:
+        return select_counts(self.inputs["prepare"], merged)
+
+    def advance(self, r: SelectResult) -> tuple[str, dict[str, int]]:
+        return "select", {"tokens": sum(t.content_tokens for t in r.targets)}
+
+    def log_line(self, r: SelectResult) -> str:
+        return "; ".join(
+            f"{t.config_name}: {t.n_rows} rows in {t.n_shards} shards ({t.strategy}), "
+            f"{t.split_documents} documents split"
+            for t in r.targets
+        )

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.faults import crash_point
+from pipeline.core.lineage import lineage_steps, run_lineage
 from pipeline.core.parquet_io import (
     Background,
     ParquetSink,
@@ -28,10 +29,19 @@ from pipeline.core.parquet_io import (
     write_json_atomic,
 )
 from pipeline.core.progress import UnitProgress
-from pipeline.core.results import PrepareResult, SelectResult, TargetPlan, WrittenShard, shard_path
+from pipeline.core.results import (
+    PrepareResult,
+    SelectResult,
+    TargetPlan,
+    WrittenShard,
+    output_units,
+    shard_path,
+)
 from pipeline.core.tokenizer import Tokenizer, separator_and_pad, tokenizer_for
-from pipeline.core.workdir import WorkDir, run_lineage
-from schemas.manifest import ShardEntry
+from pipeline.core.workdir import WorkDir
+from pipeline.output.report import write_counts
+from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
+from schemas.manifest import ShardEntry, StageReport
 from schemas.records import LINEAGE_TYPE, SEGMENT_TYPE, row_schema
 from schemas.stage_config import WriteConfig
 
@@ -462,3 +472,55 @@ def write_shard(
     crash_point("written")
     trim_heap()
     return WrittenShard(entry, reused=False)
+
+
+class WriteStage(Stage):
+    """Fill each output shard's rows from the layouts (`pipeline.stages.write`)."""
+
+    name = "write"
+    sections = ("tokenizer", "packing", "output")
+    inputs = ("prepare", "select")
+    config_type = WriteConfig
+    task_name = "write-shard"
+
+    def work_dir(self, ctx: RunContext) -> Path:
+        return ctx.work.select_dir  # its verified shard records sit with the layouts they fill
+
+    def bind(self, ctx: RunContext, inputs: Inputs) -> StageWork:
+        return _Write(self, ctx, inputs)
+
+
+class _Write(StageWork[tuple[int, int], WrittenShard]):
+    def __init__(self, stage: Stage, ctx: RunContext, inputs: Inputs) -> None:
+        super().__init__(stage, ctx, inputs)
+        self.steps = lineage_steps(inputs["prepare"], inputs["select"])
+
+    def units(self) -> list[tuple[int, int]]:
+        return output_units(self.inputs["select"])
+
+    def run_unit(self, unit: tuple[int, int], progress: UnitProgress | None = None) -> WrittenShard:
+        ti, k = unit
+        return write_shard(
+            self.cfg,
+            self.ctx.work,
+            self.inputs["select"],
+            self.inputs["prepare"],
+            ti,
+            k,
+            self.steps,
+            progress,
+        )
+
+    def report(self, merged: list[WrittenShard]) -> StageReport:
+        return write_counts(self.inputs["select"], [w.entry for w in merged])
+
+    def label(self, unit: tuple[int, int]) -> str:
+        ti, k = unit
+        return f"{self.inputs['select'].targets[ti].config_name}/{k}"
+
+    def advance(self, w: WrittenShard) -> tuple[str, dict[str, int]]:
+        return w.entry.path, {"rows": w.entry.rows}
+
+    def log_line(self, w: WrittenShard) -> str:
+        e = w.entry
+        return f"{'kept verified' if w.reused else 'wrote'} {e.path}: {e.rows} rows, {e.tokens} tokens"
