@@ -36,10 +36,12 @@ R = TypeVar("R")  # what one unit returns
 
 @dataclass(frozen=True)
 class RunContext:
-    """Run-level facts every stage may use: the config, the command line, the seed and the folders.
+    """Run-level facts: the whole config, the command line, the seed and the folders.
 
     A stage's output depends only on the config sections it declares (`Stage.sections`) and the
     run-level seed; its key hashes exactly those, so reading a stage's `sections` says what it needs.
+    The whole config is for the executor and the stage's key; a stage's units read `StageWork.cfg`,
+    the view holding only its sections (`Stage.config`).
     """
 
     cfg: BuildConfig
