@@ -37,7 +37,8 @@ from pipeline.output.report import (
     write_report,
 )
 from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
-from pipeline.stages.plan import EmbedStage, run_plan
+from pipeline.stages.embed import EmbedStage
+from pipeline.stages.plan import run_plan
 from schemas.config import BuildConfig, load_config, with_overrides
 from schemas.manifest import Manifest
 from schemas.redact import redact_url

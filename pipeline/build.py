@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.helpers import reap_orphans
+from pipeline.core.lineage import lineage_steps
 from pipeline.core.progress import Reporter
+from pipeline.core.results import group_by_target, output_units
+from pipeline.core.tokenizer import tokenizer_for
 from pipeline.core.workdir import CONFIG_HASH_FILE, WorkDir
 from pipeline.output.report import (
     RunClock,
@@ -24,21 +27,14 @@ from pipeline.output.report import (
 )
 from pipeline.readers import InputShard, list_input_shards
 from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
-from pipeline.stages.plan import (
-    diversity_outputs,
-    group_by_target,
-    lineage_steps,
-    output_units,
-    run_plan,
-    semantic_selectors,
-)
-from pipeline.stages.prepare import tokenizer_for
+from pipeline.stages.finalize import diversity_outputs
+from pipeline.stages.plan import run_plan, semantic_selectors
 from schemas.config import BuildConfig, ConfigError, config_hash
 from schemas.manifest import Manifest
 
 log = logging.getLogger("longloom")
 
-# shared with flows/build.py: the helpers of the stage list, next to the executor that uses them
+# what tests and tools import from here: the executor, and helpers over the stages' results
 __all__ = [
     "diversity_outputs",
     "group_by_target",

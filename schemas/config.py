@@ -324,6 +324,7 @@ def section_hash(cfg: BuildConfig, *sections: str) -> str:
 # The sections each kind of output row depends on. Rows carry the hash of their own sections (not of the
 # whole config), so changing only the procedural or rewriter settings leaves the pretraining shards
 # byte-identical and a publish uploads only what changed.
+PREPARE_SECTIONS = ("sources", "tokenizer", "filters", "run")  # the prepare stage's (its documents files)
 PRETRAINING_SECTIONS = ("sources", "tokenizer", "filters", "diversity", "packing", "output", "run")
 ROW_SECTIONS: dict[str, tuple[str, ...]] = {
     "pretraining": PRETRAINING_SECTIONS,

@@ -136,3 +136,17 @@ def test_imports_point_one_way() -> None:
             if top == "schemas" and head == "pipeline":
                 bad.append(f"{name} imports {imp}")
     assert not bad, "\n".join(sorted(bad))
+
+
+def test_only_the_executors_import_the_stages() -> None:
+    """Stages sit on top of the library: the corpus, synthesis and output packages read the stages'
+    result records from `pipeline.core.results`, never from a stage module."""
+    allowed = ("pipeline.stages", "pipeline.build", "flows")
+    bad: list[str] = []
+    for name, path in all_modules().items():
+        if name == "pipeline.stages" or name.startswith(allowed):
+            continue
+        bad += [
+            f"{name} imports {imp}" for imp in imported_names(path, name) if imp.startswith("pipeline.stages")
+        ]
+    assert not bad, "\n".join(sorted(bad))

@@ -313,6 +313,8 @@ def test_client_retries_faults_then_records_them(tmp_path: Path) -> None:
         FaultRule("Passage 3:", ["500"] * 5),
         FaultRule("Passage 4:", ["400"]),
     ]
+    import openai  # noqa: F401  # the client loads the SDK on first use: not part of what is timed
+
     with FakeOpenAIServer(faults=faults, api_key=KEY) as srv:
         t0 = time.perf_counter()
         prices = {"fake-model": {"prompt_per_million": 2.0, "completion_per_million": 8.0}}

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer as HFTok
 
+from schemas.stage_config import HasTokenizer
+
 # Pre-tokenizer patterns of the encodings the bundled backends know (as their publishers define them).
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -765,3 +767,46 @@ def load_tokenizer(name: str, max_piece_chars: int = 65_536, threads: int = 0) -
         )
     _CACHE[key] = tok
     return tok
+
+
+_LOCAL_HF: dict[tuple[str, str, int, int], Tokenizer] = {}
+
+
+def local_hf_tokenizer_path(cfg: HasTokenizer) -> Path | None:
+    """The local file or folder an `hf:` tokenizer names, resolved like `sources[].paths` (against the
+    config's folder); None for a hub id. A path that does not exist is "file not found", never a hub
+    lookup: a hub id is `name` or `org/name`, anything else (absolute, `./`, `~`, `.json`, deeper) a path.
+    """
+    backend, _, spec = cfg.tokenizer.name.partition(":")
+    if backend != "hf":
+        return None
+    path = cfg.resolve(str(Path(spec).expanduser()))
+    if path.exists():
+        return path
+    looks_local = (
+        Path(spec).is_absolute()
+        or spec.startswith((".", "~"))
+        or spec.endswith(".json")
+        or "\\" in spec
+        or spec.count("/") > 1
+    )
+    if looks_local:
+        raise TokenizerError(
+            f"file not found: {path} (tokenizer.name {cfg.tokenizer.name!r}; a relative path starts at the "
+            f"config's folder {cfg.base_dir})"
+        )
+    return None
+
+
+def tokenizer_for(cfg: HasTokenizer) -> Tokenizer:
+    local = local_hf_tokenizer_path(cfg)
+    if local is None:
+        return load_tokenizer(cfg.tokenizer.name, cfg.tokenizer.max_piece_chars, cfg.tokenizer.threads)
+    # loaded from the resolved path, named as the config wrote it: lineage and manifests never carry
+    # this machine's absolute paths, and one process can hold two configs' same-named files apart
+    key = (str(local.resolve()), cfg.tokenizer.name, cfg.tokenizer.max_piece_chars, cfg.tokenizer.threads)
+    if key not in _LOCAL_HF:
+        _LOCAL_HF[key] = HFTokenizer(
+            key[0], cfg.tokenizer.name, cfg.tokenizer.max_piece_chars, cfg.tokenizer.threads
+        )
+    return _LOCAL_HF[key]

@@ -5,15 +5,20 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__
-from pipeline.core.tokenizer import Tokenizer
-from schemas.config import ROW_SECTIONS, BuildConfig, config_hash, section_hash
+from schemas.config import PREPARE_SECTIONS, ROW_SECTIONS, BuildConfig, config_hash, section_hash
 
 CONFIG_HASH_FILE = "config-hash"  # under .longloom/: the config hash of the run that holds the folder
+
+
+def folder_key(cfg: BuildConfig, sections: Iterable[str]) -> str:
+    """The key of a stage's work: the hash of the config sections its output depends on (its own and,
+    transitively, its inputs') and the run-level seed. `Stage.key` is this hash, and the stage's work
+    folder is named by it, so verified work is reused exactly when the stage's key matches."""
+    return section_hash(cfg, *sorted({*sections, "run"}))  # `run` hashes the seed only (execution-only rest)
 
 
 class WorkDir:
@@ -23,12 +28,16 @@ class WorkDir:
         self.out = Path(cfg.output.dir)
         self.root = self.out / ".longloom"
         self.config_hash = config_hash(cfg)
+        # how intermediate Parquet under .longloom/ is compressed: how its files are written, never
+        # what they hold, so no stage key depends on it (output files use their stage's own setting)
+        self.compression_level = cfg.output.compression_level
+        # The keys of the stages' folders (tests/test_stage_keys.py holds them equal to `Stage.key`).
         # Reading, tokenizing and per-document filtering depend on these sections only, so a new
         # packing config reuses the tokenized documents.
-        self.prepare_key = section_hash(cfg, "sources", "tokenizer", "filters", "run")
+        self.prepare_key = folder_key(cfg, PREPARE_SECTIONS)
         # What each kind of output row depends on (schemas.config.ROW_SECTIONS): selection and the
         # pretraining shards never depend on the procedural or rewriter settings.
-        self.row_keys = {kind: section_hash(cfg, *sections) for kind, sections in ROW_SECTIONS.items()}
+        self.row_keys = {kind: folder_key(cfg, sections) for kind, sections in ROW_SECTIONS.items()}
 
     @property
     def prepare_dir(self) -> Path:
@@ -88,21 +97,3 @@ class WorkDir:
                     p.unlink()
                     n += 1
         return n
-
-
-def run_lineage(
-    cfg: BuildConfig, work: WorkDir, tok: Tokenizer, steps: list[str], kind: str = "pretraining"
-) -> dict[str, Any]:
-    """The per-run part of every output row's lineage (LINEAGE_TYPE) for one kind of row.
-
-    `config_hash` is the hash of the config sections rows of this `kind` depend on (ROW_SECTIONS), so a
-    change elsewhere in the config leaves them byte-identical; the manifest lists these hashes.
-    """
-    return {
-        "config_hash": work.row_keys[kind],
-        "tokenizer": tok.identity.name,
-        "tokenizer_hash": tok.identity.vocab_hash,
-        "longloom_version": __version__,
-        "seed": cfg.run.seed,
-        "steps": steps,
-    }

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.core.results import PrepareResult
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.filters import stable_uniform
 from pipeline.corpus.index import DocIndex, Drop
-from pipeline.stages.prepare import PrepareResult
-from schemas.config import BuildConfig
+from schemas.stage_config import SelectConfig
 
 
 def exact_dedup(
-    cfg: BuildConfig, work: WorkDir, idx: DocIndex, alive: np.ndarray, _: list[PrepareResult]
+    cfg: SelectConfig, work: WorkDir, idx: DocIndex, alive: np.ndarray, _: list[PrepareResult]
 ) -> Drop | None:
     """Drop every later copy of a text already seen (canonical order: sources, files, lines)."""
     if not cfg.filters.exact_dedup or len(alive) == 0:
@@ -34,7 +34,7 @@ def exact_dedup(
 
 
 def source_budgets(
-    cfg: BuildConfig, work: WorkDir, idx: DocIndex, alive: np.ndarray, _: list[PrepareResult]
+    cfg: SelectConfig, work: WorkDir, idx: DocIndex, alive: np.ndarray, _: list[PrepareResult]
 ) -> Drop | None:
     """Per-source token budgets: a seeded random sample of each source's documents up to its budget."""
     dropped: list[np.ndarray] = []

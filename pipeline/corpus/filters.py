@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.config import BuildConfig
+from schemas.stage_config import PrepareConfig
 
 
 @dataclass
@@ -100,7 +100,7 @@ class ShortDocDownsample(DocFilter):
         return f"{n_tokens} tokens < {self.below}: kept with probability {self.keep_prob}, not drawn (seeded)"
 
 
-def filters_for_source(cfg: BuildConfig, source: str) -> list[DocFilter]:
+def filters_for_source(cfg: PrepareConfig, source: str) -> list[DocFilter]:
     """The per-document filters a source's documents go through, in order."""
     out: list[DocFilter] = []
     if cfg.filters.min_tokens > 0:

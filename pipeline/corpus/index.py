@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.core.results import PrepareResult
 from pipeline.core.workdir import WorkDir
-from pipeline.stages.prepare import PrepareResult
-from schemas.config import BuildConfig
+from schemas.stage_config import SelectConfig
 
 
 def config_name(target_length: int) -> str:
@@ -81,5 +81,4 @@ class Drop:
 
 
 # A selector sees the surviving documents (positions into the index) and returns what it drops.
-Selector = Callable[[BuildConfig, WorkDir, DocIndex, np.ndarray, list[PrepareResult]], Drop | None]
-
+Selector = Callable[[SelectConfig, WorkDir, DocIndex, np.ndarray, list[PrepareResult]], Drop | None]

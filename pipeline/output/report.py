@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.parquet_io import atomic_path
-from pipeline.stages.prepare import PrepareResult
-from pipeline.stages.select import SelectResult
+from pipeline.core.results import PrepareResult, SelectResult
 from schemas.manifest import Manifest, ShardEntry, StageReport
 
 REPORT_FORMAT = "longloom-report@1"

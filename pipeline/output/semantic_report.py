@@ -14,10 +14,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from pipeline.core.results import EmbedResult, SelectResult
 from pipeline.core.workdir import WorkDir
+from pipeline.embedders.documents import cache_dir
 from pipeline.output.audit import merge_audit
-from pipeline.stages.embed import EmbedResult, cache_dir
-from pipeline.stages.select import SelectResult
 from schemas.config import BuildConfig
 from schemas.manifest import FileEntry
 from schemas.records import PRUNED_SCHEMA

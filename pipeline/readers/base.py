@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from schemas.config import BuildConfig, ConfigError, SourceConfig
+from schemas.config import ConfigError, SourceConfig
 from schemas.records import QUARANTINE_SCHEMA, RAW_DOC_SCHEMA
+from schemas.stage_config import HasSources
 
 RAW_PREFIX_BYTES = 1024  # how much of an offending input a quarantine row keeps
 
@@ -56,7 +57,7 @@ class ShardReader(ABC):
     Every iteration reads the shard again from the start.
     """
 
-    def __init__(self, cfg: BuildConfig, shard: InputShard, batch_bytes: int) -> None:
+    def __init__(self, cfg: HasSources, shard: InputShard, batch_bytes: int) -> None:
         if batch_bytes <= 0:
             raise ValueError(f"batch_bytes must be positive, got {batch_bytes}")
         self.cfg = cfg
@@ -198,7 +199,7 @@ class BatchBuilder:
 # --- paths --------------------------------------------------------------------------------------------
 
 
-def input_uri(cfg: BuildConfig, path: str | Path) -> str:
+def input_uri(cfg: HasSources, path: str | Path) -> str:
     """A posix path relative to cfg.base_dir when the input lies inside it, else absolute."""
     p = Path(os.path.abspath(path))
     bases = [Path(os.path.abspath(cfg.base_dir))]
@@ -214,7 +215,7 @@ def input_uri(cfg: BuildConfig, path: str | Path) -> str:
     return p.as_posix()
 
 
-def expand_glob(cfg: BuildConfig, pattern: str) -> list[Path]:
+def expand_glob(cfg: HasSources, pattern: str) -> list[Path]:
     """Matches of one configured pattern; the base folder itself is never read as a pattern."""
     if Path(pattern).is_absolute():
         full = pattern
@@ -223,7 +224,7 @@ def expand_glob(cfg: BuildConfig, pattern: str) -> list[Path]:
     return [Path(m) for m in glob.glob(full, recursive=True)]
 
 
-def matched_files(cfg: BuildConfig, src: SourceConfig) -> list[Path]:
+def matched_files(cfg: HasSources, src: SourceConfig) -> list[Path]:
     """Files matched by a source's globs, deduplicated and sorted by uri; ConfigError when a glob is empty."""
     by_uri: dict[str, Path] = {}
     for pattern in src.paths:

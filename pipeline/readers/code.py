@@ -32,7 +32,8 @@ from pipeline.readers.base import (
     shard_id,
 )
 from pipeline.readers.pyimports import ModuleIndex, dependency_order, imports_of
-from schemas.config import BuildConfig, CodeOptions, ConfigError, SourceConfig
+from schemas.config import CodeOptions, ConfigError, SourceConfig
+from schemas.stage_config import HasSources
 
 STEP = "code_repo_reader@1"
 FILE_HEADER = "# ===== {path} =====\n"
@@ -256,7 +257,7 @@ class CodeShardReader(ShardReader):
         yield b.flush()
 
 
-def list_shards(cfg: BuildConfig, src: SourceConfig) -> list[InputShard]:
+def list_shards(cfg: HasSources, src: SourceConfig) -> list[InputShard]:
     repos: dict[str, Path] = {}
     for pattern in src.paths:
         matches = expand_glob(cfg, pattern)
@@ -279,7 +280,7 @@ def list_shards(cfg: BuildConfig, src: SourceConfig) -> list[InputShard]:
     ]
 
 
-def fetch_text(cfg: BuildConfig, src: SourceConfig, uri: str, record: int) -> str:
+def fetch_text(cfg: HasSources, src: SourceConfig, uri: str, record: int) -> str:
     if record != 0:
         raise DocumentNotFound(f"repository {uri}: code documents have record 0, not {record}")
     doc = read_repo(cfg.resolve(uri), uri, src.code)

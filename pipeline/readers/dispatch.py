@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pipeline.readers import code, hf, jsonl, parquet
 from pipeline.readers.base import InputShard, ShardReader
-from schemas.config import BuildConfig, ConfigError, SourceConfig
+from schemas.config import ConfigError, SourceConfig
+from schemas.stage_config import HasSources
 
 _READERS: dict[str, type[ShardReader]] = {
     "jsonl": jsonl.JsonlShardReader,
@@ -14,7 +15,7 @@ _READERS: dict[str, type[ShardReader]] = {
 }
 
 
-def list_input_shards(cfg: BuildConfig) -> list[InputShard]:
+def list_input_shards(cfg: HasSources) -> list[InputShard]:
     """Every source's shards: sources in config order, files sorted by path.
 
     Checks inputs before any work: raises ConfigError for an empty glob, a Parquet file or hf dataset
@@ -26,7 +27,7 @@ def list_input_shards(cfg: BuildConfig) -> list[InputShard]:
     return shards
 
 
-def _list_source(cfg: BuildConfig, src: SourceConfig) -> list[InputShard]:
+def _list_source(cfg: HasSources, src: SourceConfig) -> list[InputShard]:
     if src.kind == "jsonl":
         return jsonl.list_shards(cfg, src)
     if src.kind == "parquet":
@@ -38,12 +39,12 @@ def _list_source(cfg: BuildConfig, src: SourceConfig) -> list[InputShard]:
     raise ConfigError(f"source {src.name!r}: unknown kind {src.kind!r}")
 
 
-def read_shard(cfg: BuildConfig, shard: InputShard, batch_bytes: int = 16 << 20) -> ShardReader:
+def read_shard(cfg: HasSources, shard: InputShard, batch_bytes: int = 16 << 20) -> ShardReader:
     """A reader of one shard: iterate it for ReadBatches of about `batch_bytes` of text, then see `.info`."""
     return _READERS[shard.kind](cfg, shard, batch_bytes)
 
 
-def fetch_document_text(cfg: BuildConfig, source: str, uri: str, record: int) -> str:
+def fetch_document_text(cfg: HasSources, source: str, uri: str, record: int) -> str:
     """One document's text exactly as read_shard produced it, found by streaming to it.
 
     Raises DocumentNotFound (a LookupError) when (uri, record) is not a document of `source`.

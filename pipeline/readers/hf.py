@@ -25,7 +25,8 @@ from pipeline.readers.base import (
     shard_id,
 )
 from pipeline.readers.columns import add_text_column
-from schemas.config import BuildConfig, ConfigError, SourceConfig
+from schemas.config import ConfigError, SourceConfig
+from schemas.stage_config import HasSources
 
 STEP = "hf_reader@1"
 ROWS_PER_STEP = 1024  # rows pulled from the iterable dataset at a time
@@ -46,7 +47,7 @@ class OpenedDataset:
     uri: str  # the dataset as InputShard.uri: a relative/absolute posix path or the hub id
 
 
-def _local_dir(cfg: BuildConfig, dataset: str) -> Path | None:
+def _local_dir(cfg: HasSources, dataset: str) -> Path | None:
     p = cfg.resolve(dataset)
     return p if p.is_dir() else None
 
@@ -55,7 +56,7 @@ def _is_saved_to_disk(p: Path) -> bool:
     return (p / "state.json").is_file() or (p / "dataset_dict.json").is_file()
 
 
-def open_dataset(cfg: BuildConfig, src: SourceConfig) -> OpenedDataset:
+def open_dataset(cfg: HasSources, src: SourceConfig) -> OpenedDataset:
     """The source's dataset as a streaming IterableDataset; ConfigError when it cannot be opened."""
     assert src.dataset is not None  # the config validator guarantees it for kind 'hf'
     local = _local_dir(cfg, src.dataset)
@@ -129,7 +130,7 @@ def _check_columns(opened: OpenedDataset, src: SourceConfig) -> None:
         )
 
 
-def list_shards(cfg: BuildConfig, src: SourceConfig) -> list[InputShard]:
+def list_shards(cfg: HasSources, src: SourceConfig) -> list[InputShard]:
     opened = open_dataset(cfg, src)
     _check_columns(opened, src)
     n = opened.n_shards
@@ -190,7 +191,7 @@ class HfShardReader(ShardReader):
             yield b.flush()
 
 
-def fetch_text(cfg: BuildConfig, src: SourceConfig, uri: str, record: int) -> str:
+def fetch_text(cfg: HasSources, src: SourceConfig, uri: str, record: int) -> str:
     m = _SHARD_SUFFIX.match(uri)
     if m is None:
         raise DocumentNotFound(f"{uri}: not an hf shard uri (expected '<dataset>#shard=<i>-of-<n>')")

@@ -25,7 +25,8 @@ from pipeline.readers.base import (
     matched_files,
     shard_id,
 )
-from schemas.config import BuildConfig, SourceConfig
+from schemas.config import SourceConfig
+from schemas.stage_config import HasSources
 
 STEP = "jsonl_reader@1"
 CHUNK_BYTES = 4 << 20  # decompressed bytes handed to the line splitter at a time
@@ -280,7 +281,7 @@ class JsonlShardReader(ShardReader):
             yield b.flush()
 
 
-def list_shards(cfg: BuildConfig, src: SourceConfig) -> list[InputShard]:
+def list_shards(cfg: HasSources, src: SourceConfig) -> list[InputShard]:
     return [
         InputShard(
             source=src.name, kind="jsonl", uri=input_uri(cfg, p), shard_id=shard_id(src.name, i), index=i
@@ -318,7 +319,7 @@ def read_line(path: Path, target: int) -> bytes | None:
     return b"".join(pending) if lineno == target else None
 
 
-def fetch_text(cfg: BuildConfig, src: SourceConfig, uri: str, record: int) -> str:
+def fetch_text(cfg: HasSources, src: SourceConfig, uri: str, record: int) -> str:
     line = read_line(cfg.resolve(uri), record) if record >= 1 else None
     if line is None or not line or line.isspace():
         raise DocumentNotFound(f"{uri}: line {record} is blank or past the end of the file")

@@ -23,7 +23,8 @@ from pipeline.readers.base import (
     shard_id,
 )
 from pipeline.readers.columns import add_text_column, is_text_type
-from schemas.config import BuildConfig, ConfigError, SourceConfig
+from schemas.config import ConfigError, SourceConfig
+from schemas.stage_config import HasSources
 
 STEP = "parquet_reader@1"
 log = logging.getLogger("longloom")
@@ -182,7 +183,7 @@ def check_file(path: Path, uri: str, src: SourceConfig) -> None:
         raise ConfigError(problem[1])
 
 
-def list_shards(cfg: BuildConfig, src: SourceConfig) -> list[InputShard]:
+def list_shards(cfg: HasSources, src: SourceConfig) -> list[InputShard]:
     """One shard per matched file. A file without the configured columns fails the run only with
     `on_bad_file: fail`; by default it stays a shard whose reader quarantines it, so one bad file never
     blocks the good ones. When every file is bad the configuration is what is wrong: that fails."""
@@ -204,7 +205,7 @@ def list_shards(cfg: BuildConfig, src: SourceConfig) -> list[InputShard]:
     return shards
 
 
-def fetch_text(cfg: BuildConfig, src: SourceConfig, uri: str, record: int) -> str:
+def fetch_text(cfg: HasSources, src: SourceConfig, uri: str, record: int) -> str:
     pf = pq.ParquetFile(cfg.resolve(uri))
     md = pf.metadata
     if not 0 <= record < md.num_rows:

@@ -3,7 +3,9 @@
 A `Stage` is an entry of the one ordered list (`pipeline.stages.plan.STAGES`). For a run it is
 *bound* to the run context and the merged results of the stages before it, giving its `StageWork`:
 
-- `key`: the hash of the stage's config sections plus its inputs' keys (what its output depends on);
+- `key`: the hash of the config sections its output depends on (its own and, transitively, its
+  inputs') and the run seed; its work folder is named by it (`Stage.work_dir`), so verified work is
+  reused exactly when the key matches;
 - `units()`: the independent pieces of work (input shards, output shards, batches);
 - `run_unit(unit)`: one piece, pure with respect to its inputs and outputs on disk (safe to retry,
   to run on another machine, to skip when its verified record exists);
@@ -17,16 +19,16 @@ backend-independent stages. Nothing here imports Prefect.
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pipeline.core.progress import UnitProgress
-from pipeline.core.workdir import WorkDir
-from schemas.config import BuildConfig, section_hash
+from pipeline.core.workdir import WorkDir, folder_key
+from schemas.config import BuildConfig
 from schemas.manifest import StageReport
+from schemas.stage_config import ConfigView
 
 U = TypeVar("U")  # a unit of work
 R = TypeVar("R")  # what one unit returns
@@ -34,10 +36,12 @@ R = TypeVar("R")  # what one unit returns
 
 @dataclass(frozen=True)
 class RunContext:
-    """Run-level facts every stage may use: the config, the command line, the seed and the folders.
+    """Run-level facts: the whole config, the command line, the seed and the folders.
 
     A stage's output depends only on the config sections it declares (`Stage.sections`) and the
     run-level seed; its key hashes exactly those, so reading a stage's `sections` says what it needs.
+    The whole config is for the executor and the stage's key; a stage's units read `StageWork.cfg`,
+    the view holding only its sections (`Stage.config`).
     """
 
     cfg: BuildConfig
@@ -61,10 +65,15 @@ class Inputs:
     results: dict[str, Any] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
     reports: dict[str, StageReport] = field(default_factory=dict)
+    # the config sections each stage's output depends on, its inputs' included
+    depends: dict[str, frozenset[str]] = field(default_factory=dict)
 
-    def record(self, name: str, key: str, merged: Any, report: StageReport | None) -> None:
+    def record(
+        self, name: str, key: str, merged: Any, report: StageReport | None, depends: frozenset[str]
+    ) -> None:
         self.results[name] = merged
         self.keys[name] = key
+        self.depends[name] = depends
         if report is not None:
             self.reports[name] = report
 
@@ -81,8 +90,11 @@ class StageWork(ABC, Generic[U, R]):
     def __init__(self, stage: Stage, ctx: RunContext, inputs: Inputs) -> None:
         self.stage = stage
         self.ctx = ctx
+        # the stage's config: only its declared sections plus the run-level seed and paths
+        self.cfg: Any = stage.config(ctx.cfg)
         self.inputs = inputs
-        self.key = stage.key(ctx, {n: inputs.keys.get(n, "") for n in stage.inputs})
+        self.depends = stage.depends_on(inputs)
+        self.key = stage.key(ctx, self.depends)
 
     @abstractmethod
     def units(self) -> list[U]: ...
@@ -119,6 +131,8 @@ class Stage(ABC):
 
     name: ClassVar[str]
     sections: ClassVar[tuple[str, ...]]  # BuildConfig sections the stage's output depends on
+    # the protocol (schemas.stage_config) its functions take: exactly `sections` plus the run level
+    config_type: ClassVar[type]
     inputs: ClassVar[tuple[str, ...]] = ()  # earlier stages whose merged results it reads
     unit_noun: ClassVar[str] = "shards"
     task_name: ClassVar[str]  # the Prefect task name of its units (kept stable for the UI and tests)
@@ -130,17 +144,23 @@ class Stage(ABC):
     def enabled(self, cfg: BuildConfig) -> bool:
         return True
 
-    def config(self, cfg: BuildConfig) -> dict[str, Any]:
-        """The typed config sections this stage depends on (a view of the run's config)."""
-        return {s: getattr(cfg, s) for s in self.sections}
+    def config(self, cfg: BuildConfig) -> Any:
+        """What the stage's units are handed of the config: a view holding only `sections` plus the
+        run-level seed and paths (`schemas.stage_config`); reading anything else raises."""
+        return ConfigView(self.name, cfg, self.sections)
 
-    def key(self, ctx: RunContext, input_keys: Mapping[str, str]) -> str:
-        """sha256 of the stage's sections, the run seed and its inputs' keys (16 hex digits)."""
-        h = hashlib.sha256()
-        h.update(f"{self.name}|{section_hash(ctx.cfg, *self.sections)}|seed={ctx.seed}".encode())
-        for name in sorted(input_keys):
-            h.update(f"|{name}={input_keys[name]}".encode())
-        return h.hexdigest()[:16]
+    def depends_on(self, inputs: Inputs) -> frozenset[str]:
+        """The config sections the stage's output depends on: its own and its inputs' (transitively)."""
+        return frozenset(self.sections).union(*(inputs.depends.get(n, ()) for n in self.inputs))
+
+    def key(self, ctx: RunContext, depends: frozenset[str]) -> str:
+        """The hash of `depends` and the run seed (16 hex digits): what names the stage's work folder."""
+        return folder_key(ctx.cfg, depends)
+
+    def work_dir(self, ctx: RunContext) -> Path | None:
+        """The folder under .longloom/ holding the stage's verified unit records (None: it keeps none).
+        Its name carries the stage's key."""
+        return None
 
     @abstractmethod
     def bind(self, ctx: RunContext, inputs: Inputs) -> StageWork: ...

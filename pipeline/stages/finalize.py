@@ -22,12 +22,13 @@ from typing import Any
 from pipeline import __version__
 from pipeline.core.faults import crash_point
 from pipeline.core.parquet_io import sha256_file, write_json_atomic
-from pipeline.core.tokenizer import separator_and_pad
+from pipeline.core.progress import UnitProgress
+from pipeline.core.results import PrepareResult, SelectResult, group_by_target
+from pipeline.core.tokenizer import separator_and_pad, tokenizer_for
 from pipeline.core.workdir import WorkDir
 from pipeline.output.audit import audit_counts, merge_audit
 from pipeline.output.card import write_card
-from pipeline.stages.prepare import PrepareResult, tokenizer_for
-from pipeline.stages.select import SelectResult
+from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
 from schemas.config import BuildConfig
 from schemas.manifest import (
     Check,
@@ -230,7 +231,7 @@ def stage_dirs(cfg: BuildConfig, work: WorkDir) -> list[Path]:
 
         dirs.append(stage_dir(work))
     if cfg.diversity.embedder:
-        from pipeline.stages.embed import embed_dir
+        from pipeline.embedders.documents import embed_dir
 
         dirs.append(embed_dir(cfg, work))
     return dirs
@@ -409,3 +410,82 @@ def _remove_stale(out: Path, manifest: Manifest) -> None:
         for d in sorted((d for d in root.rglob("*") if d.is_dir()), reverse=True):
             if not any(d.iterdir()):
                 shutil.rmtree(d)
+
+
+class FinalizeStage(Stage):
+    """Merge audit tables, reconcile counts, write the manifest and card (`pipeline.stages.finalize`)."""
+
+    name = "finalize"
+    sections = (
+        "sources",
+        "tokenizer",
+        "filters",
+        "diversity",
+        "packing",
+        "procedural",
+        "rewriter",
+        "output",
+        "card",
+        "publish",  # the manifest records the whole config
+    )
+    inputs = ("prepare", "embed", "select", "write", "procedural", "rewriter")
+    unit_noun = "step"
+    config_type = BuildConfig
+    task_name = "finalize"
+    retries = 0
+
+    def config(self, cfg: BuildConfig) -> BuildConfig:
+        # the manifest records the whole config (and the card its card section): finalize reads it all
+        return cfg
+
+    def bind(self, ctx: RunContext, inputs: Inputs) -> StageWork:
+        return _Finalize(self, ctx, inputs)
+
+
+class _Finalize(StageWork[None, Manifest]):
+    def units(self) -> list[None]:
+        return [None]
+
+    def run_unit(self, unit: None, progress: UnitProgress | None = None) -> Manifest:
+        cfg, work, inp = self.cfg, self.ctx.work, self.inputs
+        selected = inp["select"]
+        entries = [w.entry for w in inp["write"]]
+        audit_extra, extra = diversity_outputs(cfg, work, inp.get("embed") or [], selected)
+        extra_configs: dict[str, Any] = {}
+        proc = inp.get("procedural")
+        if proc is not None:
+            extra["procedural"] = proc.extra
+            extra_configs.update(proc.extra_configs)
+        rw = inp.get("rewriter")
+        if rw is not None:
+            from pipeline.stages.rewriter import manifest_stats
+
+            extra["rewriter"] = manifest_stats(rw.stats)  # what this run spent goes to report.json
+            extra_configs.update(rw.extra_configs)
+            audit_extra.update(rw.audit_extra)
+        return finalize_run(
+            cfg,
+            work,
+            inp["prepare"],
+            selected,
+            group_by_target(selected, entries),
+            inp.reports,
+            self.ctx.command,
+            extra=extra,
+            extra_configs=extra_configs,
+            audit_extra=audit_extra,
+        )
+
+    def merge(self, results: list[Manifest]) -> Manifest:
+        return results[0]
+
+
+def diversity_outputs(
+    cfg: BuildConfig, work: WorkDir, embedded: list, selected: SelectResult
+) -> tuple[dict, dict]:
+    """The diversity stage's audit tables and statistics for finalize_run ({} when it is off)."""
+    if not cfg.diversity.embedder:
+        return {}, {}
+    from pipeline.output.semantic_report import diversity_outputs as outputs
+
+    return outputs(cfg, work, embedded, selected)

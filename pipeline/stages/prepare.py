@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,12 +34,17 @@ from pipeline.core.parquet_io import (
     write_json_atomic,
 )
 from pipeline.core.progress import UnitProgress
-from pipeline.core.tokenizer import HFTokenizer, Tokenizer, TokenizerError, load_tokenizer
+from pipeline.core.results import PrepareResult, tokens_file_of
+from pipeline.core.tokenizer import Tokenizer, tokenizer_for
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.filters import DocColumns, filters_for_source
-from pipeline.readers import InputShard, read_shard
-from schemas.config import BuildConfig, ConfigError
+from pipeline.output.report import prepare_counts
+from pipeline.readers import InputShard, list_input_shards, read_shard
+from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
+from schemas.config import ConfigError
+from schemas.manifest import StageReport
 from schemas.records import DOC_SCHEMA, FILTERED_SCHEMA, QUARANTINE_SCHEMA
+from schemas.stage_config import HasSources, HasTokenizer, PrepareConfig
 
 # The format of a prepared shard's files; a record of another format is redone, never reused.
 PREPARE_STEP = "prepare@2"  # @2: token ids in a raw file beside the documents table
@@ -54,44 +58,7 @@ BATCH_BYTES = 4 << 20
 T = TypeVar("T")
 
 
-@dataclass
-class PrepareResult:
-    """What one input shard produced; persisted as the shard's completion record."""
-
-    shard_id: str
-    source: str
-    uri: str
-    revision: str | None
-    input_bytes: int
-    records_read: int
-    quarantined: dict[str, int]
-    documents: int
-    tokens_read: int
-    filtered: dict[str, int]
-    filtered_tokens: dict[str, int]
-    kept: int
-    kept_tokens: int
-    files: dict[str, str] = field(default_factory=dict)  # kind -> path relative to the stage folder
-    sha256: dict[str, str] = field(default_factory=dict)  # kind -> checksum
-    seconds: float = 0.0
-    steps: list[str] = field(default_factory=list)
-    input_stamp: str = ""  # what the input looked like when read (see `input_stamp`)
-    format: str = ""  # PREPARE_STEP of the code that wrote it
-    reused: bool = False  # set when loaded from an earlier run's record, never stored as True
-
-    @property
-    def records_in_documents(self) -> int:
-        return self.records_read - sum(self.quarantined.values())
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "reused": False}
-
-    @classmethod
-    def from_json(cls, d: dict) -> PrepareResult:
-        return cls(**d)
-
-
-def input_stamp(cfg: BuildConfig, shard: InputShard) -> str:
+def input_stamp(cfg: HasSources, shard: InputShard) -> str:
     """A cheap fingerprint of a shard's input (path, size and mtime of every file in it).
 
     A completion record is reused only while the stamp matches, so an input that grew or was
@@ -133,49 +100,6 @@ def arrow_content_hashes(col: pa.Array) -> list[str]:
     return [sha(mv[a:b]).hexdigest() for a, b in itertools.pairwise(offsets)]
 
 
-_LOCAL_HF: dict[tuple[str, str, int, int], Tokenizer] = {}
-
-
-def local_hf_tokenizer_path(cfg: BuildConfig) -> Path | None:
-    """The local file or folder an `hf:` tokenizer names, resolved like `sources[].paths` (against the
-    config's folder); None for a hub id. A path that does not exist is "file not found", never a hub
-    lookup: a hub id is `name` or `org/name`, anything else (absolute, `./`, `~`, `.json`, deeper) a path.
-    """
-    backend, _, spec = cfg.tokenizer.name.partition(":")
-    if backend != "hf":
-        return None
-    path = cfg.resolve(str(Path(spec).expanduser()))
-    if path.exists():
-        return path
-    looks_local = (
-        Path(spec).is_absolute()
-        or spec.startswith((".", "~"))
-        or spec.endswith(".json")
-        or "\\" in spec
-        or spec.count("/") > 1
-    )
-    if looks_local:
-        raise TokenizerError(
-            f"file not found: {path} (tokenizer.name {cfg.tokenizer.name!r}; a relative path starts at the "
-            f"config's folder {cfg.base_dir})"
-        )
-    return None
-
-
-def tokenizer_for(cfg: BuildConfig) -> Tokenizer:
-    local = local_hf_tokenizer_path(cfg)
-    if local is None:
-        return load_tokenizer(cfg.tokenizer.name, cfg.tokenizer.max_piece_chars, cfg.tokenizer.threads)
-    # loaded from the resolved path, named as the config wrote it: lineage and manifests never carry
-    # this machine's absolute paths, and one process can hold two configs' same-named files apart
-    key = (str(local.resolve()), cfg.tokenizer.name, cfg.tokenizer.max_piece_chars, cfg.tokenizer.threads)
-    if key not in _LOCAL_HF:
-        _LOCAL_HF[key] = HFTokenizer(
-            key[0], cfg.tokenizer.name, cfg.tokenizer.max_piece_chars, cfg.tokenizer.threads
-        )
-    return _LOCAL_HF[key]
-
-
 class TokenMismatchError(ConfigError):
     """The configured tokenizer gave other ids than the reference implementation (tokenizer.verify)."""
 
@@ -184,7 +108,7 @@ class TokenVerifier:
     """`tokenizer.verify`: re-tokenizes a seeded sample of a shard's documents (at least its first)
     with an independent implementation of the same vocabulary and stops the run at any difference."""
 
-    def __init__(self, cfg: BuildConfig, tok: Tokenizer, shard_id: str) -> None:
+    def __init__(self, cfg: HasTokenizer, tok: Tokenizer, shard_id: str) -> None:
         self.fraction = cfg.tokenizer.verify
         ref = tok.reference() if self.fraction > 0 else None
         self.ref_name = ref[0] if ref is not None else ""
@@ -228,7 +152,7 @@ def _add(counter: dict[str, int], key: str, n: int) -> None:
 
 
 def prepare_shard(
-    cfg: BuildConfig, shard: InputShard, work: WorkDir, progress: UnitProgress | None = None
+    cfg: PrepareConfig, shard: InputShard, work: WorkDir, progress: UnitProgress | None = None
 ) -> PrepareResult:
     """Read one input shard to tokenized, filtered documents (or reuse a verified earlier result).
 
@@ -269,7 +193,7 @@ def prepare_shard(
         input_stamp=stamp,
         format=PREPARE_STEP,
     )
-    level = cfg.output.compression_level
+    level = work.compression_level
     # Intermediates skip fsync: reuse verifies their checksums, so a file a crash left incomplete
     # is redone, never trusted.
     with (
@@ -315,11 +239,6 @@ def prepare_shard(
     crash_point("prepared")
     trim_heap()
     return res
-
-
-def tokens_file_of(documents_file: Path) -> Path:
-    """The raw token file written beside a prepared shard's documents table."""
-    return documents_file.parent.parent / "tokens" / f"{documents_file.stem}.int32"
 
 
 def load_verified(work: WorkDir, shard_id: str, stamp: str) -> PrepareResult | None:
@@ -502,3 +421,42 @@ __all__ = [
     "tokenizer_for",
     "tokens_file_of",
 ]
+
+
+class PrepareStage(Stage):
+    """Read, filter and tokenize each input shard (`pipeline.stages.prepare`)."""
+
+    name = "prepare"
+    sections = ("sources", "tokenizer", "filters")
+    config_type = PrepareConfig
+    task_name = "prepare-shard"
+
+    def work_dir(self, ctx: RunContext) -> Path:
+        return ctx.work.prepare_dir
+
+    def bind(self, ctx: RunContext, inputs: Inputs) -> StageWork:
+        return _Prepare(self, ctx, inputs)
+
+
+class _Prepare(StageWork[InputShard, PrepareResult]):
+    def units(self) -> list[InputShard]:
+        return list(self.inputs.shards) or list_input_shards(self.cfg)
+
+    def run_unit(self, unit: InputShard, progress: UnitProgress | None = None) -> PrepareResult:
+        return prepare_shard(self.cfg, unit, self.ctx.work, progress)
+
+    def report(self, merged: list[PrepareResult]) -> StageReport:
+        return prepare_counts(merged)
+
+    def label(self, unit: InputShard) -> str:
+        return unit.shard_id
+
+    def advance(self, r: PrepareResult) -> tuple[str, dict[str, int]]:
+        return r.shard_id, {"tokens": r.kept_tokens}
+
+    def log_line(self, r: PrepareResult) -> str:
+        return (
+            f"{r.shard_id}: {r.records_read} records, {r.documents} documents, {r.kept} kept "
+            f"({r.kept_tokens} tokens), {sum(r.quarantined.values())} quarantined"
+            + (" (reused a verified earlier result)" if r.reused else "")
+        )

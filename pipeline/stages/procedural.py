@@ -21,10 +21,13 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel
 
+from pipeline.core.lineage import lineage_steps, run_lineage
 from pipeline.core.parquet_io import ParquetSink, sha256_file, write_json_atomic
-from pipeline.core.tokenizer import Tokenizer
-from pipeline.core.workdir import WorkDir, run_lineage
-from pipeline.stages.prepare import tokenizer_for
+from pipeline.core.progress import UnitProgress
+from pipeline.core.results import group_by_target
+from pipeline.core.tokenizer import Tokenizer, tokenizer_for
+from pipeline.core.workdir import WorkDir
+from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
 from pipeline.synth.chat import (
     AssemblyError,
     ChatTemplate,
@@ -38,9 +41,10 @@ from pipeline.synth.procedural.base import Draft
 from pipeline.synth.procedural.pool import RowPool, pool_from_shards
 from pipeline.synth.procedural.sample import BuiltSample, build_sample
 from schemas.config import BuildConfig, ConfigError
-from schemas.manifest import FileEntry, ShardEntry
+from schemas.manifest import FileEntry, ShardEntry, StageReport
 from schemas.procedural import ProceduralConfig
 from schemas.records import CHAT_SCHEMA, EVAL_SCHEMA
+from schemas.stage_config import ProceduralStageConfig, RunLevel
 
 PROCEDURAL_STEP = "procedural@1"
 log = logging.getLogger("longloom")
@@ -93,7 +97,7 @@ class ProceduralSummary:
     reused: int = 0
 
 
-def target_lengths(cfg: BuildConfig) -> list[int]:
+def target_lengths(cfg: ProceduralStageConfig) -> list[int]:
     p = cfg.procedural
     return list(p.target_lengths) if p.target_lengths else [t.length for t in cfg.packing.targets]
 
@@ -104,14 +108,14 @@ def sample_seed(base: int, label: str, target_length: int, index: int) -> int:
     return int(ss.generate_state(1, dtype=np.uint64)[0] & np.uint64(2**63 - 1))
 
 
-def bound_task(cfg: BuildConfig, task: Any) -> Any:
+def bound_task(cfg: RunLevel, task: Any) -> Any:
     """The task as its generator sees it: relative dataset paths start at the config file's folder."""
     if getattr(task, "task", None) in ("qa", "icl") and task.base_dir is None:
         return task.model_copy(update={"base_dir": str(cfg.base_dir)})
     return task
 
 
-def check_procedural(cfg: BuildConfig) -> None:
+def check_procedural(cfg: ProceduralStageConfig) -> None:
     """Config problems found before any work starts: template vs tokenizer, targets too short for a task."""
     from pipeline.core.tokenizer import TokenizerError
     from pipeline.synth.chat import load_template
@@ -143,7 +147,7 @@ def check_procedural(cfg: BuildConfig) -> None:
             )
 
 
-def plan_procedural(cfg: BuildConfig) -> list[ProceduralBatch]:
+def plan_procedural(cfg: ProceduralStageConfig) -> list[ProceduralBatch]:
     p = cfg.procedural
     base = p.seed if p.seed is not None else cfg.run.seed
     specs = [
@@ -169,7 +173,7 @@ def pool_shards(written: list[list[ShardEntry]]) -> list[tuple[str, int]]:
     return [(e.path, e.rows) for entries in written for e in entries]
 
 
-def _paths(cfg: BuildConfig, b: ProceduralBatch) -> tuple[str, str | None]:
+def _paths(cfg: ProceduralStageConfig, b: ProceduralBatch) -> tuple[str, str | None]:
     name = f"train-{b.k:05d}-of-{b.n:05d}.parquet"
     ev = cfg.procedural.eval_config_name
     return f"data/{cfg.procedural.config_name}/{name}", (f"data/{ev}/{name}" if ev else None)
@@ -194,7 +198,11 @@ def _verified(work: WorkDir, b: ProceduralBatch) -> BatchResult | None:
 
 
 def generate_batch(
-    cfg: BuildConfig, work: WorkDir, batch: ProceduralBatch, shards: list[tuple[str, int]], steps: list[str]
+    cfg: ProceduralStageConfig,
+    work: WorkDir,
+    batch: ProceduralBatch,
+    shards: list[tuple[str, int]],
+    steps: list[str],
 ) -> BatchResult:
     """Generate, verify and write one batch of samples (or return its verified result from a rerun)."""
     done = _verified(work, batch)
@@ -357,7 +365,9 @@ def _histogram(values: list[float]) -> list[int]:
     return [int(c) for c in counts]
 
 
-def summarize_procedural(cfg: BuildConfig, work: WorkDir, results: list[BatchResult]) -> ProceduralSummary:
+def summarize_procedural(
+    cfg: ProceduralStageConfig, work: WorkDir, results: list[BatchResult]
+) -> ProceduralSummary:
     """Check the files against the plan and describe what was made, per task and per target length."""
     p = cfg.procedural
     plan = plan_procedural(cfg)
@@ -445,7 +455,7 @@ def summarize_procedural(cfg: BuildConfig, work: WorkDir, results: list[BatchRes
 
 
 def run_procedural(
-    cfg: BuildConfig, work: WorkDir, written: list[list[ShardEntry]], steps: list[str]
+    cfg: ProceduralStageConfig, work: WorkDir, written: list[list[ShardEntry]], steps: list[str]
 ) -> ProceduralSummary:
     """Every batch in this process, one after another (the library path of `run_build`)."""
     shards = pool_shards(written)
@@ -467,3 +477,55 @@ def describe(extra: dict[str, Any]) -> list[str]:
             f"{d.get('p10', 0):.0f}/{d.get('p50', 0):.0f}/{d.get('p90', 0):.0f} tokens"
         )
     return lines
+
+
+class ProceduralStage(Stage):
+    """Procedural long-range chat samples over the packed rows (`pipeline.stages.procedural`)."""
+
+    name = "procedural"
+    sections = ("procedural", "tokenizer", "packing", "output")
+    inputs = ("prepare", "select", "write")
+    unit_noun = "batches"
+    config_type = ProceduralStageConfig
+    task_name = "procedural-batch"
+
+    def enabled(self, cfg: BuildConfig) -> bool:
+        return cfg.procedural.enabled
+
+    def work_dir(self, ctx: RunContext) -> Path:
+        return ctx.work.procedural_dir
+
+    def bind(self, ctx: RunContext, inputs: Inputs) -> StageWork:
+        return _Procedural(self, ctx, inputs)
+
+
+class _Procedural(StageWork[Any, Any]):
+    def __init__(self, stage: Stage, ctx: RunContext, inputs: Inputs) -> None:
+        super().__init__(stage, ctx, inputs)
+        selected, written = inputs["select"], inputs["write"]
+        self.steps = lineage_steps(inputs["prepare"], selected)
+        self.shards = pool_shards(group_by_target(selected, [w.entry for w in written]))
+
+    def units(self) -> list[Any]:
+        return list(plan_procedural(self.cfg))
+
+    def run_unit(self, unit: Any, progress: UnitProgress | None = None) -> Any:
+        return generate_batch(self.cfg, self.ctx.work, unit, self.shards, self.steps)
+
+    def merge(self, results: list[Any]) -> Any:
+        return summarize_procedural(self.cfg, self.ctx.work, results)
+
+    def report(self, merged: Any) -> StageReport:
+        return StageReport(items_out=merged.samples, tokens_out=merged.tokens)
+
+    def reused(self, results: list[Any], merged: Any) -> int:
+        return int(merged.reused)
+
+    def label(self, unit: Any) -> str:
+        return f"batch {unit.k + 1}/{unit.n}"
+
+    def advance(self, r: Any) -> tuple[str, dict[str, int]]:
+        return "procedural", {"samples": len(r.stats)}
+
+    def log_line(self, r: Any) -> str:
+        return f"procedural batch: {len(r.stats)} samples ({', '.join(sorted({s.label for s in r.stats}))})"

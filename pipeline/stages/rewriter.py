@@ -24,10 +24,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from pipeline.core.lineage import run_lineage
 from pipeline.core.parquet_io import ParquetSink, write_json_atomic
-from pipeline.core.workdir import WorkDir, run_lineage
-from pipeline.stages.prepare import tokenizer_for
-from pipeline.stages.select import SelectResult
+from pipeline.core.progress import UnitProgress
+from pipeline.core.results import SelectResult
+from pipeline.core.tokenizer import tokenizer_for
+from pipeline.core.workdir import WorkDir
+from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
 from pipeline.synth.chat import chat_table
 from pipeline.synth.chat import load_template as load_chat_template
 from pipeline.synth.rewriter.assemble import SampleFailure, build_record, generator_name, params_json
@@ -48,6 +51,7 @@ from pipeline.synth.rewriter.templates import load_template
 from schemas.config import BuildConfig, ConfigError
 from schemas.manifest import FileEntry, StageReport
 from schemas.records import CHAT_SCHEMA, REWRITER_AUDIT_SCHEMA
+from schemas.stage_config import RewriterStageConfig
 
 log = logging.getLogger("longloom.rewriter")
 
@@ -62,7 +66,7 @@ def stage_dir(work: WorkDir) -> Path:
     return work.rewriter_dir
 
 
-def cache_dir(cfg: BuildConfig) -> Path:
+def cache_dir(cfg: RewriterStageConfig) -> Path:
     rw = cfg.rewriter
     return Path(rw.cache_dir) if rw.cache_dir else Path(cfg.output.dir) / ".longloom" / "rewriter-cache"
 
@@ -114,7 +118,7 @@ async def _fetch_all(client: RewriterClient, jobs: list[_Job], desc: str, show: 
             await asyncio.gather(*(one(j) for j in todo))
 
 
-def run_batch(cfg: BuildConfig, work: WorkDir, batch: Batch, sample_length: int) -> BatchResult:
+def run_batch(cfg: RewriterStageConfig, work: WorkDir, batch: Batch, sample_length: int) -> BatchResult:
     """One batch of contexts: prompts, answers, validation; writes the batch's part files."""
     t0 = time.perf_counter()
     rw = cfg.rewriter
@@ -301,7 +305,9 @@ def _in_plan_order(table: pa.Table, order: dict[str, int]) -> pa.Table:
     return table.take(pa.array(np.argsort(rank, kind="stable"), pa.int64()))
 
 
-def merge(cfg: BuildConfig, work: WorkDir, plan: RewriterPlan, results: list[BatchResult]) -> RewriterOutput:
+def merge(
+    cfg: RewriterStageConfig, work: WorkDir, plan: RewriterPlan, results: list[BatchResult]
+) -> RewriterOutput:
     """Drop repeated questions across the run, write the chat set and the audit table, add up the report."""
     t0 = time.perf_counter()
     sdir = stage_dir(work)
@@ -395,7 +401,7 @@ def merge(cfg: BuildConfig, work: WorkDir, plan: RewriterPlan, results: list[Bat
 
 
 def _report(
-    cfg: BuildConfig,
+    cfg: RewriterStageConfig,
     plan: RewriterPlan,
     results: list[BatchResult],
     counts: dict[str, dict[str, Any]],
@@ -476,7 +482,7 @@ def _report(
     }
 
 
-def check_rewriter(cfg: BuildConfig) -> None:
+def check_rewriter(cfg: RewriterStageConfig) -> None:
     """Config problems found before any work starts: templates, chat template, targets, inputs."""
     from pipeline.synth.chat import TEMPLATES
     from pipeline.synth.rewriter.inputs import load_conversations
@@ -533,7 +539,7 @@ def run_report_stats(stats: dict[str, Any]) -> dict[str, Any]:
     return {"rewriter": {k: stats[k] for k in RUN_DEPENDENT if k in stats}}
 
 
-def run_rewriter(cfg: BuildConfig, work: WorkDir, selected: SelectResult) -> RewriterOutput:
+def run_rewriter(cfg: RewriterStageConfig, work: WorkDir, selected: SelectResult) -> RewriterOutput:
     """The whole stage in this process, batch after batch (what pipeline.build.run_build calls)."""
     plan = make_plan(cfg, selected)
     results = [run_batch(cfg, work, b, plan.sample_length) for b in plan.batches]
@@ -548,3 +554,48 @@ def summary_line(stats: dict[str, Any]) -> str:
         f"{t['requests']} HTTP requests, {t['cache_hits']} cache hits, "
         f"{t['prompt_tokens']}+{t['completion_tokens']} tokens, cost {t['cost']:.4f}"
     )
+
+
+class RewriterStage(Stage):
+    """LLM-rewritten long-context samples (`pipeline.stages.rewriter`)."""
+
+    name = "rewriter"
+    sections = ("rewriter", "tokenizer", "packing", "output")
+    inputs = ("select", "write")
+    unit_noun = "batches"
+    config_type = RewriterStageConfig
+    task_name = "rewriter-batch"
+    retries = 1
+
+    def enabled(self, cfg: BuildConfig) -> bool:
+        return cfg.rewriter.enabled
+
+    def work_dir(self, ctx: RunContext) -> Path:
+        return ctx.work.rewriter_dir
+
+    def bind(self, ctx: RunContext, inputs: Inputs) -> StageWork:
+        return _Rewriter(self, ctx, inputs)
+
+
+class _Rewriter(StageWork[Any, Any]):
+    def __init__(self, stage: Stage, ctx: RunContext, inputs: Inputs) -> None:
+        from pipeline.synth.rewriter.plan import make_plan
+
+        super().__init__(stage, ctx, inputs)
+        self.plan = make_plan(self.cfg, inputs["select"])
+
+    def units(self) -> list[Any]:
+        return list(self.plan.batches)
+
+    def run_unit(self, unit: Any, progress: UnitProgress | None = None) -> Any:
+        return run_batch(self.cfg, self.ctx.work, unit, self.plan.sample_length)
+
+    def merge(self, results: list[Any]) -> Any:
+        return merge(self.cfg, self.ctx.work, self.plan, results)
+
+    def report(self, merged: Any) -> StageReport:
+        return merged.report
+
+    def log_line(self, r: Any) -> str:
+        acc = sum(c["accepted"] for c in r.counts.values())
+        return f"rewriter batch: {acc} accepted, {r.requests_sent} HTTP requests ({r.seconds:.1f}s)"

@@ -12,7 +12,6 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +21,16 @@ import pyarrow.parquet as pq
 from pipeline.core.faults import crash_point
 from pipeline.core.packing import Layout, pack_best_fit, pack_greedy
 from pipeline.core.parquet_io import ParquetSink, sha256_file, trim_heap, write_json_atomic
+from pipeline.core.progress import UnitProgress
+from pipeline.core.results import PrepareResult, SelectResult, TargetPlan
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.index import DocIndex, Drop, Selector, config_name, load_doc_index
-from pipeline.stages.prepare import PrepareResult
-from schemas.config import BuildConfig, ConfigError
+from pipeline.output.report import select_counts
+from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
+from schemas.config import ConfigError
+from schemas.manifest import StageReport
 from schemas.records import FILTERED_SCHEMA
+from schemas.stage_config import SelectConfig
 
 SELECT_STEP = "select@1"
 LAYOUT_SCHEMA = pa.schema(
@@ -43,49 +47,6 @@ LAYOUT_SCHEMA = pa.schema(
 )
 
 
-@dataclass
-class TargetPlan:
-    target_length: int
-    config_name: str
-    strategy: str
-    n_rows: int
-    rows_per_shard: int
-    n_shards: int
-    last_row_pad: int
-    layout_file: str
-    layout_sha256: str
-    documents: int
-    split_documents: int
-    needless_splits: int
-    content_tokens: int
-    dropped_tail_tokens: int
-
-
-@dataclass
-class SelectResult:
-    targets: list[TargetPlan]
-    filtered: dict[str, dict[str, int]]  # source -> reason -> documents dropped at this stage
-    filtered_tokens: dict[str, dict[str, int]]
-    packed_tokens: dict[str, int]
-    dropped_tail_tokens: dict[str, int]
-    filtered_file: str
-    filtered_sha256: str
-    steps: list[str]
-    seconds: float
-    extra: dict = field(default_factory=dict)
-    inputs_key: str = ""  # `inputs_key(prepared)` of the documents this selection was made from
-    reused: bool = False  # set when loaded from an earlier run's record, never stored as True
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "reused": False}
-
-    @classmethod
-    def from_json(cls, d: dict) -> SelectResult:
-        d = dict(d)
-        d["targets"] = [TargetPlan(**t) for t in d["targets"]]
-        return cls(**d)
-
-
 def inputs_key(prepared: list[PrepareResult]) -> str:
     """Identity of the tokenized documents a selection is made from: shard ids and file checksums.
 
@@ -99,7 +60,7 @@ def inputs_key(prepared: list[PrepareResult]) -> str:
     return h.hexdigest()[:32]
 
 
-def _route(cfg: BuildConfig, idx: DocIndex, alive: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+def _route(cfg: SelectConfig, idx: DocIndex, alive: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
     """Send each document to one target length; returns positions per target, and the unrouted."""
     targets = cfg.packing.targets
     if len(targets) == 1 and targets[0].token_budget is None:
@@ -133,7 +94,8 @@ SimilarityOrder = Callable[..., tuple[np.ndarray, np.ndarray | None]]
 
 
 def _order(
-    cfg: BuildConfig,
+    cfg: SelectConfig,
+    work: WorkDir,
     idx: DocIndex,
     members: np.ndarray,
     target_length: int,
@@ -144,7 +106,7 @@ def _order(
     if strategy == "similarity":
         if similarity_order is None:
             raise ConfigError("packing.strategy: similarity needs the semantic order; none was given")
-        order, sims = similarity_order(cfg, idx, members, target_length=target_length)
+        order, sims = similarity_order(cfg, idx, members, target_length=target_length, work=work)
         return members[order], sims, "similarity@2"  # @2: greedy layout with the cutting rule
     if cfg.packing.doc_order == "shuffle":
         rng = np.random.default_rng(cfg.run.seed)
@@ -152,7 +114,7 @@ def _order(
     return members, None, ""
 
 
-def _layout(cfg: BuildConfig, footprints: np.ndarray, L: int) -> Layout:
+def _layout(cfg: SelectConfig, footprints: np.ndarray, L: int) -> Layout:
     p = cfg.packing
     if p.strategy == "best_fit":
         return pack_best_fit(
@@ -162,7 +124,7 @@ def _layout(cfg: BuildConfig, footprints: np.ndarray, L: int) -> Layout:
 
 
 def select_and_layout(
-    cfg: BuildConfig,
+    cfg: SelectConfig,
     work: WorkDir,
     prepared: list[PrepareResult],
     selectors: Sequence[Selector],
@@ -208,7 +170,7 @@ def select_and_layout(
     tail = np.zeros(len(sources), np.int64)
     for t_cfg, members in zip(cfg.packing.targets, per_target, strict=True):
         L = t_cfg.length
-        ordered, sims, order_step = _order(cfg, idx, members, L, similarity_order)
+        ordered, sims, order_step = _order(cfg, work, idx, members, L, similarity_order)
         ntok = idx.n_tokens[ordered]
         lay = _layout(cfg, ntok + 1, L)  # +1: the separator after each document
         strategy = order_step or lay.strategy
@@ -256,7 +218,7 @@ def select_and_layout(
 
 
 def _write_layout(
-    cfg: BuildConfig,
+    cfg: SelectConfig,
     work: WorkDir,
     idx: DocIndex,
     ordered: np.ndarray,
@@ -396,3 +358,64 @@ def _load_verified(work: WorkDir, rec: Path, key: str) -> SelectResult | None:
             return None
     res.reused = True
     return res
+
+
+# What the stage list hands the select stage for a run's config: its corpus selectors, in order, and
+# the document order of `packing.strategy: similarity` (None for the other strategies).
+SelectorsFor = Callable[[SelectConfig], Sequence[Selector]]
+OrderFor = Callable[[SelectConfig], SimilarityOrder | None]
+
+
+class SelectStage(Stage):
+    """Choose documents and lay out rows over the whole corpus (`select_and_layout`).
+
+    The selectors (exact dedup, the semantic ones, source budgets) and the similarity order are handed
+    in by the stage list (`pipeline.stages.plan`), so this module never imports the semantic package.
+    """
+
+    name = "select"
+    # tokenizer: embeddings missing or stale since the embed stage are made again here
+    sections = ("sources", "tokenizer", "filters", "diversity", "packing", "output")
+    inputs = ("prepare", "embed")
+    unit_noun = "step"
+    config_type = SelectConfig
+    task_name = "select-and-layout"
+    retries = 1
+
+    def __init__(self, selectors: SelectorsFor, order: OrderFor) -> None:
+        self.selectors = selectors
+        self.order = order
+
+    def work_dir(self, ctx: RunContext) -> Path:
+        return ctx.work.select_dir
+
+    def bind(self, ctx: RunContext, inputs: Inputs) -> StageWork:
+        return _Select(self, ctx, inputs)
+
+
+class _Select(StageWork[None, SelectResult]):
+    def units(self) -> list[None]:
+        return [None]  # one step over small columns of the whole corpus
+
+    def run_unit(self, unit: None, progress: UnitProgress | None = None) -> SelectResult:
+        stage, cfg = self.stage, self.cfg
+        assert isinstance(stage, SelectStage)
+        return select_and_layout(
+            cfg, self.ctx.work, self.inputs["prepare"], stage.selectors(cfg), stage.order(cfg)
+        )
+
+    def merge(self, results: list[SelectResult]) -> SelectResult:
+        return results[0]
+
+    def report(self, merged: SelectResult) -> StageReport:
+        return select_counts(self.inputs["prepare"], merged)
+
+    def advance(self, r: SelectResult) -> tuple[str, dict[str, int]]:
+        return "select", {"tokens": sum(t.content_tokens for t in r.targets)}
+
+    def log_line(self, r: SelectResult) -> str:
+        return "; ".join(
+            f"{t.config_name}: {t.n_rows} rows in {t.n_shards} shards ({t.strategy}), "
+            f"{t.split_documents} documents split"
+            for t in r.targets
+        )

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.faults import crash_point
+from pipeline.core.lineage import lineage_steps, run_lineage
 from pipeline.core.parquet_io import (
     Background,
     ParquetSink,
@@ -28,18 +29,21 @@ from pipeline.core.parquet_io import (
     write_json_atomic,
 )
 from pipeline.core.progress import UnitProgress
-from pipeline.core.tokenizer import Tokenizer, separator_and_pad
-from pipeline.core.workdir import WorkDir, run_lineage
-from pipeline.stages.prepare import PrepareResult, tokenizer_for
-from pipeline.stages.select import SelectResult, TargetPlan
-from schemas.config import BuildConfig
-from schemas.manifest import ShardEntry
+from pipeline.core.results import (
+    PrepareResult,
+    SelectResult,
+    TargetPlan,
+    WrittenShard,
+    output_units,
+    shard_path,
+)
+from pipeline.core.tokenizer import Tokenizer, separator_and_pad, tokenizer_for
+from pipeline.core.workdir import WorkDir
+from pipeline.output.report import write_counts
+from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
+from schemas.manifest import ShardEntry, StageReport
 from schemas.records import LINEAGE_TYPE, SEGMENT_TYPE, row_schema
-
-
-def shard_path(plan: TargetPlan, k: int) -> str:
-    """Output path of shard k, relative to the output folder (Hugging Face `train-` naming)."""
-    return f"data/{plan.config_name}/train-{k:05d}-of-{plan.n_shards:05d}.parquet"
+from schemas.stage_config import WriteConfig
 
 
 class DocumentStore:
@@ -253,7 +257,7 @@ class RowStats:
 
 
 def build_rows(
-    cfg: BuildConfig,
+    cfg: WriteConfig,
     plan: TargetPlan,
     layout: pa.Table,
     store: DocumentStore,
@@ -366,14 +370,6 @@ def _read_layout_rows(path: Path, first_row: int, last_row: int) -> pa.Table:
     return t.sort_by([("row", "ascending"), ("row_start", "ascending")])
 
 
-@dataclass
-class WrittenShard:
-    """One output shard's manifest entry, and whether an earlier run's verified shard was kept."""
-
-    entry: ShardEntry
-    reused: bool
-
-
 def unit_key(selected: SelectResult, plan: TargetPlan) -> str:
     """What a shard's bytes depend on beyond the config: the documents and the layout they were cut by."""
     blob = f"{selected.inputs_key}|{plan.layout_sha256}|{plan.n_shards}|{plan.rows_per_shard}"
@@ -400,7 +396,7 @@ def _write_and_release(sink: ParquetSink, table: pa.Table) -> None:
 
 
 def write_shard(
-    cfg: BuildConfig,
+    cfg: WriteConfig,
     work: WorkDir,
     selected: SelectResult,
     prepared: list[PrepareResult],
@@ -476,3 +472,55 @@ def write_shard(
     crash_point("written")
     trim_heap()
     return WrittenShard(entry, reused=False)
+
+
+class WriteStage(Stage):
+    """Fill each output shard's rows from the layouts (`pipeline.stages.write`)."""
+
+    name = "write"
+    sections = ("tokenizer", "packing", "output")
+    inputs = ("prepare", "select")
+    config_type = WriteConfig
+    task_name = "write-shard"
+
+    def work_dir(self, ctx: RunContext) -> Path:
+        return ctx.work.select_dir  # its verified shard records sit with the layouts they fill
+
+    def bind(self, ctx: RunContext, inputs: Inputs) -> StageWork:
+        return _Write(self, ctx, inputs)
+
+
+class _Write(StageWork[tuple[int, int], WrittenShard]):
+    def __init__(self, stage: Stage, ctx: RunContext, inputs: Inputs) -> None:
+        super().__init__(stage, ctx, inputs)
+        self.steps = lineage_steps(inputs["prepare"], inputs["select"])
+
+    def units(self) -> list[tuple[int, int]]:
+        return output_units(self.inputs["select"])
+
+    def run_unit(self, unit: tuple[int, int], progress: UnitProgress | None = None) -> WrittenShard:
+        ti, k = unit
+        return write_shard(
+            self.cfg,
+            self.ctx.work,
+            self.inputs["select"],
+            self.inputs["prepare"],
+            ti,
+            k,
+            self.steps,
+            progress,
+        )
+
+    def report(self, merged: list[WrittenShard]) -> StageReport:
+        return write_counts(self.inputs["select"], [w.entry for w in merged])
+
+    def label(self, unit: tuple[int, int]) -> str:
+        ti, k = unit
+        return f"{self.inputs['select'].targets[ti].config_name}/{k}"
+
+    def advance(self, w: WrittenShard) -> tuple[str, dict[str, int]]:
+        return w.entry.path, {"rows": w.entry.rows}
+
+    def log_line(self, w: WrittenShard) -> str:
+        e = w.entry
+        return f"{'kept verified' if w.reused else 'wrote'} {e.path}: {e.rows} rows, {e.tokens} tokens"

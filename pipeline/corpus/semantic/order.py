@@ -23,8 +23,8 @@ from pipeline.core.workdir import WorkDir
 from pipeline.corpus.index import DocIndex
 from pipeline.corpus.semantic.cluster import as_f32, assign, group_bounds, kmeans, knn
 from pipeline.corpus.semantic.vectors import CorpusEmbeddings
-from schemas.config import BuildConfig
 from schemas.diversity import IndexConfig
+from schemas.stage_config import SelectConfig
 
 ORDER_STEP = "similarity@2"
 
@@ -83,7 +83,12 @@ def interleave_runs(paths: list[np.ndarray], footprints: list[np.ndarray], run_t
 
 
 def similarity_order(
-    cfg: BuildConfig, idx: DocIndex, members: np.ndarray, target_length: int | None = None
+    cfg: SelectConfig,
+    idx: DocIndex,
+    members: np.ndarray,
+    target_length: int | None = None,
+    *,
+    work: WorkDir,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(order, neighbor_sims): a permutation of `members` positions and each document's cosine to the
     previous one in that order (NaN for the first)."""
@@ -94,7 +99,6 @@ def similarity_order(
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
     length = target_length or min(t.length for t in cfg.packing.targets)
-    work = WorkDir(cfg)
     x = CorpusEmbeddings(cfg, idx, work).gather(members)
     centroids = kmeans(x, g.kmeans, d.seed + 2)
     labels, csim = assign(x, centroids)

@@ -25,16 +25,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.parquet_io import ParquetSink, write_json_atomic
+from pipeline.core.results import PrepareResult, tokens_file_of
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.index import DocIndex, Drop
 from pipeline.corpus.semantic.cluster import as_f32, assign, assign_top2, group_bounds, kmeans, near_pairs
 from pipeline.corpus.semantic.lexical import jaccard, sketch
 from pipeline.corpus.semantic.vectors import CorpusEmbeddings
 from pipeline.embedders.registry import STATIC_MINILM, STATIC_TOKENS, default_threshold
-from pipeline.stages.prepare import PrepareResult, tokens_file_of
-from schemas.config import BuildConfig
 from schemas.diversity import IndexConfig, SemDedupConfig
 from schemas.records import PRUNED_SCHEMA
+from schemas.stage_config import SelectConfig
 
 SEMDEDUP_STEP = "semdedup@1"
 D4_STEP = "d4@1"
@@ -309,7 +309,7 @@ def semdedup_arrays(
     )
 
 
-def lexical_check_on(cfg: BuildConfig) -> bool:
+def lexical_check_on(cfg: SelectConfig) -> bool:
     """The lexical confirmation is on by default for static embedders, whose averaged word vectors bring
     distinct documents of one vocabulary above the threshold (README "Calibration")."""
     lx = cfg.diversity.semdedup.lexical
@@ -373,7 +373,7 @@ class TokenSketches:
 
 
 def semdedup(
-    cfg: BuildConfig, work: WorkDir, idx: DocIndex, alive: np.ndarray, prepared: list[PrepareResult]
+    cfg: SelectConfig, work: WorkDir, idx: DocIndex, alive: np.ndarray, prepared: list[PrepareResult]
 ) -> Drop | None:
     d = cfg.diversity
     if not d.embedder or not d.semdedup.enabled or len(alive) < 2:
@@ -438,7 +438,7 @@ def semdedup(
 
 
 def d4(
-    cfg: BuildConfig, work: WorkDir, idx: DocIndex, alive: np.ndarray, prepared: list[PrepareResult]
+    cfg: SelectConfig, work: WorkDir, idx: DocIndex, alive: np.ndarray, prepared: list[PrepareResult]
 ) -> Drop | None:
     d = cfg.diversity
     frac = d.d4.keep_fraction

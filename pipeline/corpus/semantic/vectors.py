@@ -8,8 +8,8 @@ import numpy as np
 
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.index import DocIndex
-from pipeline.stages.embed import embed_dir, embed_documents, open_embeddings
-from schemas.config import BuildConfig
+from pipeline.embedders.documents import embed_dir, embed_documents, open_embeddings
+from schemas.stage_config import EmbedConfig
 
 # documents files whose embeddings were verified in this process, with the (size, mtime) of both files:
 # selectors and ordering open the same shards several times per run; checksum them once
@@ -27,13 +27,13 @@ def _stamp(p: Path) -> tuple[int, int]:
 class CorpusEmbeddings:
     """Row-aligned memmaps per shard; a shard whose embeddings are missing is embedded on first use."""
 
-    def __init__(self, cfg: BuildConfig, idx: DocIndex, work: WorkDir | None = None) -> None:
+    def __init__(self, cfg: EmbedConfig, idx: DocIndex, work: WorkDir) -> None:
         # a shard whose documents were all filtered has a file but no rows: more files than shards seen
         if len(idx) and len(idx.files) <= int(idx.shard.max()):
             raise ValueError("DocIndex.files must name the documents file of every shard")
         self.cfg = cfg
         self.idx = idx
-        self.work = work or WorkDir(cfg)
+        self.work = work
         self._maps: dict[int, np.ndarray] = {}
 
     def shard(self, s: int) -> np.ndarray:

@@ -21,14 +21,17 @@ import random
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
-
-import openai
+from typing import TYPE_CHECKING, Any
 
 from pipeline.synth.rewriter.cache import ResponseCache
 from pipeline.synth.rewriter.secrets import Redactor, redact_http_logs
 from schemas.redact import redact_url, split_query
 from schemas.synthesis import RewriterConfig
+
+if TYPE_CHECKING:
+    # imported where a request is made: the SDK is large (over 500 modules), and every build imports
+    # the rewriter stage's module through the stage list, rewriter on or off
+    import openai
 
 
 def _canonical(obj: Any) -> str:
@@ -295,6 +298,8 @@ class RewriterClient:
         # the middle of every request path: it is sent as default query parameters instead
         base, query = split_query(self.cfg.base_url)
         redact_http_logs(self.redact.secrets)  # httpx logs every request URL, query string included
+        import openai
+
         self._client = openai.AsyncOpenAI(
             base_url=base,
             api_key=self._api_key,
@@ -360,6 +365,8 @@ class RewriterClient:
         return min(self.cfg.backoff_max_seconds, base) * (0.5 + random.random() / 2)
 
     async def _send(self, req: ChatRequest, u: TemplateUsage) -> ChatResult:
+        import openai
+
         assert self._client is not None
         attempts = 0
         last_reason, last_detail = "unknown", ""

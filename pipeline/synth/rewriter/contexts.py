@@ -17,9 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.core.results import TargetPlan, shard_path
 from pipeline.core.tokenizer import Tokenizer
-from pipeline.stages.select import TargetPlan
-from pipeline.stages.write import shard_path
 from pipeline.synth.chat import Haystack
 from pipeline.synth.rewriter.evidence import NormalizedText
 

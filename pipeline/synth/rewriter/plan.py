@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.stages.select import SelectResult, TargetPlan
+from pipeline.core.results import SelectResult, TargetPlan
 from pipeline.synth.rewriter.contexts import ContextRef, context_refs
 from pipeline.synth.rewriter.inputs import Conversation, load_conversations
-from schemas.config import BuildConfig, ConfigError
+from schemas.config import ConfigError
+from schemas.stage_config import RewriterStageConfig
 from schemas.synthesis import RewriterConfig, RewriterStrategy
 
 DEFAULT_TEMPLATE = {"chunk_qa": "chunk_qa", "multi_hop": "multi_hop", "session_state": "session_state"}
@@ -76,7 +77,7 @@ def sample_seed(run_seed: int, sample_id: str) -> int:
     )
 
 
-def context_target(cfg: BuildConfig, selected: SelectResult) -> TargetPlan:
+def context_target(cfg: RewriterStageConfig, selected: SelectResult) -> TargetPlan:
     """The packing target whose rows are the contexts (rewriter.context_target, or the smallest)."""
     rw = cfg.rewriter
     want = rw.context_target or min(t.length for t in cfg.packing.targets)
@@ -103,7 +104,7 @@ def _depths(
     return tuple(head * (j + rng.uniform(0.15, 0.85)) / hops for j in range(hops))
 
 
-def make_plan(cfg: BuildConfig, selected: SelectResult) -> RewriterPlan:
+def make_plan(cfg: RewriterStageConfig, selected: SelectResult) -> RewriterPlan:
     rw = cfg.rewriter
     target = context_target(cfg, selected)
     refs = context_refs(target)
