@@ -28,7 +28,7 @@ from pipeline.output.audit import audit_counts, merge_audit
 from pipeline.output.card import write_card
 from pipeline.stages.prepare import PrepareResult, tokenizer_for
 from pipeline.stages.select import SelectResult
-from schemas.config import BuildConfig
+from schemas.config import BuildConfig, optional_off
 from schemas.manifest import (
     Check,
     FileEntry,
@@ -165,7 +165,8 @@ def finalize_run(
         longloom_version=__version__,
         config_hash=work.config_hash,
         row_config_hashes=dict(work.row_keys),
-        config=cfg.model_dump(mode="json", exclude=_NOT_IN_MANIFEST),
+        # an optional section that is off (long_dependency) is not recorded: older manifests stay identical
+        config=cfg.model_dump(mode="json", exclude={**_NOT_IN_MANIFEST, **optional_off(cfg)}),
         seed=cfg.run.seed,
         command=identity_command(command or " ".join(["longloom", *sys.argv[1:]])),
         tokenizer=TokenizerInfo(

@@ -25,8 +25,9 @@ from pipeline.output.report import RunClock, prepare_counts, select_counts, writ
 from pipeline.readers import InputShard, list_input_shards
 from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
 from pipeline.stages.finalize import finalize_run
+from pipeline.stages.longdep import LongDepStage
 from pipeline.stages.prepare import PrepareResult, prepare_shard
-from pipeline.stages.select import SelectResult, SimilarityOrder, select_and_layout
+from pipeline.stages.select import RoutePriority, SelectResult, SimilarityOrder, select_and_layout
 from pipeline.stages.write import WrittenShard, write_shard
 from schemas.config import BuildConfig, ConfigError
 from schemas.manifest import Manifest, ShardEntry, StageReport
@@ -57,9 +58,30 @@ def semantic_selectors(cfg: BuildConfig) -> list[Selector]:
     return list(diversity_selectors())
 
 
+def long_dependency_selectors(cfg: BuildConfig) -> list[Selector]:
+    """`long_dependency`'s per-source filters (min_score, keep_top_fraction), when any is set."""
+    if not (cfg.long_dependency.enabled and cfg.long_dependency.filters_any()):
+        return []
+    from pipeline.longdep.use import long_dependency_filter
+
+    return [long_dependency_filter]
+
+
 def corpus_selectors(cfg: BuildConfig) -> list[Selector]:
-    """The selectors of the select stage, in the order they run on what the previous ones kept."""
-    return [exact_dedup, *semantic_selectors(cfg), source_budgets]
+    """The selectors of the select stage, in the order they run on what the previous ones kept.
+
+    Long-dependency filters run after dedup and pruning (fractions are of distinct documents) and
+    before source budgets (a budget then fills with the documents that passed)."""
+    return [exact_dedup, *semantic_selectors(cfg), *long_dependency_selectors(cfg), source_budgets]
+
+
+def route_priority(cfg: BuildConfig) -> RoutePriority | None:
+    """`long_dependency.route: longest_first`'s routing key (the scores), None otherwise."""
+    if not (cfg.long_dependency.enabled and cfg.long_dependency.route == "longest_first"):
+        return None
+    from pipeline.longdep.use import route_priority as by_score
+
+    return by_score
 
 
 def packing_order(cfg: BuildConfig) -> SimilarityOrder | None:
@@ -73,7 +95,9 @@ def packing_order(cfg: BuildConfig) -> SimilarityOrder | None:
 
 def select(cfg: BuildConfig, work: WorkDir, prepared: list[PrepareResult]) -> SelectResult:
     """The select stage with what the stage list hands it (selectors and order)."""
-    return select_and_layout(cfg, work, prepared, corpus_selectors(cfg), packing_order(cfg))
+    return select_and_layout(
+        cfg, work, prepared, corpus_selectors(cfg), packing_order(cfg), route_priority(cfg)
+    )
 
 
 # ---- the stages ------------------------------------------------------------------------------------
@@ -160,8 +184,8 @@ class SelectStage(Stage):
     """Choose documents and lay out rows over the whole corpus (`pipeline.stages.select`)."""
 
     name = "select"
-    sections = ("sources", "filters", "diversity", "packing")
-    inputs = ("prepare", "embed")
+    sections = ("sources", "filters", "diversity", "long_dependency", "packing")
+    inputs = ("prepare", "embed", "long_dependency")
     unit_noun = "step"
     task_name = "select-and-layout"
     retries = 1
@@ -352,13 +376,14 @@ class FinalizeStage(Stage):
         "tokenizer",
         "filters",
         "diversity",
+        "long_dependency",
         "packing",
         "procedural",
         "rewriter",
         "output",
         "card",
     )
-    inputs = ("prepare", "embed", "select", "write", "procedural", "rewriter")
+    inputs = ("prepare", "embed", "long_dependency", "select", "write", "procedural", "rewriter")
     unit_noun = "step"
     task_name = "finalize"
     retries = 0
@@ -377,6 +402,11 @@ class _Finalize(StageWork[None, Manifest]):
         entries = [w.entry for w in inp["write"]]
         audit_extra, extra = diversity_outputs(cfg, work, inp.get("embed") or [], selected)
         extra_configs: dict[str, Any] = {}
+        scored = inp.get("long_dependency")
+        if scored is not None:
+            from pipeline.longdep.use import manifest_extra
+
+            extra["long_dependency"] = manifest_extra(cfg, work, inp["prepare"], scored, selected)
         proc = inp.get("procedural")
         if proc is not None:
             extra["procedural"] = proc.extra
@@ -450,6 +480,7 @@ class _Publish(StageWork[None, dict[str, Any] | None]):
 STAGES: list[Stage] = [
     PrepareStage(),
     EmbedStage(),
+    LongDepStage(),
     SelectStage(),
     WriteStage(),
     ProceduralStage(),
