@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from schemas.diversity import DiversityConfig
+from schemas.longdep import LongDepConfig
 from schemas.publish import CardConfig, PublishConfig
 from schemas.redact import redact_url
 from schemas.synthesis import ProceduralConfig, RewriterConfig
@@ -241,6 +242,7 @@ class BuildConfig(Strict):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     filters: FilterConfig = Field(default_factory=FilterConfig)
     diversity: DiversityConfig = Field(default_factory=DiversityConfig)
+    long_dependency: LongDepConfig = Field(default_factory=LongDepConfig)
     packing: PackingConfig
     procedural: ProceduralConfig = Field(default_factory=ProceduralConfig)
     rewriter: RewriterConfig = Field(default_factory=RewriterConfig)
@@ -265,6 +267,22 @@ class BuildConfig(Strict):
     def _strategy_needs_embeddings(self) -> BuildConfig:
         if self.packing.strategy == "similarity" and not self.diversity.embedder:
             raise ValueError("packing.strategy 'similarity' needs diversity.embedder to be set")
+        return self
+
+    @model_validator(mode="after")
+    def _long_dependency_sources(self) -> BuildConfig:
+        ld = self.long_dependency
+        unknown = sorted(set(ld.sources) - {s.name for s in self.sources})
+        if unknown:
+            raise ValueError(
+                f"long_dependency.sources names {unknown}, which are not sources of this config "
+                f"({[s.name for s in self.sources]}); fix the names or remove the entries"
+            )
+        if not ld.enabled and (ld.filters_any() or ld.route != "input"):
+            raise ValueError(
+                "long_dependency: min_score/keep_top_fraction/route need scores; set "
+                "long_dependency.enabled: true (or remove them)"
+            )
         return self
 
     def source(self, name: str) -> SourceConfig:
@@ -303,20 +321,40 @@ _EXECUTION_ONLY: dict[str, Any] = {
         "progress",
         "prices",
     },
+    # the score cache's place and progress bars; batch size and devices change no score (equal-length
+    # sequences are batched without padding), the endpoint's key and timeout none either
+    "long_dependency": {
+        "cache_dir": True,
+        "progress": True,
+        "batch_size": True,
+        "backend": {"device": True, "threads": True, "api_key": True, "timeout_seconds": True},
+    },
 }
+# Sections left out of every hash while they are off: adding one to the config (off by default) then
+# changes no existing config hash, stage key or output byte.
+_OPTIONAL_SECTIONS: dict[str, str] = {"long_dependency": "enabled"}
+
+
+def optional_off(cfg: BuildConfig) -> dict[str, bool]:
+    """The optional sections that are off, as a pydantic `exclude` (records and hashes leave them out)."""
+    return {s: True for s, flag in _OPTIONAL_SECTIONS.items() if not getattr(getattr(cfg, s), flag)}
+
+
+def _dump(cfg: BuildConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json", exclude={**_EXECUTION_ONLY, **optional_off(cfg)})
 
 
 def config_hash(cfg: BuildConfig) -> str:
     """A stable hash of everything that determines the output bytes."""
-    payload = cfg.model_dump(mode="json", exclude=_EXECUTION_ONLY)
+    payload = _dump(cfg)
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def section_hash(cfg: BuildConfig, *sections: str) -> str:
     """Hash of a few config sections: lets a stage's cached work survive changes to later stages."""
-    dump = cfg.model_dump(mode="json", exclude=_EXECUTION_ONLY)
-    payload = {s: dump.get(s) for s in sections}
+    dump = _dump(cfg)
+    payload = {s: dump.get(s) for s in sections if s in dump or s not in _OPTIONAL_SECTIONS}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -325,7 +363,17 @@ def section_hash(cfg: BuildConfig, *sections: str) -> str:
 # whole config), so changing only the procedural or rewriter settings leaves the pretraining shards
 # byte-identical and a publish uploads only what changed.
 PREPARE_SECTIONS = ("sources", "tokenizer", "filters", "run")  # the prepare stage's (its documents files)
-PRETRAINING_SECTIONS = ("sources", "tokenizer", "filters", "diversity", "packing", "output", "run")
+# `long_dependency` counts only when enabled (its filters and routing change which documents are packed).
+PRETRAINING_SECTIONS = (
+    "sources",
+    "tokenizer",
+    "filters",
+    "diversity",
+    "long_dependency",
+    "packing",
+    "output",
+    "run",
+)
 ROW_SECTIONS: dict[str, tuple[str, ...]] = {
     "pretraining": PRETRAINING_SECTIONS,
     "procedural": (*PRETRAINING_SECTIONS, "procedural"),

@@ -270,15 +270,21 @@ REWRITER_AUDIT_SCHEMA = pa.schema(
     [
         pa.field("sample_id", pa.string(), nullable=False),
         pa.field("task", pa.string(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),  # "rejected" (validation) | "failed" (no usable answer)
-        pa.field("reason", pa.string(), nullable=False),  # e.g. evidence_not_found, http_429, budget_exhausted
+        pa.field(
+            "status", pa.string(), nullable=False
+        ),  # "rejected" (validation) | "failed" (no usable answer)
+        pa.field(
+            "reason", pa.string(), nullable=False
+        ),  # e.g. evidence_not_found, http_429, budget_exhausted
         pa.field("detail", pa.string(), nullable=False),
         pa.field("template", pa.string()),
         pa.field("template_version", pa.string()),
         pa.field("prompt_hash", pa.string()),
         pa.field("seed", pa.int64()),
         pa.field("context_row", pa.string()),  # the packed row the context came from
-        pa.field("attempts", pa.int32()),  # requests the recorded answer took (failed: this run's; 0: never sent)
+        pa.field(
+            "attempts", pa.int32()
+        ),  # requests the recorded answer took (failed: this run's; 0: never sent)
         pa.field("raw_response", pa.large_string()),  # the model's answer as received (secrets redacted)
     ],
     metadata={"longloom.table": "rewriter_audit@1"},

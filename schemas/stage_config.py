@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # the protocols only name the section types; nothing here nee
         TokenizerConfig,
     )
     from schemas.diversity import DiversityConfig
+    from schemas.longdep import LongDepConfig
     from schemas.publish import CardConfig, PublishConfig
     from schemas.synthesis import ProceduralConfig, RewriterConfig
 
@@ -104,6 +105,11 @@ class HasPublish(RunLevel, Protocol):
     def publish(self) -> PublishConfig: ...
 
 
+class HasLongDependency(RunLevel, Protocol):
+    @property
+    def long_dependency(self) -> LongDepConfig: ...
+
+
 # ---- one protocol per stage: exactly the sections its `Stage.sections` declares -----------------------
 
 
@@ -115,7 +121,13 @@ class EmbedConfig(HasDiversity, HasTokenizer, Protocol):
     """embed: the embedder, its cache and chunking, and the tokenizer whose ids it may embed."""
 
 
-class SelectConfig(HasSources, HasTokenizer, HasFilters, HasDiversity, HasPacking, HasOutput, Protocol):
+class LongDepStageConfig(HasLongDependency, HasTokenizer, Protocol):
+    """long_dependency: the scoring model and its windows, and the tokenizer that decodes prepared ids."""
+
+
+class SelectConfig(
+    HasSources, HasTokenizer, HasFilters, HasDiversity, HasLongDependency, HasPacking, HasOutput, Protocol
+):
     """select: exact dedup, semantic selection (embedding what the embed stage left missing), source
     budgets, routing and layout into output shards."""
 

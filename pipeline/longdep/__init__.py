@@ -5,6 +5,6 @@
 - `scorer`: `long_dependency@1`, span sampling, the long-versus-short gain, the distance profile and
   the verbatim-copy correction.
 - `cache`: scores cached by (model fingerprint, document hash, settings), resumable.
-
-Plain functions for now; wiring as a pipeline stage comes with the stage protocol (issue 13).
+- `use`: the scores in selection (per-source filters, `longest_first` routing), row scores, and the
+  manifest's `extra["long_dependency"]`. The stage itself is `pipeline.stages.longdep`.
 """

@@ -29,7 +29,7 @@ from pipeline.core.workdir import WorkDir
 from pipeline.output.audit import audit_counts, merge_audit
 from pipeline.output.card import write_card
 from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
-from schemas.config import BuildConfig
+from schemas.config import BuildConfig, optional_off
 from schemas.manifest import (
     Check,
     FileEntry,
@@ -166,7 +166,8 @@ def finalize_run(
         longloom_version=__version__,
         config_hash=work.config_hash,
         row_config_hashes=dict(work.row_keys),
-        config=cfg.model_dump(mode="json", exclude=_NOT_IN_MANIFEST),
+        # an optional section that is off (long_dependency) is not recorded: older manifests stay identical
+        config=cfg.model_dump(mode="json", exclude={**_NOT_IN_MANIFEST, **optional_off(cfg)}),
         seed=cfg.run.seed,
         command=identity_command(command or " ".join(["longloom", *sys.argv[1:]])),
         tokenizer=TokenizerInfo(
@@ -421,6 +422,7 @@ class FinalizeStage(Stage):
         "tokenizer",
         "filters",
         "diversity",
+        "long_dependency",
         "packing",
         "procedural",
         "rewriter",
@@ -428,7 +430,7 @@ class FinalizeStage(Stage):
         "card",
         "publish",  # the manifest records the whole config
     )
-    inputs = ("prepare", "embed", "select", "write", "procedural", "rewriter")
+    inputs = ("prepare", "embed", "long_dependency", "select", "write", "procedural", "rewriter")
     unit_noun = "step"
     config_type = BuildConfig
     task_name = "finalize"
@@ -452,6 +454,11 @@ class _Finalize(StageWork[None, Manifest]):
         entries = [w.entry for w in inp["write"]]
         audit_extra, extra = diversity_outputs(cfg, work, inp.get("embed") or [], selected)
         extra_configs: dict[str, Any] = {}
+        scored = inp.get("long_dependency")
+        if scored is not None:
+            from pipeline.longdep.use import manifest_extra
+
+            extra["long_dependency"] = manifest_extra(cfg, work, inp["prepare"], scored, selected)
         proc = inp.get("procedural")
         if proc is not None:
             extra["procedural"] = proc.extra

@@ -24,11 +24,12 @@ from pipeline.output.report import RunClock
 from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
 from pipeline.stages.embed import EmbedStage
 from pipeline.stages.finalize import FinalizeStage
+from pipeline.stages.longdep import LongDepStage
 from pipeline.stages.prepare import PrepareStage
 from pipeline.stages.procedural import ProceduralStage
 from pipeline.stages.publish import PublishStage
 from pipeline.stages.rewriter import RewriterStage
-from pipeline.stages.select import SelectStage, SimilarityOrder, select_and_layout
+from pipeline.stages.select import RoutePriority, SelectStage, SimilarityOrder, select_and_layout
 from pipeline.stages.write import WriteStage
 from schemas.config import BuildConfig, ConfigError
 from schemas.manifest import Manifest
@@ -60,9 +61,30 @@ def semantic_selectors(cfg: SelectConfig) -> list[Selector]:
     return list(diversity_selectors())
 
 
+def long_dependency_selectors(cfg: SelectConfig) -> list[Selector]:
+    """`long_dependency`'s per-source filters (min_score, keep_top_fraction), when any is set."""
+    if not (cfg.long_dependency.enabled and cfg.long_dependency.filters_any()):
+        return []
+    from pipeline.longdep.use import long_dependency_filter
+
+    return [long_dependency_filter]
+
+
 def corpus_selectors(cfg: SelectConfig) -> list[Selector]:
-    """The selectors of the select stage, in the order they run on what the previous ones kept."""
-    return [exact_dedup, *semantic_selectors(cfg), source_budgets]
+    """The selectors of the select stage, in the order they run on what the previous ones kept.
+
+    Long-dependency filters run after dedup and pruning (fractions are of distinct documents) and
+    before source budgets (a budget then fills with the documents that passed)."""
+    return [exact_dedup, *semantic_selectors(cfg), *long_dependency_selectors(cfg), source_budgets]
+
+
+def route_priority(cfg: SelectConfig) -> RoutePriority | None:
+    """`long_dependency.route: longest_first`'s routing key (the scores), None otherwise."""
+    if not (cfg.long_dependency.enabled and cfg.long_dependency.route == "longest_first"):
+        return None
+    from pipeline.longdep.use import route_priority as by_score
+
+    return by_score
 
 
 def packing_order(cfg: SelectConfig) -> SimilarityOrder | None:
@@ -76,14 +98,17 @@ def packing_order(cfg: SelectConfig) -> SimilarityOrder | None:
 
 def select(cfg: BuildConfig, work: WorkDir, prepared: list[PrepareResult]) -> SelectResult:
     """The select stage with what the stage list hands it (selectors and order)."""
-    return select_and_layout(cfg, work, prepared, corpus_selectors(cfg), packing_order(cfg))
+    return select_and_layout(
+        cfg, work, prepared, corpus_selectors(cfg), packing_order(cfg), route_priority(cfg)
+    )
 
 
 # The pipeline, in the order it runs. Both executors loop over this list; nothing else orders stages.
 STAGES: list[Stage] = [
     PrepareStage(),
     EmbedStage(),
-    SelectStage(corpus_selectors, packing_order),
+    LongDepStage(),
+    SelectStage(corpus_selectors, packing_order, route_priority),
     WriteStage(),
     ProceduralStage(),
     RewriterStage(),

@@ -60,11 +60,15 @@ def inputs_key(prepared: list[PrepareResult]) -> str:
     return h.hexdigest()[:32]
 
 
-def _route(cfg: SelectConfig, idx: DocIndex, alive: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+def _route(
+    cfg: SelectConfig, idx: DocIndex, alive: np.ndarray, priority: np.ndarray | None = None
+) -> tuple[list[np.ndarray], np.ndarray]:
     """Send each document to one target length; returns positions per target, and the unrouted."""
     targets = cfg.packing.targets
     if len(targets) == 1 and targets[0].token_budget is None:
         return [alive], np.zeros(0, np.int64)
+    if priority is not None:
+        return _route_longest_first(cfg, idx, alive, priority)
     # plain floats: a per-document loop over a handful of targets is cheaper without numpy calls
     assigned = [0.0] * len(targets)
     weights = [float(t.weight) for t in targets]
@@ -88,9 +92,46 @@ def _route(cfg: SelectConfig, idx: DocIndex, alive: np.ndarray) -> tuple[list[np
     return per_target, alive[choice < 0]
 
 
+def _route_longest_first(
+    cfg: SelectConfig, idx: DocIndex, alive: np.ndarray, priority: np.ndarray
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Documents by descending `priority` fill the targets from the longest down (a curriculum: the
+    highest long-dependency scores go to the longest rows). Each target takes documents until it holds
+    its weight's share of the tokens (capped by its token_budget), the document that crosses the line
+    included; the shortest target takes the rest while its budget allows. Within a target, documents
+    keep canonical order, so packing sees them as it would otherwise.
+    """
+    targets = cfg.packing.targets
+    total = float(idx.n_tokens[alive].sum())
+    weights = np.array([t.weight for t in targets], np.float64)
+    by_length = sorted(range(len(targets)), key=lambda t: -targets[t].length)
+    # highest priority first; ties in canonical order
+    order = alive[np.lexsort((alive, -priority[alive]))]
+    ntok = idx.n_tokens[order]
+    choice = np.full(len(order), -1, np.int64)
+    i = 0
+    for rank, t in enumerate(by_length):
+        limit = targets[t].token_budget
+        budget = float(limit) if limit is not None else np.inf
+        share = np.inf if rank == len(by_length) - 1 else total * weights[t] / weights.sum()
+        cap = min(share, budget)
+        held = 0.0
+        while i < len(order) and held < cap:
+            if held + ntok[i] > budget:
+                break  # the budget is a hard limit; the share is not
+            choice[i] = t
+            held += float(ntok[i])
+            i += 1
+    per_target = [np.sort(order[choice == t]) for t in range(len(targets))]
+    return per_target, np.sort(order[choice < 0])
+
+
 # `packing.strategy: similarity`'s document order (the semantic package's `similarity_order`), handed
 # in by the stage list so that selection never imports the package that builds on its index.
 SimilarityOrder = Callable[..., tuple[np.ndarray, np.ndarray | None]]
+# A routing key per document of the index (higher first to the longest target), handed in the same way
+# (`long_dependency.route: longest_first`: the long-dependency scores, pipeline.longdep.use).
+RoutePriority = Callable[[SelectConfig, WorkDir, DocIndex, list[PrepareResult]], np.ndarray]
 
 
 def _order(
@@ -129,6 +170,7 @@ def select_and_layout(
     prepared: list[PrepareResult],
     selectors: Sequence[Selector],
     similarity_order: SimilarityOrder | None = None,
+    route_priority: RoutePriority | None = None,
 ) -> SelectResult:
     """Run stage 2, or reuse its verified result from an earlier run with the same config.
 
@@ -154,7 +196,8 @@ def select_and_layout(
         drops.append(drop)
         alive = np.setdiff1d(alive, drop.index, assume_unique=True)
 
-    per_target, unrouted = _route(cfg, idx, alive)
+    priority = route_priority(cfg, work, idx, prepared) if route_priority is not None else None
+    per_target, unrouted = _route(cfg, idx, alive, priority)
     if len(unrouted):
         drops.append(
             Drop(
@@ -364,6 +407,7 @@ def _load_verified(work: WorkDir, rec: Path, key: str) -> SelectResult | None:
 # the document order of `packing.strategy: similarity` (None for the other strategies).
 SelectorsFor = Callable[[SelectConfig], Sequence[Selector]]
 OrderFor = Callable[[SelectConfig], SimilarityOrder | None]
+PriorityFor = Callable[[SelectConfig], RoutePriority | None]
 
 
 class SelectStage(Stage):
@@ -375,16 +419,17 @@ class SelectStage(Stage):
 
     name = "select"
     # tokenizer: embeddings missing or stale since the embed stage are made again here
-    sections = ("sources", "tokenizer", "filters", "diversity", "packing", "output")
-    inputs = ("prepare", "embed")
+    sections = ("sources", "tokenizer", "filters", "diversity", "long_dependency", "packing", "output")
+    inputs = ("prepare", "embed", "long_dependency")
     unit_noun = "step"
     config_type = SelectConfig
     task_name = "select-and-layout"
     retries = 1
 
-    def __init__(self, selectors: SelectorsFor, order: OrderFor) -> None:
+    def __init__(self, selectors: SelectorsFor, order: OrderFor, priority: PriorityFor) -> None:
         self.selectors = selectors
         self.order = order
+        self.priority = priority
 
     def work_dir(self, ctx: RunContext) -> Path:
         return ctx.work.select_dir
@@ -401,7 +446,12 @@ class _Select(StageWork[None, SelectResult]):
         stage, cfg = self.stage, self.cfg
         assert isinstance(stage, SelectStage)
         return select_and_layout(
-            cfg, self.ctx.work, self.inputs["prepare"], stage.selectors(cfg), stage.order(cfg)
+            cfg,
+            self.ctx.work,
+            self.inputs["prepare"],
+            stage.selectors(cfg),
+            stage.order(cfg),
+            stage.priority(cfg),
         )
 
     def merge(self, results: list[SelectResult]) -> SelectResult:

@@ -261,6 +261,36 @@ def draw_plots(out: Path, manifest: Manifest, stats: CardStats) -> dict[str, Plo
             ylabel="samples",
         )
     plots.update(procedural_plots(out, manifest))
+    plots.update(long_dependency_plots(out, manifest))
+    return plots
+
+
+def long_dependency_plots(out: Path, manifest: Manifest) -> dict[str, Plot]:
+    """Score distributions of the long_dependency stage: documents per source, packed rows per target."""
+    ld = manifest.extra.get("long_dependency")
+    if not isinstance(ld, dict) or not isinstance(ld.get("bins"), list):
+        return {}
+    labels = [str(b) for b in ld["bins"]]
+    plots: dict[str, Plot] = {}
+    for key, group, title, ylabel in (
+        (
+            "long_dependency_by_source",
+            "by_source",
+            "Long-range dependency of documents, by source",
+            "documents",
+        ),
+        ("long_dependency_by_target", "by_target", "Long-range dependency of packed rows, by target", "rows"),
+    ):
+        series = {
+            name: [int(x) for x in v["histogram"]]
+            for name, v in sorted((ld.get(group) or {}).items())
+            if isinstance(v, dict)
+            and isinstance(v.get("histogram"), list)
+            and len(v["histogram"]) == len(labels)
+        }
+        if series:
+            xlabel = "score: gain of the far context (nats/token)"
+            plots[key] = binned(out, f"{IMAGES}/{key}.png", title, xlabel, labels, series, ylabel=ylabel)
     return plots
 
 

@@ -147,6 +147,7 @@ class CardBody:
             self.mixture,
             self.drops,
             self.synthetic,
+            self.long_dependency,
             self.built,
             self.extras,
             self.verification,
@@ -699,8 +700,56 @@ class CardBody:
         )
         return lines
 
+    def long_dependency(self) -> list[str]:
+        """The long_dependency stage: what the score is, its lineage, and its distributions."""
+        ld = self.m.extra.get("long_dependency")
+        if not isinstance(ld, dict):
+            return []
+        st = ld.get("settings") or {}
+        lines = [
+            "## Long-range dependency",
+            "",
+            f"Every document was scored with `{ld.get('method')}` by `{ld.get('model_id')}` (fingerprint "
+            f"`{ld.get('model_fingerprint')}`): the mean gain in log-probability, in nats per token, of "
+            f"{st.get('spans_per_document')} sampled spans of {st.get('span_tokens')} tokens when the model "
+            f"sees up to {st.get('max_context')} tokens of context instead of the last "
+            f"{st.get('short_window')} (`{ld.get('score')}`"
+            + (", with verbatim copies not counted" if ld.get("score") == "score" else "")
+            + f"). {n(ld.get('scored', 0))} of {n(ld.get('documents', 0))} documents were scored; "
+            f"{n(ld.get('too_short', 0))} were too short to score and are kept unjudged. A row's score is the "
+            "token-weighted mean of the scores of the scored documents in it.",
+            "",
+        ]
+        rows = [
+            [
+                name,
+                n(v.get("count", 0)),
+                v.get("mean", "–"),
+                v.get("p10", "–"),
+                v.get("p50", "–"),
+                v.get("p90", "–"),
+            ]
+            for group in ("by_source", "by_target")
+            for name, v in sorted((ld.get(group) or {}).items())
+            if isinstance(v, dict)
+        ]
+        lines += table(["Source or config", "Scored", "Mean", "p10", "Median", "p90"], rows)
+        if ld.get("filters"):
+            f = "; ".join(
+                f"`{s}`: " + ", ".join(f"{k} {v}" for k, v in sorted(r.items()) if v is not None)
+                for s, r in sorted(ld["filters"].items())
+            )
+            lines += [f"Filters: {f} (drops are `filtered` rows with reason `low_long_dependency`).", ""]
+        if ld.get("route") == "longest_first":
+            lines += ["Routing: the highest-scoring documents went to the longest targets.", ""]
+        lines += [
+            *image(self.plots.get("long_dependency_by_source")),
+            *image(self.plots.get("long_dependency_by_target")),
+        ]
+        return lines
+
     def extras(self) -> list[str]:
-        shown = {"procedural", "rewriter"}
+        shown = {"procedural", "rewriter", "long_dependency"}
         rest = {k: v for k, v in self.m.extra.items() if k not in shown}
         if not rest:
             return []
