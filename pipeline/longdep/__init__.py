@@ -6,5 +6,5 @@
   the verbatim-copy correction.
 - `cache`: scores cached by (model fingerprint, document hash, settings), resumable.
 - `use`: the scores in selection (per-source filters, `longest_first` routing), row scores, and the
-  manifest's `extra["long_dependency"]`. The stage itself is `pipeline.stages.longdep`.
+  manifest's `extra["long_dependency"]`. The stage itself is `pipeline.stages.long_dependency`.
 """

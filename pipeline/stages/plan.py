@@ -24,7 +24,7 @@ from pipeline.output.report import RunClock
 from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
 from pipeline.stages.embed import EmbedStage
 from pipeline.stages.finalize import FinalizeStage
-from pipeline.stages.longdep import LongDepStage
+from pipeline.stages.long_dependency import LongDepStage
 from pipeline.stages.prepare import PrepareStage
 from pipeline.stages.procedural import ProceduralStage
 from pipeline.stages.publish import PublishStage
