@@ -37,18 +37,13 @@ KILLED = -signal.SIGKILL
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """An uninterrupted `longloom build --no-prefect` of the small-shard sample config."""
-    folder = tmp_path_factory.mktemp("reference")
-    cfg = write_config(folder, folder / "out")
-    t0 = time.monotonic()
-    done = run_cli(["build", str(cfg), "--no-prefect"])
-    reference_seconds = time.monotonic() - t0
-    assert done.returncode == 0, done.stderr[-3000:]
-    digest = output_digest(folder / "out")
+def reference(small_shard_reference: dict[str, Any]) -> dict[str, Any]:
+    """An uninterrupted `longloom build --no-prefect` of the small-shard sample config (conftest: one per
+    session, shared with test_dask), with the run's seconds."""
+    digest = small_shard_reference
     assert sum(p.startswith("data/pretrain_") for p in digest["files"]) == 10  # 5 shards per target length
     assert any(p.startswith("data/procedural/") for p in digest["files"])  # the synthesis stage resumes too
-    return {**digest, "seconds": reference_seconds}
+    return digest
 
 
 def test_two_runs_in_different_folders_are_byte_identical(tmp_path: Path, reference: dict[str, Any]) -> None:
