@@ -63,10 +63,12 @@ def prefect_harness(prefect_server: dict[str, str]):  # type: ignore[no-untyped-
     """In-process flow runs against the session's real Prefect API (the `prefect_server` above).
 
     What `prefect.testing.utilities.prefect_test_harness` does, minus starting a second server of its
-    own (~20 s of CPU each): this process's Prefect settings point at the session server. Tests find
-    their runs by flow-run id, so sharing the database with the subprocess tests changes nothing.
+    own (a fresh one took 18 s of CPU here): this process's Prefect settings point at the session
+    server. Tests find their runs by flow-run id, so sharing its database with the subprocess tests
+    changes nothing they check.
     """
     import prefect.context
+    from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -77,9 +79,10 @@ def prefect_harness(prefect_server: dict[str, str]):  # type: ignore[no-untyped-
             prefect.context._temporary_global_settings_context(prefect.context.get_settings_context())
         )
         yield
-        # send buffered run logs before the server goes away (the harness does the same)
+        # send buffered run logs and events before the server goes away (the harness does the same)
         with contextlib.suppress(RuntimeError):
             APILogWorker.drain_all()
+        EventsWorker.drain_all()
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:
