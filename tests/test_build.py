@@ -23,9 +23,9 @@ from tests.conftest import DATA, make_config, sample_dict
 
 
 @pytest.fixture(scope="module")
-def sample_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[BuildConfig, Manifest]:
-    cfg = make_config(tmp_path_factory.mktemp("sample") / "out")
-    return cfg, run_build(cfg)
+def sample_run(sample_build: tuple[BuildConfig, Manifest]) -> tuple[BuildConfig, Manifest]:
+    """The session's build of the sample config (conftest), read-only."""
+    return sample_build
 
 
 def test_rows_have_exact_lengths_and_the_schema(sample_run: tuple[BuildConfig, Manifest]) -> None:

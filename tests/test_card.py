@@ -19,7 +19,6 @@ import pytest
 from huggingface_hub import DatasetCard
 from PIL import Image
 
-from pipeline.build import run_build
 from pipeline.core.parquet_io import sha256_file
 from pipeline.output.card import split_front_matter, write_card
 from pipeline.output.card.stats import EDGES
@@ -109,10 +108,10 @@ def png_data(path: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[BuildConfig, Manifest, Path]:
+def run(sample_build_without_procedural: tuple[BuildConfig, Manifest]) -> tuple[BuildConfig, Manifest, Path]:
     # procedural samples off: the synthetic-set tests below add a chat config of their own
-    cfg = make_config(tmp_path_factory.mktemp("card") / "out", procedural={"enabled": False})
-    manifest = run_build(cfg, command="longloom build data/sample.yaml")
+    # (the session's build, conftest; read-only: tests that change files copy them first)
+    cfg, manifest = sample_build_without_procedural
     return cfg, manifest, Path(cfg.output.dir)
 
 
@@ -542,10 +541,11 @@ def test_flow_run_attaches_the_card_as_artifacts(tmp_path: Path, prefect_harness
 
 
 @pytest.fixture(scope="module")
-def proc_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Manifest, Path]:
-    """The bundled sample run as it ships: procedural samples and their evaluation export included."""
-    out = tmp_path_factory.mktemp("proc") / "out"
-    return run_build(make_config(out)), out
+def proc_run(sample_build: tuple[BuildConfig, Manifest]) -> tuple[Manifest, Path]:
+    """The bundled sample run as it ships: procedural samples and their evaluation export included
+    (the session's build, conftest; read-only)."""
+    cfg, manifest = sample_build
+    return manifest, Path(cfg.output.dir)
 
 
 def test_card_of_a_run_with_procedural_samples(proc_run: tuple[Manifest, Path]) -> None:

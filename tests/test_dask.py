@@ -7,14 +7,17 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.opskit import base_env, free_port, kill_group, output_digest, run_cli, write_config
+from tests.opskit import free_port, kill_group, output_digest, run_cli, write_config
 
 
 @pytest.mark.slow
-def test_flow_on_a_dask_cluster_matches_a_local_run(tmp_path: Path, prefect_server: dict[str, str]) -> None:
+def test_flow_on_a_dask_cluster_matches_a_local_run(
+    tmp_path: Path, prefect_server: dict[str, str], small_shard_reference: dict[str, Any]
+) -> None:
     from distributed import Client, get_task_stream
 
     port = free_port()
@@ -54,14 +57,14 @@ def test_flow_on_a_dask_cluster_matches_a_local_run(tmp_path: Path, prefect_serv
             kill_group(p)
             p.wait()
 
-    local_cfg = write_config(tmp_path / "local", tmp_path / "local" / "out")
-    local = run_cli(["build", str(local_cfg), "--no-prefect"], env=base_env())
-    assert local.returncode == 0, local.stderr[-3000:]
-    cluster, here = output_digest(tmp_path / "cluster" / "out"), output_digest(tmp_path / "local" / "out")
-    assert cluster["files"] == here["files"]
-    assert cluster["manifest"] == here["manifest"]
+    # the local run: `longloom build --no-prefect` of the same config in a folder of its own (conftest's
+    # session reference, which test_resume compares its resumed runs with too)
+    local = small_shard_reference["folder"]
+    cluster = output_digest(tmp_path / "cluster" / "out")
+    assert cluster["files"] == small_shard_reference["files"]
+    assert cluster["manifest"] == small_shard_reference["manifest"]
     # runner, scheduler address, workers and output folder stay out of the manifest (issue 11.15): only
     # the command differs, by the config path each run was given
-    raw = [json.loads((tmp_path / f / "out" / "manifest.json").read_text()) for f in ("cluster", "local")]
-    assert raw[0].pop("command").replace("/cluster/", "/local/") == raw[1].pop("command")
+    raw = [json.loads((f / "out" / "manifest.json").read_text()) for f in (tmp_path / "cluster", local)]
+    assert raw[0].pop("command").replace(str(tmp_path / "cluster"), str(local)) == raw[1].pop("command")
     assert raw[0] == raw[1]

@@ -11,6 +11,7 @@ import yaml
 
 from flows.build import build, run, task_runner_for
 from pipeline.build import run_build
+from schemas.config import BuildConfig
 from schemas.manifest import Manifest
 from tests.conftest import ROOT, make_config, sample_dict
 
@@ -20,13 +21,15 @@ def shard_hashes(out: Path) -> dict[str, str]:
     return {s.path: s.sha256 for t in m.targets for s in t.shards}
 
 
-def test_flow_run_matches_the_library_run_byte_for_byte(tmp_path: Path, prefect_harness: None) -> None:
+def test_flow_run_matches_the_library_run_byte_for_byte(
+    tmp_path: Path, prefect_harness: None, sample_build: tuple[BuildConfig, Manifest]
+) -> None:
     flow_cfg = make_config(tmp_path / "flow")
     result = run(flow_cfg)
     assert result["checks_ok"]
-    lib = run_build(make_config(tmp_path / "lib"))
+    lib_cfg, lib = sample_build  # the same config, built in-process by conftest in a folder of its own
     assert result["rows"] == {t.config_name: t.rows for t in lib.targets}
-    flow_hashes, lib_hashes = shard_hashes(tmp_path / "flow"), shard_hashes(tmp_path / "lib")
+    flow_hashes, lib_hashes = shard_hashes(tmp_path / "flow"), shard_hashes(Path(lib_cfg.output.dir))
     assert flow_hashes == lib_hashes and flow_hashes
 
 

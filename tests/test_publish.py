@@ -21,9 +21,9 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.build import run_build
 from pipeline.core.parquet_io import sha256_file
 from pipeline.output.card import split_front_matter
+from schemas.config import BuildConfig
 from schemas.manifest import Manifest
 from tests.conftest import ROOT, make_config
 from tests.hub_server import HubServer, regular
@@ -32,11 +32,12 @@ REPO = "longloom-org/sample"
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("publish") / "out"
-    manifest = run_build(make_config(out, procedural={"enabled": False}))
+def built(sample_build_without_procedural: tuple[BuildConfig, Manifest]) -> Path:
+    """The session's build of the sample with procedural samples off (conftest); read-only, so the
+    `out` fixture below copies it."""
+    cfg, manifest = sample_build_without_procedural
     assert manifest.ok
-    return out
+    return Path(cfg.output.dir)
 
 
 @pytest.fixture
