@@ -22,6 +22,7 @@ generated once per size under --work and reused.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -49,7 +50,11 @@ _HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
 def config_dict(out: Path, strategy: str, partitions: int, web_budget: int | None) -> dict[str, Any]:
     return {
         # select_partitions only when asked: the "before" code has no such setting
-        "run": {"name": "bench-select", "seed": 0, **({"select_partitions": partitions} if partitions > 1 else {})},
+        "run": {
+            "name": "bench-select",
+            "seed": 0,
+            **({"select_partitions": partitions} if partitions > 1 else {}),
+        },
         "sources": [
             {"name": "web", "kind": "jsonl", "paths": ["web-*.jsonl"], "token_budget": web_budget},
             {"name": "code", "kind": "jsonl", "paths": ["code-*.jsonl"]},
@@ -175,7 +180,9 @@ def child(payload: dict[str, Any]) -> None:
 
 
 def measure(cmd: list[str]) -> dict[str, Any]:
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     peak = 0
     done = threading.Event()
 
@@ -183,10 +190,8 @@ def measure(cmd: list[str]) -> dict[str, Any]:
         nonlocal peak
         p = psutil.Process(proc.pid)
         while not done.is_set():
-            try:
+            with contextlib.suppress(psutil.Error):
                 peak = max(peak, p.memory_info().rss)
-            except psutil.Error:
-                pass
             done.wait(0.02)
 
     thread = threading.Thread(target=sample, daemon=True)
