@@ -20,6 +20,7 @@ from pipeline.core.progress import Reporter, UnitProgress
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.exact import exact_dedup, source_budgets
 from pipeline.corpus.index import Selector
+from pipeline.corpus.partition import PartitionResult, check_partitioned, dedup_partition, select_partitioned
 from pipeline.embedders.base import EmbedderError
 from pipeline.output.report import RunClock, prepare_counts, select_counts, write_counts
 from pipeline.readers import InputShard, list_input_shards
@@ -27,6 +28,7 @@ from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
 from pipeline.stages.finalize import finalize_run
 from pipeline.stages.prepare import PrepareResult, prepare_shard
 from pipeline.stages.select import SelectResult, SimilarityOrder, select_and_layout
+from pipeline.stages.select import inputs_key as select_inputs_key
 from pipeline.stages.write import WrittenShard, write_shard
 from schemas.config import BuildConfig, ConfigError
 from schemas.manifest import Manifest, ShardEntry, StageReport
@@ -170,28 +172,44 @@ class SelectStage(Stage):
         return _Select(self, ctx, inputs)
 
 
-class _Select(StageWork[None, SelectResult]):
-    def units(self) -> list[None]:
-        return [None]  # one step over small columns of the whole corpus
+class _Select(StageWork[int | None, Any]):
+    def units(self) -> list[int | None]:
+        P = self.ctx.cfg.run.select_partitions
+        if P == 1:
+            return [None]  # one step over small columns of the whole corpus
+        check_partitioned(self.ctx.cfg)
+        return list(range(P))  # hash partitions (pipeline.corpus.partition); the merge lays out rows
 
-    def run_unit(self, unit: None, progress: UnitProgress | None = None) -> SelectResult:
-        return select(self.ctx.cfg, self.ctx.work, self.inputs["prepare"])
+    def run_unit(self, unit: int | None, progress: UnitProgress | None = None) -> Any:
+        prepared = self.inputs["prepare"]
+        if unit is None:
+            return select(self.ctx.cfg, self.ctx.work, prepared)
+        return dedup_partition(self.ctx.cfg, self.ctx.work, prepared, unit, select_inputs_key(prepared))
 
-    def merge(self, results: list[SelectResult]) -> SelectResult:
-        return results[0]
+    def merge(self, results: list[Any]) -> SelectResult:
+        if self.ctx.cfg.run.select_partitions == 1:
+            return results[0]
+        return select_partitioned(self.ctx.cfg, self.ctx.work, self.inputs["prepare"], results)
 
-    def report(self, merged: SelectResult) -> StageReport:
-        return select_counts(self.inputs["prepare"], merged)
+    def label(self, unit: int | None) -> str:
+        return "select" if unit is None else f"select partition {unit}/{self.ctx.cfg.run.select_partitions}"
 
-    def advance(self, r: SelectResult) -> tuple[str, dict[str, int]]:
+    def advance(self, r: Any) -> tuple[str, dict[str, int]]:
+        if isinstance(r, PartitionResult):
+            return "select", {"documents": r.documents}
         return "select", {"tokens": sum(t.content_tokens for t in r.targets)}
 
-    def log_line(self, r: SelectResult) -> str:
+    def log_line(self, r: Any) -> str:
+        if isinstance(r, PartitionResult):
+            return f"partition {r.partition}: {r.documents} documents, {r.duplicates} exact duplicates"
         return "; ".join(
             f"{t.config_name}: {t.n_rows} rows in {t.n_shards} shards ({t.strategy}), "
             f"{t.split_documents} documents split"
             for t in r.targets
         )
+
+    def report(self, merged: SelectResult) -> StageReport:
+        return select_counts(self.inputs["prepare"], merged)
 
 
 class WriteStage(Stage):
