@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -140,10 +139,13 @@ def synthesize(folder: Path, n_docs: int) -> dict[str, Any]:
 
 
 def child(payload: dict[str, Any]) -> None:
-    """Run the select stage on a synthesized corpus; print one JSON line of what it did."""
+    """Run the select stage (mode `single`), one partition unit (`unit`) or the merge (`merge`) on a
+    synthesized corpus; print one JSON line of what it did."""
     from pipeline.core.workdir import WorkDir
+    from pipeline.corpus.partition import PartitionResult, dedup_partition, part_dir, select_partitioned
     from pipeline.stages.plan import select
     from pipeline.stages.prepare import PrepareResult
+    from pipeline.stages.select import inputs_key
     from schemas.config import parse_config
 
     corpus = Path(payload["corpus"])
@@ -152,7 +154,7 @@ def child(payload: dict[str, Any]) -> None:
         config_dict(out, payload["strategy"], payload["partitions"], payload["web_budget"]),
         base_dir=corpus,
         origin="bench",
-        default_output=out,
+        default_output=str(out),
     )
     work = WorkDir(cfg)
     # the prepare stage's folder is keyed by config sections: link the synthetic one in
@@ -161,9 +163,17 @@ def child(payload: dict[str, Any]) -> None:
         work.prepare_dir.symlink_to(corpus.resolve(), target_is_directory=True)
     prepared = [PrepareResult.from_json(r) for r in json.loads((corpus / "prepared.json").read_text())]
     t0 = time.perf_counter()
-    res = select(cfg, work, prepared)
+    if payload["mode"] == "unit":
+        u = dedup_partition(cfg, work, prepared, payload["unit"], inputs_key(prepared))
+        print(json.dumps({"seconds": time.perf_counter() - t0, "documents": u.documents}))
+        return
+    if payload["mode"] == "merge":
+        folder = part_dir(work, cfg.run.select_partitions)
+        units = [PartitionResult(**json.loads(f.read_text())) for f in sorted(folder.glob("part-*.json"))]
+        res = select_partitioned(cfg, work, prepared, units)
+    else:
+        res = select(cfg, work, prepared)
     seconds = time.perf_counter() - t0
-    units = res.extra.get("partition_units", [])
     print(
         json.dumps(
             {
@@ -172,8 +182,6 @@ def child(payload: dict[str, Any]) -> None:
                 "layouts": [t.layout_sha256 for t in res.targets],
                 "filtered": res.filtered_sha256,
                 "dropped": {s: sum(r.values()) for s, r in res.filtered.items()},
-                "units": units,
-                "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             }
         )
     )
@@ -211,7 +219,14 @@ def measure(cmd: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--docs", type=int, nargs="+", default=[1_000_000, 5_000_000, 20_000_000])
-    ap.add_argument("--partitions", type=int, nargs="+", default=[1], help="1: today's single process")
+    ap.add_argument(
+        "--partitions",
+        type=int,
+        nargs="+",
+        default=[1, 0],
+        help="1: today's single process; P > 1: P partition units and the merge; 0: P = docs / --per-partition",
+    )
+    ap.add_argument("--per-partition", type=int, default=1_000_000, help="documents per partition for 0")
     ap.add_argument("--strategy", default="best_fit", choices=["best_fit", "greedy"])
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "longloom-bench-select")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -219,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(json.loads(args.child))
         return 0
+    me = [sys.executable, str(Path(__file__).resolve()), "--child"]
     rows = []
     for n in args.docs:
         corpus = args.work / f"corpus-{n}"
@@ -226,30 +242,46 @@ def main(argv: list[str] | None = None) -> int:
         facts = synthesize(corpus, n)
         print(f"{n:,} documents in {facts['shards']} shards ({time.perf_counter() - t0:.0f} s to synthesize)")
         for p in args.partitions:
+            p = p or max(2, -(-n // args.per_partition))
             out = args.work / f"out-{n}-{p}"
             shutil.rmtree(out, ignore_errors=True)
             payload = {
                 "corpus": str(corpus), "out": str(out), "strategy": args.strategy, "partitions": p,
-                "web_budget": int(facts["web_tokens"] * 0.8),
+                "web_budget": int(facts["web_tokens"] * 0.8), "mode": "single" if p == 1 else "merge",
             }  # fmt: skip
             load = os.getloadavg()[0]
-            r = measure([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(payload)])
-            unit_peak = max((u["peak_rss"] for u in r["units"]), default=0)
+            units = [
+                measure([*me, json.dumps({**payload, "mode": "unit", "unit": u})])
+                for u in range(p if p > 1 else 0)
+            ]
+            r = measure([*me, json.dumps(payload)])
+            r["units"] = units
+            unit_s = sum(u["seconds"] for u in units)
+            unit_peak = max((u["peak"] for u in units), default=0)
             print(
-                f"  partitions {p}: {r['seconds']:.1f} s, process peak {r['peak'] / MIB:,.0f} MiB, "
-                f"largest unit {unit_peak / MIB:,.0f} MiB, {r['rows']} rows, dropped {r['dropped']}, "
-                f"layout {r['layouts'][0][:12]}, filtered {r['filtered'][:12]}; load {load:.1f}",
+                f"  partitions {p}: units {unit_s:.1f} s in all (largest peak {unit_peak / MIB:,.0f} MiB), "
+                f"{'merge' if p > 1 else 'select'} {r['seconds']:.1f} s (peak {r['peak'] / MIB:,.0f} MiB), "
+                f"{r['rows']} rows, dropped {r['dropped']}, layout {r['layouts'][0][:12]}, "
+                f"filtered {r['filtered'][:12]}; load {load:.1f}",
                 flush=True,
             )
             rows.append((n, p, r, load))
             shutil.rmtree(out, ignore_errors=True)
     print(f"\nselect stage, {args.strategy}, exact dedup + source budget, diversity off:\n")
-    print("| documents | partitions | wall s | peak RSS (process) | peak RSS (largest unit) | load |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| documents | partitions | units: wall s (sum) | units: peak RSS (largest) "
+        "| merge/select: wall s | merge/select: peak RSS | total wall s | load |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n, p, r, load in rows:
-        unit_peak = max((u["peak_rss"] for u in r["units"]), default=0)
-        unit = f"{unit_peak / MIB:,.0f} MiB" if unit_peak else "—"
-        print(f"| {n:,} | {p} | {r['seconds']:.1f} | {r['peak'] / MIB:,.0f} MiB | {unit} | {load:.1f} |")
+        us = r["units"]
+        unit_s = f"{sum(u['seconds'] for u in us):.1f}" if us else "—"
+        unit_peak = f"{max(u['peak'] for u in us) / MIB:,.0f} MiB" if us else "—"
+        total = sum(u["seconds"] for u in us) + r["seconds"]
+        print(
+            f"| {n:,} | {p if p > 1 else '1 (today)'} | {unit_s} | {unit_peak} | {r['seconds']:.1f} "
+            f"| {r['peak'] / MIB:,.0f} MiB | {total:.1f} | {load:.1f} |"
+        )
     return 0
 
 

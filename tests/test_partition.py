@@ -325,3 +325,16 @@ def test_partition_records_are_json(tmp_path: Path) -> None:
     _res, work = run(corpus, tmp_path / "o", case, web_tokens, prepared, 2)
     recs = sorted((work.select_dir / "partitions-2").glob("part-*.json"))
     assert [json.loads(r.read_text())["partition"] for r in recs] == [0, 1]
+
+
+def test_partitioned_build_matches_the_pinned_bytes(tmp_path: Path) -> None:
+    """The whole pinned build (tests/test_layout_identity.py) with the select stage in 3 partitions:
+    every shard, audit table, the manifest and the card keep the recorded bytes."""
+    from pipeline.build import run_build
+    from tests.test_layout_identity import DATA, EXPECTED, PINNED_COMMAND, output_digests, pinned_config_dict
+
+    data = pinned_config_dict(tmp_path / "out")
+    data["run"] = {**data.get("run", {}), "select_partitions": 3}
+    run_build(parse_config(data, base_dir=DATA), command=PINNED_COMMAND)
+    assert sorted((tmp_path / "out" / ".longloom").glob("select-*/partitions-3/part-0000[0-2].json"))
+    assert output_digests(tmp_path / "out") == EXPECTED
