@@ -21,7 +21,9 @@ makes the same decisions with memory bounded by a partition or by a shard (`run.
    hash), with the partitions' duplicates merged in by shard (one cursor per partition file); routing
    to targets and packing are streams over canonical order (`GreedyPacker`, `BestFitPacker`), whose
    finished rows are spilled to disk as int64 columns; each layout file is then written from the
-   spill, doc ids and lineage looked up per shard. No step holds a Python object per document.
+   spill. Budget drops are written in the rule's (u, canonical) order through an external sort: one
+   pass over the source's shards spills them to u-buckets with their lineage, then bucket by bucket.
+   No step holds a Python object per document.
 
 What is byte-identical to the single-process run (tests/test_partition.py checks it for P = 1, 3, 8):
 the layouts, the `filtered` table (same rows, same order, same row groups), and the SelectResult but
@@ -32,7 +34,6 @@ the embeddings by cluster: their next step), `packing.strategy: similarity` and
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import json
 import time
@@ -374,10 +375,6 @@ def budget_cuts(
     return cuts
 
 
-def _bin_rows(u: np.ndarray) -> np.ndarray:
-    return np.minimum((u * BINS).astype(np.int64), BINS - 1)
-
-
 def _kept_by_cut(u: np.ndarray, shard: int, rows: np.ndarray, cut: tuple[float, int, int]) -> np.ndarray:
     cu, cs, cr = cut
     return (u < cu) | ((u == cu) & ((shard < cs) | ((shard == cs) & (rows <= cr))))
@@ -414,28 +411,6 @@ class _ShardCursor:
             if self._buf.num_rows:
                 break
         return pa.concat_tables(out) if out else None
-
-
-def _merged_budget_rows(
-    folder: Path, units: list[PartitionResult], s_i: int, cut: tuple[float, int, int]
-) -> Iterator[tuple[float, int, int, int]]:
-    """(u, shard, row, n_tokens) of source s_i's documents over the cut, in (u, shard, row) order."""
-
-    def stream(u: PartitionResult) -> Iterator[tuple[float, int, int, int]]:
-        f = pq.ParquetFile(folder / u.budget_file)
-        for b in f.iter_batches(batch_size=BATCH):
-            t = pa.Table.from_batches([b])
-            t = t.filter(pc.equal(t.column("source"), s_i))
-            if t.num_rows == 0:
-                continue
-            uu, sh, rw, tk = (t.column(c).to_numpy() for c in ("u", "shard", "row", "n_tokens"))
-            cu, cs, cr = cut
-            over = (uu > cu) | ((uu == cu) & ((sh > cs) | ((sh == cs) & (rw > cr))))
-            yield from zip(
-                uu[over].tolist(), sh[over].tolist(), rw[over].tolist(), tk[over].tolist(), strict=True
-            )
-
-    return heapq.merge(*(stream(u) for u in units))
 
 
 class _DropWriter:
@@ -484,8 +459,26 @@ class _DropWriter:
             got.append(t.append_column("source", pa.array([res.source] * (b - a), pa.string())))
         whole = pa.concat_tables(got)
         pos[order] = np.arange(n)
-        whole = whole.take(pa.array(pos))
-        src_idx = np.array([self.sources.index(self.prepared[int(s)].source) for s in shard], np.int64)
+        self.add_lineage(shard, whole.take(pa.array(pos)), step, detail, duplicate_of)
+
+    def add_lineage(
+        self,
+        shard: np.ndarray,
+        whole: pa.Table,
+        step: str,
+        detail: list[str] | str,
+        duplicate_of: pa.Array | None = None,
+    ) -> None:
+        """Drop rows whose lineage columns (uri, record, doc_id, content_hash, n_tokens) are at hand."""
+        n = len(shard)
+        if n == 0:
+            return
+        src_of_shard = np.array([self.sources.index(r.source) for r in self.prepared], np.int64)
+        src_idx = src_of_shard[np.asarray(shard, np.int64)]
+        if "source" not in whole.column_names:
+            whole = whole.append_column(
+                "source", pa.array(np.array(self.sources, dtype=object)[src_idx], pa.string())
+            )
         ntok = whole.column("n_tokens").to_numpy()
         np.add.at(self._count, src_idx, 1)
         np.add.at(self._tokens, src_idx, ntok)
@@ -532,6 +525,37 @@ class _DropWriter:
 
     def close(self) -> str:
         return self.sink.close()
+
+
+class _Buckets:
+    """Rows spilled to K files by a monotone key, read back bucket by bucket (an external sort by u)."""
+
+    def __init__(self, folder: Path, k: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.paths = [folder / f"b{i:04d}.arrow" for i in range(k)]
+        self.writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+
+    def add(self, key: np.ndarray, table: pa.Table) -> None:
+        order = np.argsort(key, kind="stable")
+        ks = key[order]
+        table = table.take(pa.array(order))
+        bounds = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1], True])
+        for a, b in itertools.pairwise(bounds):
+            k = int(ks[a])
+            if k not in self.writers:
+                self.writers[k] = pa.ipc.new_stream(str(self.paths[k]), table.schema)
+            self.writers[k].write_table(table.slice(int(a), int(b - a)))
+
+    def drain(self) -> Iterator[pa.Table]:
+        for w in self.writers.values():
+            w.close()
+        for k, p in enumerate(self.paths):
+            if k in self.writers:
+                with pa.ipc.open_stream(str(p)) as r:
+                    t = r.read_all()
+                p.unlink()
+                yield t
+        self.writers.clear()
 
 
 class _Spill:
@@ -618,19 +642,44 @@ def select_partitioned(
             )
         dw.end()
 
-    # source budgets: each source's documents over its cut, in (u, canonical) order as the rule ranks them
+    # source budgets: each source's documents over its cut, in (u, canonical) order as the rule ranks
+    # them. One pass over the source's shards buckets the dropped rows by u (with their lineage), so the
+    # documents files are read once; each bucket is then sorted and written in turn.
     dw.start("source_budget")
     for s_i, budget in budgeted.items():
         detail = f"source {sources[s_i]!r} reached sources[].token_budget={budget}"
-        sh_buf: list[int] = []
-        rw_buf: list[int] = []
-        for _u, sh, rw, _t in _merged_budget_rows(folder, units, s_i, cuts[s_i]):
-            sh_buf.append(sh)
-            rw_buf.append(rw)
-            if len(sh_buf) >= BATCH:
-                dw.add(np.array(sh_buf, np.int64), np.array(rw_buf, np.int64), BUDGET_STEP, detail)
-                sh_buf, rw_buf = [], []
-        dw.add(np.array(sh_buf, np.int64), np.array(rw_buf, np.int64), BUDGET_STEP, detail)
+        n_src = int(sum(sizes[si] for si, r in enumerate(prepared) if r.source == sources[s_i]))
+        K = int(min(512, max(1, -(-n_src // (1 << 18)))))
+        buckets = _Buckets(folder / "budget-drops", K)
+        cursors_b = [_ShardCursor(folder / u.dups_file, ["shard", "row"]) for u in units]
+        for si, res in enumerate(prepared):
+            if res.source != sources[s_i]:
+                for c in cursors_b:
+                    c.take(si)
+                continue
+            t = pq.read_table(
+                docs_path(work, res), columns=["uri", "record", "doc_id", "content_hash", "n_tokens"]
+            )
+            alive = np.ones(t.num_rows, bool)
+            for c in cursors_b:
+                d = c.take(si)
+                if d is not None:
+                    alive[d.column("row").to_numpy()] = False
+            u = budget_u(cfg, res.source, hash_bytes(t.column("content_hash"), str(docs_path(work, res))))
+            rows = np.arange(t.num_rows, dtype=np.int64)
+            over = np.flatnonzero(alive & ~_kept_by_cut(u, si, rows, cuts[s_i]))
+            if len(over):
+                picked = t.take(pa.array(over))
+                picked = picked.append_column("u", pa.array(u[over]))
+                picked = picked.append_column("shard", pa.array(np.full(len(over), si, np.int64)))
+                picked = picked.append_column("row", pa.array(over))
+                buckets.add(np.minimum((u[over] * K).astype(np.int64), K - 1), picked)
+            del t
+        for part in buckets.drain():
+            part = part.take(
+                pc.sort_indices(part, [("u", "ascending"), ("shard", "ascending"), ("row", "ascending")])
+            )
+            dw.add_lineage(part.column("shard").to_numpy(), part, BUDGET_STEP, detail)
     if dw._count.any():
         steps.append(BUDGET_STEP)
     dw.end()
