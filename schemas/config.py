@@ -232,6 +232,14 @@ class RunConfig(Strict):
     )
     retries: int = Field(default=2, ge=0)
     retry_delay_seconds: float = Field(default=2.0, ge=0)
+    select_partitions: int = Field(
+        default=1,
+        ge=1,
+        le=65536,
+        description="The select stage as this many hash-partition units plus a streaming layout pass "
+        "(pipeline.corpus.partition): memory per unit stays bounded as the corpus grows; the output is "
+        "byte-identical. 1: one unit over the whole corpus.",
+    )
 
 
 class BuildConfig(Strict):
@@ -302,7 +310,15 @@ class BuildConfig(Strict):
 _EXECUTION_ONLY: dict[str, Any] = {
     "base_dir": True,
     "output_named": True,
-    "run": {"task_runner", "workers", "dask_address", "retries", "retry_delay_seconds", "name"},
+    "run": {
+        "task_runner",
+        "workers",
+        "dask_address",
+        "retries",
+        "retry_delay_seconds",
+        "name",
+        "select_partitions",
+    },
     "output": {"dir"},
     "diversity": {"cache_dir", "progress"},
     "card": True,

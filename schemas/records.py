@@ -299,3 +299,18 @@ BOUNDARY_FIELDS: tuple[pa.Field, pa.Field] = (
     pa.field("cu_seqlens", pa.list_(pa.int32()), nullable=False),
     pa.field("position_ids", pa.list_(pa.int32()), nullable=False),
 )
+
+
+# The select stage's layout of one target: where each piece of each document goes (one row per piece).
+LAYOUT_SCHEMA = pa.schema(
+    [
+        pa.field("shard", pa.int32()),  # index into the prepared shards, in canonical order
+        pa.field("doc_row", pa.int64()),  # row of the document in that shard's documents file
+        pa.field("start", pa.int64()),  # footprint span in the document (tokens + separator)
+        pa.field("end", pa.int64()),
+        pa.field("row", pa.int64()),
+        pa.field("row_start", pa.int64()),
+        pa.field("part", pa.int32()),
+        pa.field("neighbor_similarity", pa.float32()),
+    ]
+)

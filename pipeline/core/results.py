@@ -8,10 +8,16 @@ records point at.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from schemas.manifest import ShardEntry
+
+if TYPE_CHECKING:
+    from pipeline.core.workdir import WorkDir
 
 
 @dataclass
@@ -152,3 +158,44 @@ def group_by_target(selected: SelectResult, entries: list[ShardEntry]) -> list[l
     for (ti, _), e in zip(output_units(selected), entries, strict=True):
         out[ti].append(e)
     return out
+
+
+def inputs_key(prepared: list[PrepareResult]) -> str:
+    """Identity of the tokenized documents a selection is made from: shard ids and file checksums.
+
+    The select folder is keyed by the config; this key ties its record to the inputs too, so a
+    rerun after the corpus changed lays out rows again instead of reusing a stale layout.
+    """
+    h = hashlib.sha256()
+    for r in prepared:
+        sums = "|".join(str(r.sha256.get(kind)) for kind in ("documents", "tokens", "filtered"))
+        h.update(f"{r.shard_id}|{sums}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def load_verified_selection(work: WorkDir, rec: Path, key: str) -> SelectResult | None:
+    """The earlier selection, if it was made from the same documents and its files match their checksums."""
+    if not rec.exists():
+        return None
+    try:
+        res = SelectResult.from_json(json.loads(rec.read_text()))
+    except (ValueError, TypeError, KeyError):
+        return None
+    if res.inputs_key != key:
+        return None
+    checks = [(res.filtered_file, res.filtered_sha256)] + [
+        (t.layout_file, t.layout_sha256) for t in res.targets
+    ]
+    for rel, sha in checks:
+        p = work.select_dir / rel
+        if not p.exists() or _sha256_file(p) != sha:
+            return None
+    res.reused = True
+    return res
+
+
+def _sha256_file(path: Path) -> str:
+    # the same digest as pipeline.core.parquet_io.sha256_file, imported late: parquet_io imports pyarrow
+    from pipeline.core.parquet_io import sha256_file
+
+    return sha256_file(path)

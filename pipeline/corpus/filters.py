@@ -26,9 +26,15 @@ class DocColumns:
 
 def stable_uniform(seed: int, salt: str, hashes: list[str]) -> np.ndarray:
     """A reproducible number in [0, 1) per document, from the run seed and the document's content hash."""
+    return stable_uniform_u64(seed, salt, np.array([int(x[:16], 16) for x in hashes], dtype=np.uint64))
+
+
+def stable_uniform_u64(seed: int, salt: str, keys: np.ndarray) -> np.ndarray:
+    """`stable_uniform` from each hash's first 8 bytes read big-endian (its first 16 hex digits) as uint64:
+    the same numbers, for callers that hold hashes as bytes (`pipeline.corpus.partition`)."""
     # The content hash is already uniform; mixing in the seed and a per-step salt keeps steps independent.
     mix = np.uint64((seed * 0x9E3779B97F4A7C15 + hash_str(salt)) & 0xFFFFFFFFFFFFFFFF)
-    h = np.array([int(x[:16], 16) for x in hashes], dtype=np.uint64) ^ mix
+    h = np.asarray(keys, dtype=np.uint64) ^ mix
     h ^= h >> np.uint64(33)
     h *= np.uint64(0xFF51AFD7ED558CCD)
     h ^= h >> np.uint64(33)

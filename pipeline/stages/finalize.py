@@ -49,7 +49,7 @@ _NOT_IN_MANIFEST: dict[str, Any] = {
     "base_dir": True,
     "output_named": True,
     "output": {"dir"},
-    "run": {"task_runner", "workers", "dask_address", "retries", "retry_delay_seconds"},
+    "run": {"task_runner", "workers", "dask_address", "retries", "retry_delay_seconds", "select_partitions"},
 }
 # Command-line options of `longloom build` that only choose where and how it runs (flag -> takes a value).
 _EXECUTION_OPTIONS = {"--runner": True, "--dask-address": True, "--workers": True, "--no-prefect": False}

@@ -8,11 +8,10 @@ The layouts say which token span of which document goes where; stage 3 fills row
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,42 +21,19 @@ from pipeline.core.faults import crash_point
 from pipeline.core.packing import Layout, pack_best_fit, pack_greedy
 from pipeline.core.parquet_io import ParquetSink, sha256_file, trim_heap, write_json_atomic
 from pipeline.core.progress import UnitProgress
-from pipeline.core.results import PrepareResult, SelectResult, TargetPlan
+from pipeline.core.results import PrepareResult, SelectResult, TargetPlan, inputs_key
+from pipeline.core.results import load_verified_selection as _load_verified
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.index import DocIndex, Drop, Selector, config_name, load_doc_index
+from pipeline.corpus.partition import PartitionResult, check_partitioned, dedup_partition, select_partitioned
 from pipeline.output.report import select_counts
 from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
 from schemas.config import ConfigError
 from schemas.manifest import StageReport
-from schemas.records import FILTERED_SCHEMA
+from schemas.records import FILTERED_SCHEMA, LAYOUT_SCHEMA
 from schemas.stage_config import SelectConfig
 
 SELECT_STEP = "select@1"
-LAYOUT_SCHEMA = pa.schema(
-    [
-        pa.field("shard", pa.int32()),  # index into the prepared shards, in canonical order
-        pa.field("doc_row", pa.int64()),  # row of the document in that shard's documents file
-        pa.field("start", pa.int64()),  # footprint span in the document (tokens + separator)
-        pa.field("end", pa.int64()),
-        pa.field("row", pa.int64()),
-        pa.field("row_start", pa.int64()),
-        pa.field("part", pa.int32()),
-        pa.field("neighbor_similarity", pa.float32()),
-    ]
-)
-
-
-def inputs_key(prepared: list[PrepareResult]) -> str:
-    """Identity of the tokenized documents a selection is made from: shard ids and file checksums.
-
-    The select folder is keyed by the config; this key ties its record to the inputs too, so a
-    rerun after the corpus changed lays out rows again instead of reusing a stale layout.
-    """
-    h = hashlib.sha256()
-    for r in prepared:
-        sums = "|".join(str(r.sha256.get(kind)) for kind in ("documents", "tokens", "filtered"))
-        h.update(f"{r.shard_id}|{sums}\n".encode())
-    return h.hexdigest()[:32]
 
 
 def _route(
@@ -382,27 +358,6 @@ def _drop_table(work: WorkDir, idx: DocIndex, d: Drop, prepared: list[PrepareRes
     )
 
 
-def _load_verified(work: WorkDir, rec: Path, key: str) -> SelectResult | None:
-    """The earlier selection, if it was made from the same documents and its files match their checksums."""
-    if not rec.exists():
-        return None
-    try:
-        res = SelectResult.from_json(json.loads(rec.read_text()))
-    except (ValueError, TypeError, KeyError):
-        return None
-    if res.inputs_key != key:
-        return None
-    checks = [(res.filtered_file, res.filtered_sha256)] + [
-        (t.layout_file, t.layout_sha256) for t in res.targets
-    ]
-    for rel, sha in checks:
-        p = work.select_dir / rel
-        if not p.exists() or sha256_file(p) != sha:
-            return None
-    res.reused = True
-    return res
-
-
 # What the stage list hands the select stage for a run's config: its corpus selectors, in order, and
 # the document order of `packing.strategy: similarity` (None for the other strategies).
 SelectorsFor = Callable[[SelectConfig], Sequence[Selector]]
@@ -438,32 +393,50 @@ class SelectStage(Stage):
         return _Select(self, ctx, inputs)
 
 
-class _Select(StageWork[None, SelectResult]):
-    def units(self) -> list[None]:
-        return [None]  # one step over small columns of the whole corpus
+class _Select(StageWork[int | None, Any]):
+    """One unit over the whole corpus, or (`run.select_partitions` > 1) one unit per hash partition of
+    the content hashes (`pipeline.corpus.partition`) and a streaming merge that lays out the rows."""
 
-    def run_unit(self, unit: None, progress: UnitProgress | None = None) -> SelectResult:
-        stage, cfg = self.stage, self.cfg
+    def units(self) -> list[int | None]:
+        P = self.cfg.run.select_partitions
+        if P == 1:
+            return [None]  # one step over small columns of the whole corpus
+        check_partitioned(self.cfg)
+        return list(range(P))
+
+    def run_unit(self, unit: int | None, progress: UnitProgress | None = None) -> Any:
+        stage, cfg, prepared = self.stage, self.cfg, self.inputs["prepare"]
         assert isinstance(stage, SelectStage)
+        if unit is not None:
+            return dedup_partition(cfg, self.ctx.work, prepared, unit, inputs_key(prepared))
         return select_and_layout(
             cfg,
             self.ctx.work,
-            self.inputs["prepare"],
+            prepared,
             stage.selectors(cfg),
             stage.order(cfg),
             stage.priority(cfg),
         )
 
-    def merge(self, results: list[SelectResult]) -> SelectResult:
-        return results[0]
+    def merge(self, results: list[Any]) -> SelectResult:
+        if self.cfg.run.select_partitions == 1:
+            return results[0]
+        return select_partitioned(self.cfg, self.ctx.work, self.inputs["prepare"], results)
 
     def report(self, merged: SelectResult) -> StageReport:
         return select_counts(self.inputs["prepare"], merged)
 
-    def advance(self, r: SelectResult) -> tuple[str, dict[str, int]]:
+    def label(self, unit: int | None) -> str:
+        return "select" if unit is None else f"select partition {unit}/{self.cfg.run.select_partitions}"
+
+    def advance(self, r: Any) -> tuple[str, dict[str, int]]:
+        if isinstance(r, PartitionResult):
+            return "select", {"documents": r.documents}
         return "select", {"tokens": sum(t.content_tokens for t in r.targets)}
 
-    def log_line(self, r: SelectResult) -> str:
+    def log_line(self, r: Any) -> str:
+        if isinstance(r, PartitionResult):
+            return f"partition {r.partition}: {r.documents} documents, {r.duplicates} exact duplicates"
         return "; ".join(
             f"{t.config_name}: {t.n_rows} rows in {t.n_shards} shards ({t.strategy}), "
             f"{t.split_documents} documents split"
