@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,9 @@ class RenderedChat:
     content_spans: np.ndarray  # (n, 2) int64: the content tokens alone
     generation_prompt: tuple[int, int] | None  # span of the trailing assistant header, if added
     tok: Tokenizer = field(repr=False)
+    # per message: the token index just after its end-of-turn special token (what an assistant-token
+    # loss mask covers after the content); None: right after the content's end-of-message token
+    turn_ends: np.ndarray | None = field(default=None, repr=False)
     _char_starts: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -182,6 +186,7 @@ class ChatTemplate:
             content_spans=content_spans,
             generation_prompt=gen,
             tok=self.tok,
+            turn_ends=content_spans[:, 1] + 1,
         )
 
     def render_text(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False) -> str:
@@ -200,10 +205,21 @@ class ChatTemplate:
 _TEMPLATE_CACHE: dict[tuple[str, str], ChatTemplate] = {}
 
 
-def load_template(name: str, tok: Tokenizer) -> ChatTemplate:
-    """The named template bound to `tok` (cached per process)."""
+def load_template(name: str, tok: Tokenizer, base_dir: str | Path | None = None) -> ChatTemplate:
+    """The named template bound to `tok` (cached per process).
+
+    A built-in name, `hf:<tokenizer folder or hub id>` (the model's own chat_template; a relative folder
+    starts at `base_dir`, the config's folder) or `jinja:<template>` (see `pipeline.synth.chat.jinja`).
+    """
+    if name.startswith(("hf:", "jinja:")):
+        from pipeline.synth.chat.jinja import load_jinja_template
+
+        return load_jinja_template(name, tok, base_dir)
     if name not in TEMPLATES:
-        raise ValueError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}")
+        raise ValueError(
+            f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}, hf:<tokenizer folder or hub id>, "
+            f"jinja:<template>"
+        )
     key = (name, tok.name)
     if key not in _TEMPLATE_CACHE:
         _TEMPLATE_CACHE[key] = ChatTemplate(TEMPLATES[name], tok)
