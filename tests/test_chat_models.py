@@ -171,8 +171,8 @@ def test_relative_hf_folder_resolves_against_the_config_folder(tmp_path: Any) ->
 BAD: dict[str, tuple[str, str]] = {
     # a template that trims content cannot take content ids verbatim
     "trims": ("{% for m in messages %}<|im_start|>{{ m['content'] | trim }}<|im_end|>{% endfor %}", "changes message"),
-    # fixed text glued to the content merges with it: "Say:" + "Context" pre-tokenizes as "Say", ":Context"
-    "merges": ("{% for m in messages %}<|im_start|>Say:{{ m['content'] }}<|im_end|>{% endfor %}", "first difference at token"),
+    # fixed text glued to the content merges with it: "Say " + "Context" tokenizes as "Say", " Context"
+    "merges": ("{% for m in messages %}<|im_start|>Say {{ m['content'] }}<|im_end|>{% endfor %}", "first difference at token"),
     # content placed twice
     "twice": ("{% for m in messages %}{{ m['content'] }}<|im_end|>{{ m['content'] }}{% endfor %}", "exactly once"),
 }
