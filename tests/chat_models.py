@@ -116,7 +116,9 @@ class ChatModel:
     byte_level: bool = True
 
 
-def _hf_reference(folder: Path, template: str | None = None) -> Callable[[Sequence[dict[str, str]], bool], list[int]]:
+def _hf_reference(
+    folder: Path, template: str | None = None
+) -> Callable[[Sequence[dict[str, str]], bool], list[int]]:
     from transformers import AutoTokenizer
 
     ref = AutoTokenizer.from_pretrained(str(folder))
@@ -124,8 +126,10 @@ def _hf_reference(folder: Path, template: str | None = None) -> Callable[[Sequen
         ref.chat_template = template
 
     def encode(messages: Sequence[dict[str, str]], gen: bool) -> list[int]:
-        out = ref.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=gen, return_dict=False)
-        return [int(x) for x in out]
+        out = ref.apply_chat_template(
+            list(messages), tokenize=True, add_generation_prompt=gen, return_dict=False
+        )
+        return [int(x) for x in out]  # type: ignore[arg-type]
 
     return encode
 
@@ -152,7 +156,11 @@ def _llama_dir() -> Path:
     if not (folder / "tokenizer_config.json").exists():
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "tokenizer.json").write_bytes((meta_llama3_dir() / "tokenizer.json").read_bytes())
-        cfg = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "tokenizer_class": "PreTrainedTokenizerFast"}
+        cfg = {
+            "bos_token": "<|begin_of_text|>",
+            "eos_token": "<|eot_id|>",
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        }
         (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
     return folder
 
@@ -227,7 +235,9 @@ def gemma_dir() -> Path:
 
 def gemma3() -> ChatModel:
     d = gemma_dir()
-    return ChatModel("gemma3", f"hf:{d}", f"jinja:{GEMMA3_TEMPLATE}", _hf_reference(d, GEMMA3_TEMPLATE), byte_level=False)
+    return ChatModel(
+        "gemma3", f"hf:{d}", f"jinja:{GEMMA3_TEMPLATE}", _hf_reference(d, GEMMA3_TEMPLATE), byte_level=False
+    )
 
 
 MODELS: dict[str, Callable[[], ChatModel]] = {

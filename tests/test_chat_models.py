@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -92,7 +91,13 @@ def _samples(m: ChatModel) -> list[tuple[str, dict[str, Any], Any]]:
         "length": chat.length,
         "input_ids": chat.ids,
         "evidence": [
-            {"message_index": 1, "char_start": p.char_start, "char_end": p.char_end, "token_start": p.token_start, "token_end": p.token_end}
+            {
+                "message_index": 1,
+                "char_start": p.char_start,
+                "char_end": p.char_end,
+                "token_start": p.token_start,
+                "token_end": p.token_end,
+            }
             for p in chat.pieces
         ],
         "questions": [],
@@ -170,11 +175,20 @@ def test_relative_hf_folder_resolves_against_the_config_folder(tmp_path: Any) ->
 
 BAD: dict[str, tuple[str, str]] = {
     # a template that trims content cannot take content ids verbatim
-    "trims": ("{% for m in messages %}<|im_start|>{{ m['content'] | trim }}<|im_end|>{% endfor %}", "changes message"),
+    "trims": (
+        "{% for m in messages %}<|im_start|>{{ m['content'] | trim }}<|im_end|>{% endfor %}",
+        "changes message",
+    ),
     # fixed text glued to the content merges with it: "Say " + "Context" tokenizes as "Say", " Context"
-    "merges": ("{% for m in messages %}<|im_start|>Say {{ m['content'] }}<|im_end|>{% endfor %}", "first difference at token"),
+    "merges": (
+        "{% for m in messages %}<|im_start|>Say {{ m['content'] }}<|im_end|>{% endfor %}",
+        "first difference at token",
+    ),
     # content placed twice
-    "twice": ("{% for m in messages %}{{ m['content'] }}<|im_end|>{{ m['content'] }}{% endfor %}", "exactly once"),
+    "twice": (
+        "{% for m in messages %}{{ m['content'] }}<|im_end|>{{ m['content'] }}{% endfor %}",
+        "exactly once",
+    ),
 }
 
 
@@ -195,5 +209,5 @@ def test_qwen25_template_text_is_apply_chat_template_text() -> None:
     tok = load_tokenizer(f"hf:{qwen_dir()}")
     tpl = load_template(f"jinja:{QWEN25_TEMPLATE}", tok)
     msgs = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}]
-    want: Callable[..., str] = ref.apply_chat_template
-    assert tpl.render_text(msgs) == want(msgs, chat_template=QWEN25_TEMPLATE, tokenize=False)
+    want = ref.apply_chat_template(msgs, chat_template=QWEN25_TEMPLATE, tokenize=False)
+    assert tpl.render_text(msgs) == want

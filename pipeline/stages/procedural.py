@@ -120,8 +120,8 @@ def check_procedural(cfg: BuildConfig) -> None:
     p = cfg.procedural
     tok = tokenizer_for(cfg)
     try:
-        template = load_template(p.chat_template, tok)
-    except TokenizerError as err:
+        template = load_template(p.chat_template, tok, cfg.base_dir)
+    except (TokenizerError, ValueError) as err:
         raise ConfigError(f"procedural.chat_template: {err}") from None
     shortest = min(target_lengths(cfg))
     for i, task in enumerate(p.tasks):
@@ -202,7 +202,7 @@ def generate_batch(
         return done.model_copy(update={"reused": True})
     p = cfg.procedural
     tok = tokenizer_for(cfg)
-    template = load_template(p.chat_template, tok)
+    template = load_template(p.chat_template, tok, cfg.base_dir)
     pool = pool_from_shards(work.out, shards)
     lineage_base = run_lineage(
         cfg, work, tok, [*steps, PROCEDURAL_STEP], "procedural"

@@ -119,7 +119,7 @@ def run_batch(cfg: BuildConfig, work: WorkDir, batch: Batch, sample_length: int)
     t0 = time.perf_counter()
     rw = cfg.rewriter
     tok = tokenizer_for(cfg)
-    chat = load_chat_template(rw.chat_template, tok)
+    chat = load_chat_template(rw.chat_template, tok, cfg.base_dir)
     api_key = resolve_api_key(rw)
     redact = Redactor(all_secrets(rw, api_key))
     cache = ResponseCache(cache_dir(cfg))
@@ -485,11 +485,14 @@ def check_rewriter(cfg: BuildConfig) -> None:
 
     rw = cfg.rewriter
     errors: list[str] = []
-    if rw.chat_template not in TEMPLATES:
-        errors.append(f"rewriter.chat_template: {rw.chat_template!r} is not one of {sorted(TEMPLATES)}")
+    if rw.chat_template not in TEMPLATES and not rw.chat_template.startswith(("hf:", "jinja:")):
+        errors.append(
+            f"rewriter.chat_template: {rw.chat_template!r} is not one of {sorted(TEMPLATES)}, "
+            f"hf:<tokenizer folder or hub id> or jinja:<template>"
+        )
     else:
         try:
-            load_chat_template(rw.chat_template, tokenizer_for(cfg))
+            load_chat_template(rw.chat_template, tokenizer_for(cfg), cfg.base_dir)
         except Exception as err:
             errors.append(f"rewriter.chat_template: {err}")
     lengths = [t.length for t in cfg.packing.targets]

@@ -45,7 +45,11 @@ _SENT_RE = re.compile(_SENT_OPEN + r"(\d+)" + _SENT_CLOSE)
 # Probe conversations for the boundary check: contents that start and end with letters, digits,
 # punctuation, spaces and line breaks, in the role orders samples use.
 _PROBES: tuple[tuple[tuple[str, str], ...], ...] = (
-    (("system", "You answer briefly."), ("user", "Context:\nThe key is 42.\n\nWhat is the key?"), ("assistant", "42")),
+    (
+        ("system", "You answer briefly."),
+        ("user", "Context:\nThe key is 42.\n\nWhat is the key?"),
+        ("assistant", "42"),
+    ),
     (("user", " leading space and trailing line\n"), ("assistant", "It ends with a period.")),
     (
         ("user", "Read this.\n\n"),
@@ -74,7 +78,7 @@ class JinjaChatTemplate(ChatTemplate):
     """A Jinja chat template bound to a tokenizer; `render` returns the same `RenderedChat` as the
     built-in templates (ids, content spans, message spans)."""
 
-    def __init__(  # noqa: PLR0913 (no super().__init__: there is no TemplateSpec)
+    def __init__(  # no super().__init__(): there is no TemplateSpec behind a Jinja template
         self,
         name: str,
         source: str,
@@ -90,7 +94,9 @@ class JinjaChatTemplate(ChatTemplate):
             self._specials = tok.special_tokens()
         except TokenizerError as err:
             raise TemplateError(f"chat template {name}: {err}") from None
-        self.bos_token = bos_token if bos_token is not None else self._guess(("<|begin_of_text|>", "<s>", "<bos>"))
+        self.bos_token = (
+            bos_token if bos_token is not None else self._guess(("<|begin_of_text|>", "<s>", "<bos>"))
+        )
         self.eos_token = eos_token if eos_token is not None else self._guess((tok.end_of_text,))
         # longest first, so a special token that contains another is matched whole
         alts = sorted(self._specials, key=len, reverse=True)
@@ -113,7 +119,7 @@ class JinjaChatTemplate(ChatTemplate):
 
         msgs = [{"role": str(m.get("role")), "content": _content(m)} for m in messages]
         try:
-            rendered, _ = render_jinja_template(
+            rendered, _ = render_jinja_template(  # type: ignore[str-unpack]  # returns (texts, indices)
                 conversations=[msgs],
                 chat_template=self.source,
                 add_generation_prompt=add_generation_prompt,
@@ -154,7 +160,9 @@ class JinjaChatTemplate(ChatTemplate):
         if pos < len(text):
             pieces.append((text[pos:], False))
         ordinary = [p for p, special in pieces if not special]
-        flat, offs = self.tok.encode_batch(ordinary) if ordinary else (np.zeros(0, np.int32), np.zeros(1, np.int64))
+        flat, offs = (
+            self.tok.encode_batch(ordinary) if ordinary else (np.zeros(0, np.int32), np.zeros(1, np.int64))
+        )
         ids: list[np.ndarray] = []
         flags: list[np.ndarray] = []
         j = 0
@@ -260,7 +268,7 @@ class JinjaChatTemplate(ChatTemplate):
             pos += len(ids)
             run.clear()
 
-        for j, (kind, text, m) in enumerate(items):
+        for j, (kind, text, mi) in enumerate(items):
             if j == n_main:
                 flush()
                 gen_start = pos
@@ -269,17 +277,19 @@ class JinjaChatTemplate(ChatTemplate):
                 ids_parts.append(np.array([self._specials[text]], np.int32))
                 special_pos.append(pos)
                 pos += 1
-            elif m >= 0 and m in given:
+            elif mi >= 0 and mi in given:
                 flush()
-                content_spans[m] = (pos, pos + len(given[m]))
-                ids_parts.append(given[m])
-                pos += len(given[m])
+                content_spans[mi] = (pos, pos + len(given[mi]))
+                ids_parts.append(given[mi])
+                pos += len(given[mi])
             else:
-                run.append((text, m))
+                run.append((text, mi))
         flush()
         if n_main == len(items):
             gen_start = pos
-        ids_all = np.concatenate(ids_parts).astype(np.int32, copy=False) if ids_parts else np.zeros(0, np.int32)
+        ids_all = (
+            np.concatenate(ids_parts).astype(np.int32, copy=False) if ids_parts else np.zeros(0, np.int32)
+        )
         sp = np.asarray(special_pos, np.int64)
         turn_ends = np.zeros(n, np.int64)
         msg_spans = np.zeros((n, 2), np.int64)
@@ -414,4 +424,3 @@ def load_jinja_template(name: str, tok: Tokenizer, base_dir: str | Path | None =
         raise TemplateError(f"chat template {label}: the template is empty")
     _CACHE[key] = JinjaChatTemplate(label, source, tok, bos, eos)
     return _CACHE[key]
-
