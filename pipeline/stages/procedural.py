@@ -236,7 +236,7 @@ def generate_batch(
             if eval_sink is not None:
                 eval_sink.write(_eval_table(built.eval_records))
             if pending_tokens >= cfg.output.row_group_tokens:
-                chat_sink.write(chat_table(pending))
+                chat_sink.write(chat_table(pending, loss_mask=cfg.output.loss_mask))
                 pending, pending_tokens = [], 0
             stats.append(
                 SampleStat(
@@ -254,7 +254,7 @@ def generate_batch(
                 )
             )
         if pending:
-            chat_sink.write(chat_table(pending))
+            chat_sink.write(chat_table(pending, loss_mask=cfg.output.loss_mask))
         chat_sha = chat_sink.close()
         eval_sha = eval_sink.close() if eval_sink is not None else None
     except BaseException:

@@ -231,7 +231,7 @@ def run_batch(cfg: BuildConfig, work: WorkDir, batch: Batch, sample_length: int)
     parts_rel = f"batches/parts-{batch.index:05d}.parquet"
     d.mkdir(parents=True, exist_ok=True)
     with ParquetSink(stage_dir(work) / samples_rel, CHAT_SCHEMA, cfg.output.compression_level) as sink:
-        sink.write(chat_table(records))
+        sink.write(chat_table(records, loss_mask=cfg.output.loss_mask))
     with ParquetSink(stage_dir(work) / parts_rel, _PART_SCHEMA, cfg.output.compression_level) as sink:
         sink.write(pa.Table.from_pylist(parts, schema=_PART_SCHEMA))
     usage = {k: v.as_dict() for k, v in client.usage.items()}

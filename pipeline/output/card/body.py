@@ -820,10 +820,29 @@ class CardBody:
             "",
             f"`cu_seqlens` are the offsets where each document (with its separator, id {sep}) starts and ends, "
             "the padding at the end of the row counting as one more sequence; `position_ids` restart at 0 at "
-            "every document. Pass them to a variable-length attention kernel (FlashAttention's "
-            "`flash_attn_varlen_func`, or Hugging Face models with `position_ids` and packed-sequence "
-            "support), or build the block-diagonal causal mask from `doc` for short rows. Leave the "
+            "every document. Rows already carry the columns `output.boundary_columns` lists (by default "
+            "`cu_seqlens`; `position_ids` doubles a row's size and follows from `cu_seqlens` as above). "
+            "Pass them to a variable-length attention kernel (FlashAttention's `flash_attn_varlen_func(q, "
+            "k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max(diff(cu_seqlens)), "
+            "...)`), or to a Hugging Face model as `position_ids` with `attn_implementation="
+            '"flash_attention_2"`: a batch of one packed row with `position_ids` restarting at each '
+            "document is what `DataCollatorWithFlattening` produces, and the model then attends within "
+            "documents only. For short rows, build the block-diagonal causal mask from `doc`. Leave the "
             "padding out of the loss (`labels = -100` from position `length - n_pad` on).",
+            "",
+            *self._chat_usage(),
+        ]
+
+    def _chat_usage(self) -> list[str]:
+        if not any(c.kind == "chat" for c in self.configs):
+            return []
+        return [
+            "Chat samples carry `loss_mask` (1 on the assistant tokens to learn, aligned with `input_ids`): "
+            "`labels = np.where(np.asarray(row[\"loss_mask\"]) == 1, row[\"input_ids\"], -100)` trains on "
+            "the answers only, as TRL's assistant-only loss does. To pack several samples into one "
+            "sequence, concatenate their `input_ids` and labels and restart `position_ids` at each sample "
+            "(what `DataCollatorWithFlattening` does with a list of such examples); every sample is then "
+            "its own sequence for a varlen attention kernel.",
             "",
         ]
 

@@ -92,6 +92,20 @@ class RenderedChat:
         base = int(self.content_spans[i][0])
         return base + t0, base + t1
 
+    def loss_mask(self, turns: str = "all_assistant_turns") -> np.ndarray:
+        """int8 per token: 1 on what a trainer learns, an assistant turn's content and its end-of-turn
+        token (`turn_ends`), for every assistant turn or (`final_answer`) the last one only."""
+        mask = np.zeros(len(self.ids), np.int8)
+        ends = self.turn_ends if self.turn_ends is not None else self.content_spans[:, 1] + 1
+        assistant = [i for i, r in enumerate(self.roles) if r == "assistant"]
+        if turns == "final_answer":
+            assistant = assistant[-1:]
+        elif turns != "all_assistant_turns":
+            raise ValueError(f"loss mask turns must be all_assistant_turns or final_answer, got {turns!r}")
+        for i in assistant:
+            mask[int(self.content_spans[i][0]) : int(ends[i])] = 1
+        return mask
+
     def counted(self, policy: LengthCounts, context_tokens: int | None = None) -> int:
         """Length under a `LengthCounts` policy (`context_only` needs the context's token count)."""
         if policy == "full_chat":
