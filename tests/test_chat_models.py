@@ -211,3 +211,21 @@ def test_qwen25_template_text_is_apply_chat_template_text() -> None:
     msgs = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}]
     want = ref.apply_chat_template(msgs, chat_template=QWEN25_TEMPLATE, tokenize=False)
     assert tpl.render_text(msgs) == want
+
+
+def test_procedural_config_takes_a_jinja_template_and_refuses_a_bad_one(tmp_path: Any) -> None:
+    from pipeline.stages.procedural import check_procedural
+    from schemas.config import ConfigError
+    from tests.chat_models import LLAMA31_TEMPLATE
+    from tests.conftest import make_config
+
+    good = make_config(
+        tmp_path / "a", procedural={"enabled": True, "chat_template": f"jinja:{LLAMA31_TEMPLATE}"}
+    )
+    check_procedural(good)
+    trims = "{% for m in messages %}<|start_header_id|>{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    bad = make_config(tmp_path / "b", procedural={"enabled": True, "chat_template": f"jinja:{trims}"})
+    with pytest.raises(
+        ConfigError, match=r"procedural.chat_template: chat template jinja:\w+ changes message"
+    ):
+        check_procedural(bad)
