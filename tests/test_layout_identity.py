@@ -26,7 +26,8 @@ DATA = ROOT / "data"
 # Recorded from main's code (commit 0659666, before merging it into the refactor), see the module docstring;
 # first recorded at 128c71a with quicktok:llama3, which main now refuses in configs. Re-recorded for
 # issue 17: rows gained `cu_seqlens` (pretrain) and `loss_mask` (chat), the config hash in lineage
-# changed with the new output fields, and the card documents them; no other column changed.
+# changed with the new output fields, and the card documents them and gives the supervised-token
+# share per task; no other column changed.
 EXPECTED: dict[str, str] = {
     "data/pretrain_16384/train-00000-of-00001.parquet": "8f8b5034c0cbddb632001d6c30960bf091ea2bcfd9083a27e76aee92b865f440",
     "data/pretrain_65536/train-00000-of-00001.parquet": "06b470a0e6ca72e6cd5e216101faa9b01731d9390376e9882112376a81ba8218",
@@ -35,7 +36,7 @@ EXPECTED: dict[str, str] = {
     "audit/filtered/filtered-00000-of-00001.parquet": "8606c3fe129363f8d90ad14c43a403b928cd52b894dc843b853c6d6ce9927d31",
     "audit/quarantine/quarantine-00000-of-00001.parquet": "5f7796767bc71e18037544e58146c111379ba4c76441cefd0acda016bb117e29",
     "manifest.json": "3b48f6b6192f0a24b6c811728c396ea70a7092db247a307c37d464e671ce4b84",
-    "README.md": "ad0d0775c03ee4d5e71b69b1f546fa9ece5f5cdfb422ebb9450750a654435174",
+    "README.md": "ab2c997f2adb388efba4ec31f6e7403719ebaf6e256043c78782a081e91e5f69",
 }
 
 

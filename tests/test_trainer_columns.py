@@ -145,3 +145,17 @@ def test_packed_sft_with_flattening_collator(built: Path) -> None:
     # the collator blanks the first label of every sequence (nothing predicts it); the assistant tokens
     # never come first, so the trained positions are exactly the masked ones
     assert np.array_equal(labels != -100, want)
+
+
+def test_card_reports_the_supervised_token_share(built: Path) -> None:
+    """The card's task mix gives each task's supervised-token share, recounted here from the rows."""
+    rows = list(_load(built, "procedural"))
+    card = (built / "README.md").read_text()
+    by_task: dict[str, list[int]] = {}
+    for r in rows:
+        t = by_task.setdefault(r["task"], [0, 0])
+        t[0] += sum(r["loss_mask"])
+        t[1] += len(r["loss_mask"])
+    for task, (sup, total) in by_task.items():
+        line = next(x for x in card.splitlines() if x.startswith("| `procedural` |") and f"| {task} |" in x)
+        assert f"| {sup:,} ({100 * sup / total:.2f}%) |" in line, (task, line)

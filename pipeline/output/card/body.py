@@ -447,6 +447,11 @@ class CardBody:
                             pct(t.rows, c.rows),
                             t.tokens,
                             t.context_tokens,
+                            (
+                                f"{n(t.supervised_tokens)} ({100 * t.supervised_tokens / t.masked_tokens:.2f}%)"
+                                if t.masked_tokens
+                                else "–"
+                            ),
                             round(d.mean, 1) if d.count else "–",
                             d.max if d.count else "–",
                         ]
@@ -463,13 +468,15 @@ class CardBody:
                         "Share",
                         "Tokens",
                         "Context tokens",
+                        "Supervised tokens",
                         "Mean dependency distance",
                         "Max dependency distance",
                     ],
                     rows,
                 ),
                 "The *dependency distance* of a sample is the number of tokens between the farthest piece of "
-                "evidence a question needs and the question itself.",
+                "evidence a question needs and the question itself. *Supervised tokens* is the share of the "
+                "samples' tokens that `loss_mask` marks for training (the assistant turns).",
                 "",
                 *image(self.plots.get("dependency_distance")),
             ]
