@@ -208,6 +208,9 @@ class PackingConfig(Strict):
         return v
 
 
+BoundaryColumn = Literal["cu_seqlens", "position_ids"]
+
+
 class OutputConfig(Strict):
     dir: str = Field(
         default="out/longloom",
@@ -220,6 +223,17 @@ class OutputConfig(Strict):
     row_group_tokens: int = Field(default=4_194_304, ge=1024, description="Tokens per Parquet row group.")
     store_text: bool = Field(default=False, description="Also store each row's decoded text.")
     compression_level: int = Field(default=1, ge=1, le=22)
+    boundary_columns: list[BoundaryColumn] = Field(
+        default_factory=lambda: list[BoundaryColumn](["cu_seqlens"]),
+        description="Document-boundary columns of packed rows: cu_seqlens (offsets where each document "
+        "starts, then the row end; one int32 per document) and position_ids (one int32 per token, "
+        "restarting at each document: doubles a row's size, and is derivable from cu_seqlens).",
+    )
+    loss_mask: Literal["all_assistant_turns", "final_answer"] = Field(
+        default="all_assistant_turns",
+        description="Which assistant turns of a chat sample the loss_mask column marks: all of them, or "
+        "only the last one (the final answer).",
+    )
 
 
 class RunConfig(Strict):

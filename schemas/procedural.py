@@ -318,7 +318,11 @@ class ProceduralConfig(_Strict):
     target_lengths: list[int] | None = Field(
         default=None, description="Sample lengths in tokens; default: the packing target lengths."
     )
-    chat_template: Literal["llama3", "chatml"] = "llama3"
+    chat_template: str = Field(
+        default="llama3",
+        description="Chat template: llama3, chatml, hf:<tokenizer folder (relative to the config) or hub id> "
+        "(the model's own chat_template) or jinja:<template>.",
+    )
     system_prompt: str | None = Field(default=DEFAULT_SYSTEM, description="None: no system message.")
     length_counts: Literal["full_chat", "without_answers", "context_only"] = Field(
         default="full_chat",

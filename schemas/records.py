@@ -9,9 +9,15 @@ Changes:
   also be "context_only". `haystack` segments give the span in the *sample* in row_token_start/end.
   Build tables with `pipeline.synth.chat.chat_table`, which fills nullable columns a writer leaves out.
 - EVAL_SCHEMA (issue 4, new): one row per question of a synthesized sample, for evaluation.
+- chat@3 (issue 17, additive): CHAT_SCHEMA gains nullable `loss_mask` (int8 per token of `input_ids`:
+  1 on the assistant tokens a trainer learns, see `LOSS_MASK_FIELD`).
+- pretrain@2 (issue 17, additive): packed rows may carry `cu_seqlens` and `position_ids`
+  (`BOUNDARY_FIELDS`, chosen by `output.boundary_columns`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import pyarrow as pa
 
@@ -151,8 +157,20 @@ LINEAGE_TYPE = pa.struct(
 )
 
 
-def row_schema(store_text: bool) -> pa.Schema:
-    """Schema of a packed pretraining row; `text` is present only when the config stores it."""
+# --- document boundaries of a row (`output.boundary_columns`, `longloom export --with-boundaries`) ----
+# `cu_seqlens`: offsets where each sequence of the row starts, then the row's length (a document with its
+# separator is one sequence; the padding at the end is one more). `position_ids`: one per token,
+# restarting at 0 at every sequence. What FlashAttention's varlen kernels and packed-sequence
+# training take, so that no token attends across a document boundary.
+BOUNDARY_FIELDS: tuple[pa.Field, pa.Field] = (
+    pa.field("cu_seqlens", pa.list_(pa.int32()), nullable=False),
+    pa.field("position_ids", pa.list_(pa.int32()), nullable=False),
+)
+
+
+def row_schema(store_text: bool, boundary_columns: Sequence[str] = ()) -> pa.Schema:
+    """Schema of a packed pretraining row; `text` is present only when the config stores it, and the
+    `BOUNDARY_FIELDS` named in `boundary_columns` (`output.boundary_columns`) follow `n_segments`."""
     fields = [
         pa.field("row_id", pa.string(), nullable=False),
         pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
@@ -161,13 +179,14 @@ def row_schema(store_text: bool) -> pa.Schema:
         pa.field("n_pad", pa.int32(), nullable=False),  # padding tokens at the end of the row
         pa.field("n_segments", pa.int32(), nullable=False),
     ]
+    fields += [f for f in BOUNDARY_FIELDS if f.name in boundary_columns]
     if store_text:
         fields.append(pa.field("text", pa.large_string()))
     fields += [
         pa.field("segments", pa.list_(SEGMENT_TYPE), nullable=False),
         pa.field("lineage", LINEAGE_TYPE, nullable=False),
     ]
-    return pa.schema(fields, metadata={"longloom.table": "pretrain@1"})
+    return pa.schema(fields, metadata={"longloom.table": "pretrain@2"})
 
 
 # --- synthesized chat samples (procedural generators and the LLM rewriter) ---------------------------
@@ -215,6 +234,11 @@ MODEL_TYPE = pa.struct(
     ]
 )
 
+# 1 for every token a trainer learns (an assistant turn's content and its end-of-turn token), 0 elsewhere,
+# aligned with `input_ids`; which assistant turns count is `output.loss_mask` ("all_assistant_turns" or
+# "final_answer"). Labels for a causal-LM loss: `labels = where(loss_mask == 1, input_ids, -100)`.
+LOSS_MASK_FIELD = pa.field("loss_mask", pa.list_(pa.int8()))
+
 CHAT_SCHEMA = pa.schema(
     [
         pa.field("sample_id", pa.string(), nullable=False),
@@ -238,8 +262,9 @@ CHAT_SCHEMA = pa.schema(
         pa.field("lineage", LINEAGE_TYPE, nullable=False),
         pa.field("input_ids", pa.list_(pa.int32())),  # the rendered sample (chat template applied)
         pa.field("haystack_rows", pa.list_(pa.string())),  # packed rows the context text came from
+        LOSS_MASK_FIELD,
     ],
-    metadata={"longloom.table": "chat@2"},
+    metadata={"longloom.table": "chat@3"},
 )
 
 # One row per question: the prompt up to that question (earlier turns with their reference answers),
@@ -289,17 +314,6 @@ REWRITER_AUDIT_SCHEMA = pa.schema(
     ],
     metadata={"longloom.table": "rewriter_audit@1"},
 )
-
-# --- document boundaries of a row (`longloom export --with-boundaries`) --------------------------------
-# `cu_seqlens`: offsets where each sequence of the row starts, then the row's length (a document with its
-# separator is one sequence; the padding at the end is one more). `position_ids`: one per token,
-# restarting at 0 at every sequence. What FlashAttention's varlen kernels and packed-sequence
-# training take, so that no token attends across a document boundary.
-BOUNDARY_FIELDS: tuple[pa.Field, pa.Field] = (
-    pa.field("cu_seqlens", pa.list_(pa.int32()), nullable=False),
-    pa.field("position_ids", pa.list_(pa.int32()), nullable=False),
-)
-
 
 # The select stage's layout of one target: where each piece of each document goes (one row per piece).
 LAYOUT_SCHEMA = pa.schema(

@@ -134,7 +134,9 @@ class RewriterConfig(BaseModel):
         default=None, ge=64, description="Exact tokens per chat sample; default the context target length."
     )
     chat_template: str = Field(
-        default="llama3", description="Chat template of the samples (pipeline.synth.chat)."
+        default="llama3",
+        description="Chat template of the samples: llama3, chatml, hf:<tokenizer folder (relative to the config) "
+        "or hub id> (the model's own chat_template) or jinja:<template> (pipeline.synth.chat).",
     )
     length_counts: Literal["full_chat", "without_answers", "context_only"] = Field(
         default="full_chat", description="What sample_length counts (see pipeline.synth.chat.LengthCounts)."

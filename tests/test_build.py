@@ -35,7 +35,7 @@ def test_rows_have_exact_lengths_and_the_schema(sample_run: tuple[BuildConfig, M
     for t in manifest.targets:
         for shard in t.shards:
             table = pq.read_table(Path(cfg.output.dir) / shard.path)
-            assert table.schema.equals(row_schema(True), check_metadata=False)
+            assert table.schema.equals(row_schema(True, cfg.output.boundary_columns), check_metadata=False)
             lengths = np.array([len(x) for x in table.column("input_ids").to_pylist()])
             assert np.all(lengths == t.target_length)
             assert np.all(table.column("length").to_numpy() == t.target_length)

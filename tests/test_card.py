@@ -223,7 +223,9 @@ def test_card_metadata_parses_with_datasets_and_the_hub_client(
     infos = DatasetInfosDict.from_dataset_card_data(data)
     for t in manifest.targets:
         assert infos[t.config_name].splits["train"].num_examples == t.rows
-        assert infos[t.config_name].features == datasets.Features.from_arrow_schema(row_schema(True))
+        # the default output.boundary_columns: cu_seqlens only (position_ids follows from it)
+        want = row_schema(True, ["cu_seqlens"])
+        assert infos[t.config_name].features == datasets.Features.from_arrow_schema(want)
         assert infos[t.config_name].download_size == sum(s.bytes for s in t.shards)
     assert data.license == ["cc-by-sa-4.0", "other"] and data.license_name == "psf-2.0-and-public-domain"
     assert data.language == ["code", "en"]

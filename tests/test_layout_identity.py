@@ -24,16 +24,19 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
 
 # Recorded from main's code (commit 0659666, before merging it into the refactor), see the module docstring;
-# first recorded at 128c71a with quicktok:llama3, which main now refuses in configs.
+# first recorded at 128c71a with quicktok:llama3, which main now refuses in configs. Re-recorded for
+# issue 17: rows gained `cu_seqlens` (pretrain) and `loss_mask` (chat), the config hash in lineage
+# changed with the new output fields, and the card documents them and gives the supervised-token
+# share per task; no other column changed.
 EXPECTED: dict[str, str] = {
-    "data/pretrain_16384/train-00000-of-00001.parquet": "ee6102b90b06701c398a1d9c3380c15fde316c87c6c90375bfd433bd8c9344a1",
-    "data/pretrain_65536/train-00000-of-00001.parquet": "c38eabf06e7f4d76cd2056784c460edb7b2f07263e6a4cd4a819246eb682d10d",
-    "data/procedural/train-00000-of-00001.parquet": "233c079496fab74147f5bf5a13bfec2e9662a8f5936520826c104f027e9caa89",
+    "data/pretrain_16384/train-00000-of-00001.parquet": "8f8b5034c0cbddb632001d6c30960bf091ea2bcfd9083a27e76aee92b865f440",
+    "data/pretrain_65536/train-00000-of-00001.parquet": "06b470a0e6ca72e6cd5e216101faa9b01731d9390376e9882112376a81ba8218",
+    "data/procedural/train-00000-of-00001.parquet": "f1bdbaf3922dfae8ccb46fba6c1f625da4558959ba67626772ddc19cc3255e5e",
     "data/procedural_eval/train-00000-of-00001.parquet": "efafcb4908d855e6d663f366788570aa1863e21e60650d9e7f78fb37e6ed77da",
     "audit/filtered/filtered-00000-of-00001.parquet": "8606c3fe129363f8d90ad14c43a403b928cd52b894dc843b853c6d6ce9927d31",
     "audit/quarantine/quarantine-00000-of-00001.parquet": "5f7796767bc71e18037544e58146c111379ba4c76441cefd0acda016bb117e29",
-    "manifest.json": "55435ebf517c910d7ba3afab0a8af59e92c52076f78c7bb005758f0cdb788bb3",
-    "README.md": "3ecea8446111e0602496afc801d49ad1e7af669a45b174890a6edf00e0038bcc",
+    "manifest.json": "3b48f6b6192f0a24b6c811728c396ea70a7092db247a307c37d464e671ce4b84",
+    "README.md": "ab2c997f2adb388efba4ec31f6e7403719ebaf6e256043c78782a081e91e5f69",
 }
 
 

@@ -143,6 +143,10 @@ class Tokenizer(ABC):
     def special_token_id(self, token: str) -> int:
         """Id of a special token given by its text; error listing the known ones otherwise."""
 
+    def special_tokens(self) -> dict[str, int]:
+        """Every special token's text and id (chat templates find their structure tokens with it)."""
+        raise TokenizerError(f"{self.name} does not list its special tokens")
+
     @abstractmethod
     def _token_bytes(self) -> list[bytes]:
         """Bytes of every id in 0..n_vocab-1 (empty for ids that do not exist or are special)."""
@@ -405,6 +409,9 @@ class QuicktokTokenizer(Tokenizer):
             )
         return int(self._enc.encode_with_special(token)[0])
 
+    def special_tokens(self) -> dict[str, int]:
+        return {t: int(self._enc.encode_with_special(t)[0]) for t in self._enc.special_tokens_set}
+
     @property
     def n_vocab(self) -> int:
         return int(self._enc.n_vocab)
@@ -519,6 +526,9 @@ class TiktokenTokenizer(Tokenizer):
                 f"{token!r} is not a special token of {self.name}; known: {', '.join(specials)}"
             )
         return int(specials[token])
+
+    def special_tokens(self) -> dict[str, int]:
+        return {t: int(i) for t, i in self._enc._special_tokens.items()}
 
     @property
     def n_vocab(self) -> int:
@@ -695,6 +705,9 @@ class HFTokenizer(Tokenizer):
                 f"{token!r} is not a special token of {self.name}; known: {', '.join(added)}"
             )
         return int(added[token])
+
+    def special_tokens(self) -> dict[str, int]:
+        return {t.content: int(i) for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 
     @property
     def n_vocab(self) -> int:

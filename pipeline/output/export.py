@@ -267,6 +267,8 @@ def _export_config(
                 )
                 if with_boundaries:
                     cu, pid = _boundary_columns(table, lengths)
+                    # rows written with output.boundary_columns already carry some: recomputed the same way
+                    side = side.drop_columns([f.name for f in BOUNDARY_FIELDS if f.name in side.column_names])
                     side = side.append_column(BOUNDARY_FIELDS[0], cu).append_column(BOUNDARY_FIELDS[1], pid)
                 if sidecar is None:
                     schema = side.schema.remove_metadata().with_metadata(

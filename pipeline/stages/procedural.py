@@ -124,8 +124,8 @@ def check_procedural(cfg: ProceduralStageConfig) -> None:
     p = cfg.procedural
     tok = tokenizer_for(cfg)
     try:
-        template = load_template(p.chat_template, tok)
-    except TokenizerError as err:
+        template = load_template(p.chat_template, tok, cfg.base_dir)
+    except (TokenizerError, ValueError) as err:
         raise ConfigError(f"procedural.chat_template: {err}") from None
     shortest = min(target_lengths(cfg))
     for i, task in enumerate(p.tasks):
@@ -210,7 +210,7 @@ def generate_batch(
         return done.model_copy(update={"reused": True})
     p = cfg.procedural
     tok = tokenizer_for(cfg)
-    template = load_template(p.chat_template, tok)
+    template = load_template(p.chat_template, tok, cfg.base_dir)
     pool = pool_from_shards(work.out, shards)
     lineage_base = run_lineage(
         cfg, work, tok, [*steps, PROCEDURAL_STEP], "procedural"
@@ -244,7 +244,7 @@ def generate_batch(
             if eval_sink is not None:
                 eval_sink.write(_eval_table(built.eval_records))
             if pending_tokens >= cfg.output.row_group_tokens:
-                chat_sink.write(chat_table(pending))
+                chat_sink.write(chat_table(pending, loss_mask=cfg.output.loss_mask))
                 pending, pending_tokens = [], 0
             stats.append(
                 SampleStat(
@@ -262,7 +262,7 @@ def generate_batch(
                 )
             )
         if pending:
-            chat_sink.write(chat_table(pending))
+            chat_sink.write(chat_table(pending, loss_mask=cfg.output.loss_mask))
         chat_sha = chat_sink.close()
         eval_sha = eval_sink.close() if eval_sink is not None else None
     except BaseException:

@@ -123,7 +123,7 @@ def run_batch(cfg: RewriterStageConfig, work: WorkDir, batch: Batch, sample_leng
     t0 = time.perf_counter()
     rw = cfg.rewriter
     tok = tokenizer_for(cfg)
-    chat = load_chat_template(rw.chat_template, tok)
+    chat = load_chat_template(rw.chat_template, tok, cfg.base_dir)
     api_key = resolve_api_key(rw)
     redact = Redactor(all_secrets(rw, api_key))
     cache = ResponseCache(cache_dir(cfg))
@@ -235,7 +235,7 @@ def run_batch(cfg: RewriterStageConfig, work: WorkDir, batch: Batch, sample_leng
     parts_rel = f"batches/parts-{batch.index:05d}.parquet"
     d.mkdir(parents=True, exist_ok=True)
     with ParquetSink(stage_dir(work) / samples_rel, CHAT_SCHEMA, cfg.output.compression_level) as sink:
-        sink.write(chat_table(records))
+        sink.write(chat_table(records, loss_mask=cfg.output.loss_mask))
     with ParquetSink(stage_dir(work) / parts_rel, _PART_SCHEMA, cfg.output.compression_level) as sink:
         sink.write(pa.Table.from_pylist(parts, schema=_PART_SCHEMA))
     usage = {k: v.as_dict() for k, v in client.usage.items()}
@@ -491,11 +491,14 @@ def check_rewriter(cfg: RewriterStageConfig) -> None:
 
     rw = cfg.rewriter
     errors: list[str] = []
-    if rw.chat_template not in TEMPLATES:
-        errors.append(f"rewriter.chat_template: {rw.chat_template!r} is not one of {sorted(TEMPLATES)}")
+    if rw.chat_template not in TEMPLATES and not rw.chat_template.startswith(("hf:", "jinja:")):
+        errors.append(
+            f"rewriter.chat_template: {rw.chat_template!r} is not one of {sorted(TEMPLATES)}, "
+            f"hf:<tokenizer folder or hub id> or jinja:<template>"
+        )
     else:
         try:
-            load_chat_template(rw.chat_template, tokenizer_for(cfg))
+            load_chat_template(rw.chat_template, tokenizer_for(cfg), cfg.base_dir)
         except Exception as err:
             errors.append(f"rewriter.chat_template: {err}")
     lengths = [t.length for t in cfg.packing.targets]

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -346,6 +347,7 @@ def build_rows(
         "n_pad": pa.array(n_pad),
         "n_segments": pa.array(seg_counts.astype(np.int32)),
     }
+    columns.update(_boundary_columns(cfg.output.boundary_columns, row, row_start, foot_len, n_rows, L))
     if cfg.output.store_text:
         columns["text"] = pa.array(
             [tok.decode(flat[i * L : (i + 1) * L - (n_pad[i] or 0)]) for i in range(n_rows)],
@@ -357,7 +359,41 @@ def build_rows(
     stats.separators += int(sep.sum())
     stats.splits += int(is_split.sum())
     stats.pads += int(n_pad.sum())
-    return pa.table(columns, schema=row_schema(cfg.output.store_text))
+    return pa.table(columns, schema=row_schema(cfg.output.store_text, cfg.output.boundary_columns))
+
+
+def _boundary_columns(
+    wanted: Sequence[str], row: np.ndarray, row_start: np.ndarray, foot_len: np.ndarray, n_rows: int, L: int
+) -> dict[str, pa.Array]:
+    """`cu_seqlens` / `position_ids` of each row from its segments' footprints (a document with its
+    separator is one sequence, the padding one more), as `output.boundary_columns` asks."""
+    if not wanted:
+        return {}
+    from pipeline.output.export import boundaries
+
+    cus: list[np.ndarray] = []
+    pids: list[np.ndarray] = []
+    order = np.lexsort((row_start, row))
+    bounds = np.searchsorted(row[order], np.arange(n_rows + 1))
+    for r in range(n_rows):
+        idx = order[bounds[r] : bounds[r + 1]]
+        cu, pid = boundaries(row_start[idx], row_start[idx] + foot_len[idx], L)
+        cus.append(cu)
+        if "position_ids" in wanted:
+            pids.append(pid)
+
+    def as_list(parts: list[np.ndarray]) -> pa.Array:
+        offs = np.zeros(len(parts) + 1, np.int32)
+        np.cumsum([len(p) for p in parts], out=offs[1:])
+        values = np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+        return pa.ListArray.from_arrays(pa.array(offs), pa.array(values, pa.int32()))
+
+    out: dict[str, pa.Array] = {}
+    if "cu_seqlens" in wanted:
+        out["cu_seqlens"] = as_list(cus)
+    if "position_ids" in wanted:
+        out["position_ids"] = as_list(pids)
+    return out
 
 
 def _read_layout_rows(path: Path, first_row: int, last_row: int) -> pa.Table:
@@ -433,7 +469,11 @@ def write_shard(
     # Row group k+1 is built while the writer thread compresses and writes row group k.
     with (
         DocumentStore(work, prepared) as store,
-        ParquetSink(final, row_schema(cfg.output.store_text), cfg.output.compression_level) as sink,
+        ParquetSink(
+            final,
+            row_schema(cfg.output.store_text, cfg.output.boundary_columns),
+            cfg.output.compression_level,
+        ) as sink,
         Background(depth=1, name="longloom-write") as io,
     ):
         for g0 in range(first, last, rows_per_group):

@@ -448,6 +448,11 @@ class CardBody:
                             pct(t.rows, c.rows),
                             t.tokens,
                             t.context_tokens,
+                            (
+                                f"{n(t.supervised_tokens)} ({100 * t.supervised_tokens / t.masked_tokens:.2f}%)"
+                                if t.masked_tokens
+                                else "–"
+                            ),
                             round(d.mean, 1) if d.count else "–",
                             d.max if d.count else "–",
                         ]
@@ -464,13 +469,15 @@ class CardBody:
                         "Share",
                         "Tokens",
                         "Context tokens",
+                        "Supervised tokens",
                         "Mean dependency distance",
                         "Max dependency distance",
                     ],
                     rows,
                 ),
                 "The *dependency distance* of a sample is the number of tokens between the farthest piece of "
-                "evidence a question needs and the question itself.",
+                "evidence a question needs and the question itself. *Supervised tokens* is the share of the "
+                "samples' tokens that `loss_mask` marks for training (the assistant turns).",
                 "",
                 *image(self.plots.get("dependency_distance")),
             ]
@@ -869,10 +876,29 @@ class CardBody:
             "",
             f"`cu_seqlens` are the offsets where each document (with its separator, id {sep}) starts and ends, "
             "the padding at the end of the row counting as one more sequence; `position_ids` restart at 0 at "
-            "every document. Pass them to a variable-length attention kernel (FlashAttention's "
-            "`flash_attn_varlen_func`, or Hugging Face models with `position_ids` and packed-sequence "
-            "support), or build the block-diagonal causal mask from `doc` for short rows. Leave the "
+            "every document. Rows already carry the columns `output.boundary_columns` lists (by default "
+            "`cu_seqlens`; `position_ids` doubles a row's size and follows from `cu_seqlens` as above). "
+            "Pass them to a variable-length attention kernel (FlashAttention's `flash_attn_varlen_func(q, "
+            "k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max(diff(cu_seqlens)), "
+            "...)`), or to a Hugging Face model as `position_ids` with `attn_implementation="
+            '"flash_attention_2"`: a batch of one packed row with `position_ids` restarting at each '
+            "document is what `DataCollatorWithFlattening` produces, and the model then attends within "
+            "documents only. For short rows, build the block-diagonal causal mask from `doc`. Leave the "
             "padding out of the loss (`labels = -100` from position `length - n_pad` on).",
+            "",
+            *self._chat_usage(),
+        ]
+
+    def _chat_usage(self) -> list[str]:
+        if not any(c.kind == "chat" for c in self.configs):
+            return []
+        return [
+            "Chat samples carry `loss_mask` (1 on the assistant tokens to learn, aligned with `input_ids`): "
+            "`labels = np.where(np.asarray(row[\"loss_mask\"]) == 1, row[\"input_ids\"], -100)` trains on "
+            "the answers only, as TRL's assistant-only loss does. To pack several samples into one "
+            "sequence, concatenate their `input_ids` and labels and restart `position_ids` at each sample "
+            "(what `DataCollatorWithFlattening` does with a list of such examples); every sample is then "
+            "its own sequence for a varlen attention kernel.",
             "",
         ]
 

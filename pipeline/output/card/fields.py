@@ -61,6 +61,11 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         "target_length": "the configured row length",
         "n_pad": "padding tokens at the end of the row (positions `length - n_pad` to the end)",
         "n_segments": "number of document pieces in the row (entries of `segments`)",
+        "cu_seqlens": "int32 offsets where each sequence of the row starts (a document with its separator; "
+        "the padding at the end is one more), then the row length: FlashAttention's varlen `cu_seqlens` "
+        "(present when `output.boundary_columns` lists it)",
+        "position_ids": "int32 per token, restarting at 0 at every `cu_seqlens` offset (present when "
+        "`output.boundary_columns` lists it; otherwise derive it from `cu_seqlens`)",
         "text": "the row decoded back to text (present when `output.store_text` is on)",
         "segments": "one entry per document piece in the row, in row order",
         **{f"segments.{k}": v for k, v in _SEGMENT.items()},
@@ -113,6 +118,9 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         "model.sampling": "JSON of the sampling parameters",
         "input_ids": "token ids of the rendered sample (chat template applied), when stored",
         "haystack_rows": "`row_id` of each packed row whose text is in the context",
+        "loss_mask": "int8 per token of `input_ids`: 1 on the tokens a trainer learns (an assistant turn's "
+        "content and its end-of-turn token; every assistant turn, or only the last with "
+        "`output.loss_mask: final_answer`), 0 elsewhere",
         **_LINEAGE,
     },
     "eval": {

@@ -221,8 +221,10 @@ def _config_entry(c: ConfigFiles) -> dict[str, Any]:
 
 def known_schema(tag: str | None, schema: pa.Schema) -> pa.Schema | None:
     """The schemas/records.py definition a table's `longloom.table` tag names, if any."""
-    if tag == "pretrain@1":
-        return row_schema("text" in schema.names)
+    if tag in ("pretrain@1", "pretrain@2"):
+        return row_schema(
+            "text" in schema.names, [n for n in ("cu_seqlens", "position_ids") if n in schema.names]
+        )
     return KNOWN_SCHEMAS.get(tag or "")
 
 

@@ -30,7 +30,15 @@ _SEGMENT_FIELDS = (
     "is_split",
     "separator_after",
 )
-_CHAT_COLUMNS = ("task", "generator", "length", "context_tokens", "target_length", "dependency_distance")
+_CHAT_COLUMNS = (
+    "task",
+    "generator",
+    "length",
+    "context_tokens",
+    "target_length",
+    "dependency_distance",
+    "loss_mask",
+)
 _MODEL_FIELDS = ("model", "endpoint_host", "template", "template_version", "prompt_hash")
 BATCH_ROWS = 256
 
@@ -111,6 +119,8 @@ class TaskStats:
     rows: int = 0
     tokens: int = 0
     context_tokens: int = 0
+    supervised_tokens: int = 0  # loss_mask ones (the tokens a trainer learns)
+    masked_tokens: int = 0  # tokens of the rows that carry a loss_mask
     generators: Counter[str] = field(default_factory=Counter)
     dependency_distance: Histogram = field(default_factory=Histogram)
 
@@ -271,6 +281,15 @@ def _add_chat(s: ChatStats, batch: pa.RecordBatch) -> None:
         ts.context_tokens += int(ctx[i])
         if gens[i]:
             ts.generators[gens[i]] += 1
+    if "loss_mask" in col:
+        lm = batch.column("loss_mask")
+        offs = lm.offsets.to_numpy()
+        cs = np.r_[0, np.cumsum(lm.values.to_numpy(zero_copy_only=False).astype(np.int64))]
+        sup, lens = cs[offs[1:]] - cs[offs[:-1]], np.diff(offs)
+        for i, task in enumerate(tasks):
+            if lm[i].is_valid:
+                s.tasks[task].supervised_tokens += int(sup[i])
+                s.tasks[task].masked_tokens += int(lens[i])
     if dist is not None:
         task_arr = np.asarray(tasks, dtype=object)
         for task in set(tasks):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,9 @@ class RenderedChat:
     content_spans: np.ndarray  # (n, 2) int64: the content tokens alone
     generation_prompt: tuple[int, int] | None  # span of the trailing assistant header, if added
     tok: Tokenizer = field(repr=False)
+    # per message: the token index just after its end-of-turn special token (what an assistant-token
+    # loss mask covers after the content); None: right after the content's end-of-message token
+    turn_ends: np.ndarray | None = field(default=None, repr=False)
     _char_starts: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -87,6 +91,20 @@ class RenderedChat:
         t0, t1 = chars_to_tokens(starts, char_start, char_end)
         base = int(self.content_spans[i][0])
         return base + t0, base + t1
+
+    def loss_mask(self, turns: str = "all_assistant_turns") -> np.ndarray:
+        """int8 per token: 1 on what a trainer learns, an assistant turn's content and its end-of-turn
+        token (`turn_ends`), for every assistant turn or (`final_answer`) the last one only."""
+        mask = np.zeros(len(self.ids), np.int8)
+        ends = self.turn_ends if self.turn_ends is not None else self.content_spans[:, 1] + 1
+        assistant = [i for i, r in enumerate(self.roles) if r == "assistant"]
+        if turns == "final_answer":
+            assistant = assistant[-1:]
+        elif turns != "all_assistant_turns":
+            raise ValueError(f"loss mask turns must be all_assistant_turns or final_answer, got {turns!r}")
+        for i in assistant:
+            mask[int(self.content_spans[i][0]) : int(ends[i])] = 1
+        return mask
 
     def counted(self, policy: LengthCounts, context_tokens: int | None = None) -> int:
         """Length under a `LengthCounts` policy (`context_only` needs the context's token count)."""
@@ -182,6 +200,7 @@ class ChatTemplate:
             content_spans=content_spans,
             generation_prompt=gen,
             tok=self.tok,
+            turn_ends=content_spans[:, 1] + 1,
         )
 
     def render_text(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False) -> str:
@@ -200,10 +219,21 @@ class ChatTemplate:
 _TEMPLATE_CACHE: dict[tuple[str, str], ChatTemplate] = {}
 
 
-def load_template(name: str, tok: Tokenizer) -> ChatTemplate:
-    """The named template bound to `tok` (cached per process)."""
+def load_template(name: str, tok: Tokenizer, base_dir: str | Path | None = None) -> ChatTemplate:
+    """The named template bound to `tok` (cached per process).
+
+    A built-in name, `hf:<tokenizer folder or hub id>` (the model's own chat_template; a relative folder
+    starts at `base_dir`, the config's folder) or `jinja:<template>` (see `pipeline.synth.chat.jinja`).
+    """
+    if name.startswith(("hf:", "jinja:")):
+        from pipeline.synth.chat.jinja import load_jinja_template
+
+        return load_jinja_template(name, tok, base_dir)
     if name not in TEMPLATES:
-        raise ValueError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}")
+        raise ValueError(
+            f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}, hf:<tokenizer folder or hub id>, "
+            f"jinja:<template>"
+        )
     key = (name, tok.name)
     if key not in _TEMPLATE_CACHE:
         _TEMPLATE_CACHE[key] = ChatTemplate(TEMPLATES[name], tok)

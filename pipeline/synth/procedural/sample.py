@@ -143,6 +143,7 @@ def build_sample(
         },
         "input_ids": np.asarray(chat.ids, np.int32),
         "haystack_rows": chat.haystack_rows(),
+        "loss_mask": r.loss_mask(),  # every assistant turn; chat_table applies output.loss_mask
     }
     gen_header = len(template.header_ids("assistant"))
     evals = []

@@ -204,6 +204,7 @@ def build_record(
         "dependency_distance": max((q["dependency_distance"] for q in questions), default=0),
         "haystack": haystack,
         "input_ids": rendered.ids.tolist(),
+        "loss_mask": rendered.loss_mask(),  # every assistant turn; chat_table applies output.loss_mask
         "haystack_rows": asm.haystack_rows() if ctx is not None else [],
         "_passages": passage_spans,
         "_context_rows": ctx.row_ids if ctx is not None else [],

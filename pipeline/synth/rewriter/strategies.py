@@ -146,8 +146,23 @@ def _check_quote(q: str, rw: RewriterConfig) -> str:
     return q
 
 
+# Labels that exist only in the prompt the model was shown ("passage 2", "chunk #3", "excerpt [1]"): the
+# training sample has no such labels, so a question naming one cannot be answered from it (issue 17.3).
+_PROMPT_LABEL = re.compile(
+    r"\b(?:passage|chunk|excerpt|snippet|segment)s?\s*(?:#|no\.?|number|id)?\s*[\[(]?\s*\d+",
+    re.IGNORECASE,
+)
+
+
 def _not_leaking(question: str, answer: str, quotes: list[str]) -> None:
-    """A question that already contains its answer or its evidence needs no context at all."""
+    """A question that already contains its answer or its evidence needs no context at all; one that
+    names a prompt-internal label ("passage 2") refers to something the sample does not show."""
+    label = _PROMPT_LABEL.search(question)
+    if label:
+        raise Rejection(
+            "prompt_label_in_question",
+            f"the question refers to {label.group(0)!r}, a label of the prompt that the sample does not have",
+        )
     qn = normalize_quote(question)
     for q in quotes:
         if normalize_quote(q) and normalize_quote(q) in qn:
