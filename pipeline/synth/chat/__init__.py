@@ -2,7 +2,8 @@
 
 Shared by the procedural generators (issue 4) and the LLM rewriter (issue 5). The rooms: `templates`
 (rendering), `boundaries` (token/char positions, safe boundaries), `haystack` (real rows tokenized
-once), `assemble` (sizing a sample exactly), `table` (the output table); `base` holds the shared
+once), `assemble` (sizing a sample exactly), `table` (the output table), `jinja` (a model's own
+chat_template), `loader` (which template a config names); `base` holds the shared
 literals and errors. Everything is importable from this package.
 
 Templates. A template turns a messages list into token ids and records where every message and its
@@ -46,6 +47,7 @@ from pipeline.synth.chat.boundaries import (
     token_char_starts,
 )
 from pipeline.synth.chat.haystack import Haystack, HaystackPart
+from pipeline.synth.chat.loader import load_template
 from pipeline.synth.chat.table import chat_table
 from pipeline.synth.chat.templates import (
     ROLES,
@@ -53,7 +55,6 @@ from pipeline.synth.chat.templates import (
     ChatTemplate,
     RenderedChat,
     TemplateSpec,
-    load_template,
 )
 
 __all__ = [

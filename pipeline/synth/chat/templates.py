@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -214,27 +213,3 @@ class ChatTemplate:
         if add_generation_prompt:
             out.append(s.header_start + "assistant" + (s.header_end or "") + s.after_header)
         return "".join(out)
-
-
-_TEMPLATE_CACHE: dict[tuple[str, str], ChatTemplate] = {}
-
-
-def load_template(name: str, tok: Tokenizer, base_dir: str | Path | None = None) -> ChatTemplate:
-    """The named template bound to `tok` (cached per process).
-
-    A built-in name, `hf:<tokenizer folder or hub id>` (the model's own chat_template; a relative folder
-    starts at `base_dir`, the config's folder) or `jinja:<template>` (see `pipeline.synth.chat.jinja`).
-    """
-    if name.startswith(("hf:", "jinja:")):
-        from pipeline.synth.chat.jinja import load_jinja_template
-
-        return load_jinja_template(name, tok, base_dir)
-    if name not in TEMPLATES:
-        raise ValueError(
-            f"unknown chat template {name!r}; known: {', '.join(TEMPLATES)}, hf:<tokenizer folder or hub id>, "
-            f"jinja:<template>"
-        )
-    key = (name, tok.name)
-    if key not in _TEMPLATE_CACHE:
-        _TEMPLATE_CACHE[key] = ChatTemplate(TEMPLATES[name], tok)
-    return _TEMPLATE_CACHE[key]
