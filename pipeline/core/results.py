@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.core.parquet_io import sha256_file
 from schemas.manifest import ShardEntry
 
 if TYPE_CHECKING:
@@ -188,14 +189,7 @@ def load_verified_selection(work: WorkDir, rec: Path, key: str) -> SelectResult 
     ]
     for rel, sha in checks:
         p = work.select_dir / rel
-        if not p.exists() or _sha256_file(p) != sha:
+        if not p.exists() or sha256_file(p) != sha:
             return None
     res.reused = True
     return res
-
-
-def _sha256_file(path: Path) -> str:
-    # the same digest as pipeline.core.parquet_io.sha256_file, imported late: parquet_io imports pyarrow
-    from pipeline.core.parquet_io import sha256_file
-
-    return sha256_file(path)
