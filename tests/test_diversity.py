@@ -742,3 +742,34 @@ def test_confirmed_greedy_equals_checking_every_pair_first() -> None:
         o = np.argsort(who)
         assert (who[o] == w_who).all() and (near[o] == w_near).all() and np.allclose(cos[o], w_sim)
         assert (lex == 1.0).all() and len(asked) <= len(lo)
+
+
+def test_boundary_guests_memory_does_not_grow_with_the_dimension() -> None:
+    """18 (1M regression): the 'auto' margin needs each row's distance between its two centroids. It was
+    computed by gathering both centroids per row (three n x d float64 arrays: 6 GB at 1M documents of
+    256 dimensions); it must take O(n + k^2) memory and give the distances a direct per-row norm gives."""
+    import tracemalloc
+
+    from pipeline.corpus.semantic.cluster import assign_top2
+    from pipeline.corpus.semantic.prune import boundary_guests
+
+    rng = np.random.default_rng(11)
+    n, d, k = 20_000, 256, 40
+    c = rng.normal(size=(k, d)).astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    # each row leans to one centroid and, by a random weight, to another: some rows sit on a boundary
+    p, q, w = rng.integers(0, k, n), rng.integers(0, k, n), rng.random((n, 1)).astype(np.float32)
+    x = c[p] + w * c[q] + 0.05 * rng.normal(size=(n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels, csim, labels2, csim2 = assign_top2(x, c)
+    # the reference: the bound of the docstring with each row's centroid distance computed on its own
+    cc = c.astype(np.float64)
+    dist = np.array([np.linalg.norm(cc[p] - cc[q]) for p, q in zip(labels, labels2, strict=True)])
+    bound = 0.5 * np.sqrt(2.0 - 2.0 * 0.9) * dist
+    want = (labels2 >= 0) & (csim - csim2 <= bound + 1e-6)
+    tracemalloc.start()
+    got = boundary_guests(c, labels, csim, labels2, csim2, 0.9, "auto")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert 0 < want.sum() < n and (got == want).all()
+    assert peak < 64 * n, f"boundary_guests allocated {peak / 1e6:.1f} MB for {n} rows ({peak / n:.0f} B/row)"
