@@ -296,3 +296,28 @@ def test_sketch_memo_is_bounded_and_exact(tmp_path: Path) -> None:
         for p, q in zip(a, b, strict=True)
     ]
     assert np.allclose(got, want)
+
+
+def test_sketch_and_jaccard_equal_their_set_definitions() -> None:
+    """18 (1M time): the partial-sort sketch is the full set's smallest `size` hashes, and the merged-sort
+    Jaccard equals the bottom-k estimator written with Python sets, complete sketches or cut ones."""
+    from pipeline.corpus.semantic.lexical import jaccard, shingle_hashes, sketch
+
+    rng = np.random.default_rng(8)
+    size = 64
+    for trial in range(300):
+        n = int(rng.integers(0, 400))
+        vocab = int(rng.choice([3, 20, 5000]))  # few distinct shingles (many repeats) to all distinct
+        a = rng.integers(0, vocab, n)
+        b = a.copy()
+        if n:
+            b[rng.integers(0, n, max(1, n // 8))] = rng.integers(0, vocab, max(1, n // 8))
+        ha, hb = set(shingle_hashes(a, 3).tolist()), set(shingle_hashes(b, 3).tolist())
+        sa, sb = sketch(a, 3, size), sketch(b, 3, size)
+        assert sa.tolist() == sorted(ha)[:size] and sb.tolist() == sorted(hb)[:size], trial
+        if len(ha) < size and len(hb) < size:
+            want = len(ha & hb) / len(ha | hb) if ha | hb else 1.0
+        else:
+            union = sorted(set(sa.tolist()) | set(sb.tolist()))[:size]
+            want = sum(u in ha and u in hb for u in union) / len(union)
+        assert jaccard(sa, sb, size) == pytest.approx(want, abs=1e-12), trial

@@ -32,6 +32,11 @@ def _mix(h: np.ndarray) -> np.ndarray:
 
 def shingle_hashes(ids: np.ndarray, k: int) -> np.ndarray:
     """Distinct hashes of the k-grams of `ids`, sorted (a document shorter than k is one shingle)."""
+    return np.unique(_hashes(ids, k))
+
+
+def _hashes(ids: np.ndarray, k: int) -> np.ndarray:
+    """Hashes of the k-grams of `ids`, in document order, repeats included."""
     t = np.asarray(ids, np.uint64) + np.uint64(1)
     if len(t) == 0:
         return np.zeros(0, np.uint64)
@@ -40,24 +45,41 @@ def shingle_hashes(ids: np.ndarray, k: int) -> np.ndarray:
         h = np.zeros(len(t) - k + 1, np.uint64)
         for m in range(k):
             h = h * _P + t[m : len(t) - k + 1 + m]
-        return np.unique(_mix(h))
+        return _mix(h)
 
 
 def sketch(ids: np.ndarray, k: int, size: int) -> np.ndarray:
-    """The bottom-`size` sketch of a document's k-gram set."""
-    return shingle_hashes(ids, k)[:size]
+    """The bottom-`size` sketch of a document's k-gram set: its `size` smallest distinct hashes.
+
+    A partial sort (`np.partition`, linear) finds the smallest candidates and only they are sorted; when
+    repeats leave fewer than `size` distinct among them, the whole set is sorted instead, so the sketch
+    is always exactly `np.unique(hashes)[:size]`. A checked pair needs its two sketches, and at 1M
+    documents the check computes millions of them (README, Diversity pruning).
+    """
+    h = _hashes(ids, k)
+    if len(h) <= 2 * size:
+        return np.unique(h)[:size]
+    low = np.unique(np.partition(h, 2 * size)[: 2 * size + 1])
+    if len(low) >= size:  # every hash left out is >= the largest kept candidate, so these are the smallest
+        return low[:size]
+    return np.unique(h)[:size]
 
 
 def jaccard(a: np.ndarray, b: np.ndarray, size: int) -> float:
-    """Jaccard estimate from two bottom-`size` sketches (exact when both hold every shingle)."""
+    """Jaccard estimate from two bottom-`size` sketches (exact when both hold every shingle).
+
+    One merge sort of the two sketches answers both cases: a sketch holds distinct values, so a value
+    in both appears twice in a row. Two complete sketches give the exact |A & B| / |A | B|; otherwise
+    the estimate is the share of the union's `size` smallest values that lie in both (Broder's bottom-k).
+    """
     if not len(a) and not len(b):
         return 1.0
-    if len(a) < size and len(b) < size:  # both complete: exact, by binary search in the sorted sketches
-        if not len(a) or not len(b):
-            return 0.0
-        at = np.minimum(np.searchsorted(b, a), len(b) - 1)
-        inter = int((b[at] == a).sum())
+    merged = np.concatenate((a, b))
+    merged.sort()
+    dup = merged[1:] == merged[:-1]
+    if len(a) < size and len(b) < size:
+        inter = int(dup.sum())
         return inter / (len(a) + len(b) - inter)
-    union = np.union1d(a, b)[:size]  # a sketch may be cut: estimate from the union's bottom `size`
-    both = np.isin(union, a, assume_unique=True) & np.isin(union, b, assume_unique=True)
-    return float(both.sum()) / len(union)
+    in_both = np.r_[dup, False][np.r_[True, ~dup]]  # per distinct union value, in increasing order
+    union = in_both[:size]
+    return float(union.sum()) / len(union)
