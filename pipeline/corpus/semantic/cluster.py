@@ -5,7 +5,6 @@
   `assign_top2` also gives the second-nearest (SemDeDup's boundary guests).
 - `near_pairs`: all pairs above a cosine threshold inside one cluster: exact blocked products when the
   cluster has at most `flat_max` members, otherwise the `neighbors` nearest by an HNSW or IVF index.
-- `cross_pairs`: the pairs above the threshold between two sets (a cluster's guests and its members).
 - `knn`: the nearest neighbours of every member of one cluster, exact or approximate by the same rule.
 """
 
@@ -152,31 +151,6 @@ def near_pairs(
     key = i.astype(np.int64) * n + j
     _, first = np.unique(key, return_index=True)
     return i[first], j[first], s[first].astype(np.float32), cfg.kind
-
-
-def cross_pairs(
-    q: np.ndarray, x: np.ndarray, threshold: float, cfg: IndexConfig, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs (row of q, row of x) with cosine > threshold: exact blocked products when `x` has at most
-    `flat_max` rows, otherwise each row of q's `neighbors` nearest rows of x by an HNSW or IVF index."""
-    if not len(q) or not len(x):
-        e = np.zeros(0, np.int64)
-        return e, e, np.zeros(0, np.float32)
-    q, x = as_f32(q), as_f32(x)
-    if len(x) <= cfg.flat_max:
-        ii, jj, ss = [], [], []
-        for a in range(0, len(q), BLOCK):
-            s = q[a : a + BLOCK] @ x.T
-            r, c = np.nonzero(s > threshold)
-            ii.append(r + a)
-            jj.append(c)
-            ss.append(s[r, c])
-        return np.concatenate(ii).astype(np.int64), np.concatenate(jj).astype(np.int64), np.concatenate(ss)
-    index = ann_index(x, cfg, seed)
-    s, i = index.search(q, min(cfg.neighbors, len(x)))  # type: ignore[attr-defined]
-    ok = (i >= 0) & (s > threshold)
-    rows = np.repeat(np.arange(len(q)), i.shape[1]).reshape(i.shape)
-    return rows[ok].astype(np.int64), i[ok].astype(np.int64), s[ok].astype(np.float32)
 
 
 def knn(x: np.ndarray, k: int, cfg: IndexConfig, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

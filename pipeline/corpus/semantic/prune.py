@@ -28,15 +28,7 @@ from pipeline.core.parquet_io import ParquetSink, write_json_atomic
 from pipeline.core.results import PrepareResult, tokens_file_of
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.index import DocIndex, Drop
-from pipeline.corpus.semantic.cluster import (
-    as_f32,
-    assign,
-    assign_top2,
-    cross_pairs,
-    group_bounds,
-    kmeans,
-    near_pairs,
-)
+from pipeline.corpus.semantic.cluster import as_f32, assign, assign_top2, group_bounds, kmeans, near_pairs
 from pipeline.corpus.semantic.lexical import jaccard, sketch
 from pipeline.corpus.semantic.vectors import CorpusEmbeddings
 from pipeline.embedders.registry import STATIC_MINILM, STATIC_TOKENS, default_threshold
@@ -186,25 +178,15 @@ def confirmed_greedy(
 
 
 def cluster_pairs(
-    x: np.ndarray,
-    members: np.ndarray,
-    guests: np.ndarray,
-    threshold: float,
-    index: IndexConfig,
-    seed: int,
+    x: np.ndarray, rows: np.ndarray, threshold: float, index: IndexConfig, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """Pairs above `threshold` in one cluster, as rows of x: among its members, and between each guest
-    and the members. Two guests are not compared here: each is a member of its own nearest cluster,
-    where `boundary_guests`' bound has the pair meet if anywhere (at 1M documents, guest-to-guest pairs
-    were a quarter of all pairs and found almost nothing else).
+    """Pairs above `threshold` among `rows` of `x` (one cluster's members and guests), as rows of x.
 
     A unit of work that needs only these vectors: a worker can run it for one cluster on its own.
     """
-    members, guests = np.sort(members), np.sort(guests)  # ascending reads from a memmap
-    xm = x[members]
-    i, j, s, method = near_pairs(xm, threshold, index, seed)
-    gi, mj, gs = cross_pairs(x[guests], xm, threshold, index, seed)
-    return np.r_[members[i], guests[gi]], np.r_[members[j], members[mj]], np.r_[s, gs], method
+    rows = np.sort(rows)  # ascending reads from a memmap
+    i, j, s, method = near_pairs(x[rows], threshold, index, seed)
+    return rows[i], rows[j], s, method
 
 
 def boundary_guests(
@@ -257,9 +239,9 @@ def semdedup_arrays(
     """SemDeDup on unit vectors `x` (any float dtype, memmaps welcome).
 
     1. Cluster (spherical k-means) and assign every row its nearest and second-nearest centroid.
-    2. Per cluster, independently: the pairs above the threshold among its members, and between its
-       members and its guests (rows whose second-nearest centroid is within `boundary_margin` of their
-       nearest: `boundary_guests`), so near-duplicates that k-means split across two clusters still meet.
+    2. Per cluster, independently: the pairs above the threshold among its members and its guests
+       (rows whose second-nearest centroid is within `boundary_margin` of their nearest:
+       `boundary_guests`), so near-duplicates that k-means split across two clusters still meet.
     3. One greedy pass over the pairs (their number follows the duplicates, not the corpus): rows are
        visited in `keep` order, and a row is dropped when a kept earlier row is paired with it. Without
        guests every pair lies inside one cluster, and this is SemDeDup's per-cluster rule exactly.
@@ -286,7 +268,7 @@ def semdedup_arrays(
         if len(m) + len(g) < 2 or not len(m):
             continue
         largest = max(largest, len(m) + len(g))
-        i, j, sim, method = cluster_pairs(x, m, g, threshold, index, seed)
+        i, j, sim, method = cluster_pairs(x, np.r_[m, g], threshold, index, seed)
         methods[method] += 1
         ai.append(i)
         aj.append(j)
