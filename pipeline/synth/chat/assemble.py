@@ -211,7 +211,8 @@ def assemble_chat(
 
     `start_attempts`: when the tail cannot be sized exactly, the context starts at the next line
     boundary, up to this many starts (1: exactly at the first). `tail`: "word" cuts the haystack at a
-    word end (a sentence end where one fits); "sentence" only at a sentence or paragraph end.
+    word end (a sentence end where one fits); "sentence" only at a sentence, paragraph or clause-at-line
+    end.
     """
     tok = template.tok
     if prefix and not prefix.endswith("\n"):
@@ -495,7 +496,8 @@ def _fit_tail(
 ) -> tuple[int, str, np.ndarray] | None:
     """A char end e and a whitespace filler f such that tok(hay.text[cs[s]:e] + f + terminator) has
     exactly `want` tokens, with e at a word end (a sentence end where one fits): the context never
-    stops mid-word. With `cut="sentence"`, e must be a sentence end or a paragraph (document) end.
+    stops mid-word. With `cut="sentence"`, e must be a sentence end, a paragraph (document) end, or
+    a line end after a clause (";" or ":").
     None when no such end is near; the caller then starts the context a line later.
 
     Candidates are tried near the haystack's own token boundaries first (cheap: each try tokenizes
@@ -521,11 +523,14 @@ def _fit_tail(
         return e > 0 and text[e - 1] in ".!?" and (e >= len(text) or text[e].isspace())
 
     def clean_end(e: int) -> bool:
-        """A sentence end (a closing quote or bracket may follow the mark), or a paragraph's end."""
+        """A sentence end (a closing quote or bracket may follow the mark), a paragraph's end, or a
+        line that ends a clause (verse and lists rarely end sentences at a size that fits)."""
         if e >= len(text) or text[e : e + 2] == "\n\n":
             return e > 0 and not text[e - 1].isspace()
         body = text[max(0, e - 3) : e].rstrip("\"')]}”’")
-        return bool(body) and body[-1] in ".!?" and text[e].isspace()
+        if not body or not text[e].isspace():
+            return False
+        return body[-1] in ".!?" or (text[e] == "\n" and body[-1] in ";:")
 
     ok_end = clean_end if cut == "sentence" else word_end
 

@@ -225,7 +225,7 @@ def build_record(
     }
 
 
-_MAX_STARTS = 48
+_MAX_STARTS = 96
 _SENTENCE_CLOSE = "\"')]}”’"
 
 
@@ -234,33 +234,35 @@ def _header_start(text: str, part_char_start: int) -> int:
     return text.rfind("\n", 0, max(0, part_char_start - 1)) + 1
 
 
-def _starts(ctx: Context, limit: int) -> list[tuple[int, str]]:
-    """Candidate starts of a documents-format context: (haystack token, kind), best first. Kinds:
-    "document" (a document's header line) and "sentence" (a line of the first document piece that
-    begins a sentence or paragraph; the context then opens with that document's header, continued),
+def _starts(ctx: Context, limit: int) -> list[tuple[int, str, int]]:
+    """Candidate starts of a documents-format context, best first: (haystack token, kind, part). Kinds:
+    "document" (a document's header line) and "sentence" (a line inside a document piece that begins a
+    sentence, a clause or a paragraph; the context then opens with that document's header, continued),
     all within the first `limit` tokens."""
     hay = ctx.hay
     text, cs = hay.text, hay.char_starts
     lines = [int(h) for h in hay.line_bounds if h < min(limit, len(hay))]
+    if not lines:
+        return []
     line_at = {int(cs[h]): h for h in lines}
-    out: list[tuple[int, str]] = []
+    last_char = int(cs[lines[-1]])
+    out: list[tuple[int, str, int]] = []
     for k, part in enumerate(hay.parts):
+        if part.char_start > last_char:
+            break
         h = line_at.get(_header_start(text, part.char_start))
-        if h is None:
-            if part.char_start > int(cs[min(limit, len(hay) - 1)]):
-                break
-            continue
-        if k == 0 and int(part.meta.get("doc_token_start") or 0) > 0:
-            continue  # the row begins inside a document: its start is wherever the packer cut
-        out.append((h, "document"))
-    first = hay.parts[0]
+        if h is None or (k == 0 and int(part.meta.get("doc_token_start") or 0) > 0):
+            continue  # a row that begins inside a document begins wherever the packer cut it
+        out.append((h, "document", k))
     for h in lines:
         c = int(cs[h])
-        if not first.char_start < c < first.char_end:
+        k = ctx._part_at(c)
+        part = hay.parts[k]
+        if not part.char_start < c < part.char_end:
             continue
-        before = text[first.char_start : c].rstrip()
-        if text[c - 2 : c] == "\n\n" or before.rstrip(_SENTENCE_CLOSE)[-1:] in (".", "!", "?"):
-            out.append((h, "sentence"))
+        before = text[part.char_start : c].rstrip()
+        if text[c - 2 : c] == "\n\n" or before.rstrip(_SENTENCE_CLOSE)[-1:] in (".", "!", "?", ";", ":"):
+            out.append((h, "sentence", k))
     return out[:_MAX_STARTS]
 
 
@@ -274,29 +276,36 @@ def _assemble_documents(
     suffix: str,
 ) -> tuple[AssembledChat, dict[str, Any]]:
     """The instruction, then the documents with their header lines, cut at a document or sentence start
-    and at a sentence or paragraph end; where no such cut sizes exactly, the plain cut (a word end)."""
+    and at a sentence, clause-at-line or paragraph end; where no such end sizes the sample exactly, at
+    a word end (recorded in params.context_cut)."""
     instruction = rw.instruction.strip() + "\n\n"
     header = document_header(rw.document_header)
-    first_header = header({**ctx.hay.parts[0].meta, "doc_token_start": 1}) + "\n"  # continued
-    for h, kind in _starts(ctx, head_tokens(sample_length)):
-        prefix = instruction + (first_header if kind == "sentence" else "")
-        try:
-            asm = assemble_chat(
-                chat,
-                messages,
-                cm,
-                ctx.hay,
-                sample_length,
-                length_counts=rw.length_counts,
-                prefix=prefix,
-                suffix=suffix,
-                start_token=h,
-                start_attempts=1,
-                tail="sentence",
-            )
-        except (AssemblyError, HaystackTooShort):
-            continue
-        return asm, {"start": kind, "start_token": h, "end": "sentence"}
+
+    def continued(k: int) -> str:  # the header of a document the context opens inside of
+        return header({**ctx.hay.parts[k].meta, "doc_token_start": 1}) + "\n"
+
+    starts = _starts(ctx, head_tokens(sample_length))
+    # a clean end from every candidate start first; then a word end (the plain cut) from the same starts
+    for tail in ("sentence", "word"):
+        for h, kind, k in starts:
+            prefix = instruction + (continued(k) if kind == "sentence" else "")
+            try:
+                asm = assemble_chat(
+                    chat,
+                    messages,
+                    cm,
+                    ctx.hay,
+                    sample_length,
+                    length_counts=rw.length_counts,
+                    prefix=prefix,
+                    suffix=suffix,
+                    start_token=h,
+                    start_attempts=1,
+                    tail=tail,  # type: ignore[arg-type]
+                )
+            except (AssemblyError, HaystackTooShort):
+                continue
+            return asm, {"start": kind, "start_token": h, "end": tail}
     asm = assemble_chat(
         chat,
         messages,
@@ -304,7 +313,7 @@ def _assemble_documents(
         ctx.hay,
         sample_length,
         length_counts=rw.length_counts,
-        prefix=instruction,
+        prefix=instruction + continued(0),
         suffix=suffix,
     )
     return asm, {"start": "line", "start_token": 0, "end": "word"}

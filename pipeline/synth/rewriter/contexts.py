@@ -25,11 +25,11 @@ from pipeline.synth.rewriter.evidence import NormalizedText
 
 # context_format "documents": the context starts within the first head_tokens() haystack tokens (at a
 # document's header, or at a line that begins a sentence), and passages are taken after that.
-HEAD_TOKENS = 1024
+HEAD_TOKENS = 2048
 
 
 def head_tokens(sample_length: int) -> int:
-    """How far in a documents-format context may start: 1024 tokens, an eighth of short samples."""
+    """How far in a documents-format context may start: 2048 tokens, an eighth of short samples."""
     return min(HEAD_TOKENS, sample_length // 8)
 
 
