@@ -14,16 +14,23 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.build import run_build
-from schemas.config import BuildConfig
+from pipeline.core.workdir import WorkDir
+from pipeline.stages.rewriter import run_rewriter
+from pipeline.stages.select import SelectResult
+from schemas.config import BuildConfig, ConfigError, config_hash
 from tests.conftest import make_config
 from tests.openai_server import FakeOpenAIServer, FaultRule, default_answer
+from tests.test_rewriter import SAMPLE_LENGTH as SAMPLE_LENGTH_SMALL
+from tests.test_rewriter import pack_sample, read_audit, read_samples, rewriter_section
 from tests.token_reference import meta_hf
 
 SAMPLE_LENGTH = 32768
@@ -193,3 +200,87 @@ def test_four_or_more_verified_turns_per_32k_context(tmp_path: Path) -> None:
     n_sup, share = _card_supervised(card, "rewriter", "chunk_qa")
     assert n_sup == supervised
     assert share == round(100 * supervised / total, 2)
+
+
+# --- smaller contexts: rejections below min_turns, the final-answer mask, config errors ------------------
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SelectResult]:
+    return pack_sample(tmp_path_factory.mktemp("packed") / "out")
+
+
+def test_a_sample_below_min_turns_is_rejected_and_every_turn_audited(
+    packed: tuple[Path, SelectResult], tmp_path: Path
+) -> None:
+    src, selected = packed
+    out = tmp_path / "out"
+    shutil.copytree(src / "data", out / "data")
+    # one turn quotes text that is not in the document: its sample falls below min_turns = 3
+    with FakeOpenAIServer(faults=[FaultRule("<passage>", ["bad_quote"], claim=1)]) as srv:
+        section = rewriter_section(
+            srv.base_url,
+            strategies=[{"kind": "chunk_qa", "samples": 4, "turns_per_context": 3, "min_turns": 3}],
+        )
+        cfg = make_config(out, rewriter=section, output={"dir": str(out), "loss_mask": "final_answer"})
+        res = run_rewriter(cfg, WorkDir(cfg), selected)
+    st = res.stats
+    assert st["requested"] == 4 and st["accepted"] == 3 and st["rejected"] == {"too_few_turns": 1}
+    assert st["reconciles"] and st["qa_turns"]["reconciles"]
+    assert st["qa_turns"]["rejected"] == {"evidence_not_found": 1, "sample_not_kept": 2}
+    audit = read_audit(cfg)
+    (sample,) = [a for a in audit if a["status"] == "rejected"]
+    assert "2 of 3 turns verified, 3 needed" in sample["detail"] and "evidence_not_found" in sample["detail"]
+    turns = sorted((a["sample_id"], a["reason"]) for a in audit if a["status"] == "turn_rejected")
+    assert [t[0] for t in turns] == [f"{sample['sample_id']}/turn-{k}" for k in range(3)]
+    assert sorted(t[1] for t in turns) == ["evidence_not_found", "sample_not_kept", "sample_not_kept"]
+
+    tok = meta_hf()
+    for r in read_samples(cfg, "rewriter"):
+        assert len(r["questions"]) == 3 and len(r["input_ids"]) == SAMPLE_LENGTH_SMALL
+        # output.loss_mask final_answer: only the last assistant span of the conversation is learnt
+        every = _assistant_mask(r["input_ids"], tok)
+        starts = np.flatnonzero(np.diff(np.r_[0, every]) == 1)
+        assert len(starts) == 3
+        last = np.zeros_like(every)
+        last[starts[-1] :] = every[starts[-1] :]
+        assert np.array_equal(np.asarray(r["loss_mask"], np.int8), last)
+        # questions come in passage order: each later one reaches back less far than the first
+        distances = [q["dependency_distance"] for q in r["questions"]]
+        assert all(d > 0 for d in distances) and distances[0] == max(distances)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "extra", "message"),
+    [
+        ({"kind": "multi_hop", "samples": 1, "turns_per_context": 3}, {}, "apply to chunk_qa only"),
+        (
+            {"kind": "chunk_qa", "samples": 1, "turns_per_context": 2, "min_turns": 3},
+            {},
+            "min_turns 3 exceeds",
+        ),
+        ({"kind": "chunk_qa", "samples": 1}, {"document_header": "# {title}"}, "use only the fields"),
+    ],
+)
+def test_turn_and_format_settings_are_checked(
+    strategy: dict[str, Any], extra: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_config(Path("/tmp/x"), rewriter={"enabled": True, "strategies": [strategy], **extra})
+
+
+def test_unused_new_settings_leave_recorded_configs_unchanged() -> None:
+    # configs written before these settings existed keep their hashes, stage keys and output bytes
+    plain = make_config(Path("/tmp/x"), rewriter={"strategies": [{"kind": "chunk_qa", "samples": 1}]})
+    dumped = plain.model_dump(mode="json")["rewriter"]
+    assert not {"context_format", "instruction", "document_header"} & set(dumped)
+    assert not {"turns_per_context", "min_turns"} & set(dumped["strategies"][0])
+    used = make_config(
+        Path("/tmp/x"),
+        rewriter={
+            "context_format": "documents",
+            "strategies": [{"kind": "chunk_qa", "samples": 1, "turns_per_context": 4}],
+        },
+    )
+    assert used.model_dump(mode="json")["rewriter"]["context_format"] == "documents"
+    assert config_hash(used) != config_hash(plain)

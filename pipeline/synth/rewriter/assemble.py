@@ -301,7 +301,7 @@ def _assemble_documents(
                     suffix=suffix,
                     start_token=h,
                     start_attempts=1,
-                    tail=tail,  # type: ignore[arg-type]
+                    tail=tail,
                 )
             except (AssemblyError, HaystackTooShort):
                 continue
