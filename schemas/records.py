@@ -297,7 +297,7 @@ REWRITER_AUDIT_SCHEMA = pa.schema(
         pa.field("task", pa.string(), nullable=False),
         pa.field(
             "status", pa.string(), nullable=False
-        ),  # "rejected" (validation) | "failed" (no usable answer)
+        ),  # "rejected" (validation) | "failed" (no usable answer) | "turn_rejected" / "turn_failed" (one QA turn)
         pa.field(
             "reason", pa.string(), nullable=False
         ),  # e.g. evidence_not_found, http_429, budget_exhausted

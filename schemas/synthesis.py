@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
     field_serializer,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -20,6 +23,27 @@ from schemas.redact import has_userinfo, redact_url
 # --- LLM rewriter (issue 5) ------------------------------------------------------------------------------
 
 RewriterKind = Literal["chunk_qa", "multi_hop", "session_state", "rephrase"]
+
+
+def _omit_at_default(model: BaseModel, dumped: Any, names: tuple[str, ...]) -> Any:
+    """`dumped` without the fields `names` while they hold their defaults.
+
+    Fields added after a section was first recorded (issue 17) are left out of every dump while unused,
+    so a config that does not use them keeps its config hash, stage keys and output bytes.
+    """
+    if not isinstance(dumped, dict):
+        return dumped
+    for name in names:
+        if name in dumped and getattr(model, name) == type(model).model_fields[name].default:
+            del dumped[name]
+    return dumped
+
+
+DEFAULT_INSTRUCTION = (
+    "Read the documents below carefully. After them come questions about details they state; answer "
+    "each question from the documents, briefly and precisely."
+)
+DEFAULT_DOCUMENT_HEADER = "### Document {doc_id} ({source}){continued}"
 
 
 class RewriterPrice(BaseModel):
@@ -70,6 +94,41 @@ class RewriterStrategy(BaseModel):
         ge=256,
         description="rephrase: longer input conversations are skipped (counted as too_long).",
     )
+    turns_per_context: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="chunk_qa: question-answer turns per long context, each on its own passage (one request "
+        "per turn), each verified alone; the sample is one conversation of the turns that pass.",
+    )
+    min_turns: int | None = Field(
+        default=None,
+        ge=1,
+        description="chunk_qa: a sample needs at least this many verified turns (default: 1); fewer: rejected.",
+    )
+
+    _NEW_FIELDS = ("turns_per_context", "min_turns")
+
+    @model_serializer(mode="wrap")
+    def _recorded(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
+        return _omit_at_default(self, handler(self), self._NEW_FIELDS)
+
+    @property
+    def required_turns(self) -> int:
+        return min(self.turns_per_context, self.min_turns or 1)
+
+    @model_validator(mode="after")
+    def _turns_for_chunk_qa(self) -> RewriterStrategy:
+        if (self.turns_per_context > 1 or self.min_turns is not None) and self.kind != "chunk_qa":
+            raise ValueError(
+                f"rewriter strategy {self.kind!r}: turns_per_context/min_turns apply to chunk_qa only"
+            )
+        if self.min_turns is not None and self.min_turns > self.turns_per_context:
+            raise ValueError(
+                f"rewriter strategy chunk_qa: min_turns {self.min_turns} exceeds turns_per_context "
+                f"{self.turns_per_context}; lower min_turns or raise turns_per_context"
+            )
+        return self
 
     @model_validator(mode="after")
     def _inputs_for_rephrase(self) -> RewriterStrategy:
@@ -157,6 +216,42 @@ class RewriterConfig(BaseModel):
     )
     min_quote_chars: int = Field(default=12, ge=1, description="Shorter evidence quotes are rejected.")
     system_prompt: str | None = Field(default=None, description="System message of every sample.")
+    context_format: Literal["plain", "documents"] = Field(
+        default="plain",
+        description="plain: the context is the documents joined by blank lines, cut at a word end. documents: "
+        "an instruction opens the user turn, every document has a header line (document_header), the "
+        "context starts at a document or sentence start and ends at a sentence or paragraph end.",
+    )
+    instruction: str = Field(
+        default=DEFAULT_INSTRUCTION,
+        min_length=1,
+        description="context_format documents: the text that opens the user turn, before the documents.",
+    )
+    document_header: str = Field(
+        default=DEFAULT_DOCUMENT_HEADER,
+        min_length=1,
+        description="context_format documents: the line before each document; fields {source}, {doc_id}, "
+        "{uri}, {continued} (', continued' for a document that began before the context).",
+    )
+
+    _NEW_FIELDS = ("context_format", "instruction", "document_header")
+
+    @model_serializer(mode="wrap")
+    def _recorded(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
+        return _omit_at_default(self, handler(self), self._NEW_FIELDS)
+
+    @field_validator("document_header")
+    @classmethod
+    def _header_fields(cls, v: str) -> str:
+        if "\n" in v:
+            raise ValueError("document_header must be one line (no line break)")
+        try:
+            v.format(source="s", doc_id="d", uri="u", continued="")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(
+                f"document_header {v!r}: {err!s}; use only the fields {{source}}, {{doc_id}}, {{uri}}, {{continued}}"
+            ) from None
+        return v
 
     @field_validator("api_key", mode="before")
     @classmethod

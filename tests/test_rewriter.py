@@ -121,8 +121,10 @@ def run(cfg: BuildConfig, selected: SelectResult) -> RewriterOutput:
     return run_rewriter(cfg, WorkDir(cfg), selected)
 
 
-def read_samples(cfg: BuildConfig) -> list[dict[str, Any]]:
-    files = sorted((Path(cfg.output.dir) / "data" / "rewriter").glob("*.parquet"))
+def read_samples(cfg: BuildConfig, config: str | None = None) -> list[dict[str, Any]]:
+    """The samples of one config, or of both rewriter configs (long rows, then plain rephrases)."""
+    names = [config] if config else ["rewriter", "rewriter_rephrase"]
+    files = [f for n in names for f in sorted((Path(cfg.output.dir) / "data" / n).glob("*.parquet"))]
     return [r for f in files for r in pq.read_table(f).to_pylist()]
 
 
@@ -421,6 +423,17 @@ def test_stage_faults_counts_reconcile_and_key_stays_secret(
     bad = [a for a in audit if a["reason"] == "unparseable"]
     assert all(a["raw_response"] and a["raw_response"].startswith("Sure!") for a in bad)
     assert {s["task"] for s in samples} == {"chunk_qa", "multi_hop", "session_state", "rephrase"}
+    # issue 17.3: plain rephrases (no long context) have their own config, apart from the long rows
+    long_rows, plain = read_samples(cfg, "rewriter"), read_samples(cfg, "rewriter_rephrase")
+    assert len(long_rows) + len(plain) == len(samples) and plain
+    assert all(s["task"] == "rephrase" and s["context_tokens"] == 0 for s in plain)
+    assert all(s["context_tokens"] > 0 and s["length"] == SAMPLE_LENGTH for s in long_rows)
+    assert {s["task"] for s in long_rows} == {"chunk_qa", "multi_hop", "session_state", "rephrase"}
+    assert set(out.extra_configs) == {"rewriter", "rewriter_rephrase"}
+    assert [sum(e.rows for e in out.extra_configs[n]) for n in ("rewriter", "rewriter_rephrase")] == [
+        len(long_rows),
+        len(plain),
+    ]
 
     tok = load_tokenizer("quicktok:llama3")
     chat = load_chat_template("llama3", tok)

@@ -10,6 +10,7 @@ goes into manifest extra["rewriter"]. `run_rewriter` does both in-process, for `
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -31,7 +32,7 @@ from pipeline.core.results import SelectResult
 from pipeline.core.tokenizer import tokenizer_for
 from pipeline.core.workdir import WorkDir
 from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
-from pipeline.synth.chat import chat_table
+from pipeline.synth.chat import ChatTemplate, chat_table
 from pipeline.synth.chat import load_template as load_chat_template
 from pipeline.synth.rewriter.assemble import SampleFailure, build_record, generator_name, params_json
 from pipeline.synth.rewriter.cache import ResponseCache
@@ -42,24 +43,38 @@ from pipeline.synth.rewriter.client import (
     RewriterClient,
     TemplateUsage,
 )
-from pipeline.synth.rewriter.contexts import Context, ContextReader, Passage
+from pipeline.synth.rewriter.contexts import Context, ContextReader, Passage, document_header, head_tokens
 from pipeline.synth.rewriter.parsing import ParseFailure, parse_json_answer
 from pipeline.synth.rewriter.plan import Batch, RewriterPlan, SamplePlan, make_plan
 from pipeline.synth.rewriter.secrets import Redactor, all_secrets, endpoint_host, resolve_api_key
-from pipeline.synth.rewriter.strategies import Rejection, build_request, interpret, passages_for
+from pipeline.synth.rewriter.strategies import (
+    Draft,
+    Rejection,
+    combine_turns,
+    interpret,
+    passages_for,
+    turn_requests,
+)
 from pipeline.synth.rewriter.templates import load_template
 from schemas.config import BuildConfig, ConfigError
 from schemas.manifest import FileEntry, StageReport
 from schemas.records import CHAT_SCHEMA, REWRITER_AUDIT_SCHEMA
 from schemas.stage_config import RewriterStageConfig
+from schemas.synthesis import RewriterConfig
 
 log = logging.getLogger("longloom.rewriter")
 
 STEP = "rewriter@1"
 CONFIG_NAME = "rewriter"
+REPHRASE_CONFIG = "rewriter_rephrase"  # plain (ungrounded) rephrases: short chats, kept apart from long rows
 AUDIT_NAME = "rewriter_rejected"
 # Internal part files carry every outcome (accepted ones too) plus the key that finds repeated questions.
 _PART_SCHEMA = REWRITER_AUDIT_SCHEMA.append(pa.field("question_key", pa.string()))
+
+
+def _has_plain_rephrase(cfg: RewriterStageConfig) -> bool:
+    """Whether the run asks for rephrases without a long context (they go to REPHRASE_CONFIG)."""
+    return any(s.kind == "rephrase" and not s.grounded and s.samples for s in cfg.rewriter.strategies)
 
 
 def stage_dir(work: WorkDir) -> Path:
@@ -80,6 +95,8 @@ class BatchResult:
     usage: dict[str, dict[str, Any]]  # template -> TemplateUsage fields
     requests_sent: int
     seconds: float
+    # QA turns of several-turn samples: task -> requested / accepted / rejected{} / failed{}
+    turn_counts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _empty_counts() -> dict[str, Any]:
@@ -99,23 +116,113 @@ def _bump(counts: dict[str, dict[str, Any]], task: str, status: str, reason: str
 class _Job:
     plan: SamplePlan
     passages: list[Passage]
-    request: ChatRequest | None
+    requests: list[ChatRequest]  # one, or one per QA turn (chunk_qa with turns_per_context > 1)
     ctx: Context | None
-    error: tuple[str, str] | None = None  # failed before any request: (reason, detail)
-    result: ChatResult | None = field(default=None, repr=False)
+    results: list[ChatResult] = field(default_factory=list, repr=False)
 
 
 async def _fetch_all(client: RewriterClient, jobs: list[_Job], desc: str, show: bool) -> None:
-    todo = [j for j in jobs if j.request is not None]
+    todo = [(j, k) for j in jobs for k in range(len(j.requests))]
+    for j in jobs:
+        j.results = [None] * len(j.requests)  # type: ignore[list-item]
     with tqdm(total=len(todo), desc=desc, unit="req", disable=not show, mininterval=1.0, leave=False) as bar:
 
-        async def one(j: _Job) -> None:
-            assert j.request is not None
-            j.result = await client.complete(j.request)
+        async def one(j: _Job, k: int) -> None:
+            j.results[k] = await client.complete(j.requests[k])
             bar.update(1)
 
         async with client:
-            await asyncio.gather(*(one(j) for j in todo))
+            await asyncio.gather(*(one(j, k) for j, k in todo))
+
+
+def _combined_hash(requests: list[ChatRequest]) -> str:
+    """The prompt hash of a sample asked in several requests: sha256 of its requests' hashes in order."""
+    if len(requests) == 1:
+        return requests[0].prompt_hash
+    return hashlib.sha256("\n".join(r.prompt_hash for r in requests).encode()).hexdigest()
+
+
+@dataclass
+class _Turn:
+    """One QA turn of a several-turn sample: its answer, and what became of it."""
+
+    index: int
+    request: ChatRequest
+    result: ChatResult
+    draft: Draft | None = None
+    status: str = "accepted"  # accepted | turn_rejected | turn_failed
+    reason: str = "accepted"
+    detail: str = ""
+
+
+def _build_turns(
+    j: _Job, chat: ChatTemplate, rw: RewriterConfig, sample_length: int, need: int, redact: Redactor
+) -> tuple[list[_Turn], Draft | None, dict[str, Any] | None, tuple[str, str, str] | None]:
+    """Verify every turn alone (parse, interpret), then together in the sized context (evidence found,
+    outside the tail): a turn that fails is dropped with its reason and the rest assembled again.
+
+    Returns the turns, the draft and record kept (None if the sample is not kept) and, if it is not, the
+    sample's (status, reason, detail).
+    """
+    turns = [_Turn(k, req, res) for k, (req, res) in enumerate(zip(j.requests, j.results, strict=True))]
+    seen: set[str] = set()
+    for t in turns:
+        res = t.result
+        if not res.ok:
+            t.status, t.reason, t.detail = (
+                "turn_failed",
+                res.error_reason or "unknown",
+                res.error_detail or "",
+            )
+            continue
+        try:
+            t.draft = interpret(j.plan, parse_json_answer(res.content, res.finish_reason), rw, 1)
+        except (ParseFailure, Rejection) as err:
+            t.status, t.reason, t.detail = "turn_rejected", err.reason, err.detail
+            continue
+        if t.draft.dedup_key in seen:  # the same question twice in one conversation
+            t.status, t.reason, t.detail = "turn_rejected", "duplicate_question", "asked by an earlier turn"
+        seen.add(t.draft.dedup_key)
+    outcome: tuple[str, str, str] | None = None
+    draft: Draft | None = None
+    rec: dict[str, Any] | None = None
+    while True:
+        ok = [t for t in turns if t.status == "accepted"]
+        if len(ok) < need:
+            if not any(t.result.ok for t in turns):
+                first = turns[0]
+                outcome = ("failed", first.reason, f"no turn was answered: {first.detail}")
+            else:
+                why = "; ".join(f"turn {t.index} {t.reason}" for t in turns if t.status != "accepted")
+                outcome = (
+                    "rejected",
+                    "too_few_turns",
+                    f"{len(ok)} of {len(turns)} turns verified, {need} needed ({why})",
+                )
+            break
+        draft = combine_turns([(t.index, t.draft) for t in ok if t.draft is not None])
+        try:
+            rec = build_record(j.plan, draft, j.ctx, j.passages, chat, rw, sample_length)
+            break
+        except Rejection as err:
+            bad = next((t for t in ok if t.index == err.group), None)
+            if bad is None:
+                outcome = ("rejected", err.reason, err.detail)
+                break
+            bad.status, bad.reason, bad.detail = "turn_rejected", err.reason, err.detail
+        except SampleFailure as err:
+            outcome = ("failed", err.reason, err.detail)
+            break
+    if outcome is not None:
+        for t in turns:  # turns that passed alone but whose sample is not kept
+            if t.status == "accepted":
+                t.status, t.reason, t.detail = (
+                    "turn_rejected",
+                    "sample_not_kept",
+                    f"the sample was {outcome[1]}",
+                )
+        return turns, None, None, (outcome[0], outcome[1], redact(outcome[2]))
+    return turns, draft, rec, None
 
 
 def run_batch(cfg: RewriterStageConfig, work: WorkDir, batch: Batch, sample_length: int) -> BatchResult:
@@ -128,10 +235,12 @@ def run_batch(cfg: RewriterStageConfig, work: WorkDir, batch: Batch, sample_leng
     redact = Redactor(all_secrets(rw, api_key))
     cache = ResponseCache(cache_dir(cfg))
     budget = RequestBudget(batch.budget)
-    reader = ContextReader(work.out, tok)
+    documents = rw.context_format == "documents"
+    reader = ContextReader(work.out, tok, document_header(rw.document_header) if documents else None)
     contexts: dict[str, Context] = {}
     jobs: list[_Job] = []
-    min_tokens = sample_length + 512  # room for the sizing margin of pipeline.synth.chat
+    # room for the sizing margin of pipeline.synth.chat (and for a start up to head_tokens() in)
+    min_tokens = sample_length + 512 + (head_tokens(sample_length) if documents else 0)
     for p in batch.plans:
         strategy = rw.strategies[p.strategy]
         template = load_template(p.template)
@@ -142,7 +251,7 @@ def run_batch(cfg: RewriterStageConfig, work: WorkDir, batch: Batch, sample_leng
                 contexts[key] = reader.context(list(p.contexts), min_tokens)
             ctx = contexts[key]
         passages = passages_for(p, ctx, rw, sample_length)
-        jobs.append(_Job(p, passages, build_request(p, strategy, template, passages, rw), ctx))
+        jobs.append(_Job(p, passages, turn_requests(p, strategy, template, passages, rw), ctx))
 
     client = RewriterClient(cfg.rewriter, api_key, cache, budget, redact)
     asyncio.run(_fetch_all(client, jobs, f"rewriter batch {batch.index}", rw.progress))
@@ -150,45 +259,90 @@ def run_batch(cfg: RewriterStageConfig, work: WorkDir, batch: Batch, sample_leng
     lineage = run_lineage(cfg, work, tok, [], "rewriter")
     host = endpoint_host(rw.base_url)
     counts: dict[str, dict[str, Any]] = {}
+    turn_counts: dict[str, dict[str, Any]] = {}
     records: list[dict[str, Any]] = []
     parts: list[dict[str, Any]] = []
     for j in jobs:
-        p, res, req = j.plan, j.result, j.request
-        assert res is not None and req is not None
+        p = j.plan
+        strategy = rw.strategies[p.strategy]
+        several = strategy.turns_per_context > 1
+        req, res = j.requests[0], j.results[0]
         _bump(counts, p.kind, "requested")
         row = {
             "sample_id": p.sample_id,
             "task": p.kind,
             "template": req.template,
             "template_version": req.template_version,
-            "prompt_hash": req.prompt_hash,
+            "prompt_hash": _combined_hash(j.requests),
             "seed": p.seed,
             "context_row": p.contexts[0].row_id if p.contexts else None,
             # what it took to get the recorded answer (the cached entry keeps it), so a rerun served from
             # the cache writes the same row; a failure is never cached and is asked again every run
-            "attempts": res.answer_attempts if res.ok else res.attempts,
+            "attempts": sum(r.answer_attempts if r.ok else r.attempts for r in j.results),
             "raw_response": redact(res.content) if res.content is not None else None,
             "question_key": None,
         }
-        if not res.ok:
-            reason, detail = res.error_reason or "unknown", redact(res.error_detail or "")
-            _bump(counts, p.kind, "failed", reason)
-            parts.append({**row, "status": "failed", "reason": reason, "detail": detail})
-            continue
-        try:
-            obj = parse_json_answer(res.content, res.finish_reason)
-            draft = interpret(p, obj, rw, len(j.passages))
-            rec = build_record(p, draft, j.ctx, j.passages, chat, rw, sample_length)
-        except (ParseFailure, Rejection) as err:
-            _bump(counts, p.kind, "rejected", err.reason)
-            parts.append({**row, "status": "rejected", "reason": err.reason, "detail": redact(err.detail)})
-            continue
-        except SampleFailure as err:
-            _bump(counts, p.kind, "failed", err.reason)
-            parts.append({**row, "status": "failed", "reason": err.reason, "detail": redact(err.detail)})
-            continue
+        turn_rows: list[dict[str, Any]] = []
+        if several:
+            turns, kept_draft, built, outcome = _build_turns(
+                j, chat, rw, sample_length, strategy.required_turns, redact
+            )
+            row["raw_response"] = json.dumps(
+                [redact(t.result.content) if t.result.content is not None else None for t in turns],
+                ensure_ascii=False,
+            )
+            for t in turns:
+                _bump(turn_counts, p.kind, "requested")
+                if t.status == "accepted":
+                    _bump(turn_counts, p.kind, "accepted")
+                    continue
+                _bump(turn_counts, p.kind, "failed" if t.status == "turn_failed" else "rejected", t.reason)
+                r = t.result
+                turn_rows.append(
+                    {
+                        **row,
+                        "sample_id": f"{p.sample_id}/turn-{t.index}",
+                        "prompt_hash": t.request.prompt_hash,
+                        "attempts": r.answer_attempts if r.ok else r.attempts,
+                        "raw_response": redact(r.content) if r.content is not None else None,
+                        "status": t.status,
+                        "reason": t.reason,
+                        "detail": redact(t.detail),
+                    }
+                )
+            if outcome is not None:
+                status, reason, detail = outcome
+                _bump(counts, p.kind, status, reason)
+                parts.append({**row, "status": status, "reason": reason, "detail": detail})
+                parts += turn_rows
+                continue
+            assert kept_draft is not None and built is not None
+            draft, rec = kept_draft, built
+        else:
+            if not res.ok:
+                reason, detail = res.error_reason or "unknown", redact(res.error_detail or "")
+                _bump(counts, p.kind, "failed", reason)
+                parts.append({**row, "status": "failed", "reason": reason, "detail": detail})
+                continue
+            try:
+                obj = parse_json_answer(res.content, res.finish_reason)
+                draft = interpret(p, obj, rw, len(j.passages))
+                rec = build_record(p, draft, j.ctx, j.passages, chat, rw, sample_length)
+            except (ParseFailure, Rejection) as err:
+                _bump(counts, p.kind, "rejected", err.reason)
+                parts.append(
+                    {**row, "status": "rejected", "reason": err.reason, "detail": redact(err.detail)}
+                )
+                continue
+            except SampleFailure as err:
+                _bump(counts, p.kind, "failed", err.reason)
+                parts.append({**row, "status": "failed", "reason": err.reason, "detail": redact(err.detail)})
+                continue
         passages_info = rec.pop("_passages")
         context_rows = rec.pop("_context_rows")
+        cut = rec.pop("_cut")
+        if several:  # the passage of each kept turn, in the order of the conversation
+            passages_info = [passages_info[g] for g in draft.groups]
         rec.update(
             sample_id=p.sample_id,
             task=p.kind,
@@ -200,6 +354,8 @@ def run_batch(cfg: RewriterStageConfig, work: WorkDir, batch: Batch, sample_leng
                 {
                     "passages": passages_info,
                     "context_rows": context_rows,
+                    # documents format: where the context starts and how it ends
+                    **({"context_cut": cut} if cut is not None else {}),
                     # the answer's own facts only: whether it came from the cache and how many
                     # attempts this run made change from run to run, and go to the run's report
                     "response": {
@@ -208,7 +364,18 @@ def run_batch(cfg: RewriterStageConfig, work: WorkDir, batch: Batch, sample_leng
                         "completion_tokens": res.completion_tokens,
                         "response_model": res.response_model,
                         "json_mode": res.json_mode_used,
-                    },
+                    }
+                    if not several
+                    else [
+                        {
+                            "finish_reason": r.finish_reason,
+                            "prompt_tokens": r.prompt_tokens,
+                            "completion_tokens": r.completion_tokens,
+                            "response_model": r.response_model,
+                            "json_mode": r.json_mode_used,
+                        }
+                        for r in (j.results[g] for g in draft.groups)
+                    ],
                 },
             ),
             model={
@@ -216,7 +383,7 @@ def run_batch(cfg: RewriterStageConfig, work: WorkDir, batch: Batch, sample_leng
                 "endpoint_host": host,
                 "template": req.template,
                 "template_version": req.template_version,
-                "prompt_hash": req.prompt_hash,
+                "prompt_hash": row["prompt_hash"],
                 "sampling": req.sampling_json,
             },
             lineage={
@@ -229,6 +396,7 @@ def run_batch(cfg: RewriterStageConfig, work: WorkDir, batch: Batch, sample_leng
         parts.append(
             {**row, "status": "accepted", "reason": "accepted", "detail": "", "question_key": draft.dedup_key}
         )
+        parts += turn_rows
 
     d = stage_dir(work) / "batches"
     samples_rel = f"batches/samples-{batch.index:05d}.parquet"
@@ -240,7 +408,14 @@ def run_batch(cfg: RewriterStageConfig, work: WorkDir, batch: Batch, sample_leng
         sink.write(pa.Table.from_pylist(parts, schema=_PART_SCHEMA))
     usage = {k: v.as_dict() for k, v in client.usage.items()}
     result = BatchResult(
-        batch.index, samples_rel, parts_rel, counts, usage, budget.used, round(time.perf_counter() - t0, 3)
+        batch.index,
+        samples_rel,
+        parts_rel,
+        counts,
+        usage,
+        budget.used,
+        round(time.perf_counter() - t0, 3),
+        turn_counts,
     )
     acc = sum(c["accepted"] for c in counts.values())
     log.info(
@@ -301,7 +476,8 @@ def _write_sharded(
 
 
 def _in_plan_order(table: pa.Table, order: dict[str, int]) -> pa.Table:
-    rank = np.array([order[s] for s in table.column("sample_id").to_pylist()], np.int64)
+    # a turn's audit row ("<sample>/turn-k") follows its sample's row (the sort is stable)
+    rank = np.array([order[s.split("/", 1)[0]] for s in table.column("sample_id").to_pylist()], np.int64)
     return table.take(pa.array(np.argsort(rank, kind="stable"), pa.int64()))
 
 
@@ -337,6 +513,15 @@ def merge(
     for u in plan.unplanned:
         _bump(counts, u["task"], "requested")
         _bump(counts, u["task"], "failed", u["reason"])
+    turn_counts: dict[str, dict[str, Any]] = {}
+    for r in results:
+        for task, c in r.turn_counts.items():
+            mine = turn_counts.setdefault(task, _empty_counts())
+            mine["requested"] += c["requested"]
+            mine["accepted"] += c["accepted"]
+            for st in ("rejected", "failed"):
+                for k, v in c[st].items():
+                    mine[st][k] = mine[st].get(k, 0) + v
 
     # repeated questions: the first (in plan order) stays, later ones become rejections
     first_of: dict[str, str] = {}
@@ -354,6 +539,22 @@ def merge(
             _bump(counts, task, "rejected", "duplicate_question")
         else:
             first_of[key] = sid
+    if turn_counts and dup_of:
+        # the verified turns of a sample dropped as a repeat leave the output with it
+        n_questions = dict(
+            zip(
+                samples.column("sample_id").to_pylist(),
+                (len(q) for q in samples.column("questions").to_pylist()),
+                strict=True,
+            )
+        )
+        for sid, task in zip(ids, tasks, strict=True):
+            if sid in dup_of and task in turn_counts:
+                k = n_questions.get(sid, 0)
+                turn_counts[task]["accepted"] -= k
+                turn_counts[task]["rejected"]["duplicate_sample"] = (
+                    turn_counts[task]["rejected"].get("duplicate_sample", 0) + k
+                )
     audit_rows = []
     for i, (sid, st) in enumerate(zip(ids, status, strict=True)):
         if st == "accepted" and sid not in dup_of:
@@ -383,12 +584,50 @@ def merge(
     out = work.out
     level = cfg.output.compression_level
     rows_per_file = max(1, cfg.output.shard_tokens // max(1, plan.sample_length))
-    data_files = _write_sharded(out, f"data/{CONFIG_NAME}", "train", kept, CHAT_SCHEMA, rows_per_file, level)
+    configs: dict[str, list[FileEntry]] = {}
+    if _has_plain_rephrase(cfg):
+        # plain rephrases are short chats with no long context: their own config, so a trainer that
+        # wants long-context rows does not get a few hundred tokens among the sample_length rows
+        plain = pc.and_(pc.equal(kept.column("task"), "rephrase"), pc.equal(kept.column("context_tokens"), 0))
+        short = kept.filter(plain)
+        longest = int(pc.max(short.column("length")).as_py() or 1) if short.num_rows else 1
+        configs[CONFIG_NAME] = _write_sharded(
+            out,
+            f"data/{CONFIG_NAME}",
+            "train",
+            kept.filter(pc.invert(plain)),
+            CHAT_SCHEMA,
+            rows_per_file,
+            level,
+        )
+        configs[REPHRASE_CONFIG] = _write_sharded(
+            out,
+            f"data/{REPHRASE_CONFIG}",
+            "train",
+            short,
+            CHAT_SCHEMA,
+            max(1, cfg.output.shard_tokens // longest),
+            level,
+        )
+    else:
+        configs[CONFIG_NAME] = _write_sharded(
+            out, f"data/{CONFIG_NAME}", "train", kept, CHAT_SCHEMA, rows_per_file, level
+        )
     audit_files = _write_sharded(
         out, f"audit/{AUDIT_NAME}", AUDIT_NAME, audit, REWRITER_AUDIT_SCHEMA, 1_000_000, level
     )
 
     stats = _report(cfg, plan, results, counts, kept, audit)
+    if turn_counts:
+        stats.update(_turn_report(turn_counts, kept, audit))
+        stats["checks"].append(
+            {
+                "name": "rewriter: QA turns requested = accepted + rejected + failed",
+                "ok": stats["qa_turns"]["reconciles"],
+                "detail": json.dumps({k: v for k, v in stats["qa_turns"].items() if k != "by_task"}),
+            }
+        )
+        stats["reconciles"] = bool(stats["reconciles"] and stats["qa_turns"]["reconciles"])
     write_json_atomic(sdir / "report.json", stats)
     report = StageReport(
         seconds=round(sum(r.seconds for r in results) + time.perf_counter() - t0, 3),
@@ -397,7 +636,7 @@ def merge(
         tokens_out=int(pc.sum(kept.column("length")).as_py() or 0) if kept.num_rows else 0,
         notes={"acceptance_rate": stats["acceptance_rate"]},
     )
-    return RewriterOutput({CONFIG_NAME: data_files}, {AUDIT_NAME: audit_files}, stats, report)
+    return RewriterOutput(configs, {AUDIT_NAME: audit_files}, stats, report)
 
 
 def _report(
@@ -479,6 +718,55 @@ def _report(
         "totals": total.as_dict(),
         "currency_note": "cost = tokens x rewriter.prices[model] per million",
         "batches": len(results),
+    }
+
+
+def _turn_report(turn_counts: dict[str, dict[str, Any]], kept: pa.Table, audit: pa.Table) -> dict[str, Any]:
+    """QA turns of several-turn samples: counts by outcome, recounted from the files written (turns in
+    the kept samples' `questions`, turn rows in the audit), and turns per kept sample."""
+    requested = sum(c["requested"] for c in turn_counts.values())
+    accepted = sum(c["accepted"] for c in turn_counts.values())
+    rejected: Counter[str] = Counter()
+    failed: Counter[str] = Counter()
+    for c in turn_counts.values():
+        rejected.update(c["rejected"])
+        failed.update(c["failed"])
+    several = {t for t in turn_counts}
+    per_sample = (
+        [
+            len(q)
+            for q, t in zip(
+                kept.column("questions").to_pylist(), kept.column("task").to_pylist(), strict=True
+            )
+            if t in several
+        ]
+        if kept.num_rows
+        else []
+    )
+    audit_by = Counter(
+        (st, r)
+        for st, r in zip(audit.column("status").to_pylist(), audit.column("reason").to_pylist(), strict=True)
+        if st.startswith("turn_")
+    )
+    # turns that leave with a sample dropped as a repeat are audited by that sample's row
+    in_rows = {r: n for r, n in rejected.items() if r != "duplicate_sample"}
+    files_ok = (
+        sum(per_sample) == accepted
+        and {r: n for (st, r), n in audit_by.items() if st == "turn_failed"} == dict(failed)
+        and {r: n for (st, r), n in audit_by.items() if st == "turn_rejected"} == in_rows
+    )
+    return {
+        "qa_turns": {
+            "requested": requested,
+            "accepted": accepted,
+            "rejected": dict(sorted(rejected.items())),
+            "failed": dict(sorted(failed.items())),
+            "per_sample": _dist_summary(np.asarray(per_sample, float)),
+            "reconciles": bool(
+                requested == accepted + sum(rejected.values()) + sum(failed.values()) and files_ok
+            ),
+            "by_task": turn_counts,
+        }
     }
 
 

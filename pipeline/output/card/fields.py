@@ -173,9 +173,10 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         "detail": "the decision in words",
     },
     "rewriter_audit": {
-        "sample_id": "id the sample would have had",
+        "sample_id": "id the sample would have had (`<sample>/turn-k`: one QA turn of a several-turn sample)",
         "task": "rewriter task",
-        "status": "`rejected` (failed validation) or `failed` (no usable answer)",
+        "status": "`rejected` (failed validation) or `failed` (no usable answer); for one QA turn "
+        "`turn_rejected` or `turn_failed`",
         "reason": "why, e.g. `evidence_not_found`, `http_429`, `budget_exhausted`",
         "detail": "the reason in words",
         "template": "prompt template name",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -17,6 +17,8 @@ from pipeline.synth.chat.base import (
 from pipeline.synth.chat.boundaries import token_char_starts
 from pipeline.synth.chat.haystack import Haystack
 from pipeline.synth.chat.templates import ChatTemplate, RenderedChat
+
+TailCut = Literal["word", "sentence"]
 
 # --- assembly -------------------------------------------------------------------------------------------
 
@@ -197,6 +199,8 @@ def assemble_chat(
     terminator: str = "\n\n",
     inline_window: int = 2048,
     verify: bool = True,
+    start_attempts: int = 8,
+    tail: TailCut = "word",
 ) -> AssembledChat:
     """A chat whose length under `length_counts` is exactly `target_length`.
 
@@ -204,6 +208,11 @@ def assemble_chat(
     text from the first line boundary at or after `start_token`, with `pieces` inserted near their
     depths and `terminator` after the cut. `prefix` must be empty or end with a line break and `suffix`
     must not start with whitespace, so the three tokenize independently. Other messages are as given.
+
+    `start_attempts`: when the tail cannot be sized exactly, the context starts at the next line
+    boundary, up to this many starts (1: exactly at the first). `tail`: "word" cuts the haystack at a
+    word end (a sentence end where one fits); "sentence" only at a sentence, paragraph or clause-at-line
+    end.
     """
     tok = template.tok
     if prefix and not prefix.endswith("\n"):
@@ -237,7 +246,17 @@ def assemble_chat(
         )
 
     ctx = _assemble_context(
-        haystack, texts, piece_ids, pieces, term_ids, terminator, budget, start_token, inline_window
+        haystack,
+        texts,
+        piece_ids,
+        pieces,
+        term_ids,
+        terminator,
+        budget,
+        start_token,
+        inline_window,
+        start_attempts,
+        tail,
     )
     content = prefix + ctx.text + suffix
     msgs[context_message]["content"] = content
@@ -317,6 +336,8 @@ def _assemble_context(
     budget: int,
     start_token: int,
     inline_window: int,
+    start_attempts: int = 8,
+    tail: TailCut = "word",
 ) -> _Context:
     """Haystack tokens + pieces at safe boundaries + an exactly sized tail: `budget` tokens in all.
 
@@ -327,7 +348,7 @@ def _assemble_context(
     i = int(np.searchsorted(line_b, start_token))
     if i >= len(line_b):
         raise HaystackTooShort(budget, 0)
-    for attempt in range(8):
+    for attempt in range(start_attempts):
         if i + attempt >= len(line_b):
             break
         ctx = _try_context(
@@ -340,6 +361,7 @@ def _assemble_context(
             budget,
             int(line_b[i + attempt]),
             inline_window,
+            tail,
         )
         if ctx is not None:
             return ctx
@@ -356,6 +378,7 @@ def _try_context(
     budget: int,
     h0: int,
     inline_window: int,
+    tail: TailCut = "word",
 ) -> _Context | None:
     """One assembly from haystack token h0, or None when the tail cannot be sized exactly there."""
     tok = hay.tok
@@ -444,10 +467,10 @@ def _try_context(
     add_run(cur, s)
 
     remaining = budget - tpos
-    tail = _fit_tail(hay, s, remaining, terminator)
-    if tail is None:
+    fitted = _fit_tail(hay, s, remaining, terminator, tail)
+    if fitted is None:
         return None
-    e_char, filler, tail_ids = tail
+    e_char, filler, tail_ids = fitted
     c_s = int(cs[s])
     tail_text = hay.text[c_s:e_char] + filler + terminator
     if e_char > c_s:
@@ -468,10 +491,14 @@ def _try_context(
 _TAIL_FILLERS = ("", "\n ", " \n ", "\n \n ", " \n \n ", "\n \n \n ")
 
 
-def _fit_tail(hay: Haystack, s: int, want: int, terminator: str) -> tuple[int, str, np.ndarray] | None:
+def _fit_tail(
+    hay: Haystack, s: int, want: int, terminator: str, cut: TailCut = "word"
+) -> tuple[int, str, np.ndarray] | None:
     """A char end e and a whitespace filler f such that tok(hay.text[cs[s]:e] + f + terminator) has
     exactly `want` tokens, with e at a word end (a sentence end where one fits): the context never
-    stops mid-word. None when no such end is near; the caller then starts the context a line later.
+    stops mid-word. With `cut="sentence"`, e must be a sentence end, a paragraph (document) end, or
+    a line end after a clause (";" or ":").
+    None when no such end is near; the caller then starts the context a line later.
 
     Candidates are tried near the haystack's own token boundaries first (cheap: each try tokenizes
     only the short window), then at word ends near the estimate, with fillers of whitespace.
@@ -495,9 +522,21 @@ def _fit_tail(hay: Haystack, s: int, want: int, terminator: str) -> tuple[int, s
     def sentence_end(e: int) -> bool:
         return e > 0 and text[e - 1] in ".!?" and (e >= len(text) or text[e].isspace())
 
+    def clean_end(e: int) -> bool:
+        """A sentence end (a closing quote or bracket may follow the mark), a paragraph's end, or a
+        line that ends a clause (verse and lists rarely end sentences at a size that fits)."""
+        if e >= len(text) or text[e : e + 2] == "\n\n":
+            return e > 0 and not text[e - 1].isspace()
+        body = text[max(0, e - 3) : e].rstrip("\"')]}”’")
+        if not body or not text[e].isspace():
+            return False
+        return body[-1] in ".!?" or (text[e] == "\n" and body[-1] in ";:")
+
+    ok_end = clean_end if cut == "sentence" else word_end
+
     for radius in (4, 16, 64):
         lo, hi = max(s, k0 - radius), min(len(hay), k0 + radius)
-        ends = [int(cs[k]) for k in range(lo, hi + 1) if word_end(int(cs[k]))]
+        ends = [int(cs[k]) for k in range(lo, hi + 1) if ok_end(int(cs[k]))]
         good = [e for e in ends if len(count(e)) == want]
         if good:
             centre = int(cs[min(k0, len(hay))])
@@ -505,7 +544,7 @@ def _fit_tail(hay: Haystack, s: int, want: int, terminator: str) -> tuple[int, s
             return e, "", count(e)
     # word ends near the estimate, sentence ends first, each with the fillers in turn
     centre = int(cs[min(max(k0, s), len(hay))])
-    near = [e for d in range(400) for e in (centre + d, centre - d) if c_s <= e <= len(text) and word_end(e)]
+    near = [e for d in range(400) for e in (centre + d, centre - d) if c_s <= e <= len(text) and ok_end(e)]
     near.sort(key=lambda e: (not sentence_end(e), abs(e - centre)))
     for f in _TAIL_FILLERS:
         for e in near:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -117,6 +117,7 @@ class Haystack:
         rows: Sequence[Mapping[str, Any]],
         max_tokens: int | None = None,
         reuse_ids: bool = True,
+        header: Callable[[Mapping[str, Any]], str] | None = None,
     ) -> Haystack:
         """Packed rows (`row_id`, `input_ids`, `segments`) decoded segment by segment, joined by blank lines.
 
@@ -127,8 +128,12 @@ class Haystack:
         and last safe boundary are the tokenization of that text wherever it stands, so only the short
         head and tail of each segment (where it was cut from its document, stripped, and joined to the
         next) are re-tokenized, in one batch.
+
+        With `header`, every document piece is preceded by the line `header(segment)` (a title or
+        boundary marker); the header is haystack text outside every part, like the blank lines.
         """
         texts: list[str] = []
+        heads: list[str] = []
         parts: list[HaystackPart] = []
         plans: list[tuple[np.ndarray, np.ndarray, int] | None] = []  # per part: (seg ids, char starts, lead)
         pos = 0
@@ -158,6 +163,9 @@ class Haystack:
                 lead = len(decoded) - len(decoded.lstrip())
                 if texts:
                     pos += len(cls.JOIN)
+                head = header(seg) + "\n" if header is not None else ""
+                pos += len(head)
+                heads.append(head)
                 parts.append(
                     HaystackPart(
                         pos,
@@ -172,10 +180,10 @@ class Haystack:
                 pos += len(body)
                 seg_ids = ids[a:b]
                 plans.append((seg_ids, token_char_starts(tok, seg_ids), lead) if head_cut == 0 else None)
-        text = cls.JOIN.join(texts)
+        text = cls.JOIN.join(h + t for h, t in zip(heads, texts, strict=True))
         if not reuse_ids:
             return cls(tok, text, parts)
-        return cls(tok, text, parts, _reuse_row_ids(tok, texts, plans, cls.JOIN))
+        return cls(tok, text, parts, _reuse_row_ids(tok, texts, plans, cls.JOIN, heads))
 
     def parts_in(self, char_start: int, char_end: int) -> list[tuple[HaystackPart, int, int]]:
         """The parts overlapping haystack chars [char_start, char_end), with the overlap."""
@@ -195,15 +203,18 @@ def _reuse_row_ids(
     bodies: list[str],
     plans: list[tuple[np.ndarray, np.ndarray, int] | None],
     join: str,
+    headers: list[str] | None = None,
 ) -> np.ndarray:
-    """Ids of `join.join(bodies)` from each body's row tokens, re-tokenizing only heads and tails."""
+    """Ids of `join.join(header + body)` from each body's row tokens, re-tokenizing only the header
+    lines and each body's head and tail."""
     t = boundary_tables(tok)
     chunks: list[str | np.ndarray] = []  # text to tokenize, or ids to keep, in order
     last = len(bodies) - 1
     for k, (body, plan) in enumerate(zip(bodies, plans, strict=True)):
         tail_join = join if k < last else ""
+        head = headers[k] if headers else ""
         if plan is None:
-            chunks.append(body + tail_join)
+            chunks.append(head + body + tail_join)
             continue
         seg, cs, lead = plan
         seg64 = seg.astype(np.int64)
@@ -215,10 +226,10 @@ def _reuse_row_ids(
         # (what was stripped around it is not in the haystack: a boundary at the body's end is unsafe)
         cand = cand[(cs[cand] >= lead) & (cs[cand] < end)]
         if len(cand) < 2:
-            chunks.append(body + tail_join)
+            chunks.append(head + body + tail_join)
             continue
         f, last_b = int(cand[0]), int(cand[-1])
-        chunks.append(body[: int(cs[f]) - lead])
+        chunks.append(head + body[: int(cs[f]) - lead])
         chunks.append(seg[f:last_b])
         chunks.append(body[int(cs[last_b]) - lead :] + tail_join)
     texts = [c for c in chunks if isinstance(c, str)]

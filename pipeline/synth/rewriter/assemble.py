@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.synth.chat import AssembledChat, AssemblyError, ChatTemplate, HaystackTooShort, assemble_chat
-from pipeline.synth.rewriter.contexts import Context, Passage
+from pipeline.synth.rewriter.contexts import Context, Passage, document_header, head_tokens
 from pipeline.synth.rewriter.evidence import NormalizedText
 from pipeline.synth.rewriter.plan import SamplePlan
 from pipeline.synth.rewriter.strategies import Draft, Rejection
@@ -73,12 +73,16 @@ def _locate_quotes(
     for qi, q in enumerate(draft.quotes):
         occ = ctx.norm.find_all(q.text)
         if not occ:
-            raise Rejection("evidence_not_found", f"quote {qi} is not in the context: {q.text[:200]!r}")
+            raise Rejection(
+                "evidence_not_found", f"quote {qi} is not in the context: {q.text[:200]!r}", q.group
+            )
         if q.passage is not None and not any(_overlaps(o, passages[q.passage]) for o in occ):
-            raise Rejection("quote_outside_passage", f"quote {qi} is not in passage {q.passage + 1}")
+            raise Rejection("quote_outside_passage", f"quote {qi} is not in passage {q.passage + 1}", q.group)
         inside = [c for c in (_to_content(asm, a, b) for a, b in occ) if c is not None]
         if not inside:
-            raise Rejection("evidence_truncated", f"quote {qi} lies only past the end of the sized context")
+            raise Rejection(
+                "evidence_truncated", f"quote {qi} lies only past the end of the sized context", q.group
+            )
         ca, cb = inside[-1]
         t0, t1 = asm.locate(cm, ca, cb)
         out.append(Located(q.label, cm, ca, cb, t0, t1, asm.depth(t0)))
@@ -107,21 +111,29 @@ def build_record(
     if ctx is not None:
         suffix = draft.turns[0]["content"].lstrip()
         messages = [*system, {"role": "user", "content": ""}, *draft.turns[1:]]
+        cut: dict[str, Any] | None = None
         try:
-            asm = assemble_chat(
-                chat, messages, cm, ctx.hay, sample_length, length_counts=rw.length_counts, suffix=suffix
-            )
+            if rw.context_format == "documents":
+                asm, cut = _assemble_documents(chat, messages, cm, ctx, sample_length, rw, suffix)
+            else:
+                asm = assemble_chat(
+                    chat, messages, cm, ctx.hay, sample_length, length_counts=rw.length_counts, suffix=suffix
+                )
         except HaystackTooShort as err:
             raise SampleFailure("haystack_too_short", str(err)) from None
         except (AssemblyError, ValueError) as err:
             raise SampleFailure("assembly_error", str(err)) from None
         located = _locate_quotes(draft, ctx, passages, asm, cm)
-        if located and all(x.depth >= 1.0 - rw.reject_tail_fraction for x in located):
-            depths = ", ".join(f"{x.depth:.3f}" for x in located)
-            raise Rejection(
-                "evidence_in_tail",
-                f"all evidence lies in the last {rw.reject_tail_fraction:.0%} of the context (depths {depths})",
-            )
+        # each QA turn on its own: a turn whose evidence all lies in the tail needs no far context
+        for g in draft.groups:
+            mine = [x for x, q in zip(located, draft.quotes, strict=True) if q.group == g]
+            if mine and all(x.depth >= 1.0 - rw.reject_tail_fraction for x in mine):
+                depths = ", ".join(f"{x.depth:.3f}" for x in mine)
+                raise Rejection(
+                    "evidence_in_tail",
+                    f"all evidence lies in the last {rw.reject_tail_fraction:.0%} of the context (depths {depths})",
+                    g,
+                )
         final = asm.messages
         rendered = asm.rendered
         length, context_tokens = asm.length, asm.context_tokens
@@ -140,6 +152,7 @@ def build_record(
             )
         haystack = asm.haystack_lineage()
     else:
+        cut = None
         final = [*system, *draft.turns]
         rendered = chat.render(final)
         length = rendered.counted(rw.length_counts, 0)
@@ -208,7 +221,102 @@ def build_record(
         "haystack_rows": asm.haystack_rows() if ctx is not None else [],
         "_passages": passage_spans,
         "_context_rows": ctx.row_ids if ctx is not None else [],
+        "_cut": cut,
     }
+
+
+_MAX_STARTS = 96
+_SENTENCE_CLOSE = "\"')]}”’"
+
+
+def _header_start(text: str, part_char_start: int) -> int:
+    """Where the header line before a document piece begins (the line just before its body)."""
+    return text.rfind("\n", 0, max(0, part_char_start - 1)) + 1
+
+
+def _starts(ctx: Context, limit: int) -> list[tuple[int, str, int]]:
+    """Candidate starts of a documents-format context, best first: (haystack token, kind, part). Kinds:
+    "document" (a document's header line) and "sentence" (a line inside a document piece that begins a
+    sentence, a clause or a paragraph; the context then opens with that document's header, continued),
+    all within the first `limit` tokens."""
+    hay = ctx.hay
+    text, cs = hay.text, hay.char_starts
+    lines = [int(h) for h in hay.line_bounds if h < min(limit, len(hay))]
+    if not lines:
+        return []
+    line_at = {int(cs[h]): h for h in lines}
+    last_char = int(cs[lines[-1]])
+    out: list[tuple[int, str, int]] = []
+    for k, part in enumerate(hay.parts):
+        if part.char_start > last_char:
+            break
+        h = line_at.get(_header_start(text, part.char_start))
+        if h is None or (k == 0 and int(part.meta.get("doc_token_start") or 0) > 0):
+            continue  # a row that begins inside a document begins wherever the packer cut it
+        out.append((h, "document", k))
+    for h in lines:
+        c = int(cs[h])
+        k = ctx._part_at(c)
+        part = hay.parts[k]
+        if not part.char_start < c < part.char_end:
+            continue
+        before = text[part.char_start : c].rstrip()
+        if text[c - 2 : c] == "\n\n" or before.rstrip(_SENTENCE_CLOSE)[-1:] in (".", "!", "?", ";", ":"):
+            out.append((h, "sentence", k))
+    return out[:_MAX_STARTS]
+
+
+def _assemble_documents(
+    chat: ChatTemplate,
+    messages: list[dict[str, str]],
+    cm: int,
+    ctx: Context,
+    sample_length: int,
+    rw: RewriterConfig,
+    suffix: str,
+) -> tuple[AssembledChat, dict[str, Any]]:
+    """The instruction, then the documents with their header lines, cut at a document or sentence start
+    and at a sentence, clause-at-line or paragraph end; where no such end sizes the sample exactly, at
+    a word end (recorded in params.context_cut)."""
+    instruction = rw.instruction.strip() + "\n\n"
+    header = document_header(rw.document_header)
+
+    def continued(k: int) -> str:  # the header of a document the context opens inside of
+        return header({**ctx.hay.parts[k].meta, "doc_token_start": 1}) + "\n"
+
+    starts = _starts(ctx, head_tokens(sample_length))
+    # a clean end from every candidate start first; then a word end (the plain cut) from the same starts
+    for tail in ("sentence", "word"):
+        for h, kind, k in starts:
+            prefix = instruction + (continued(k) if kind == "sentence" else "")
+            try:
+                asm = assemble_chat(
+                    chat,
+                    messages,
+                    cm,
+                    ctx.hay,
+                    sample_length,
+                    length_counts=rw.length_counts,
+                    prefix=prefix,
+                    suffix=suffix,
+                    start_token=h,
+                    start_attempts=1,
+                    tail=tail,
+                )
+            except (AssemblyError, HaystackTooShort):
+                continue
+            return asm, {"start": kind, "start_token": h, "end": tail}
+    asm = assemble_chat(
+        chat,
+        messages,
+        cm,
+        ctx.hay,
+        sample_length,
+        length_counts=rw.length_counts,
+        prefix=instruction + continued(0),
+        suffix=suffix,
+    )
+    return asm, {"start": "line", "start_token": 0, "end": "word"}
 
 
 def params_json(plan: SamplePlan, draft: Draft, extra: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ document at line or sentence ends, so any quote the model copies has a known pla
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,6 +22,15 @@ from pipeline.core.results import TargetPlan, shard_path
 from pipeline.core.tokenizer import Tokenizer
 from pipeline.synth.chat import Haystack
 from pipeline.synth.rewriter.evidence import NormalizedText
+
+# context_format "documents": the context starts within the first head_tokens() haystack tokens (at a
+# document's header, or at a line that begins a sentence), and passages are taken after that.
+HEAD_TOKENS = 2048
+
+
+def head_tokens(sample_length: int) -> int:
+    """How far in a documents-format context may start: 2048 tokens, an eighth of short samples."""
+    return min(HEAD_TOKENS, sample_length // 8)
 
 
 @dataclass(frozen=True)
@@ -64,15 +74,18 @@ class Context:
     def norm(self) -> NormalizedText:
         return NormalizedText.of(self.hay.text)
 
-    def passage(self, depth: float, context_tokens: int, usable_end: int, n_tokens: int) -> Passage:
+    def passage(
+        self, depth: float, context_tokens: int, usable_end: int, n_tokens: int, lo: int = 0
+    ) -> Passage:
         """About `n_tokens` of text at `depth` of a context of `context_tokens`, ending before token
-        `usable_end` (room for the question), inside one document, cut at line or sentence ends."""
+        `usable_end` (room for the question), inside one document, cut at line or sentence ends, and
+        starting at token `lo` or later (where the context may start)."""
         hay = self.hay
         cs = hay.char_starts
         n = len(hay)
         end_limit = max(1, min(n, usable_end))
-        t0 = int(depth * min(context_tokens, n)) - n_tokens // 2
-        t0 = max(0, min(t0, end_limit - n_tokens))
+        t0 = lo + int(depth * (min(context_tokens, n) - lo)) - n_tokens // 2
+        t0 = max(0, lo, min(t0, end_limit - n_tokens))
         t1 = min(end_limit, t0 + n_tokens)
         centre = int(cs[(t0 + t1) // 2])
         part_i = self._part_at(centre)
@@ -130,9 +143,12 @@ class ContextReader:
 
     COLUMNS = ("row_id", "input_ids", "segments")
 
-    def __init__(self, out: Path, tok: Tokenizer) -> None:
+    def __init__(
+        self, out: Path, tok: Tokenizer, header: Callable[[Mapping[str, Any]], str] | None = None
+    ) -> None:
         self.out = out
         self.tok = tok
+        self.header = header  # a title line before each document (rewriter.context_format: documents)
         self._files: dict[str, pq.ParquetFile] = {}
         self._groups: dict[tuple[str, int], pa.Table] = {}
 
@@ -168,10 +184,30 @@ class ContextReader:
     def context(self, refs: list[ContextRef], min_tokens: int) -> Context:
         """The haystack of the first row, extended by the next ones only while it is under `min_tokens`."""
         rows = [self.row(refs[0])]
-        hay = Haystack.from_rows(self.tok, rows)
+        hay = Haystack.from_rows(self.tok, rows, header=self.header)
         for ref in refs[1:]:
             if len(hay) >= min_tokens:
                 break
             rows.append(self.row(ref))
-            hay = Haystack.from_rows(self.tok, rows)
+            hay = Haystack.from_rows(self.tok, rows, header=self.header)
         return Context(hay, [r["row_id"] for r in rows])
+
+
+def document_header(fmt: str) -> Callable[[Mapping[str, Any]], str]:
+    """The header line of a document piece from `rewriter.document_header` and its segment fields."""
+
+    def header(seg: Mapping[str, Any]) -> str:
+        continued = int(seg.get("doc_token_start") or 0) > 0
+        return (
+            " ".join(
+                fmt.format(
+                    source=seg.get("source") or "",
+                    doc_id=seg.get("doc_id") or "",
+                    uri=seg.get("uri") or "",
+                    continued=", continued" if continued else "",
+                ).split()
+            )
+            or "###"
+        )  # never an empty line: the header must be visible text
+
+    return header

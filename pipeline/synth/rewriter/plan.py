@@ -93,7 +93,8 @@ def context_target(cfg: RewriterStageConfig, selected: SelectResult) -> TargetPl
 def _depths(
     rw: RewriterConfig, s: RewriterStrategy, k: int, n: int, rng: np.random.Generator
 ) -> tuple[float, ...]:
-    hops = s.hops if s.kind == "multi_hop" else 1
+    # multi_hop: passages for one question; chunk_qa with turns_per_context: one passage per QA turn
+    hops = s.hops if s.kind == "multi_hop" else s.turns_per_context if s.kind == "chunk_qa" else 1
     if rw.chunk_depths:
         return tuple(rw.chunk_depths[(k * hops + j) % len(rw.chunk_depths)] for j in range(hops))
     head = 1.0 - rw.reject_tail_fraction  # passages come from before the tail that would be rejected

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.synth.rewriter.client import ChatRequest
-from pipeline.synth.rewriter.contexts import Context, Passage
+from pipeline.synth.rewriter.contexts import Context, Passage, head_tokens
 from pipeline.synth.rewriter.evidence import normalize_quote
 from pipeline.synth.rewriter.parsing import ParseFailure, text_field
 from pipeline.synth.rewriter.plan import SamplePlan
@@ -31,10 +31,11 @@ from schemas.synthesis import RewriterConfig, RewriterStrategy
 class Rejection(Exception):
     """A model answer that cannot become a sample; `reason` is counted, `detail` kept for inspection."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, group: int | None = None) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.group = group  # the QA turn (Draft.groups) it concerns, when only that turn is at fault
 
 
 @dataclass
@@ -42,6 +43,7 @@ class DraftQuote:
     text: str
     passage: int | None  # the passage it must come from (multi_hop), None: anywhere in the context
     label: str = "quote"
+    group: int = 0  # the QA turn it supports (several-turn chunk_qa); 0 for every other sample
 
 
 @dataclass
@@ -68,6 +70,33 @@ class Draft:
     dedup_key: str
     turn_evidence: list[DraftTurnEvidence] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    groups: list[int] = field(default_factory=lambda: [0])  # ids of the QA turns (several-turn chunk_qa)
+
+
+def combine_turns(drafts: list[tuple[int, Draft]]) -> Draft:
+    """One conversation from single-turn chunk_qa drafts `(turn id, draft)`: their turns in order, each
+    question with its own quotes; quotes keep the id of their turn so a failure names the turn."""
+    if len(drafts) == 1 and drafts[0][0] == 0:
+        return drafts[0][1]
+    turns: list[dict[str, str]] = []
+    quotes: list[DraftQuote] = []
+    questions: list[DraftQuestion] = []
+    for g, d in drafts:
+        base_turn, base_quote = len(turns), len(quotes)
+        turns += d.turns
+        quotes += [DraftQuote(q.text, q.passage, q.label, g) for q in d.quotes]
+        questions += [
+            DraftQuestion(base_turn + q.turn, q.expected, q.match, [base_quote + i for i in q.quotes])
+            for q in d.questions
+        ]
+    return Draft(
+        turns=turns,
+        quotes=quotes,
+        questions=questions,
+        dedup_key=" || ".join(d.dedup_key for _, d in drafts),
+        info={"qa_turns": [g for g, _ in drafts]},
+        groups=[g for g, _ in drafts],
+    )
 
 
 def question_key(text: str) -> str:
@@ -103,7 +132,23 @@ def passages_for(
     if ctx is None:
         return []
     end = usable_end(rw, sample_length)
-    return [ctx.passage(d, sample_length, end, rw.chunk_tokens) for d in plan.depths]
+    # documents format: the context may start up to head_tokens() in, so passages come after that
+    lo = head_tokens(sample_length) if rw.context_format == "documents" else 0
+    return [ctx.passage(d, sample_length, end, rw.chunk_tokens, lo) for d in plan.depths]
+
+
+def turn_requests(
+    plan: SamplePlan,
+    strategy: RewriterStrategy,
+    template: PromptTemplate,
+    passages: list[Passage],
+    rw: RewriterConfig,
+) -> list[ChatRequest]:
+    """The requests of one sample: one, or one per QA turn (chunk_qa with turns_per_context > 1), each
+    the single-turn prompt on its own passage, so every turn is asked and checked like a lone sample."""
+    if plan.kind == "chunk_qa" and strategy.turns_per_context > 1:
+        return [build_request(plan, strategy, template, [p], rw) for p in passages]
+    return [build_request(plan, strategy, template, passages, rw)]
 
 
 def build_request(
