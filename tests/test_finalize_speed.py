@@ -36,7 +36,9 @@ def png_chunks(data: bytes) -> dict[str, bytes]:
         n = int.from_bytes(data[off : off + 4], "big")
         kind = data[off + 4 : off + 8].decode("ascii")
         body = data[off + 8 : off + 8 + n]
-        assert zlib.crc32(data[off + 4 : off + 8 + n]) == int.from_bytes(data[off + 8 + n : off + 12 + n], "big")
+        assert zlib.crc32(data[off + 4 : off + 8 + n]) == int.from_bytes(
+            data[off + 8 + n : off + 12 + n], "big"
+        )
         chunks[kind] = body
         if kind == "tEXt":
             key, _, value = body.partition(b"\0")

