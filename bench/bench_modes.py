@@ -11,7 +11,11 @@ Each repeat runs, one after the other (interleaved, so a change in machine load 
 - `--no-prefect`: the same stages in-process;
 - `bare encoder`: the default tokenizer's `encode_batch` alone over the corpus texts (parsed outside the
   timing; bench/bench_build.py's `bare` child);
-- datatrove's tokenization pipeline, when `datatrove` is installed (else a line says it was skipped).
+- datatrove's tokenization pipeline, when `datatrove` is installed (else a line says it was skipped;
+  `--no-datatrove` leaves it out: at 5 GB and minutes per run it dominates a loaded machine);
+- with `--baseline DIR` (another checkout, e.g. `git worktree add --detach /tmp/old main`), the three
+  `longloom build` modes once more with that checkout's code, in the same interleaved loop, so a change
+  is compared with what it replaces under the same load.
 Commands run as real processes (`python -m flows.cli ...`) from an empty output folder; seconds are
 wall time of the whole command, tokens/s counts the corpus' tokens as the bare encoder counts them.
 Peak RSS is sampled every 20 ms over the command's process tree (psutil) and, separately, for the
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -44,10 +49,20 @@ from bench_build import bench_config, corpus_bytes  # noqa: E402
 MIB = 2**20
 
 
-def measure(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
-    """Wall seconds, exit code, peak RSS of the process tree and of the process alone, last stdout line."""
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(cmd: list[str], env: dict[str, str], cwd: Path = ROOT) -> dict[str, Any]:
+    """Wall seconds, CPU seconds, peak RSS of the process tree and of the process alone, last stdout line.
+
+    CPU seconds (user + system of the command and every descendant it waited for, e.g. a temporary API;
+    not the kept server, which outlives the build) change far less with the machine's load than wall time.
+    """
+    cpu0 = _children_cpu()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     peak = own_peak = 0
     done = threading.Event()
 
@@ -74,7 +89,8 @@ def measure(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     if code != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed with exit code {code}")
     lines = out.strip().splitlines()
-    return {"seconds": seconds, "peak": peak, "own": own_peak, "last": lines[-1] if lines else ""}
+    cpu = _children_cpu() - cpu0
+    return {"seconds": seconds, "cpu": cpu, "peak": peak, "own": own_peak, "last": lines[-1] if lines else ""}
 
 
 def kept_server_rss(env: dict[str, str]) -> int:
@@ -121,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         "--datatrove-tokenizer", type=Path, default=None,
         help="tokenizer.json for datatrove's run (default: Meta's Llama-3 file the tests fetch)",
     )  # fmt: skip
+    ap.add_argument("--no-datatrove", action="store_true", help="leave datatrove's pipeline out")
+    ap.add_argument(
+        "--baseline", type=Path, default=None,
+        help="another checkout whose code also runs the build modes, interleaved (labelled 'baseline')",
+    )  # fmt: skip
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "longloom-bench-modes")
     args = ap.parse_args(argv)
     if not args.sample and not args.corpus:
@@ -155,14 +176,26 @@ def main(argv: list[str] | None = None) -> int:
         "longloom build (Prefect, warm: kept server)": [*build, "--prefect-server", "keep"],
         "longloom build --no-prefect": [*build, "--no-prefect"],
     }
+    envs: dict[str, dict[str, str]] = {}
+    if args.baseline:
+        # the same commands with the other checkout's code first on the path (and as the cwd's code)
+        # each right after its counterpart, so the pair meets about the same load
+        base_env = {**env, "PYTHONPATH": str(args.baseline.resolve())}
+        paired: dict[str, list[str] | None] = {}
+        for name, cmd in modes.items():
+            paired[name] = paired[f"{name} [baseline]"] = cmd
+            envs[f"{name} [baseline]"] = base_env
+        modes = paired
     if not args.sample:
         payload = json.dumps({"corpus": str(args.corpus), "tokenizer": tokenizer})
         modes["bare encoder (encode_batch only)"] = [
             sys.executable, str(ROOT / "bench" / "bench_build.py"), "--child", "bare", payload
         ]  # fmt: skip
-        dt_tok = args.datatrove_tokenizer or meta_llama3_tokenizer_json()
-        dt = datatrove_cmd(args.corpus, args.work / "datatrove", dt_tok)
-        if dt is None:
+        dt_tok = args.datatrove_tokenizer or (Path() if args.no_datatrove else meta_llama3_tokenizer_json())
+        dt = None if args.no_datatrove else datatrove_cmd(args.corpus, args.work / "datatrove", dt_tok)
+        if args.no_datatrove:
+            print("datatrove's tokenization pipeline left out (--no-datatrove)")
+        elif dt is None:
             print("datatrove is not installed: its tokenization pipeline is skipped (pip install datatrove)")
         else:
             modes["datatrove tokenization pipeline, 1 task"] = dt
@@ -177,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.rmtree(args.work / "datatrove", ignore_errors=True)
                 assert cmd is not None
-                r = measure(cmd, env)
+                r = measure(cmd, envs.get(name, env), cwd=args.baseline if name in envs else ROOT)
                 if name.startswith("bare"):
                     child = json.loads(r["last"])
                     tokens, r["seconds"] = child["tokens"], child["seconds"]
@@ -185,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                     r["server"] = kept_server_rss(env)
                 results[name].append(r)
                 print(
-                    f"  #{rep + 1} {name}: {r['seconds']:.1f} s, peak RSS {r['peak'] / MIB:.0f} MiB "
+                    f"  #{rep + 1} {name}: {r['seconds']:.1f} s ({r['cpu']:.1f} s CPU), peak RSS {r['peak'] / MIB:.0f} MiB "
                     f"(tree), {r['own'] / MIB:.0f} MiB (own); load {os.getloadavg()[0]:.1f}",
                     flush=True,
                 )
@@ -196,13 +229,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(tokens: the {tokens:,} tokens of the output rows)")
     ref = min(r["seconds"] for r in results["longloom build --no-prefect"])
     print(f"\n{label}, tokenizer {tokenizer}, best of {args.repeats}:\n")
-    print("| run | seconds (best / worst) | M tok/s | vs --no-prefect | peak RSS, tree | own process |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| run | seconds (best / worst) | CPU s (best) | M tok/s | vs --no-prefect | peak RSS, tree | own process |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, rs in results.items():
         best = min(r["seconds"] for r in rs)
         extra = f" (+ kept server {max(r['server'] for r in rs) / MIB:.0f} MiB)" if "warm" in name else ""
         print(
-            f"| {name} | {best:.1f} / {max(r['seconds'] for r in rs):.1f} | {tokens / best / 1e6:.2f} "
+            f"| {name} | {best:.1f} / {max(r['seconds'] for r in rs):.1f} | {min(r['cpu'] for r in rs):.1f} "
+            f"| {tokens / best / 1e6:.2f} "
             f"| {ref / best:.2f}× | {max(r['peak'] for r in rs) / MIB:,.0f} MiB{extra} "
             f"| {max(r['own'] for r in rs) / MIB:,.0f} MiB |"
         )

