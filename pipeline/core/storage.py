@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from pipeline.core.faults import crash_point
 from schemas.redact import redact_url
 
 LOCAL_PROTOCOLS = ("file", "local")
@@ -71,10 +72,21 @@ def local_path(path: str) -> Path:
     return Path(path)
 
 
-def _fs(url: str) -> tuple[Any, str]:
+# A preflight must answer in seconds: botocore's default retries take ~20 s to give up on an endpoint
+# that refuses connections.
+_PREFLIGHT_OPTIONS: dict[str, dict[str, Any]] = {
+    "s3": {
+        "skip_instance_cache": True,
+        "config_kwargs": {"connect_timeout": 5, "retries": {"max_attempts": 1, "mode": "standard"}},
+    }
+}
+
+
+def _fs(url: str, preflight: bool = False) -> tuple[Any, str]:
     import fsspec  # imported only when a URL is used: plain-path runs never load it
 
-    fs, root = fsspec.core.url_to_fs(url)
+    options = _PREFLIGHT_OPTIONS.get(protocol(url) or "", {}) if preflight else {}
+    fs, root = fsspec.core.url_to_fs(url, **options)
     return fs, root.rstrip("/")
 
 
@@ -118,7 +130,7 @@ def check_store(url: str, what: str, must_exist: bool) -> None:
     """
     shown = redact_url(url)
     try:
-        fs, root = _fs(url)
+        fs, root = _fs(url, preflight=True)
         if must_exist:
             if not fs.exists(root):
                 raise StorageError(f"{what}: {shown} does not exist in the store")
@@ -268,6 +280,8 @@ class Mirror:
             records = [r for r in changed if rank(r)[0] > 0]
             for rel in data:
                 self._put(rel, present[rel])
+            if records:
+                crash_point("push_records")  # tests: die with the data stored and its records not
             for rel in gone:
                 with contextlib.suppress(FileNotFoundError):
                     self.fs.rm_file(f"{self.root}/{rel}")
