@@ -48,7 +48,9 @@ def own_env(base: dict[str, str], folder: Path, **extra: str) -> dict[str, str]:
 
 
 def published(folder: Path) -> set[str]:
-    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and ".longloom" not in p.parts}
+    return {
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and ".longloom" not in p.parts
+    }
 
 
 def test_build_on_a_dask_cluster_with_only_an_object_store(
@@ -89,7 +91,15 @@ def test_build_on_a_dask_cluster_with_only_an_object_store(
             sched = tmp_path / "scheduler"
             sched.mkdir()
             start(
-                ["-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                [
+                    "-m",
+                    "distributed.cli.dask_scheduler",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--no-dashboard",
+                ],
                 sched,
                 own_env(base, sched),
             )
@@ -122,7 +132,9 @@ def test_build_on_a_dask_cluster_with_only_an_object_store(
                 names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
                 with get_task_stream(client) as stream:
                     t0 = time.monotonic()
-                    done = run_cli(["build", str(cfg), "--dask-address", address], env=own_env(base, client_dir))
+                    done = run_cli(
+                        ["build", str(cfg), "--dask-address", address], env=own_env(base, client_dir)
+                    )
                     seconds = time.monotonic() - t0
                 assert done.returncode == 0, done.stderr[-4000:]
 
@@ -155,7 +167,9 @@ def test_build_on_a_dask_cluster_with_only_an_object_store(
                 deadline = time.monotonic() + max(180.0, 3 * seconds)
                 while time.monotonic() < deadline and first.poll() is None:
                     fs.invalidate_cache()
-                    if fs.exists("cluster/resume") and any("/written/" in k for k in fs.find("cluster/resume")):
+                    if fs.exists("cluster/resume") and any(
+                        "/written/" in k for k in fs.find("cluster/resume")
+                    ):
                         break
                     time.sleep(0.2)
                 assert first.poll() is None, "the client finished before it could be killed"
