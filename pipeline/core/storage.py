@@ -141,6 +141,10 @@ def check_store(url: str, what: str, must_exist: bool) -> None:
         raise
     except ImportError as err:
         raise StorageError(f"{what}: {shown}: no filesystem for this URL ({err}); install it") from None
+    except ValueError as err:
+        if "Protocol not known" not in str(err):
+            raise StorageError(f"{what}: {shown}: {explain(err)}") from None
+        raise StorageError(f"{what}: {shown}: no filesystem for this URL scheme ({err})") from None
     except Exception as err:  # backends raise anything: one clear line
         raise StorageError(f"{what}: {shown}: {explain(err)}") from None
 
@@ -150,7 +154,8 @@ def glob(pattern: str) -> list[str]:
     fs, _ = _fs(pattern)
     proto = protocol(pattern)
     found = fs.glob(pattern.partition("://")[2], detail=True)
-    return sorted(f"{proto}://{p}" for p, info in found.items() if info.get("type") == "file")
+    # spelled as the pattern is (`memory://x`, not the filesystem's own `/x`)
+    return sorted(f"{proto}://{p.lstrip('/')}" for p, info in found.items() if info.get("type") == "file")
 
 
 @contextlib.contextmanager
