@@ -46,7 +46,12 @@ def test_push_stores_data_then_records_then_the_manifest(
     write(m.local / "data" / "a" / ".tmp-train-00001.parquet", b"half")  # a sink still writing
     order: list[str] = []
     put = m.fs.put_file
-    monkeypatch.setattr(m.fs, "put_file", lambda src, dst, **kw: (order.append(dst), put(src, dst, **kw)))
+
+    def recording_put(src: str, dst: str, **kw: Any) -> None:
+        order.append(dst)
+        put(src, dst, **kw)
+
+    monkeypatch.setattr(m.fs, "put_file", recording_put)
     assert m.push() == 4
     rel = [p.split("/out/", 1)[1] for p in order]
     assert rel[-1] == "manifest.json"
