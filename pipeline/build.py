@@ -51,6 +51,7 @@ def preflight(cfg: BuildConfig) -> list[InputShard]:
     """Every check that can fail before work starts: inputs exist, tokenizer and its tokens resolve."""
     from pipeline.core.tokenizer import TokenizerError, separator_and_pad
 
+    check_stores(cfg)  # first: an unreachable store or missing credentials is said in seconds
     try:
         tok = tokenizer_for(cfg)
         for special in separator_and_pad(tok, cfg.packing.separator, cfg.packing.pad_token):
@@ -65,7 +66,6 @@ def preflight(cfg: BuildConfig) -> list[InputShard]:
         except EmbedderError as err:
             raise ConfigError(str(err)) from None
         semantic_selectors(cfg)  # a configured SemDeDup/D4 that cannot load fails here, not mid-run
-    check_stores(cfg)
     shards = list_input_shards(cfg)
     if not shards:
         raise ConfigError("sources: no input shards found")
