@@ -97,6 +97,9 @@ def test_a_pull_fetches_what_others_stored_and_only_that(
     write(writer.local / "a.bin", b"two!")
     writer.push()
     assert reader.pull() == 1 and (reader.local / "a.bin").read_bytes() == b"two!"
+    (writer.local / "a.bin").unlink()  # another process deletes a file (a stale shard)
+    writer.push()
+    assert reader.pull() == 1 and not (reader.local / "a.bin").exists()
     # the reader stores nothing it merely fetched
     assert reader.push() == 0
 

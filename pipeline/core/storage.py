@@ -242,10 +242,20 @@ class Mirror:
         return st.st_size, st.st_mtime_ns
 
     def pull(self) -> int:
-        """Fetch every stored file that changed since this process last saw it; the count fetched."""
+        """Fetch every stored file that changed since this process last saw it, and drop local copies of
+        files removed from the store; the count of changes."""
         n = 0
         with self._lock:
-            for rel, meta in sorted(self._listing().items()):
+            listing = self._listing()
+            # removed from the store by another process (e.g. finalize on a worker deleting stale
+            # shards) and unchanged here since: remove the local copy too
+            for rel in [r for r in self._local if r not in listing]:
+                if self._stat(rel) == self._local[rel]:
+                    (self.local / rel).unlink(missing_ok=True)
+                    del self._local[rel]
+                    self._remote.pop(rel, None)
+                    n += 1
+            for rel, meta in sorted(listing.items()):
                 ident = _ident(meta)
                 if self._remote.get(rel) == ident and self._stat(rel) == self._local.get(rel):
                     continue
