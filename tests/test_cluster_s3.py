@@ -13,7 +13,9 @@ Every process has its own cwd, HOME, TMPDIR and PREFECT_HOME; the only thing the
 - worker w0 SIGKILLs itself in the middle of a write unit (LONGLOOM_FAULT, no nanny to restart it): its
   unit reruns on w1, and the store holds exactly the objects of a reference run (nothing duplicated);
 - a client SIGKILLed once a write record is in the store resumes, in a new process with a new scratch
-  folder, from the store: prepared shards and written shards are reused.
+  folder, from the store: prepared shards and written shards are reused;
+- the store's credentials (given to every process in its environment) are in no stored file, no
+  process's folder and not in the Prefect server's database.
 """
 
 from __future__ import annotations
@@ -28,7 +30,17 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.opskit import free_port, kill_group, output_digest, run_cli
-from tests.s3kit import download, moto_server, s3_config, s3_env, s3fs_for, upload_sources
+from tests.s3kit import (
+    ACCESS_KEY,
+    SECRET_KEY,
+    download,
+    moto_server,
+    s3_config,
+    s3_env,
+    s3fs_for,
+    upload_sources,
+)
+from tests.secretscan import find_secrets
 
 pytestmark = pytest.mark.slow
 
@@ -191,3 +203,9 @@ def test_build_on_a_dask_cluster_with_only_an_object_store(
         assert published(got2) == published(ref / "out")
         reused = {s["stage"]: s["reused"] for s in json.loads((got2 / "report.json").read_text())["stages"]}
         assert reused["prepare"] == 4 and reused["write"] >= 1, reused
+
+    # the store's credentials are nowhere: not in what was stored, not in any process's folder (logs,
+    # HOME, TMPDIR, Prefect home), not in the Prefect server's database (task parameters, logs)
+    folders = [tmp_path / d for d in ("downloaded", "downloaded2", "scheduler", "w0", "w1", "client")]
+    folders += [tmp_path / "client2", tmp_path / "client3", Path(prefect_server["PREFECT_HOME"])]
+    assert find_secrets(folders, [SECRET_KEY, ACCESS_KEY], {"client": done.stdout + done.stderr}) == []
