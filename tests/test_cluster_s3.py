@@ -206,8 +206,10 @@ def test_build_on_a_dask_cluster_with_only_an_object_store(
 
     # the store's credentials are nowhere: not in what was stored, not in any process's folder (logs,
     # HOME, TMPDIR, Prefect home), not in the Prefect server's database (task parameters, logs)
-    folders = [tmp_path / d for d in ("downloaded", "downloaded2", "scheduler", "w1", "client")]
-    folders += [tmp_path / "client2", tmp_path / "client3", Path(prefect_server["PREFECT_HOME"])]
-    # w0 was SIGKILLed mid-write: its scratch holds the half-written file (no Parquet footer to read)
+    folders = [tmp_path / d for d in ("downloaded", "downloaded2", "scheduler", "w1", "client", "client3")]
+    folders.append(Path(prefect_server["PREFECT_HOME"]))
+    # w0 and the first client were SIGKILLed mid-write: their scratch folders (TMPDIR) hold half-written
+    # files with no Parquet footer to read; their logs, HOME and Prefect home are scanned
     folders += [tmp_path / "w0" / d for d in ("log.txt", "home", "prefect")]
+    folders += [tmp_path / "client2" / d for d in ("home", "prefect")]
     assert find_secrets(folders, [SECRET_KEY, ACCESS_KEY], {"client": done.stdout + done.stderr}) == []
