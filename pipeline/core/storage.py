@@ -91,8 +91,10 @@ def _fs(url: str, preflight: bool = False) -> tuple[Any, str]:
 
 
 def _ident(info: dict[str, Any]) -> str:
-    """What identifies one version of an object: size plus ETag (or modification time)."""
-    tag = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or ""
+    """What identifies one version of an object: size plus ETag (S3, GCS), blob id (Hugging Face hub),
+    or else its modification or creation time."""
+    keys = ("ETag", "etag", "blob_id", "md5Hash", "LastModified", "mtime", "created")
+    tag = next((info[k] for k in keys if info.get(k)), "")
     return f"{info.get('size')}-{str(tag).strip(chr(34))}"
 
 
