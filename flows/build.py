@@ -28,6 +28,7 @@ from pipeline.build import (
     preflight,
     rebuild_command,
 )
+from pipeline.core import storage
 from pipeline.core.progress import LogReporter, Reporter, active_reporter, throttled
 from pipeline.core.workdir import WorkDir
 from pipeline.output.card import headline_rows, inline_images, split_front_matter
@@ -53,7 +54,14 @@ def unit_task(job: StageWork, unit: Any) -> Any:
     The task is renamed per stage (`Stage.task_name`: prepare-shard, write-shard, ...) where it is mapped.
     """
     logger = get_run_logger()
+    out = job.ctx.cfg.output.dir
+    if storage.is_remote(out):
+        # This process works in its own mirror of the store: fetch what other processes committed,
+        # and bind the stage again here, so every path it holds is a path of this process's mirror.
+        storage.pull(out)
+        job = job.stage.bind(job.ctx, job.inputs)
     res = job.run_unit(unit, throttled(logger.info, job.label(unit)))
+    storage.push(out)  # the unit's files, then its record last (nothing for a local output)
     line = job.log_line(res)
     if line:
         logger.info("%s", line)
@@ -89,10 +97,11 @@ def card_artifacts(cfg: BuildConfig, manifest: Manifest) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     key = re.sub(r"[^a-z0-9-]+", "-", cfg.run.name.lower()).strip("-") or "longloom"
-    _, body = split_front_matter((Path(cfg.output.dir) / "README.md").read_text(encoding="utf-8"))
+    out = WorkDir(cfg).out  # a URL output: this process's mirror of it
+    _, body = split_front_matter((out / "README.md").read_text(encoding="utf-8"))
     # plots embedded: the UI cannot resolve the card's relative images/*.png links (issue 12.26)
     create_markdown_artifact(
-        markdown=inline_images(Path(cfg.output.dir), body),
+        markdown=inline_images(out, body),
         key=f"{key}-card",
         description="Dataset card (README.md)",
     )
@@ -162,12 +171,18 @@ def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
     cfg = config
     command = command or "python -m flows.build"
     rep = active_reporter() or LogReporter(logger.info)
-    work = WorkDir(cfg)
     shards = preflight(cfg)  # a bad config or missing input fails here, before anything is written
-    logger.info("%d input shards from %d sources -> %s", len(shards), len(cfg.sources), cfg.output.dir)
+    work = WorkDir(cfg)
+    shown = storage.shown(cfg.output.dir)
+    logger.info("%d input shards from %d sources -> %s", len(shards), len(cfg.sources), shown)
+    # an output folder on a URL: resume from what the store holds (no-ops for a local folder)
+    storage.pull(cfg.output.dir)
 
     def run_units(stage: Stage, job: StageWork, units: list[Any]) -> list[Any]:
-        return gather(stage_task(stage, cfg).map(unmapped(job), units), rep, stage.name, job.advance)
+        storage.push(cfg.output.dir)  # what the earlier stages' merges wrote, before workers read it
+        done = gather(stage_task(stage, cfg).map(unmapped(job), units), rep, stage.name, job.advance)
+        storage.pull(cfg.output.dir)  # what the units committed, for the merge
+        return done
 
     with work.lock(logger.info), run_helpers(work.root, logger.info):
         work.remove_temporaries()
@@ -176,7 +191,7 @@ def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
         def after_report(manifest: Manifest, extra: dict[str, Any]) -> None:
             address = redact_url(cfg.run.dask_address) if cfg.run.dask_address else "local"
             runner = f"dask {address}" if cfg.run.task_runner == "dask" else "threads"
-            report = build_report(manifest, clock, cfg.output.dir, runner, command)
+            report = build_report(manifest, clock, shown, runner, command)
             md = write_report(work.out, report | extra)
             for line in summary_lines(manifest):
                 logger.info(line)
@@ -187,9 +202,10 @@ def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
         inputs = run_plan(
             RunContext(cfg, command), Inputs(shards=shards), run_units, rep, clock, after_report
         )
+        storage.push(cfg.output.dir)  # finalize's manifest (last), the card, the report
     manifest = inputs["finalize"]
     result: dict[str, Any] = {
-        "output_dir": cfg.output.dir,
+        "output_dir": shown,
         "config_hash": manifest.config_hash,
         "rows": {t.config_name: t.rows for t in manifest.targets},
         "tokens": {t.config_name: t.tokens for t in manifest.targets},
@@ -220,7 +236,7 @@ def task_runner_for(cfg: BuildConfig, api_url: str | None = None) -> Any:
 def run(cfg: BuildConfig, command: str | None = None) -> dict[str, Any]:
     """Run the flow with the task runner the config asks for, against the configured Prefect API or a
     temporary one started here (see `flows.api`)."""
-    if cfg.run.task_runner == "dask":
+    if cfg.run.task_runner == "dask" and not storage.is_remote(cfg.output.dir):
         # workers may start elsewhere: give them an output path that does not depend on their cwd
         cfg = with_overrides(cfg, "output", dir=str(Path(cfg.output.dir).resolve()))
     with prefect_api() as (api_url, _):

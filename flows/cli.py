@@ -25,7 +25,6 @@ def cmd_build(args: argparse.Namespace) -> int:
     cfg = _load(args.config, args.output)
     runner = "dask" if args.dask_address else args.runner
     cfg = with_overrides(cfg, "run", task_runner=runner, dask_address=args.dask_address, workers=args.workers)
-    from pathlib import Path
 
     from pipeline.build import longloom_commit, rebuild_command
 
@@ -33,7 +32,6 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     from pipeline.core.progress import BarReporter, use_reporter
 
-    report = Path(cfg.output.dir) / "report.md"
     if args.no_prefect:  # never imports Prefect (saves ~1.5 s of start-up)
         from pipeline.build import run_stages
 
@@ -44,7 +42,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         with use_reporter(BarReporter()) as bars:
             done = run_stages(cfg, command=command, reporter=bars)
         manifest = done["finalize"]
-        print(report.read_text(encoding="utf-8"))
+        from pipeline.core.storage import output_path  # a URL output: this process's mirror of it
+
+        print((output_path(cfg.output.dir) / "report.md").read_text(encoding="utf-8"))
         published = done.get("publish")  # the publish stage runs only when every check passed
         if published:
             print("\n".join(published["plan"]))
@@ -333,7 +333,9 @@ def parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", required=True, choices=["megatron"])
     ex.add_argument("--to", help="destination folder (default: OUTPUT_DIR/exports/FORMAT); replaced whole")
     ex.add_argument(
-        "--config", action="append", help="export only this config (repeatable; default: every config with ids)"
+        "--config",
+        action="append",
+        help="export only this config (repeatable; default: every config with ids)",
     )
     ex.add_argument(
         "--with-boundaries",

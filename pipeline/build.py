@@ -14,6 +14,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from pipeline.core import storage
 from pipeline.core.helpers import reap_orphans
 from pipeline.core.lineage import lineage_steps
 from pipeline.core.progress import Reporter
@@ -50,6 +51,7 @@ def preflight(cfg: BuildConfig) -> list[InputShard]:
     """Every check that can fail before work starts: inputs exist, tokenizer and its tokens resolve."""
     from pipeline.core.tokenizer import TokenizerError, separator_and_pad
 
+    check_stores(cfg)  # first: an unreachable store or missing credentials is said in seconds
     try:
         tok = tokenizer_for(cfg)
         for special in separator_and_pad(tok, cfg.packing.separator, cfg.packing.pad_token):
@@ -67,10 +69,11 @@ def preflight(cfg: BuildConfig) -> list[InputShard]:
     shards = list_input_shards(cfg)
     if not shards:
         raise ConfigError("sources: no input shards found")
-    out = Path(cfg.output.dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output.dir: {out} exists and is not a folder")
-    check_unnamed_output(cfg)
+    if not storage.is_remote(cfg.output.dir):
+        out = storage.local_path(cfg.output.dir)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output.dir: {out} exists and is not a folder")
+        check_unnamed_output(cfg)
     if cfg.procedural.enabled:
         from pipeline.stages.procedural import check_procedural
 
@@ -80,6 +83,35 @@ def preflight(cfg: BuildConfig) -> list[InputShard]:
 
         check_rewriter(cfg)
     return shards
+
+
+def check_stores(cfg: BuildConfig) -> None:
+    """ConfigError (one line naming the URL and what is missing) for every object store the config
+    names that does not answer with the credentials found: before any input is listed or work done."""
+    for field, value in (
+        ("diversity.cache_dir", cfg.diversity.cache_dir),
+        ("rewriter.cache_dir", cfg.rewriter.cache_dir),
+        ("long_dependency.cache_dir", cfg.long_dependency.cache_dir),
+    ):
+        if value and storage.is_remote(str(value)):
+            raise ConfigError(
+                f"{field}: {storage.shown(str(value))}: caches on a URL are not supported yet; use a local "
+                "or shared folder, or leave it unset (the rewriter's default cache is stored with output.dir)"
+            )
+    checks = [(p, f"source {s.name!r}") for s in cfg.sources for p in s.paths]
+    checks.append((cfg.output.dir, "output.dir"))
+    seen: set[str] = set()
+    for path, what in checks:
+        if not storage.is_remote(path):
+            continue
+        bucket = storage.bucket_of(path)
+        if bucket in seen:
+            continue
+        seen.add(bucket)
+        try:
+            storage.check_store(path, what, must_exist=False)
+        except storage.StorageError as err:
+            raise ConfigError(str(err)) from None
 
 
 def check_unnamed_output(cfg: BuildConfig) -> None:
@@ -137,8 +169,13 @@ def rebuild_command(config: str | Path | None, output_dir: str | Path, commit: s
     file name when it lives elsewhere; the output by its folder name. Run from the folder holding both
     (its whole text is also in `manifest.json`). The git commit of Longloom comes first, when known.
     """
-    out = Path(output_dir).resolve()
     args = ["longloom", "build"]
+    if storage.is_remote(str(output_dir)):  # a store's URL names the output wherever it is run
+        if config is not None and Path(config).resolve() != flows_default_config():
+            args.append(Path(config).name)
+        line = " ".join(shlex.quote(a) for a in [*args, "--output", storage.shown(str(output_dir))])
+        return f"# Longloom git commit {commit}\n{line}" if commit else line
+    out = Path(output_dir).resolve()
     if config is not None and Path(config).resolve() != flows_default_config():
         cfg = Path(config).resolve()
         try:
@@ -178,13 +215,17 @@ def run_stages(
     publishing uploads it with the rest.
     """
     rep = reporter or Reporter()
-    work = WorkDir(cfg)
     shards = preflight(cfg)  # a bad config or missing input fails here, before anything is written
+    work = WorkDir(cfg)
+    # an output folder on a URL: resume from what the store holds (no-ops for a local folder)
+    storage.pull(cfg.output.dir)
 
     def run_units(stage: Stage, job: StageWork, units: list[Any]) -> list[Any]:
+        storage.push(cfg.output.dir)  # what the earlier stages' merges wrote
         results = []
         for unit in units:
             r = job.run_unit(unit, rep.unit(stage.name, job.label(unit)))
+            storage.push(cfg.output.dir)  # the unit's files, then its record (see pipeline.core.storage)
             results.append(r)
             label, counts = job.advance(r)
             rep.advance(stage.name, label=label, **counts)
@@ -199,7 +240,9 @@ def run_stages(
         clock = RunClock()
 
         def after_report(manifest: Manifest, extra: dict[str, Any]) -> None:
-            report = build_report(manifest, clock, cfg.output.dir, "in-process", command)
+            report = build_report(manifest, clock, storage.shown(cfg.output.dir), "in-process", command)
             write_report(work.out, report | extra)
 
-        return run_plan(RunContext(cfg, command), Inputs(shards=shards), run_units, rep, clock, after_report)
+        done = run_plan(RunContext(cfg, command), Inputs(shards=shards), run_units, rep, clock, after_report)
+        storage.push(cfg.output.dir)  # finalize's manifest (last), the card, the report
+        return done

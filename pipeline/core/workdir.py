@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.storage import output_path
 from schemas.config import PREPARE_SECTIONS, ROW_SECTIONS, BuildConfig, config_hash, section_hash
 
 CONFIG_HASH_FILE = "config-hash"  # under .longloom/: the config hash of the run that holds the folder
@@ -25,7 +26,8 @@ class WorkDir:
     """Paths of one run. Stage folders carry a hash of the config sections that stage depends on."""
 
     def __init__(self, cfg: BuildConfig) -> None:
-        self.out = Path(cfg.output.dir)
+        # a URL output is worked on through this process's mirror of it (pipeline.core.storage)
+        self.out = output_path(cfg.output.dir)
         self.root = self.out / ".longloom"
         self.config_hash = config_hash(cfg)
         # how intermediate Parquet under .longloom/ is compressed: how its files are written, never

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from pipeline.core import storage
 from schemas.config import ConfigError, SourceConfig
 from schemas.records import QUARANTINE_SCHEMA, RAW_DOC_SCHEMA
+from schemas.redact import redact_url
 from schemas.stage_config import HasSources
 
 RAW_PREFIX_BYTES = 1024  # how much of an offending input a quarantine row keeps
@@ -200,7 +202,10 @@ class BatchBuilder:
 
 
 def input_uri(cfg: HasSources, path: str | Path) -> str:
-    """A posix path relative to cfg.base_dir when the input lies inside it, else absolute."""
+    """A posix path relative to cfg.base_dir when the input lies inside it, else absolute; a URL stays
+    a URL, without credentials (it is recorded in lineage and manifests)."""
+    if isinstance(path, str) and storage.is_remote(path):
+        return redact_url(path)
     p = Path(os.path.abspath(path))
     bases = [Path(os.path.abspath(cfg.base_dir))]
     real = Path(cfg.base_dir).resolve()
@@ -224,16 +229,29 @@ def expand_glob(cfg: HasSources, pattern: str) -> list[Path]:
     return [Path(m) for m in glob.glob(full, recursive=True)]
 
 
-def matched_files(cfg: HasSources, src: SourceConfig) -> list[Path]:
-    """Files matched by a source's globs, deduplicated and sorted by uri; ConfigError when a glob is empty."""
-    by_uri: dict[str, Path] = {}
+def matched_files(cfg: HasSources, src: SourceConfig) -> list[Path | str]:
+    """Files matched by a source's globs, deduplicated and sorted by uri; ConfigError when a glob is empty.
+
+    A URL pattern (`s3://bucket/data/*.jsonl.gz`) is expanded in its store (`fs.glob`): its matches
+    are URLs (str), read through `cfg.resolve`."""
+    by_uri: dict[str, Path | str] = {}
     for pattern in src.paths:
-        matches = expand_glob(cfg, pattern)
-        files = [m for m in matches if m.is_file()]
+        files: list[Path | str]
+        if storage.is_remote(pattern):
+            try:
+                files = list(storage.glob(pattern))
+            except Exception as err:  # any backend error: one line naming the URL
+                raise ConfigError(
+                    f"source {src.name!r}: {redact_url(pattern)}: {storage.explain(err)}"
+                ) from None
+            matches: list[Path | str] = list(files)
+        else:
+            local = expand_glob(cfg, str(storage.local_path(pattern)))
+            files, matches = [m for m in local if m.is_file()], [*local]
         if not files:
             what = "only directories" if matches else "nothing"
             raise ConfigError(
-                f"source {src.name!r}: path pattern {pattern!r} matches {what} "
+                f"source {src.name!r}: path pattern {redact_url(pattern)!r} matches {what} "
                 f"(patterns are relative to {cfg.base_dir}); fix sources[].paths, e.g. 'data/*.{src.kind}'"
             )
         for f in files:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.core import storage
 from pipeline.readers.base import (
     RAW_PREFIX_BYTES,
     DocumentNotFound,
@@ -33,6 +34,7 @@ from pipeline.readers.base import (
 )
 from pipeline.readers.pyimports import ModuleIndex, dependency_order, imports_of
 from schemas.config import CodeOptions, ConfigError, SourceConfig
+from schemas.redact import redact_url
 from schemas.stage_config import HasSources
 
 STEP = "code_repo_reader@1"
@@ -260,6 +262,11 @@ class CodeShardReader(ShardReader):
 def list_shards(cfg: HasSources, src: SourceConfig) -> list[InputShard]:
     repos: dict[str, Path] = {}
     for pattern in src.paths:
+        if storage.is_remote(pattern):  # a checkout's git metadata and file tree are read in place
+            raise ConfigError(
+                f"source {src.name!r}: {redact_url(pattern)}: kind 'code' reads local repository folders; "
+                "copy the repositories to a local (or shared) folder, or export them as jsonl/parquet"
+            )
         matches = expand_glob(cfg, pattern)
         if not matches:
             raise ConfigError(

@@ -7,10 +7,12 @@ import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.core import storage
 from pipeline.readers.base import (
     RAW_PREFIX_BYTES,
     BatchBuilder,
@@ -149,7 +151,7 @@ def add_batch(b: BatchBuilder, rb: pa.RecordBatch, offset: int, src: SourceConfi
     add_text_column(b, rb.column(src.text_field), ids, offset, src.text_field, lambda r: f"row {r} of {uri}")
 
 
-def file_problem(path: Path, uri: str, src: SourceConfig) -> tuple[str, str] | None:
+def file_problem(path: Path | BinaryIO, uri: str, src: SourceConfig) -> tuple[str, str] | None:
     """(quarantine reason, one-line message) when `path` is not a Parquet file with the configured text
     (and id) columns; None when it is."""
     try:
@@ -191,7 +193,11 @@ def list_shards(cfg: HasSources, src: SourceConfig) -> list[InputShard]:
     problems: list[str] = []
     for i, path in enumerate(matched_files(cfg, src)):
         uri = input_uri(cfg, path)
-        problem = file_problem(path, uri, src)
+        if isinstance(path, str):  # a URL: read its footer from the store, not the whole file
+            with storage.open_input(path) as f:
+                problem = file_problem(f, uri, src)
+        else:
+            problem = file_problem(path, uri, src)
         if problem is not None:
             if src.on_bad_file == "fail":
                 raise ConfigError(problem[1] + " (or set on_bad_file: quarantine to skip such files)")

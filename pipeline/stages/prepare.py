@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.core import storage
 from pipeline.core.faults import crash_point
 from pipeline.core.parquet_io import (
     Background,
@@ -65,6 +66,9 @@ def input_stamp(cfg: HasSources, shard: InputShard) -> str:
     replaced, or a new file that shifts shard numbering, is read again rather than trusted.
     """
     h = hashlib.sha256(f"{shard.kind}|{shard.uri}|{shard.index}|{shard.hf_num_shards}".encode())
+    if storage.is_remote(shard.uri):  # an object's size and ETag: the same on every machine
+        h.update(f"|{storage.info(shard.uri)}".encode())
+        return h.hexdigest()[:32]
     path = cfg.resolve(shard.uri)
     if path.is_file():
         st = path.stat()

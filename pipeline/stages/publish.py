@@ -6,7 +6,6 @@ every reconciliation check passed; how files are planned and uploaded is `pipeli
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from pipeline.core.progress import UnitProgress
@@ -39,9 +38,10 @@ class _Publish(StageWork[None, dict[str, Any] | None]):
         return [None] if self.inputs["finalize"].ok else []
 
     def run_unit(self, unit: None, progress: UnitProgress | None = None) -> dict[str, Any]:
+        from pipeline.core.storage import output_path  # a URL output: this process's mirror of it
         from pipeline.output.publish import publish_configured
 
-        res = publish_configured(Path(self.cfg.output.dir), self.cfg.publish)
+        res = publish_configured(output_path(self.cfg.output.dir), self.cfg.publish)
         return {
             "repo_id": res.plan.repo_id,
             "commit": res.commit,

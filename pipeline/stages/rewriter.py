@@ -29,6 +29,7 @@ from pipeline.core.lineage import run_lineage
 from pipeline.core.parquet_io import ParquetSink, write_json_atomic
 from pipeline.core.progress import UnitProgress
 from pipeline.core.results import SelectResult
+from pipeline.core.storage import output_path
 from pipeline.core.tokenizer import tokenizer_for
 from pipeline.core.workdir import WorkDir
 from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
@@ -83,7 +84,10 @@ def stage_dir(work: WorkDir) -> Path:
 
 def cache_dir(cfg: RewriterStageConfig) -> Path:
     rw = cfg.rewriter
-    return Path(rw.cache_dir) if rw.cache_dir else Path(cfg.output.dir) / ".longloom" / "rewriter-cache"
+    # under the output's work folder: for a URL output, this process's mirror of it (stored with it)
+    return (
+        Path(rw.cache_dir) if rw.cache_dir else output_path(cfg.output.dir) / ".longloom" / "rewriter-cache"
+    )
 
 
 @dataclass

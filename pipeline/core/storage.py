@@ -1,0 +1,365 @@
+"""Where files live: a plain path, or an fsspec URL (`s3://`, `gs://`, `hf://datasets/...`, `file://`).
+
+Plain paths (and `file://` URLs, which are plain paths) keep the code path they always had. A remote
+URL is used through local files, because the stages memory-map token files and write with atomic
+local sinks (fsync + rename):
+
+- **inputs** (`local_copy`): a source file or folder on a URL is copied into a per-machine input cache
+  keyed by the URL and the object's size/ETag, so a changed object is read again and an unchanged one
+  is fetched once per machine;
+- **the output folder** (`Mirror`): each process works in a scratch folder of its own that mirrors
+  the store. Before a unit runs the process `pull`s what changed in the store; the unit writes with the
+  usual atomic sinks; then the process `push`es what it wrote: data files first, completion records
+  (`*.json`) after them and `manifest.json` last. A single-object PUT on S3/GCS is atomic (the object is
+  whole or absent), so the record that says a unit is done exists only once everything it points at
+  is stored (manifest-last commit): a unit killed mid-way never looks done, and its rerun on any
+  machine overwrites the same keys (nothing is duplicated).
+
+Credentials come from where fsspec and its backends read them (the environment, `~/.aws`, fsspec's
+config); nothing here records them. Every URL that reaches a record, a log line or an error message goes
+through `redact_url` (userinfo and secret query values removed).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from pipeline.core.faults import crash_point
+from schemas.redact import redact_url
+
+LOCAL_PROTOCOLS = ("file", "local")
+# Never mirrored to the store: per-process files (the run lock, helper-process records) and
+# temporaries an atomic sink is still writing.
+_PRIVATE = (".longloom/lock", ".longloom/helpers/")
+
+
+class StorageError(ValueError):
+    """A store that cannot be used: one line naming the (redacted) URL and what is missing."""
+
+
+def protocol(path: str) -> str | None:
+    """The URL scheme of `path` (`s3`, `gs`, `hf`, `file`), None for a plain path."""
+    head, sep, _ = path.partition("://")
+    if not sep or not head or not all(c.isalnum() or c in "+-." for c in head):
+        return None
+    return head.lower()
+
+
+def is_remote(path: str | Path) -> bool:
+    """True for a URL of an object store or hub; plain paths and `file://` URLs are local."""
+    p = protocol(str(path))
+    return p is not None and p not in LOCAL_PROTOCOLS
+
+
+def shown(path: str) -> str:
+    """`path` as it may be recorded or logged: a remote URL redacted, a local path unchanged."""
+    return redact_url(path) if is_remote(path) else path
+
+
+def local_path(path: str) -> Path:
+    """A plain path or `file://` URL as a `Path` (only for `not is_remote(path)`)."""
+    if protocol(path) in LOCAL_PROTOCOLS:
+        return Path(path.partition("://")[2])
+    return Path(path)
+
+
+# A preflight must answer in seconds: botocore's default retries take ~20 s to give up on an endpoint
+# that refuses connections.
+_PREFLIGHT_OPTIONS: dict[str, dict[str, Any]] = {
+    "s3": {
+        "skip_instance_cache": True,
+        "config_kwargs": {"connect_timeout": 5, "retries": {"max_attempts": 1, "mode": "standard"}},
+    }
+}
+
+
+def _fs(url: str, preflight: bool = False) -> tuple[Any, str]:
+    import fsspec  # imported only when a URL is used: plain-path runs never load it
+
+    options = _PREFLIGHT_OPTIONS.get(protocol(url) or "", {}) if preflight else {}
+    fs, root = fsspec.core.url_to_fs(url, **options)
+    return fs, root.rstrip("/")
+
+
+def _ident(info: dict[str, Any]) -> str:
+    """What identifies one version of an object: size plus ETag (S3, GCS), blob id (Hugging Face hub),
+    or else its modification or creation time."""
+    keys = ("ETag", "etag", "blob_id", "md5Hash", "LastModified", "mtime", "created")
+    tag = next((info[k] for k in keys if info.get(k)), "")
+    return f"{info.get('size')}-{str(tag).strip(chr(34))}"
+
+
+def explain(err: BaseException) -> str:
+    """What is missing, from a backend's error, worded for the person who runs the build."""
+    name = type(err).__name__
+    text = str(err).splitlines()[0] if str(err) else name
+    if "NoCredentials" in name or "credentials" in text.lower():
+        return "no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile)"
+    if isinstance(err, FileNotFoundError) or "NoSuchBucket" in text:
+        return f"the bucket or path does not exist ({text})"
+    if isinstance(err, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        return f"access denied with the credentials found ({text})"
+    if "connect" in text.lower() or "endpoint" in text.lower() or isinstance(err, OSError):
+        return f"cannot connect to the store ({text}); check AWS_ENDPOINT_URL / the network"
+    return f"{name}: {text}"
+
+
+def scratch_root() -> Path:
+    """Where this machine keeps mirrors and the input cache (`LONGLOOM_SCRATCH`, else the temp folder)."""
+    env = os.environ.get("LONGLOOM_SCRATCH")
+    return Path(env) if env else Path(tempfile.gettempdir()) / f"longloom-{os.getuid()}"
+
+
+def bucket_of(url: str) -> str:
+    """`s3://bucket` of a URL: what one preflight check covers."""
+    proto, _, rest = url.partition("://")
+    return f"{proto}://{rest.split('/', 1)[0].rpartition('@')[2]}"
+
+
+def check_store(url: str, what: str, must_exist: bool) -> None:
+    """Preflight: StorageError (one line) unless the store at `url` answers with the credentials found.
+
+    `must_exist`: the path itself must exist (an input); otherwise its bucket must (an output).
+    """
+    shown = redact_url(url)
+    try:
+        fs, root = _fs(url, preflight=True)
+        if must_exist:
+            if not fs.exists(root):
+                raise StorageError(f"{what}: {shown} does not exist in the store")
+            return
+        bucket = root.split("/", 1)[0]
+        fs.ls(bucket, detail=False)  # the bucket exists and these credentials may list it
+    except StorageError:
+        raise
+    except ImportError as err:
+        raise StorageError(f"{what}: {shown}: no filesystem for this URL ({err}); install it") from None
+    except ValueError as err:
+        if "Protocol not known" not in str(err):
+            raise StorageError(f"{what}: {shown}: {explain(err)}") from None
+        raise StorageError(f"{what}: {shown}: no filesystem for this URL scheme ({err})") from None
+    except Exception as err:  # backends raise anything: one clear line
+        raise StorageError(f"{what}: {shown}: {explain(err)}") from None
+
+
+def glob(pattern: str) -> list[str]:
+    """Files matched by a URL pattern (`fs.glob`), as full URLs, sorted."""
+    fs, _ = _fs(pattern)
+    proto = protocol(pattern)
+    found = fs.glob(pattern.partition("://")[2], detail=True)
+    # spelled as the pattern is (`memory://x`, not the filesystem's own `/x`)
+    return sorted(f"{proto}://{p.lstrip('/')}" for p, info in found.items() if info.get("type") == "file")
+
+
+@contextlib.contextmanager
+def open_input(url: str) -> Iterator[BinaryIO]:
+    """The object at `url` opened for reading in the store (ranged reads: a Parquet footer is read
+    without fetching the file)."""
+    fs, root = _fs(url)
+    with fs.open(root, "rb") as f:
+        yield f
+
+
+def info(url: str) -> str:
+    """The identity of the object or folder at `url` (size/ETag of each file): what input stamps hash."""
+    fs, root = _fs(url)
+    if fs.isdir(root):
+        return "|".join(
+            f"{p[len(root) :]}:{_ident(i)}" for p, i in sorted(fs.find(root, detail=True).items())
+        )
+    return _ident(fs.info(root))
+
+
+def local_copy(url: str) -> Path:
+    """A local copy of the file or folder at `url` in this machine's input cache (fetched when missing).
+
+    Keyed by the URL and the object's size/ETag: a replaced object is fetched again. Written to a
+    temporary name and renamed, so concurrent processes on one machine never read half a copy.
+    """
+    fs, root = _fs(url)
+    ident = info(url)
+    key = hashlib.sha256(f"{redact_url(url)}\n{ident}".encode()).hexdigest()[:24]
+    dest = scratch_root() / "inputs" / key / (Path(root).name or "input")
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".tmp-{os.getpid()}-{threading.get_ident()}"
+    if fs.isdir(root):
+        for p in sorted(fs.find(root)):
+            target = tmp / p[len(root) :].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(p, str(target))
+    else:
+        fs.get_file(root, str(tmp))
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # another process renamed its copy first (a folder cannot replace a folder)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+class Mirror:
+    """This process's scratch copy of an output folder on a URL: `pull` before work, `push` after.
+
+    The scratch folder belongs to one process (its pid is in the name) and is removed when the
+    process exits; what a killed process leaves is removed by the next process on the machine.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.shown = redact_url(self.url)
+        self.fs, self.root = _fs(self.url)
+        base = scratch_root() / "mirrors"
+        tag = hashlib.sha256(self.shown.encode()).hexdigest()[:16]
+        _reap_dead(base)
+        self.local = base / f"{tag}-{os.getpid()}"
+        self.local.mkdir(parents=True, exist_ok=True)
+        atexit.register(shutil.rmtree, self.local, True)
+        # rel path -> (size, mtime_ns) of the local file / identity of the stored object, when they
+        # were last known to be the same content (pulled or pushed)
+        self._local: dict[str, tuple[int, int]] = {}
+        self._remote: dict[str, str] = {}
+        self._lock = threading.RLock()  # units on threads of one process share its mirror
+
+    def _listing(self) -> dict[str, dict[str, Any]]:
+        self.fs.invalidate_cache()
+        if not self.fs.exists(self.root):
+            return {}
+        return {p[len(self.root) :].lstrip("/"): i for p, i in self.fs.find(self.root, detail=True).items()}
+
+    def _stat(self, rel: str) -> tuple[int, int] | None:
+        try:
+            st = (self.local / rel).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def pull(self) -> int:
+        """Fetch every stored file that changed since this process last saw it, and drop local copies of
+        files removed from the store; the count of changes."""
+        n = 0
+        with self._lock:
+            listing = self._listing()
+            # removed from the store by another process (e.g. finalize on a worker deleting stale
+            # shards) and unchanged here since: remove the local copy too
+            for rel in [r for r in self._local if r not in listing]:
+                if self._stat(rel) == self._local[rel]:
+                    (self.local / rel).unlink(missing_ok=True)
+                    del self._local[rel]
+                    self._remote.pop(rel, None)
+                    n += 1
+            for rel, meta in sorted(listing.items()):
+                ident = _ident(meta)
+                if self._remote.get(rel) == ident and self._stat(rel) == self._local.get(rel):
+                    continue
+                dest = self.local / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dest.parent / f".tmp-pull-{dest.name}"
+                self.fs.get_file(f"{self.root}/{rel}", str(tmp))
+                os.replace(tmp, dest)
+                self._remote[rel], self._local[rel] = ident, self._stat(rel) or (0, 0)
+                n += 1
+        return n
+
+    def _files(self) -> Iterator[str]:
+        for dirpath, _, names in os.walk(self.local):
+            for name in names:
+                rel = (Path(dirpath) / name).relative_to(self.local).as_posix()
+                if name.startswith(".tmp-") or rel.startswith(_PRIVATE):
+                    continue
+                yield rel
+
+    def push(self) -> int:
+        """Store what this process wrote or deleted since it last synced; the count of changes.
+
+        Order is the commit protocol: data files, then deletions, then completion records (`*.json`),
+        `manifest.json` last. A record is stored only after every file it names.
+        """
+        with self._lock:
+            present = {rel: st for rel in self._files() if (st := self._stat(rel)) is not None}
+            changed = [rel for rel, st in present.items() if self._local.get(rel) != st]
+            gone = [rel for rel in self._local if rel not in present]
+
+            def rank(rel: str) -> tuple[int, str]:
+                return (2 if rel == "manifest.json" else 1 if rel.endswith(".json") else 0, rel)
+
+            changed.sort(key=rank)
+            data = [r for r in changed if rank(r)[0] == 0]
+            records = [r for r in changed if rank(r)[0] > 0]
+            for rel in data:
+                self._put(rel, present[rel])
+            if records:
+                crash_point("push_records")  # tests: die with the data stored and its records not
+            for rel in gone:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(f"{self.root}/{rel}")
+                self._local.pop(rel, None)
+                self._remote.pop(rel, None)
+            for rel in records:
+                self._put(rel, present[rel])
+            return len(changed) + len(gone)
+
+    def _put(self, rel: str, st: tuple[int, int]) -> None:
+        target = f"{self.root}/{rel}"
+        self.fs.put_file(str(self.local / rel), target)  # one PUT: the object is whole or absent
+        self._local[rel] = st
+        with contextlib.suppress(Exception):  # only spares the next pull a download
+            self.fs.invalidate_cache(target)
+            self._remote[rel] = _ident(self.fs.info(target))
+
+
+def _reap_dead(base: Path) -> None:
+    """Remove scratch folders of processes that are gone (killed before their exit hook ran)."""
+    if not base.is_dir():
+        return
+    for d in base.iterdir():
+        pid = d.name.rpartition("-")[2]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+_MIRRORS: dict[str, Mirror] = {}
+_MIRRORS_LOCK = threading.Lock()
+
+
+def mirror(url: str) -> Mirror:
+    """This process's mirror of the output folder at `url` (one per URL and process)."""
+    key = url.rstrip("/")
+    with _MIRRORS_LOCK:
+        m = _MIRRORS.get(key)
+        if m is None:
+            m = _MIRRORS[key] = Mirror(key)
+        return m
+
+
+def output_path(dir: str) -> Path:
+    """Where this process reads and writes the output folder `dir`: the folder itself when it is local,
+    this process's mirror of it when it is a URL."""
+    if is_remote(dir):
+        return mirror(dir).local
+    return local_path(dir)
+
+
+def pull(dir: str) -> int:
+    """`Mirror.pull` for a URL output folder; nothing for a local one."""
+    return mirror(dir).pull() if is_remote(dir) else 0
+
+
+def push(dir: str) -> int:
+    """`Mirror.push` for a URL output folder; nothing for a local one."""
+    return mirror(dir).push() if is_remote(dir) else 0
