@@ -314,16 +314,14 @@ class BuildConfig(Strict):
         raise KeyError(name)
 
     def resolve(self, path: str) -> Path:
-        """An input path from the config, made absolute against the config file's folder.
-
-        A URL (`s3://...`) resolves to a local copy in this machine's input cache (the readers and
-        token files need local files; see pipeline.core.storage); a `file://` URL to its path."""
-        if "://" in path:
-            from pipeline.core import storage  # lazily: plain-path configs never load fsspec
-
-            if storage.is_remote(path):
-                return storage.local_copy(path)
-            path = str(storage.local_path(path))
+        """A local input path from the config, made absolute against the config file's folder; a
+        `file://` URL is its path. URLs of stores are fetched by `pipeline.core.storage.input_path`
+        (schemas import nothing of the pipeline), which the readers call."""
+        head, sep, rest = path.partition("://")
+        if sep and head.lower() in ("file", "local"):
+            path = rest
+        elif sep and head.isalnum():
+            raise ValueError(f"{head}:// is a store's URL: read it through pipeline.core.storage.input_path")
         p = Path(path)
         return p if p.is_absolute() else (Path(self.base_dir) / p)
 

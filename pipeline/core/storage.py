@@ -179,6 +179,12 @@ def info(url: str) -> str:
     return _ident(fs.info(root))
 
 
+def input_path(cfg: Any, path: str) -> Path:
+    """A config's input path as a local file: a store's URL through this machine's input cache
+    (`local_copy`), anything else resolved by the config (`BuildConfig.resolve`: against its folder)."""
+    return local_copy(path) if is_remote(path) else cfg.resolve(path)
+
+
 def local_copy(url: str) -> Path:
     """A local copy of the file or folder at `url` in this machine's input cache (fetched when missing).
 

@@ -233,7 +233,7 @@ def matched_files(cfg: HasSources, src: SourceConfig) -> list[Path | str]:
     """Files matched by a source's globs, deduplicated and sorted by uri; ConfigError when a glob is empty.
 
     A URL pattern (`s3://bucket/data/*.jsonl.gz`) is expanded in its store (`fs.glob`): its matches
-    are URLs (str), read through `cfg.resolve`."""
+    are URLs (str), read through `storage.input_path`."""
     by_uri: dict[str, Path | str] = {}
     for pattern in src.paths:
         files: list[Path | str]

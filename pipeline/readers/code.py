@@ -226,7 +226,7 @@ def _read_git_head(repo: Path) -> str | None:
 
 class CodeShardReader(ShardReader):
     def _read(self) -> Iterator[ReadBatch]:
-        repo = self.cfg.resolve(self.shard.uri)
+        repo = storage.input_path(self.cfg, self.shard.uri)
         doc = read_repo(repo, self.uri, self.source.code)
         b = self.new_builder()
         b.records_read = doc.considered
@@ -290,7 +290,7 @@ def list_shards(cfg: HasSources, src: SourceConfig) -> list[InputShard]:
 def fetch_text(cfg: HasSources, src: SourceConfig, uri: str, record: int) -> str:
     if record != 0:
         raise DocumentNotFound(f"repository {uri}: code documents have record 0, not {record}")
-    doc = read_repo(cfg.resolve(uri), uri, src.code)
+    doc = read_repo(storage.input_path(cfg, uri), uri, src.code)
     if doc.text is None:
         raise DocumentNotFound(f"repository {uri}: no usable text file (quarantined as empty_repository)")
     return doc.text

@@ -48,6 +48,8 @@ class OpenedDataset:
 
 
 def _local_dir(cfg: HasSources, dataset: str) -> Path | None:
+    if "://" in dataset:  # a hub or store URL is never a local folder
+        return None
     p = cfg.resolve(dataset)
     return p if p.is_dir() else None
 

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import zstandard
 
+from pipeline.core import storage
 from pipeline.readers.base import (
     DocumentNotFound,
     InputShard,
@@ -217,7 +218,7 @@ def _json_type(v: object) -> str:
 
 class JsonlShardReader(ShardReader):
     def _read(self) -> Iterator[ReadBatch]:
-        path = self.cfg.resolve(self.shard.uri)
+        path = storage.input_path(self.cfg, self.shard.uri)
         src_bytes = ByteSource(path)
         b = self.new_builder()
         uri, src = self.uri, self.source
@@ -320,7 +321,7 @@ def read_line(path: Path, target: int) -> bytes | None:
 
 
 def fetch_text(cfg: HasSources, src: SourceConfig, uri: str, record: int) -> str:
-    line = read_line(cfg.resolve(uri), record) if record >= 1 else None
+    line = read_line(storage.input_path(cfg, uri), record) if record >= 1 else None
     if line is None or not line or line.isspace():
         raise DocumentNotFound(f"{uri}: line {record} is blank or past the end of the file")
     got = parse_line(line, record, uri, src)

@@ -88,7 +88,7 @@ def _rows_per_batch(pf: pq.ParquetFile, text_field: str, batch_bytes: int) -> in
 
 class ParquetShardReader(ShardReader):
     def _read(self) -> Iterator[ReadBatch]:
-        path = self.cfg.resolve(self.shard.uri)
+        path = storage.input_path(self.cfg, self.shard.uri)
         hasher = FileHasher(path)
         src = self.source
         problem = file_problem(path, self.uri, src)
@@ -212,7 +212,7 @@ def list_shards(cfg: HasSources, src: SourceConfig) -> list[InputShard]:
 
 
 def fetch_text(cfg: HasSources, src: SourceConfig, uri: str, record: int) -> str:
-    pf = pq.ParquetFile(cfg.resolve(uri))
+    pf = pq.ParquetFile(storage.input_path(cfg, uri))
     md = pf.metadata
     if not 0 <= record < md.num_rows:
         raise DocumentNotFound(f"{uri}: row {record} is out of range (the file has {md.num_rows} rows)")

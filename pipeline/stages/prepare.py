@@ -69,7 +69,7 @@ def input_stamp(cfg: HasSources, shard: InputShard) -> str:
     if storage.is_remote(shard.uri):  # an object's size and ETag: the same on every machine
         h.update(f"|{storage.info(shard.uri)}".encode())
         return h.hexdigest()[:32]
-    path = cfg.resolve(shard.uri)
+    path = storage.input_path(cfg, shard.uri)
     if path.is_file():
         st = path.stat()
         h.update(f"|{st.st_size}|{st.st_mtime_ns}".encode())
