@@ -24,7 +24,16 @@ from pipeline.longdep.backends import HFCausalLM, OpenAICompletions
 from pipeline.longdep.cache import ScoreCache
 from pipeline.longdep.scorer import METHOD, copy_mask, sample_spans, score_documents, score_ids
 from schemas.longdep import LongDepConfig
-from tests.longdep_corpus import concatenated_leads, far_dependency_docs, repeated_docs
+from tests.longdep_corpus import (
+    SharedPrefixModel,
+    assert_disjoint,
+    calibration_far_docs,
+    calibration_leads,
+    calibration_repeated_docs,
+    concatenated_leads,
+    far_dependency_docs,
+    repeated_docs,
+)
 
 SMALL = LongDepConfig(
     short_window=64, max_context=512, span_tokens=32, spans_per_document=2, distances=(128, 256), batch_size=4
@@ -37,7 +46,8 @@ def gemma() -> HFCausalLM:
     pytest.importorskip("gguf")
     from pipeline.longdep.backends import offline_gemma
 
-    return offline_gemma(device="cpu", threads=2)
+    # LONGLOOM_LONGDEP_THREADS=1 for long runs on a shared machine (with nice -n 19)
+    return offline_gemma(device="cpu", threads=int(os.environ.get("LONGLOOM_LONGDEP_THREADS", "2")))
 
 
 def _auc(pos: list[float], neg: list[float]) -> float:
@@ -136,6 +146,46 @@ def test_cache_resumes_without_recomputing(gemma: HFCausalLM, tmp_path: Path) ->
     )
     assert score_documents(texts[:1], gemma, other, cache)[0].settings["seed"] == 1
     assert cache.hits == 1
+
+
+def test_shared_prefix_model_equals_the_model(gemma: HFCausalLM) -> None:
+    doc = far_dependency_docs(gemma.tokenize, 200, k_code=1, k_books=0)[0]
+    shared = SharedPrefixModel(gemma, doc)
+    asks: list[tuple[list[int], int | None]] = [
+        (doc[:150], 32),  # a prefix: answered from the one pass over the document
+        (doc, None),  # the whole document, every position
+        (doc[:2], None),
+        (doc[40:150], 32),  # not a prefix: goes to the model
+    ]
+    for seq, last in asks:
+        want = gemma.logprobs([seq], last=last)[0]
+        got = shared.logprobs([seq], last=last)[0]
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    assert shared.forwarded == len(doc) + 110  # one pass over the document plus the one other request
+    shared.logprobs([doc[40:150]], last=32)
+    assert shared.forwarded == len(doc) + 110  # remembered
+    cfg = LongDepConfig(short_window=32, max_context=192, span_tokens=16, spans_per_document=3, distances=())
+    a, b = score_ids(doc, gemma, cfg), score_ids(doc, SharedPrefixModel(gemma, doc), cfg)
+    assert a.score is not None and b.score is not None and abs(a.score - b.score) < 1e-4
+
+
+def test_calibration_set_is_disjoint_from_the_test_set(gemma: HFCausalLM) -> None:
+    """The claims test's settings are chosen on the calibration set; it must share no text with the test."""
+    n, tok = 1088, gemma.tokenize
+    test = far_dependency_docs(tok, n, 6, 6) + concatenated_leads(tok, n, 12)
+    test += repeated_docs(tok, n, 4, unit_tokens=384)
+    cal = calibration_far_docs(tok, n, 4, 4, test_k_code=6)
+    cal += concatenated_leads(tok, n, 8, seed=1, leads=calibration_leads())
+    cal += calibration_repeated_docs(tok, n, 2, unit_tokens=384)
+    assert len(cal) == 18 and all(len(d) == n for d in test + cal)
+    assert_disjoint(test, cal)
+    with pytest.raises(AssertionError, match="calibration document 1 shares"):
+        assert_disjoint(test, [cal[0], test[3][100:200] + cal[1][:20]])
+    # (c): units of exactly 384 tokens, repeated
+    u = 384 + len(tok("\n\n"))
+    for d in test[-4:]:
+        assert d[:u] == d[u : 2 * u]
 
 
 class _Endpoint(BaseHTTPRequestHandler):
