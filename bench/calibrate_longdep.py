@@ -59,6 +59,13 @@ UNIT_TOKENS = 384  # repeated blocks longer than the longest short window tried
 TEST_K_CODE, TEST_K_BOOKS, TEST_K_CAT, TEST_K_REP = 6, 6, 12, 4
 
 
+def grid(spec: str | None) -> list[tuple[int, int, int]]:
+    """GRID, or "W:span:k,W:span:k,..." from the command line."""
+    if not spec:
+        return GRID
+    return [(int(a), int(b), int(c)) for a, b, c in (x.split(":") for x in spec.split(","))]
+
+
 def config(w: int, span: int, k: int) -> LongDepConfig:
     return LongDepConfig(
         short_window=w, max_context=MAX_CONTEXT, span_tokens=span, spans_per_document=k, distances=()
@@ -104,7 +111,7 @@ def run(args: argparse.Namespace) -> None:
         if j % m_shard != i_shard:
             continue
         shared = SharedPrefixModel(model, ids)
-        for w, span, k in GRID:
+        for w, span, k in grid(args.grid):
             setting = f"W{w}-L{span}x{k}"
             if (name, setting) in done:
                 continue
@@ -138,7 +145,8 @@ def report(paths: list[str]) -> None:
         "| (c) corrected max ≤ median (a) | (c) raw min > median raw (a) | tokens/doc in the test |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for w, span, k in GRID:
+    settings = sorted({tuple(int(v) for v in r["setting"][1:].replace("-L", "x").split("x")) for r in recs})
+    for w, span, k in settings:
         setting = f"W{w}-L{span}x{k}"
         by = {g: [r for r in recs if r["setting"] == setting and r["group"] == g] for g in "abc"}
         a = [r["score"] for r in by["a"]]
@@ -172,6 +180,7 @@ def main() -> None:
     r.add_argument("--out", required=True)
     r.add_argument("--shard", default="0/1")
     r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--grid", default=None, help='settings "W:span:k,..." instead of GRID')
     r.add_argument("--k-code", type=int, default=4)
     r.add_argument("--k-books", type=int, default=4)
     r.add_argument("--k-cat", type=int, default=8)
