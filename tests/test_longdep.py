@@ -1,8 +1,9 @@
 """Long-range dependency scoring (issue 15) with a real model forward pass (Gemma 3 270M, offline).
 
 Fast tests: the copy mask against a brute-force reference, span sampling, the cache (resume), the
-OpenAI-compatible backend against the transformers backend through a local endpoint, and a smoke
-test on one document of each kind. The slow test checks the issue's claims on real text: far-
+OpenAI-compatible backend against the transformers backend through a local endpoint, a smoke
+test on one document of each kind, the shared-prefix scoring against the plain model, and the
+calibration set's disjointness from the claims test's documents. The slow test checks the issue's claims on real text: far-
 dependency documents rank above concatenated unrelated leads (ROC AUC >= 0.9), and repetitive
 documents win only without the copy correction.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,7 +26,16 @@ from pipeline.longdep.backends import HFCausalLM, OpenAICompletions
 from pipeline.longdep.cache import ScoreCache
 from pipeline.longdep.scorer import METHOD, copy_mask, sample_spans, score_documents, score_ids
 from schemas.longdep import LongDepConfig
-from tests.longdep_corpus import concatenated_leads, far_dependency_docs, repeated_docs
+from tests.longdep_corpus import (
+    SharedPrefixModel,
+    assert_disjoint,
+    calibration_far_docs,
+    calibration_leads,
+    calibration_repeated_docs,
+    concatenated_leads,
+    far_dependency_docs,
+    repeated_docs,
+)
 
 SMALL = LongDepConfig(
     short_window=64, max_context=512, span_tokens=32, spans_per_document=2, distances=(128, 256), batch_size=4
@@ -37,7 +48,8 @@ def gemma() -> HFCausalLM:
     pytest.importorskip("gguf")
     from pipeline.longdep.backends import offline_gemma
 
-    return offline_gemma(device="cpu", threads=2)
+    # LONGLOOM_LONGDEP_THREADS=1 for long runs on a shared machine (with nice -n 19)
+    return offline_gemma(device="cpu", threads=int(os.environ.get("LONGLOOM_LONGDEP_THREADS", "2")))
 
 
 def _auc(pos: list[float], neg: list[float]) -> float:
@@ -138,6 +150,46 @@ def test_cache_resumes_without_recomputing(gemma: HFCausalLM, tmp_path: Path) ->
     assert cache.hits == 1
 
 
+def test_shared_prefix_model_equals_the_model(gemma: HFCausalLM) -> None:
+    doc = far_dependency_docs(gemma.tokenize, 200, k_code=1, k_books=0)[0]
+    shared = SharedPrefixModel(gemma, doc)
+    asks: list[tuple[list[int], int | None]] = [
+        (doc[:150], 32),  # a prefix: answered from the one pass over the document
+        (doc, None),  # the whole document, every position
+        (doc[:2], None),
+        (doc[40:150], 32),  # not a prefix: goes to the model
+    ]
+    for seq, last in asks:
+        want = gemma.logprobs([seq], last=last)[0]
+        got = shared.logprobs([seq], last=last)[0]
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    assert shared.forwarded == len(doc) + 110  # one pass over the document plus the one other request
+    shared.logprobs([doc[40:150]], last=32)
+    assert shared.forwarded == len(doc) + 110  # remembered
+    cfg = LongDepConfig(short_window=32, max_context=192, span_tokens=16, spans_per_document=3, distances=())
+    a, b = score_ids(doc, gemma, cfg), score_ids(doc, SharedPrefixModel(gemma, doc), cfg)
+    assert a.score is not None and b.score is not None and abs(a.score - b.score) < 1e-4
+
+
+def test_calibration_set_is_disjoint_from_the_test_set(gemma: HFCausalLM) -> None:
+    """The claims test's settings are chosen on the calibration set; it must share no text with the test."""
+    n, tok = 1088, gemma.tokenize
+    test = far_dependency_docs(tok, n, 6, 6) + concatenated_leads(tok, n, 12)
+    test += repeated_docs(tok, n, 4, unit_tokens=384)
+    cal = calibration_far_docs(tok, n, 4, 4, test_k_code=6)
+    cal += concatenated_leads(tok, n, 8, seed=1, leads=calibration_leads())
+    cal += calibration_repeated_docs(tok, n, 2, unit_tokens=384)
+    assert len(cal) == 18 and all(len(d) == n for d in test + cal)
+    assert_disjoint(test, cal)
+    with pytest.raises(AssertionError, match="calibration document 1 shares"):
+        assert_disjoint(test, [cal[0], test[3][100:200] + cal[1][:20]])
+    # (c): units of exactly 384 tokens, repeated
+    u = 384 + len(tok("\n\n"))
+    for d in test[-4:]:
+        assert d[:u] == d[u : 2 * u]
+
+
 class _Endpoint(BaseHTTPRequestHandler):
     """A local OpenAI-compatible /v1/completions that answers from the transformers model, in vLLM's
     prompt_logprobs shape or OpenAI's echo shape (whichever the request asks for)."""
@@ -200,36 +252,72 @@ def test_openai_backend_parses_both_answer_shapes(gemma: HFCausalLM, endpoint: s
 # ---- the issue's claims on real text -------------------------------------------------------------------
 
 
+# The claims test's settings, chosen on the CALIBRATION set only (bench/calibrate_longdep.py; disjoint
+# documents of the same recipe, see test_calibration_set_is_disjoint_from_the_test_set): the setting
+# with the highest (a)-over-(b) AUC there, the cheaper on a tie. Calibration AUCs (8 (a), 8 (b)):
+# short 64 with 3 spans of 32: 0.781; short 128, 2 x 128: 0.719; short 256, 4 x 64: 0.547, 2 x 128:
+# 0.625 (table in the README, Long-range dependency scoring). Documents of 1088 tokens, long context up
+# to 1024 tokens, so that short windows up to 256 could be tried with a long context well beyond them.
+CLAIMS_N, CLAIMS_MAX_CONTEXT, CLAIMS_UNIT = 1088, 1024, 384
+CLAIMS_SHORT, CLAIMS_SPAN, CLAIMS_SPANS = 64, 32, 3
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("LONGLOOM_LONGDEP_CLAIMS") != "1",
-    reason="about 54K forwarded tokens (78 minutes under heavy load on 2 CPU cores); run with "
-    "LONGLOOM_LONGDEP_CLAIMS=1. Its one full run (Nov 30) FAILED the AUC claim: 0.833 < 0.9 (the copy "
-    "claims held); see README, Long-range dependency scoring",
+    reason="28 documents of 1088 tokens, about 40K forwarded tokens (9 minutes on one thread under a load "
+    "average of 16); run with LONGLOOM_LONGDEP_CLAIMS=1. Its run with the calibrated settings (Nov 30) "
+    "FAILED the AUC claim: 0.826 < 0.9 (the copy claims held); see README, Long-range dependency scoring",
 )
 def test_far_dependencies_outrank_concatenations_and_copies_do_not_count(gemma: HFCausalLM) -> None:
-    n = 576  # full 512-token context for spans past the first 512 tokens
-    cfg = LongDepConfig(short_window=64, max_context=512, span_tokens=32, spans_per_document=3, distances=())
+    n = CLAIMS_N
+    cfg = LongDepConfig(
+        short_window=CLAIMS_SHORT,
+        max_context=CLAIMS_MAX_CONTEXT,
+        span_tokens=CLAIMS_SPAN,
+        spans_per_document=CLAIMS_SPANS,
+        distances=(),
+    )
     far = far_dependency_docs(gemma.tokenize, n, k_code=6, k_books=6)
     cat = concatenated_leads(gemma.tokenize, n, k=12)
-    rep = repeated_docs(gemma.tokenize, n, k=4)
+    # repeated blocks longer than the short window, or the repeat would not be far context at all
+    rep = repeated_docs(gemma.tokenize, n, k=4, unit_tokens=CLAIMS_UNIT)
     assert len(far) == 12 and len(cat) == 12 and len(rep) == 4
-    s_far = [score_ids(d, gemma, cfg) for d in far]
-    s_cat = [score_ids(d, gemma, cfg) for d in cat]
-    s_rep = [score_ids(d, gemma, cfg) for d in rep]
+    assert CLAIMS_UNIT > CLAIMS_SHORT
+    t0 = time.perf_counter()
+    forwarded = 0
+
+    def score(docs: list[list[int]]) -> list[Any]:
+        nonlocal forwarded
+        out = []
+        for d in docs:
+            shared = SharedPrefixModel(gemma, d)  # one pass for all full-context predictions
+            out.append(score_ids(d, shared, cfg))
+            forwarded += shared.forwarded
+        return out
+
+    s_far, s_cat, s_rep = score(far), score(cat), score(rep)
 
     def vals(rs: list[Any], corrected: bool = True) -> list[float]:
         return [float(r.value(corrected)) for r in rs]
 
     auc = _auc(vals(s_far), vals(s_cat))
+    print(
+        f"settings {cfg.score_settings()}; {forwarded} tokens forwarded in {time.perf_counter() - t0:.0f} s"
+    )
     print(f"AUC far vs concatenated: {auc:.3f}")
     print("far", np.round(vals(s_far), 3), "\ncat", np.round(vals(s_cat), 3))
     print("rep corrected", np.round(vals(s_rep), 3), "raw", np.round(vals(s_rep, False), 3))
     print("far raw", np.round(vals(s_far, False), 3))
-    assert auc >= 0.9
-    # with the correction, repetition does not score above real far dependency ...
-    assert np.mean(vals(s_rep)) < np.mean(vals(s_far))
-    assert max(vals(s_rep)) <= np.median(vals(s_far))
-    # ... and without it, it does: the correction is what keeps copies out
-    assert np.mean(vals(s_rep, False)) > np.mean(vals(s_far, False))
-    assert min(vals(s_rep, False)) > np.median(vals(s_far, False))
+    # every claim is checked and reported, so one (slow) run says which hold
+    claims = {
+        "AUC (a) over (b) >= 0.9": auc >= 0.9,
+        # with the correction, repetition does not score above real far dependency ...
+        "mean (c) < mean (a), corrected": np.mean(vals(s_rep)) < np.mean(vals(s_far)),
+        "max (c) <= median (a), corrected": max(vals(s_rep)) <= np.median(vals(s_far)),
+        # ... and without it, it does: the correction is what keeps copies out
+        "mean (c) > mean (a), raw": np.mean(vals(s_rep, False)) > np.mean(vals(s_far, False)),
+        "min (c) > median (a), raw": min(vals(s_rep, False)) > np.median(vals(s_far, False)),
+    }
+    print(claims)
+    assert all(claims.values()), [k for k, ok in claims.items() if not ok]
