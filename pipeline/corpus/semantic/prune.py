@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -24,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.parquet_io import ParquetSink, write_json_atomic
+from pipeline.core.parquet_io import ParquetSink, read_tokens_into, write_json_atomic
 from pipeline.core.results import PrepareResult, tokens_file_of
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.index import DocIndex, Drop
@@ -337,20 +338,31 @@ class TokenSketches:
         self.idx = idx
         self.k, self.size = shingle_tokens, size
         self._starts: dict[int, np.ndarray] = {}
-        self._tokens: dict[int, np.ndarray] = {}
+        self._fds: dict[int, int] = {}
         self._memo: OrderedDict[int, np.ndarray] = OrderedDict()
         self._memo_bytes, self._memo_cap = 0, memo_bytes
 
     def ids(self, pos: int) -> np.ndarray:
+        """A document's token ids, by a positioned read of its span. Not a memory map: every page a
+        map touches stays in the process's resident memory, and the check reads documents all over a
+        corpus (at 1M documents, the whole 0.9 GB of token files)."""
         s = int(self.idx.shard[pos])
         if s not in self._starts:
             docs = self.idx.files[s]
             self._starts[s] = pq.read_table(docs, columns=["token_start"]).column("token_start").to_numpy()
             path = tokens_file_of(Path(docs))
-            empty = not path.exists() or path.stat().st_size == 0  # np.memmap refuses an empty file
-            self._tokens[s] = np.zeros(0, np.int32) if empty else np.memmap(path, dtype="<i4", mode="r")
-        a = int(self._starts[s][self.idx.row[pos]])
-        return np.asarray(self._tokens[s][a : a + int(self.idx.n_tokens[pos])])
+            self._fds[s] = os.open(path, os.O_RDONLY) if path.exists() else -1  # -1: no tokens stored
+        out = np.empty(int(self.idx.n_tokens[pos]), np.int32)
+        if len(out):
+            read_tokens_into(self._fds[s], out, int(self._starts[s][self.idx.row[pos]]))
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            if fd >= 0:
+                os.close(fd)
+        self._fds.clear()
+        self._starts.clear()
 
     def of(self, pos: int) -> np.ndarray:
         got = self._memo.get(pos)
@@ -390,13 +402,16 @@ def semdedup(
     lx = sd.lexical
     check = lexical_check_on(cfg)
     confirm: Confirm | None = None
+    sketches = TokenSketches(idx, lx.shingle_tokens, lx.sketch)
     if check:
-        sketches = TokenSketches(idx, lx.shingle_tokens, lx.sketch)
 
         def confirm(i: np.ndarray, j: np.ndarray) -> np.ndarray:
             return sketches.jaccard(alive[i], alive[j])
 
-    r = semdedup_arrays(x, idx.n_tokens[alive], threshold, sd, d.index, d.seed, confirm, lx.min_jaccard)
+    try:
+        r = semdedup_arrays(x, idx.n_tokens[alive], threshold, sd, d.index, d.seed, confirm, lx.min_jaccard)
+    finally:
+        sketches.close()
     out = Pruned(SEMDEDUP_STEP, SEMDEDUP_REASON, sd.keep)
     pos, near = alive[r.dropped], alive[r.nearest]
     out.add(
