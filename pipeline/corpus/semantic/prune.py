@@ -85,9 +85,9 @@ def nearest_kept(
     i: np.ndarray, j: np.ndarray, s: np.ndarray, dropped: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each dropped member: its most similar kept partner and their cosine."""
-    a, b, ss = np.r_[i, j], np.r_[j, i], np.r_[s, s]
-    ok = dropped[a] & ~dropped[b]
-    a, b, ss = a[ok], b[ok], ss[ok]
+    first_dropped, second_dropped = dropped[i] & ~dropped[j], dropped[j] & ~dropped[i]
+    a, b = np.r_[i[first_dropped], j[second_dropped]], np.r_[j[first_dropped], i[second_dropped]]
+    ss = np.r_[s[first_dropped], s[second_dropped]]
     o = np.lexsort((-ss, a))
     a, b, ss = a[o], b[o], ss[o]
     first = np.r_[True, a[1:] != a[:-1]] if len(a) else np.zeros(0, bool)
@@ -143,19 +143,25 @@ def confirmed_greedy(
     value = np.full(len(lo), np.nan)
     dropped = np.zeros(n, bool)
     rejected = 0
-    for k, (u, v) in enumerate(zip(lo.tolist(), hi.tolist(), strict=True)):
-        if dropped[u] or dropped[v]:  # u is final when its pairs come up: every pair ending at u came first
-            continue
-        value[k] = check(u, v)
-        if value[k] >= min_ok:
-            dropped[v] = True
-        else:
-            rejected += 1
-    # each dropped document's most similar kept partner whose pair passes (its dropping pair does)
-    a, b = np.r_[lo, hi], np.r_[hi, lo]
-    ss, vv, kk = np.r_[sim, sim], np.r_[value, value], np.r_[np.arange(len(lo)), np.arange(len(lo))]
-    ok = dropped[a] & ~dropped[b]
-    a, b, ss, vv, kk = a[ok], b[ok], ss[ok], vv[ok], kk[ok]
+    # in slices: Python lists of all pairs at once (12M pairs at 1M documents) would take ~0.9 GB
+    step = 1 << 16
+    for start in range(0, len(lo), step):
+        part = zip(lo[start : start + step].tolist(), hi[start : start + step].tolist(), strict=True)
+        for k, (u, v) in enumerate(part, start):
+            # u is final when its pairs come up: every pair ending at u came first
+            if dropped[u] or dropped[v]:
+                continue
+            value[k] = check(u, v)
+            if value[k] >= min_ok:
+                dropped[v] = True
+            else:
+                rejected += 1
+    # each dropped document's most similar kept partner whose pair passes (its dropping pair does),
+    # from the pairs joining a dropped and a kept document only
+    fwd, back = np.flatnonzero(dropped[lo] & ~dropped[hi]), np.flatnonzero(dropped[hi] & ~dropped[lo])
+    kk = np.r_[fwd, back]
+    a, b = np.r_[lo[fwd], hi[back]], np.r_[hi[fwd], lo[back]]
+    ss, vv = sim[kk], value[kk]
     o = np.lexsort((-ss, a))
     who, near, cos, lex = [], [], [], []
     for start, end in group_bounds(a[o]):
