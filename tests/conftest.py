@@ -31,6 +31,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+# Parallel runs (pytest-xdist, `--dist loadgroup` in pyproject's addopts). Every file is one work unit,
+# so its module fixtures are built once, on one worker; a test may still name an `xdist_group` of its
+# own to share a worker with tests of other files. Units are handed out in collection order, so the
+# files that take longest go first (measured; the rest keep pytest's order): a long file started
+# last would leave the other workers idle at the end.
+SLOW_FILES_FIRST: tuple[str, ...] = ()
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the test ids
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: pytest's order within
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+
+
 def sample_dict() -> dict[str, Any]:
     return yaml.safe_load((DATA / "sample.yaml").read_text())
 

@@ -115,7 +115,9 @@ def test_cli_build_without_prefect_and_config_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_python_m_flows_build_runs_the_flow(tmp_path: Path) -> None:
+def test_python_m_flows_build_runs_the_flow(tmp_path: Path, prefect_server: dict[str, str]) -> None:
+    # against the session's Prefect API: without one, Prefect's ephemeral mode would use (and migrate)
+    # the default ~/.prefect, which parallel test processes and other checkouts share
     cfg = sample_dict()
     cfg["output"]["dir"] = str(tmp_path / "out")
     cfg["packing"]["targets"] = [{"length": 32768}]
@@ -128,6 +130,7 @@ def test_python_m_flows_build_runs_the_flow(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         cwd=ROOT,
+        env=prefect_server,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]

