@@ -258,14 +258,14 @@ def api_post(env: dict[str, str], path: str, body: dict[str, Any]) -> Any:
         headers={"Content-Type": "application/json"},
         method="POST",
     )
-    with urllib.request.urlopen(req, timeout=10) as r:
+    with urllib.request.urlopen(req, timeout=60) as r:  # a busy machine answers slowly
         return json.loads(r.read())
 
 
 def api_get(env: dict[str, str], path: str) -> Any:
     import urllib.request
 
-    with urllib.request.urlopen(env["PREFECT_API_URL"] + path, timeout=10) as r:
+    with urllib.request.urlopen(env["PREFECT_API_URL"] + path, timeout=60) as r:
         return json.loads(r.read())
 
 
