@@ -36,7 +36,26 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # own to share a worker with tests of other files. Units are handed out in collection order, so the
 # files that take longest go first (measured; the rest keep pytest's order): a long file started
 # last would leave the other workers idle at the end.
-SLOW_FILES_FIRST: tuple[str, ...] = ()
+# Slowest first by the seconds each file took in a parallel run (November 30, `--junitxml`, summed per
+# file; session fixtures count for the file that started them).
+SLOW_FILES_FIRST: tuple[str, ...] = (
+    "test_diversity.py",
+    "test_resume.py",
+    "test_flow.py",
+    "test_longdep_stage.py",
+    "test_publish.py",
+    "test_longdep.py",
+    "test_chat_models.py",
+    "test_build.py",
+    "test_ops_prefect.py",
+    "test_card.py",
+    "test_token_exact.py",
+    "test_secrets.py",
+    "test_procedural_flow.py",
+    "test_ops_kept_server.py",
+    "test_export.py",
+    "test_parallel_safety.py",
+)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the test ids
