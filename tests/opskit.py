@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,10 +25,37 @@ from tests.conftest import DATA, ROOT, sample_dict
 SMALL_OUTPUT = {"shard_tokens": 131072, "row_group_tokens": 32768}
 
 
+# Ports for the servers tests start. A port found free by binding port 0 and closing the socket can
+# be taken by another process before the server binds it; with pytest-xdist the other test processes
+# do exactly that. So each xdist worker hands out ports from its own block, below Linux's ephemeral
+# range (32768 and up, where port-0 binds land), walking through the block so that two servers one
+# test starts never get the same port either. The start inside the block is random so that two
+# sessions on one machine (two checkouts) rarely meet.
+PORT_BLOCK = 1000
+PORT_BASE = 20000
+_port_cursor = random.randrange(PORT_BLOCK)
+
+
+def _worker_slot() -> int:
+    """0 without xdist, 1 + N on worker gwN (a dozen blocks fit below the ephemeral range)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return 1 + int(worker[2:]) % 12 if worker.startswith("gw") and worker[2:].isdigit() else 0
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nobody listens on now, from this test process's own block (see above)."""
+    global _port_cursor
+    base = PORT_BASE + _worker_slot() * PORT_BLOCK
+    for _ in range(PORT_BLOCK):
+        _port_cursor = (_port_cursor + 1) % PORT_BLOCK
+        port = base + _port_cursor
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {base}-{base + PORT_BLOCK - 1}")
 
 
 def write_config(folder: Path, out: Path, **overrides: Any) -> Path:
@@ -139,10 +167,38 @@ def assert_readers_see_only_whole_files(out: Path) -> None:
 def prefect_server(home: Path) -> Iterator[dict[str, str]]:
     """A real `prefect server start` on a free loopback port with its own PREFECT_HOME (SQLite).
 
-    Yields the environment a client process needs to use it.
+    Yields the environment a client process needs to use it. A server that exits because its port was
+    taken in the meantime is started again on another port (a few times), so a port clash with another
+    process costs a restart, never a failed test.
     """
-    import urllib.request
+    for attempt in range(4):
+        p, env = _start_prefect_server(home)
+        try:
+            _wait_healthy(p, env["PREFECT_API_URL"], home)
+        except _PortTaken:
+            _stop(p)
+            if attempt == 3:
+                raise RuntimeError(f"prefect server: port taken four times: {_server_log(home)}") from None
+            continue
+        except BaseException:
+            _stop(p)
+            raise
+        break
+    try:
+        yield env
+    finally:
+        _stop(p)
 
+
+class _PortTaken(Exception):
+    """The server exited because another process listens on its port."""
+
+
+def _server_log(home: Path) -> str:
+    return (home / "server.log").read_text(errors="replace")[-3000:]
+
+
+def _start_prefect_server(home: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = base_env(
@@ -153,34 +209,44 @@ def prefect_server(home: Path) -> Iterator[dict[str, str]]:
         PREFECT_RUNNER_POLL_FREQUENCY="2",
     )
     server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
-    log = open(home / "server.log", "w")  # noqa: SIM115 (kept open for the server's lifetime)
-    p = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=server_env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with open(home / "server.log", "w") as log:  # the child keeps its own handle
+        p = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=server_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return p, env
+
+
+def _wait_healthy(p: subprocess.Popen[bytes], api: str, home: Path, timeout: float = 240) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if p.poll() is not None:
+            log = _server_log(home)
+            if "already in use" in log.lower() or "errno 98" in log.lower():
+                raise _PortTaken()
+            raise RuntimeError(f"prefect server exited: {log}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+            if r.status == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"prefect server did not become healthy in {timeout:.0f} s: {_server_log(home)}"
+            )
+        time.sleep(0.5)
+
+
+def _stop(p: subprocess.Popen[bytes]) -> None:
+    kill_group(p, signal.SIGTERM)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            if p.poll() is not None:
-                raise RuntimeError(f"prefect server exited: {(home / 'server.log').read_text()[-3000:]}")
-            with contextlib.suppress(OSError), urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("prefect server did not become healthy in 240 s")
-            time.sleep(0.5)
-        yield env
-    finally:
-        kill_group(p, signal.SIGTERM)
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            kill_group(p)
-            p.wait()
-        log.close()
+        p.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        kill_group(p)
+        p.wait()
 
 
 def api_post(env: dict[str, str], path: str, body: dict[str, Any]) -> Any:
@@ -192,14 +258,14 @@ def api_post(env: dict[str, str], path: str, body: dict[str, Any]) -> Any:
         headers={"Content-Type": "application/json"},
         method="POST",
     )
-    with urllib.request.urlopen(req, timeout=10) as r:
+    with urllib.request.urlopen(req, timeout=60) as r:  # a busy machine answers slowly
         return json.loads(r.read())
 
 
 def api_get(env: dict[str, str], path: str) -> Any:
     import urllib.request
 
-    with urllib.request.urlopen(env["PREFECT_API_URL"] + path, timeout=10) as r:
+    with urllib.request.urlopen(env["PREFECT_API_URL"] + path, timeout=60) as r:
         return json.loads(r.read())
 
 

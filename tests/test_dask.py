@@ -44,8 +44,8 @@ def test_flow_on_a_dask_cluster_matches_a_local_run(
         start("scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard", log="scheduler.log")
         for i in range(2):
             start("worker", address, "--nthreads", "1", "--no-dashboard", "--name", f"w{i}", log=f"w{i}.log")
-        with Client(address, timeout=60) as client:
-            client.wait_for_workers(2, timeout=120)
+        with Client(address, timeout=300) as client:
+            client.wait_for_workers(2, timeout=300)
             cfg = write_config(tmp_path / "cluster", tmp_path / "cluster" / "out")
             with get_task_stream(client) as stream:
                 done = run_cli(["build", str(cfg), "--dask-address", address], env=env)

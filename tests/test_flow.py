@@ -14,6 +14,7 @@ from pipeline.build import run_build
 from schemas.config import BuildConfig
 from schemas.manifest import Manifest
 from tests.conftest import ROOT, make_config, sample_dict
+from tests.opskit import api_post
 
 
 def shard_hashes(out: Path) -> dict[str, str]:
@@ -115,7 +116,9 @@ def test_cli_build_without_prefect_and_config_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_python_m_flows_build_runs_the_flow(tmp_path: Path) -> None:
+def test_python_m_flows_build_runs_the_flow(tmp_path: Path, prefect_server: dict[str, str]) -> None:
+    # against the session's Prefect API: without one, Prefect's ephemeral mode would use (and migrate)
+    # the default ~/.prefect, which parallel test processes and other checkouts share
     cfg = sample_dict()
     cfg["output"]["dir"] = str(tmp_path / "out")
     cfg["packing"]["targets"] = [{"length": 32768}]
@@ -123,13 +126,17 @@ def test_python_m_flows_build_runs_the_flow(tmp_path: Path) -> None:
         s["paths"] = [str(ROOT / "data" / p) for p in s["paths"]]
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    runs = {"flows": {"name": {"any_": ["longloom-build"]}}}
+    before = api_post(prefect_server, "/flow_runs/count", runs)
     done = subprocess.run(
         [sys.executable, "-m", "flows.build", str(path)],
         capture_output=True,
         text=True,
         cwd=ROOT,
+        env=prefect_server,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "reconciliation" in done.stdout + done.stderr
     assert (tmp_path / "out" / "data" / "pretrain_32768").exists()
+    assert api_post(prefect_server, "/flow_runs/count", runs) == before + 1  # the run is in that API

