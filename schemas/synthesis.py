@@ -113,10 +113,6 @@ class RewriterStrategy(BaseModel):
     def _recorded(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
         return _omit_at_default(self, handler(self), self._NEW_FIELDS)
 
-    @property
-    def required_turns(self) -> int:
-        return min(self.turns_per_context, self.min_turns or 1)
-
     @model_validator(mode="after")
     def _turns_for_chunk_qa(self) -> RewriterStrategy:
         if (self.turns_per_context > 1 or self.min_turns is not None) and self.kind != "chunk_qa":

@@ -288,8 +288,9 @@ def run_batch(cfg: RewriterStageConfig, work: WorkDir, batch: Batch, sample_leng
         }
         turn_rows: list[dict[str, Any]] = []
         if several:
+            # min_turns is validated to be at most turns_per_context; unset, one verified turn suffices
             turns, kept_draft, built, outcome = _build_turns(
-                j, chat, rw, sample_length, strategy.required_turns, redact
+                j, chat, rw, sample_length, strategy.min_turns or 1, redact
             )
             row["raw_response"] = json.dumps(
                 [redact(t.result.content) if t.result.content is not None else None for t in turns],
