@@ -127,7 +127,7 @@ def test_four_or_more_verified_turns_per_32k_context(tmp_path: Path) -> None:
         r for f in sorted((out / "data" / "rewriter").glob("*.parquet")) for r in pq.read_table(f).to_pylist()
     ]
     assert len(rows) == 3
-    supervised = total = 0
+    supervised = total = sentence_ends = 0
     for r in rows:
         ids = r["input_ids"]
         assert len(ids) == r["length"] == SAMPLE_LENGTH
@@ -180,10 +180,16 @@ def test_four_or_more_verified_turns_per_32k_context(tmp_path: Path) -> None:
             header = f"### Document {seg['doc_id']} ({seg['source']})"
             assert re.search(re.escape(header) + r"(, continued)?\n$", before), (header, before[-120:])
         context_end = user[: user.rindex(questions[0]["text"])].rstrip()
-        # a sentence (or clause at a line end) closes the context; quotes and brackets may follow it
-        assert context_end.rstrip("\"')]}”’")[-1] in ".!?;:", context_end[-80:]
         cut = json.loads(r["params"])["context_cut"]
-        assert cut["end"] == "sentence" and cut["start"] in ("document", "sentence")
+        assert cut["start"] in ("document", "sentence", "line") and cut["end"] in ("sentence", "word")
+        if cut["end"] == "sentence":
+            # a sentence (or clause at a line end) closes the context; quotes and brackets may follow it
+            assert context_end.rstrip("\"')]}”’")[-1] in ".!?;:", context_end[-80:]
+            sentence_ends += 1
+    # where no sentence end sizes a sample exactly the cut falls back to a word end, and says so; which
+    # samples do depends on which turns the injected bad quotes hit (the first two requests to arrive,
+    # 8 at a time), so the sentence end is asked of one sample at least, the truthful record of all
+    assert sentence_ends >= 1, "every context fell back to a word end"
 
     # turn rejections are in the audit with their reason, each on its own row
     audit = [
