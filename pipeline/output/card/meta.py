@@ -7,6 +7,7 @@ read: `configs:` (one per target length, synthesized set and audit table) and `d
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,21 +253,10 @@ def schema_check(out: Path, c: ConfigFiles) -> SchemaCheck:
     return SchemaCheck(c.name, tag, ok, detail)
 
 
-def datasets_num_bytes(paths: list[Path], features: Any) -> int:
-    """The split's `num_bytes` as `datasets` records it when it loads these Parquet files.
-
-    `datasets` does not use Parquet sizes: it reads each file in batches of the first row group's
-    row count, casts every batch to the features, and counts the Arrow bytes its writer receives
-    (single-row batches are first pooled and concatenated). We replay exactly that through its own
-    `ArrowWriter` on a byte-counting null stream, so the figure is the one a `load_dataset` of the
-    output records, whatever the row-group layout. It reads every column once (a batch at a time).
-    The reference for `arrow_num_bytes`, which finalize uses where it can.
-    """
+def _batches(paths: list[Path]) -> Iterator[pa.Table]:
+    """The files' rows as `datasets` reads them back: one table per row-group-sized batch, in order."""
     import pyarrow.dataset as pds
-    from datasets.arrow_writer import ArrowWriter
-    from datasets.table import table_cast
 
-    writer = ArrowWriter(features=features, stream=pa.MockOutputStream())
     fmt = pds.ParquetFileFormat()
     for path in paths:
         with open(path, "rb") as f:
@@ -277,11 +267,29 @@ def datasets_num_bytes(paths: list[Path], features: Any) -> int:
                 batch_size=fragment.row_groups[0].num_rows, batch_readahead=0, fragment_readahead=0
             )
             for batch in batches:
-                table = table_cast(pa.Table.from_batches([batch]), features.arrow_schema)
-                if len(table) == 1:
-                    writer.write_row(table)
-                else:
-                    writer.write_table(table)
+                yield pa.Table.from_batches([batch])
+
+
+def datasets_num_bytes(paths: list[Path], features: Any) -> int:
+    """The split's `num_bytes` as `datasets` records it when it loads these Parquet files.
+
+    `datasets` does not use Parquet sizes: it reads each file in batches of the first row group's
+    row count, casts every batch to the features, and counts the Arrow bytes its writer receives
+    (single-row batches are first pooled and concatenated). We replay exactly that through its own
+    `ArrowWriter` on a byte-counting null stream, so the figure is the one a `load_dataset` of the
+    output records, whatever the row-group layout. It reads every column once (a batch at a time).
+    The reference for `arrow_num_bytes`, which finalize uses where it can.
+    """
+    from datasets.arrow_writer import ArrowWriter
+    from datasets.table import table_cast
+
+    writer = ArrowWriter(features=features, stream=pa.MockOutputStream())
+    for batch in _batches(paths):
+        table = table_cast(batch, features.arrow_schema)
+        if len(table) == 1:
+            writer.write_row(table)
+        else:
+            writer.write_table(table)
     _, num_bytes = writer.finalize()
     return int(num_bytes)
 
@@ -296,8 +304,6 @@ def arrow_num_bytes(paths: list[Path]) -> int:
     same batches, pooled the same way, counted by Arrow's `nbytes`. Only for schemas `datasets_features`
     describes, whose cast to the features renames list items at most and leaves the buffers alone (the
     tests compare both on every schema Longloom writes, with nulls and single-row row groups)."""
-    import pyarrow.dataset as pds
-
     total = 0
     pool: list[pa.Table] = []
 
@@ -307,24 +313,14 @@ def arrow_num_bytes(paths: list[Path]) -> int:
             total += pa.concat_tables(pool).combine_chunks().nbytes
             pool.clear()
 
-    fmt = pds.ParquetFileFormat()
-    for path in paths:
-        with open(path, "rb") as f:
-            fragment = fmt.make_fragment(f)
-            if not fragment.row_groups:
-                continue
-            batches = fragment.to_batches(
-                batch_size=fragment.row_groups[0].num_rows, batch_readahead=0, fragment_readahead=0
-            )
-            for batch in batches:
-                table = pa.Table.from_batches([batch])
-                if len(table) == 1:
-                    pool.append(table)
-                    if len(pool) >= _DATASETS_ROW_POOL:
-                        flush()
-                else:
-                    flush()
-                    total += table.combine_chunks().nbytes
+    for table in _batches(paths):
+        if len(table) == 1:
+            pool.append(table)
+            if len(pool) >= _DATASETS_ROW_POOL:
+                flush()
+        else:
+            flush()
+            total += table.combine_chunks().nbytes
     flush()
     return total
 
