@@ -64,6 +64,11 @@ def write_config(folder: Path, out: Path, **overrides: Any) -> Path:
     for s in cfg["sources"]:
         s["paths"] = [str(DATA / p) for p in s["paths"]]
     cfg["output"] = {**cfg["output"], **SMALL_OUTPUT, "dir": str(out)}
+    return save_config(folder, cfg, overrides)
+
+
+def save_config(folder: Path, cfg: dict[str, Any], overrides: dict[str, Any]) -> Path:
+    """`cfg` with `overrides` merged into its sections (a dict value updates the section), as folder/c.yaml."""
     for key, value in overrides.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     folder.mkdir(parents=True, exist_ok=True)

@@ -14,10 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tests.conftest import DATA, sample_dict
-from tests.opskit import SMALL_OUTPUT, free_port, kill_group
+from tests.opskit import SMALL_OUTPUT, free_port, kill_group, save_config
 
 # Dummy credentials: moto accepts any. The secret is distinctive, so the secret scanner can look for it.
 ACCESS_KEY = "AKIALONGLOOMTESTKEY1"
@@ -116,12 +114,7 @@ def s3_config(folder: Path, bucket: str, out: str | None = None, **overrides: An
     cfg["packing"]["targets"] = [{"length": 16384, "weight": 1.0}]
     cfg["procedural"]["target_lengths"] = [16384]
     cfg["output"] = {**cfg["output"], **SMALL_OUTPUT, "dir": out or f"s3://{bucket}/out"}
-    for key, value in overrides.items():
-        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return save_config(folder, cfg, overrides)
 
 
 def download(fs: Any, url: str, dest: Path) -> Path:
