@@ -120,9 +120,21 @@ def scratch_root() -> Path:
 
 
 def bucket_of(url: str) -> str:
-    """`s3://bucket` of a URL: what one preflight check covers."""
+    """`s3://bucket` of a URL, or `hf://datasets/org/name` of a hub URL: what one preflight check covers."""
     proto, _, rest = url.partition("://")
+    if proto == "hf":
+        return f"hf://{_store_root(proto, rest)}"
     return f"{proto}://{rest.split('/', 1)[0].rpartition('@')[2]}"
+
+
+def _store_root(proto: str, root: str) -> str:
+    """The part of a filesystem path that one credential check covers: the bucket, or on the hub the
+    repository (`datasets/org/name`, `spaces/org/name`, `org/name` for a model), revision dropped."""
+    parts = root.split("/")
+    if proto != "hf":
+        return parts[0]
+    n = 3 if parts[0] in ("datasets", "spaces") else 2
+    return "/".join(parts[:n]).partition("@")[0]
 
 
 def check_store(url: str, what: str, must_exist: bool) -> None:
@@ -137,7 +149,14 @@ def check_store(url: str, what: str, must_exist: bool) -> None:
             if not fs.exists(root):
                 raise StorageError(f"{what}: {shown} does not exist in the store")
             return
-        bucket = root.split("/", 1)[0]
+        bucket = _store_root(protocol(url) or "", root)
+        if protocol(url) == "hf":  # a repository, not a bucket: it exists and this token may read it
+            if not fs.exists(bucket):
+                raise StorageError(
+                    f"{what}: {shown}: the hub repository {bucket} does not exist, or is private and "
+                    "HF_TOKEN is not set (or may not read it)"
+                )
+            return
         fs.ls(bucket, detail=False)  # the bucket exists and these credentials may list it
     except StorageError:
         raise
