@@ -59,13 +59,15 @@ class AuditPart:
 
 
 def plan_audit(
-    out: Path, name: str, inputs: Sequence[str | Path], rows_per_file: int = AUDIT_ROWS_PER_FILE
+    out: Path, name: str, inputs: Sequence[str | Path], rows_per_file: int | None = None
 ) -> list[AuditPart]:
     """The files of audit table `name` and the input slices each holds: footers only, no row is read.
 
     File k holds the rows [k * rows_per_file, (k + 1) * rows_per_file) of the inputs concatenated in
-    order; an empty table is one empty file (it still carries the schema).
+    order (default AUDIT_ROWS_PER_FILE, read at call time); an empty table is one empty file (it still
+    carries the schema).
     """
+    rows_per_file = rows_per_file or AUDIT_ROWS_PER_FILE
     sizes = [pq.ParquetFile(out / p).metadata.num_rows for p in inputs]
     total = sum(sizes)
     n_files = max(1, -(-total // rows_per_file))
