@@ -136,6 +136,8 @@ class ChecksumResult:
 
 @dataclass
 class ExtrasResult:
+    """The extras unit's result: the optional stages' statistics, extra configs and audit tables."""
+
     extra: dict[str, Any]
     extra_configs: dict[str, list[FileEntry]]
     audit_extra: dict[str, list[FileEntry]]
