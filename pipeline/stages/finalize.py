@@ -1,8 +1,13 @@
 """Stage 4: merge audit tables, add up and reconcile every count, write the manifest and README.
 
 Counts come from the stage records; the checks recount them independently from the files written
-(audit rows per reason, row tokens per shard), so a bookkeeping bug shows up as a failed check.
-"""
+(audit rows per reason, recounted from each merged audit file; every output shard re-hashed), so a
+bookkeeping bug shows up as a failed check.
+
+The stage is units and a small merge (issue 14: no process reads every audit row or output byte): one
+unit per published audit file (it reads only its slice of the per-shard files, planned from their
+footers), one per group of SHARDS_PER_CHECK output shards (re-hashed), one for the optional stages'
+outputs. The merge adds the units' small results, runs the checks and writes the manifest last."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import re
 import shlex
 import shutil
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +32,7 @@ from pipeline.core.progress import UnitProgress
 from pipeline.core.results import PrepareResult, SelectResult, group_by_target
 from pipeline.core.tokenizer import separator_and_pad, tokenizer_for
 from pipeline.core.workdir import WorkDir
-from pipeline.output.audit import audit_counts, merge_audit
+from pipeline.output.audit import AuditPart, audit_counts, plan_audit, write_audit_part
 from pipeline.output.card import write_card
 from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
 from schemas.config import BuildConfig, optional_off
@@ -75,41 +81,141 @@ def identity_command(command: str) -> str:
     return command if len(kept) == len(words) else shlex.join(kept)
 
 
-def finalize_run(
+# --- the units: one per audit file, one per group of output shards, one for the optional stages -----------
+
+# Output shards re-hashed by one unit: a unit reads at most this many shards (~GBs), and a target of
+# thousands of shards is spread over workers.
+SHARDS_PER_CHECK = 8
+# audit tables finalize merges from the prepare and select stages' per-shard files (name -> schema)
+AUDIT_TABLES = {"filtered": FILTERED_SCHEMA, "quarantine": QUARANTINE_SCHEMA}
+
+
+@dataclass(frozen=True)
+class AuditUnit:
+    """Write one file of a merged audit table from its slice of the per-shard files."""
+
+    part: AuditPart
+
+
+@dataclass(frozen=True)
+class ChecksumUnit:
+    """Re-hash shards [start, stop) of target `target` (the "shard checksums" check)."""
+
+    target: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class ExtrasUnit:
+    """What the optional stages hand finalize (their audit tables, statistics and extra configs)."""
+
+
+FinalizeUnit = AuditUnit | ChecksumUnit | ExtrasUnit
+
+
+@dataclass
+class AuditFile:
+    """An audit unit's result: the file's manifest entry and its rows per (source, reason), recounted
+    from the file as published."""
+
+    name: str
+    index: int
+    entry: FileEntry
+    counts: dict[tuple[str, str], int]
+
+
+@dataclass
+class ChecksumResult:
+    """A checksum unit's result: the shards whose bytes no longer match their write record."""
+
+    target: int
+    start: int
+    bad: list[str]
+
+
+@dataclass
+class ExtrasResult:
+    """The extras unit's result: the optional stages' statistics, extra configs and audit tables."""
+
+    extra: dict[str, Any]
+    extra_configs: dict[str, list[FileEntry]]
+    audit_extra: dict[str, list[FileEntry]]
+
+
+FinalizeResult = AuditFile | ChecksumResult | ExtrasResult
+
+
+def audit_inputs(
+    work: WorkDir, prepared: list[PrepareResult], selected: SelectResult
+) -> dict[str, list[str]]:
+    """The per-shard files each audit table merges, in order, relative to the output folder (a unit
+    resolves them against its own process's output folder: a mirror on another machine)."""
+    prep = work.prepare_dir.relative_to(work.out)
+    sel = work.select_dir.relative_to(work.out)
+    return {
+        "filtered": [str(prep / r.files["filtered"]) for r in prepared] + [str(sel / selected.filtered_file)],
+        "quarantine": [str(prep / r.files["quarantine"]) for r in prepared],
+    }
+
+
+def finalize_units(
+    work: WorkDir, prepared: list[PrepareResult], selected: SelectResult, written: list[list[ShardEntry]]
+) -> list[FinalizeUnit]:
+    """Every unit of finalize: audit files (planned from the inputs' footers), shard groups, extras."""
+    units: list[FinalizeUnit] = []
+    for name, files in audit_inputs(work, prepared, selected).items():
+        units += [AuditUnit(p) for p in plan_audit(work.out, name, files)]
+    for ti, entries in enumerate(written):
+        units += [
+            ChecksumUnit(ti, a, min(len(entries), a + SHARDS_PER_CHECK))
+            for a in range(0, len(entries), SHARDS_PER_CHECK)
+        ]
+    units.append(ExtrasUnit())
+    return units
+
+
+def write_audit_file(cfg: BuildConfig, work: WorkDir, part: AuditPart) -> AuditFile:
+    """One audit file, written atomically from its slice only (a rerun rewrites the same bytes under
+    the same name: nothing is duplicated), and its rows recounted from the file as published."""
+    entry = write_audit_part(work.out, part, AUDIT_TABLES[part.name], cfg.output.compression_level)
+    crash_point("finalize_audit")  # tests: die between audit units
+    return AuditFile(part.name, part.index, entry, dict(audit_counts(work.out, [entry])))
+
+
+def check_shards(work: WorkDir, entries: list[ShardEntry]) -> list[str]:
+    """Paths of the shards whose sha256 differs from their write record (re-hashed from the files)."""
+    return [e.path for e in entries if sha256_file(work.out / e.path) != e.sha256]
+
+
+def finalize_merge(
     cfg: BuildConfig,
     work: WorkDir,
     prepared: list[PrepareResult],
     selected: SelectResult,
     written: list[list[ShardEntry]],
     stages: dict[str, StageReport],
+    results: list[FinalizeResult],
     command: str | None = None,
-    extra: dict | None = None,
-    extra_configs: dict[str, list[FileEntry]] | None = None,
-    audit_extra: dict[str, list[FileEntry]] | None = None,
 ) -> Manifest:
-    """Assemble and write manifest.json (atomically), the audit tables and the dataset card (README.md).
+    """Assemble and write manifest.json (atomically) and the dataset card (README.md) from the units'
+    results: audit file entries and their recounts, shard re-hashes, the optional stages' outputs.
 
-    Optional stages hand in what they wrote: `extra_configs` (e.g. synthesized chat sets, files under
-    data/<name>/), `audit_extra` (e.g. the `pruned` table under audit/<name>/) and `extra` (their
-    statistics, keyed by stage name), so the manifest stays the one account of the run.
+    Optional stages hand in what they wrote (the extras unit): `extra_configs` (e.g. synthesized chat
+    sets, files under data/<name>/), `audit_extra` (e.g. the `pruned` table under audit/<name>/) and
+    `extra` (their statistics, keyed by stage name), so the manifest stays the one account of the run.
     """
     out = work.out
-    level = cfg.output.compression_level
-    filtered_files = merge_audit(
-        out,
-        "filtered",
-        FILTERED_SCHEMA,
-        [work.prepare_dir / r.files["filtered"] for r in prepared]
-        + [work.select_dir / selected.filtered_file],
-        level,
-    )
-    quarantine_files = merge_audit(
-        out,
-        "quarantine",
-        QUARANTINE_SCHEMA,
-        [work.prepare_dir / r.files["quarantine"] for r in prepared],
-        level,
-    )
+    # what the merge holds is small: one entry and one (source, reason) count table per audit file, the
+    # paths of mismatched shards, the optional stages' statistics
+    audit = sorted((r for r in results if isinstance(r, AuditFile)), key=lambda a: a.index)
+    files = {name: [a for a in audit if a.name == name] for name in AUDIT_TABLES}
+    recount: dict[str, Counter[tuple[str, str]]] = {name: Counter() for name in AUDIT_TABLES}
+    for a in audit:
+        recount[a.name].update(a.counts)
+    checked = sorted((r for r in results if isinstance(r, ChecksumResult)), key=lambda r: (r.target, r.start))
+    bad_paths = [[p for r in checked if r.target == ti for p in r.bad] for ti in range(len(written))]
+    extras = next((r for r in results if isinstance(r, ExtrasResult)), ExtrasResult({}, {}, {}))
 
     counts: dict[str, SourceCounts] = {s.name: SourceCounts() for s in cfg.sources}
     for r in prepared:
@@ -155,9 +261,10 @@ def finalize_run(
             )
         )
 
-    checks = _checks(cfg, out, counts, targets, selected, filtered_files, quarantine_files)
+    checks = _checks(cfg, counts, targets, selected, recount["filtered"], recount["quarantine"], bad_paths)
+    extra = extras.extra
     # optional stages reconcile their own outputs and report the results as extra[<stage>]["checks"]
-    for stats in (extra or {}).values():
+    for stats in extra.values():
         if isinstance(stats, dict):
             checks += [Check.model_validate(c) for c in stats.get("checks", [])]
     tok = tokenizer_for(cfg)
@@ -192,12 +299,16 @@ def finalize_run(
         ],
         sources=counts,
         targets=targets,
-        audit={"filtered": filtered_files, "quarantine": quarantine_files, **(audit_extra or {})},
-        extra_configs=extra_configs or {},
+        audit={
+            "filtered": [a.entry for a in files["filtered"]],
+            "quarantine": [a.entry for a in files["quarantine"]],
+            **extras.audit_extra,
+        },
+        extra_configs=extras.extra_configs,
         # timings differ run to run; they go to report.json so the manifest is reproducible
         stages={k: v.model_copy(update={"seconds": None}) for k, v in stages.items()},
         checks=checks,
-        extra=extra or {},
+        extra=extra,
     )
     crash_point("finalize")
     # account first, clean-up last: a crash in between leaves extra files, never a manifest or
@@ -315,16 +426,16 @@ def _held(root: Path) -> Iterator[None]:
 
 def _checks(
     cfg: BuildConfig,
-    out: Path,
     counts: dict[str, SourceCounts],
     targets: list[TargetSummary],
     selected: SelectResult,
-    filtered_files: list[FileEntry],
-    quarantine_files: list[FileEntry],
+    audit_f: Counter[tuple[str, str]],
+    audit_q: Counter[tuple[str, str]],
+    bad_shards: list[list[str]],
 ) -> list[Check]:
+    """The reconciliation checks. `audit_f`/`audit_q` (rows per (source, reason)) and `bad_shards` (per
+    target) were recounted from the published files by the units; counts come from the stage records."""
     checks: list[Check] = []
-    audit_f = audit_counts(out, filtered_files)
-    audit_q = audit_counts(out, quarantine_files)
     for name, c in counts.items():
         kind = cfg.source(name).kind
         q = sum(c.quarantined.values())
@@ -379,7 +490,7 @@ def _checks(
             detail=f"{row_content} in rows, {packed_total} laid out",
         )
     )
-    for t, plan in zip(targets, selected.targets, strict=True):
+    for t, plan, bad in zip(targets, selected.targets, bad_shards, strict=True):
         sep_pad = sum(e.separator_tokens + e.pad_tokens for e in t.shards)
         checks.append(
             Check(
@@ -389,7 +500,6 @@ def _checks(
                 detail=f"{t.rows} x {t.target_length} = {t.content_tokens} + {sep_pad}",
             )
         )
-        bad = [e.path for e in t.shards if sha256_file(out / e.path) != e.sha256]
         checks.append(
             Check(name=f"{t.config_name}: shard checksums", ok=not bad, detail=", ".join(bad) or "all match")
         )
@@ -431,7 +541,7 @@ class FinalizeStage(Stage):
         "publish",  # the manifest records the whole config
     )
     inputs = ("prepare", "embed", "long_dependency", "select", "write", "procedural", "rewriter")
-    unit_noun = "step"
+    unit_noun = "parts"
     config_type = BuildConfig
     task_name = "finalize"
     retries = 0
@@ -444,14 +554,30 @@ class FinalizeStage(Stage):
         return _Finalize(self, ctx, inputs)
 
 
-class _Finalize(StageWork[None, Manifest]):
-    def units(self) -> list[None]:
-        return [None]
+class _Finalize(StageWork[FinalizeUnit, FinalizeResult]):
+    """Finalize as units and a small merge: each audit file and each group of output shards is a unit
+    (any worker, reading only its slice or its shards), the optional stages' outputs one more; the merge
+    adds their results, runs the checks and writes the manifest (last) and the card."""
 
-    def run_unit(self, unit: None, progress: UnitProgress | None = None) -> Manifest:
+    def units(self) -> list[FinalizeUnit]:
+        inp = self.inputs
+        return finalize_units(self.ctx.work, inp["prepare"], inp["select"], self._written())
+
+    def _written(self) -> list[list[ShardEntry]]:
+        return group_by_target(self.inputs["select"], [w.entry for w in self.inputs["write"]])
+
+    def run_unit(self, unit: FinalizeUnit, progress: UnitProgress | None = None) -> FinalizeResult:
+        work = self.ctx.work  # where this process sees the output folder (a mirror, on a URL)
+        if isinstance(unit, AuditUnit):
+            return write_audit_file(self.cfg, work, unit.part)
+        if isinstance(unit, ChecksumUnit):
+            entries = self._written()[unit.target][unit.start : unit.stop]
+            return ChecksumResult(unit.target, unit.start, check_shards(work, entries))
+        return self._extras()
+
+    def _extras(self) -> ExtrasResult:
         cfg, work, inp = self.cfg, self.ctx.work, self.inputs
         selected = inp["select"]
-        entries = [w.entry for w in inp["write"]]
         audit_extra, extra = diversity_outputs(cfg, work, inp.get("embed") or [], selected)
         extra_configs: dict[str, Any] = {}
         scored = inp.get("long_dependency")
@@ -470,21 +596,32 @@ class _Finalize(StageWork[None, Manifest]):
             extra["rewriter"] = manifest_stats(rw.stats)  # what this run spent goes to report.json
             extra_configs.update(rw.extra_configs)
             audit_extra.update(rw.audit_extra)
-        return finalize_run(
-            cfg,
-            work,
+        return ExtrasResult(extra, extra_configs, audit_extra)
+
+    def merge(self, results: list[FinalizeResult]) -> Manifest:
+        inp = self.inputs
+        return finalize_merge(
+            self.cfg,
+            self.ctx.work,
             inp["prepare"],
-            selected,
-            group_by_target(selected, entries),
+            inp["select"],
+            self._written(),
             inp.reports,
+            results,
             self.ctx.command,
-            extra=extra,
-            extra_configs=extra_configs,
-            audit_extra=audit_extra,
         )
 
-    def merge(self, results: list[Manifest]) -> Manifest:
-        return results[0]
+    def label(self, unit: FinalizeUnit) -> str:
+        if isinstance(unit, AuditUnit):
+            return unit.part.path
+        if isinstance(unit, ChecksumUnit):
+            return f"checksums {self.inputs['select'].targets[unit.target].config_name}/{unit.start}"
+        return "optional stages"
+
+    def log_line(self, result: FinalizeResult) -> str | None:
+        if isinstance(result, AuditFile):
+            return f"wrote {result.entry.path}: {result.entry.rows} rows"
+        return None
 
 
 def diversity_outputs(
