@@ -16,6 +16,7 @@ still reports on the documents it finished, and `--shard i/m` splits the documen
 
     nice -n 19 python bench/calibrate_longdep.py run --out /tmp/cal.jsonl [--shard 0/2] [--threads 1]
     python bench/calibrate_longdep.py report /tmp/cal*.jsonl
+    python bench/calibrate_longdep.py explain --doc c0 --grid 64:64:4   # gains and copy flags, one document
 """
 
 from __future__ import annotations
@@ -137,6 +138,47 @@ def run(args: argparse.Namespace) -> None:
             print(json.dumps(rec), flush=True)
 
 
+def copy_mask_v1(ids: list[int], lo: int, start: int, end: int, n: int) -> np.ndarray:
+    """long_dependency@1's copy test, kept for `explain`: p and the n tokens before it occur earlier."""
+    seen: set[tuple[int, ...]] = set()
+    out = np.zeros(end - start, dtype=bool)
+    for q in range(lo + n, end):
+        gram = tuple(ids[q - n : q + 1])
+        if q >= start and gram in seen:
+            out[q - start] = True
+        seen.add(gram)
+    return out
+
+
+def explain(args: argparse.Namespace) -> None:
+    """Per-position gains of one calibration document under one setting, with the copy flags of
+    long_dependency@2 and @1: where the two corrections differ, and how much gain that is."""
+    from pipeline.longdep.backends import offline_gemma
+    from pipeline.longdep.scorer import copy_mask, ids_hash, sample_spans
+
+    model = offline_gemma(device="cpu", threads=args.threads)
+    docs = build_docs(model.tokenize, args.k_code, args.k_books, args.k_cat, args.k_rep)
+    ids = next(d for _, name, d in docs if name == args.doc)
+    (w, span, k), n = grid(args.grid)[0], LongDepConfig().copy_ngram
+    cfg = config(w, span, k)
+    shared = SharedPrefixModel(model, ids)
+    r = score_ids(ids, shared, cfg)
+    print(f"{args.doc} W{w}-L{span}x{k} ({r.method}): score {r.score:.3f}, raw {r.raw_score:.3f}")
+    total_v1 = 0.0
+    for s in sample_spans(len(ids), cfg, ids_hash(ids)):
+        lo = s - min(s, MAX_CONTEXT)
+        full = shared.logprobs([ids[lo : s + span]], last=span)[0][-span:]
+        short = shared.logprobs([ids[s - w : s + span]], last=span)[0][-span:]
+        g = full - short
+        new, old = copy_mask(ids, lo, s, s + span, n), copy_mask_v1(ids, lo, s, s + span, n)
+        total_v1 += float((g * ~old).sum())
+        print(f"span {s}: raw {g.mean():.3f}, corrected @2 {(g * ~new).mean():.3f}, @1 {(g * ~old).mean():.3f}")
+        for j in np.flatnonzero(new != old):
+            tok = model.tokenizer.decode([ids[s + j]])
+            print(f"  position {s + j}: copy only under @2, gain {g[j]:+.3f}, token {tok!r}")
+    print(f"score with @1's copy test: {total_v1 / r.positions:.3f}")
+
+
 def auc(pos: list[float], neg: list[float]) -> float:
     """Mann-Whitney probability that a positive outranks a negative (ties count half)."""
     return sum((p > q) + 0.5 * (p == q) for p in pos for q in neg) / (len(pos) * len(neg))
@@ -209,15 +251,22 @@ def main() -> None:
     r.add_argument("--shard", default="0/1")
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--grid", default=None, help='settings "W:span:k,..." instead of GRID')
-    r.add_argument("--k-code", type=int, default=4)
-    r.add_argument("--k-books", type=int, default=4)
-    r.add_argument("--k-cat", type=int, default=8)
-    r.add_argument("--k-rep", type=int, default=2)
     p = sub.add_parser("report")
     p.add_argument("paths", nargs="+")
+    e = sub.add_parser("explain", help="per-position gains and copy flags of one calibration document")
+    e.add_argument("--doc", default="c0", help="a0.. (far), b0.. (leads), c0.. (repeated)")
+    e.add_argument("--grid", default="64:64:4", help="one setting W:span:k")
+    e.add_argument("--threads", type=int, default=1)
+    for q in (r, e):
+        q.add_argument("--k-code", type=int, default=4)
+        q.add_argument("--k-books", type=int, default=4)
+        q.add_argument("--k-cat", type=int, default=8)
+        q.add_argument("--k-rep", type=int, default=2)
     args = ap.parse_args()
     if args.cmd == "run":
         run(args)
+    elif args.cmd == "explain":
+        explain(args)
     else:
         report(args.paths)
 
