@@ -171,7 +171,7 @@ def test_filter_drops_are_audited_and_reconcile(built: dict[str, Any]) -> None:
     low = [r for r in audit if r["reason"] == "low_long_dependency"]
     assert {r["doc_id"]: r["source"] for r in low} == expected
     for r in low:
-        assert r["step"] == "long_dependency@1"
+        assert r["step"] == "long_dependency@2"
         assert f"{scores[r['doc_id']]['score']:.4f}" in r["detail"]
     manifest = json.loads((out / "manifest.json").read_text())
     for source in ("code", "wiki"):
@@ -193,7 +193,7 @@ def test_lineage_and_row_scores_in_the_manifest(built: dict[str, Any]) -> None:
     out = built["out"]
     manifest = json.loads((out / "manifest.json").read_text())
     ld = manifest["extra"]["long_dependency"]
-    assert ld["method"] == "long_dependency@1"
+    assert ld["method"] == "long_dependency@2"
     assert "gemma-3-270m" in ld["model_id"] and "gguf-" in ld["model_fingerprint"]
     assert ld["settings"]["short_window"] == 32 and ld["settings"]["spans_per_document"] == 2
     assert ld["scored"] == 7 and ld["too_short"] == 1
@@ -203,7 +203,7 @@ def test_lineage_and_row_scores_in_the_manifest(built: dict[str, Any]) -> None:
     for f in sorted((out / "data").rglob("*.parquet")):
         name = f.parent.name
         rows = pq.read_table(f, columns=["segments", "lineage"]).to_pylist()
-        assert all("long_dependency@1" in r["lineage"]["steps"] for r in rows)
+        assert all("long_dependency@2" in r["lineage"]["steps"] for r in rows)
         # row score: token-weighted mean of the scored documents' scores, recounted from the segments
         got = []
         for r in rows:

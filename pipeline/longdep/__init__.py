@@ -2,7 +2,7 @@
 
 - `backends`: the model interface (`LogprobModel`) and its implementations (transformers, an
   OpenAI-compatible completions endpoint, the offline Gemma 3 270M).
-- `scorer`: `long_dependency@1`, span sampling, the long-versus-short gain, the distance profile and
+- `scorer`: `long_dependency@2`, span sampling, the long-versus-short gain, the distance profile and
   the verbatim-copy correction.
 - `cache`: scores cached by (model fingerprint, document hash, settings), resumable.
 - `use`: the scores in selection (per-source filters, `longest_first` routing), row scores, and the

@@ -1,4 +1,4 @@
-"""`long_dependency@1`: how much a document's far context improves a causal LM's predictions.
+"""`long_dependency@2`: how much a document's far context improves a causal LM's predictions.
 
 For sampled target spans of a document (or a packed row), each span token is scored twice: with the
 full available context (up to `max_context` tokens before the span) and with only the last
@@ -19,10 +19,11 @@ the span is capped at what is available.
 Specificity correction ("copy" correction): ProLong calibrates its dependency strength by a
 specificity term so that dependencies on generic, repeated text do not count. Here the same goal is
 reached with a direct test for the case that inflates long-context gains most, verbatim repetition:
-an induction-style copy, where the target token and the `copy_ngram` tokens before it occur verbatim
-earlier in the long context (a repeated licence header, a repeated paragraph, boilerplate). The gain
-at such positions is set to zero: predicting a copy needs only a lookup, not understanding, and
-the short window would see the same text if the repeat were nearer. Both scores are recorded:
+an induction-style copy: the target token lies inside a run of at least `copy_ngram` + 1 tokens that
+occurred verbatim earlier in the long context (a repeated licence header, a repeated paragraph,
+boilerplate), counted from the run's first token. The gain at such positions is set to zero:
+predicting a copy needs only a lookup, not understanding, and the short window would see the same
+text if the repeat were nearer. Both scores are recorded:
 `raw_score` (no correction) and `score` (with it, the default), plus the fraction of copied positions.
 """
 
@@ -41,7 +42,10 @@ from pipeline.longdep.backends import LogprobModel
 from pipeline.longdep.cache import ScoreCache
 from schemas.longdep import LongDepConfig
 
-METHOD = "long_dependency@1"
+# @2: the copy test covers a repeat from its first token (see copy_mask); @1 flagged a position only
+# when it and the copy_ngram tokens before it had occurred earlier, so the first copy_ngram tokens of
+# every repeat escaped the correction
+METHOD = "long_dependency@2"
 
 
 @dataclass(frozen=True)
@@ -96,14 +100,25 @@ def sample_spans(n_tokens: int, cfg: LongDepConfig, doc_hash: str) -> list[int]:
 
 
 def copy_mask(ids: Sequence[int], lo: int, start: int, end: int, n: int) -> np.ndarray:
-    """For positions start..end-1: True where ids[p-n : p+1] occurs earlier, entirely inside ids[lo : p]."""
-    first: dict[tuple[int, ...], int] = {}
+    """For positions p in start..end-1: True where p lies inside a run ids[a : a+n+1] (a <= p <= a+n,
+    a >= lo) whose tokens also occur, in the same order, entirely inside the context ids[lo : p].
+
+    That is, p belongs to a verbatim repeat of at least n+1 tokens of text seen before p, counted
+    from the repeat's first token. Testing only the run that ENDS at p (p and the n tokens before it)
+    misses the first n tokens of a repeat: where a repeated block starts again after different text
+    (a seam), their n-token context crosses the seam and never occurred before, yet the model, having
+    seen the block, predicts them by lookup. Looking ahead to ids[p+1 : a+n+1] only decides whether p
+    is part of a repeat; the gain at p is still the model's prediction from the tokens before p."""
     out = np.zeros(end - start, dtype=bool)
-    for q in range(lo + n, end):
-        gram = tuple(ids[q - n : q + 1])
-        seen = first.setdefault(gram, q)
-        if q >= start and seen < q:
-            out[q - start] = True
+    last = min(end, len(ids) - n)  # runs a..a+n must fit in the document
+    first: dict[tuple[int, ...], int] = {}  # each (n+1)-gram's earliest start at or after lo
+    for a in range(lo, last):
+        gram = tuple(ids[a : a + n + 1])
+        b = first.setdefault(gram, a)
+        if b < a:
+            # the earlier copy ids[b : b+n+1] lies inside ids[lo : p] for every p > b + n
+            for p in range(max(a, b + n + 1, start), min(a + n + 1, end)):
+                out[p - start] = True
     return out
 
 

@@ -24,11 +24,12 @@ import pyarrow.parquet as pq
 from pipeline.core.results import PrepareResult
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.index import DocIndex, Drop
+from pipeline.longdep.scorer import METHOD
 from pipeline.longdep.store import backend_identity, scores_file
 from schemas.config import ConfigError
 from schemas.stage_config import SelectConfig
 
-STEP = "long_dependency@1"
+STEP = METHOD  # the scoring method names the filter step in lineage
 REASON = "low_long_dependency"
 # histogram bins of scores in nats/token (gains of the far context); the ends are open
 EDGES: list[float] = [-0.2, 0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.5, 2.0]
