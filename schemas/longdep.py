@@ -92,7 +92,7 @@ class LongDepFilter(_Strict):
 
 
 class LongDepConfig(_Strict):
-    """Settings of `long_dependency@1`; every field that changes a score is part of the cache key."""
+    """Settings of `long_dependency@2`; every field that changes a score is part of the cache key."""
 
     enabled: bool = False
     backend: GemmaOfflineBackend | HFBackend | OpenAIBackend = Field(

@@ -2,7 +2,7 @@
 
 Units are prepared shards. A shard's documents are read as token ids (the prepare stage's tokens
 file), decoded with the pipeline tokenizer, re-tokenized by the scoring model's own tokenizer and
-scored with `long_dependency@1` (`pipeline.longdep.scorer`): both lengths are recorded. Scores come
+scored with `long_dependency@2` (`pipeline.longdep.scorer`): both lengths are recorded. Scores come
 from the score cache where it has them (keyed by model fingerprint, text hash and settings), so an
 interrupted run resumes; the model is loaded only on a cache miss, once per process.
 
