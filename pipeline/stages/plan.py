@@ -30,6 +30,7 @@ from pipeline.stages.procedural import ProceduralStage
 from pipeline.stages.publish import PublishStage
 from pipeline.stages.rewriter import RewriterStage
 from pipeline.stages.select import RoutePriority, SelectStage, SimilarityOrder, select_and_layout
+from pipeline.stages.semantic import semantic_stages
 from pipeline.stages.write import WriteStage
 from schemas.config import BuildConfig, ConfigError
 from schemas.manifest import Manifest
@@ -108,6 +109,7 @@ STAGES: list[Stage] = [
     PrepareStage(),
     EmbedStage(),
     LongDepStage(),
+    *semantic_stages(),  # only with run.select_partitions > 1 and SemDeDup/D4 on
     SelectStage(corpus_selectors, packing_order, route_priority),
     WriteStage(),
     ProceduralStage(),

@@ -375,7 +375,8 @@ class SelectStage(Stage):
     name = "select"
     # tokenizer: embeddings missing or stale since the embed stage are made again here
     sections = ("sources", "tokenizer", "filters", "diversity", "long_dependency", "packing", "output")
-    inputs = ("prepare", "embed", "long_dependency")
+    # semantic_prune: SemDeDup/D4 drops of a partitioned run (pipeline.stages.semantic)
+    inputs = ("prepare", "embed", "long_dependency", "semantic_prune")
     unit_noun = "step"
     config_type = SelectConfig
     task_name = "select-and-layout"
@@ -421,7 +422,9 @@ class _Select(StageWork[int | None, Any]):
     def merge(self, results: list[Any]) -> SelectResult:
         if self.cfg.run.select_partitions == 1:
             return results[0]
-        return select_partitioned(self.cfg, self.ctx.work, self.inputs["prepare"], results)
+        semantic = self.inputs.get("semantic_prune")  # its drops enter the merge before the budgets
+        extra = semantic.extra_drops(self.ctx.work) if semantic is not None else []
+        return select_partitioned(self.cfg, self.ctx.work, self.inputs["prepare"], results, extra)
 
     def report(self, merged: SelectResult) -> StageReport:
         return select_counts(self.inputs["prepare"], merged)
