@@ -178,16 +178,14 @@ class Reference:
         ii, jj = np.nonzero(np.triu(sim > threshold, 1))
         self.pairs = list(zip(ii.tolist(), jj.tolist(), strict=True))
 
-    def groups(self, P: int, guests: bool) -> np.ndarray:
-        """Group of each cluster: by members (+ guests) descending, each to the lightest group."""
-        k = int(max(self.label.max(), self.label2.max())) + 1
-        load = np.bincount(self.label, minlength=k) + (np.bincount(self.label2, minlength=k) if guests else 0)
-        held, group = [0] * P, [0] * k
-        for c in sorted(range(k), key=lambda c: (-load[c], c)):
-            g = min(range(P), key=lambda g: (held[g], g))
-            group[c] = g
-            held[g] += int(load[c])
-        return np.array(group)
+    def check_groups(self, group: np.ndarray, P: int) -> None:
+        """The run's groups: P of them, each holding about 1/P of the vectors its unit reads (members and
+        guests): at most a share plus the largest cluster."""
+        k = len(group)
+        load = np.bincount(self.label, minlength=k) + np.bincount(self.label2, minlength=k)
+        held = np.bincount(group, weights=load, minlength=P)
+        assert len(held) == P and held.min() > 0
+        assert held.max() <= load.sum() / P + load.max(), held
 
     def used(self, guests: bool, group: np.ndarray | None) -> list[tuple[int, int]]:
         """Pairs some cluster holds both ends of (as members or guests); with `group`, only pairs met
@@ -273,7 +271,9 @@ def test_pairs_across_groups_are_the_only_difference(corpus: Corpus, tmp_path: P
     p1, p4 = pruned_ids(Path(one.output.dir)), pruned_ids(Path(four.output.dir))
     ref = Reference(four, centroids_of(four), 0.6)
     all_pairs = ref.used(True, None)
-    grouped = ref.used(True, ref.groups(4, guests=True))
+    group = np.array(json.loads((WorkDir(four).select_dir / "semantic-4" / "groups.json").read_text()))
+    ref.check_groups(group, 4)
+    grouped = ref.used(True, group)
     assert len(grouped) < len(all_pairs)
     assert ref.greedy(all_pairs) == p1
     assert ref.greedy(grouped) == p4

@@ -27,6 +27,7 @@ from pipeline.corpus.semantic.partitioned import (
     merge_groups,
     prune_group,
     wanted,
+    write_groups,
 )
 from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
 from schemas.config import BuildConfig
@@ -100,7 +101,12 @@ class _Assign(StageWork[int, AssignResult]):
 
     def run_unit(self, unit: int, progress: UnitProgress | None = None) -> AssignResult:
         return assign_shard(
-            self.cfg, self.ctx.work, self.inputs["prepare"], self.inputs["semantic_exact"], self.centroids, unit
+            self.cfg,
+            self.ctx.work,
+            self.inputs["prepare"],
+            self.inputs["semantic_exact"],
+            self.centroids,
+            unit,
         )
 
     def merge(self, results: list[AssignResult]) -> tuple[Centroids, list[AssignResult]]:
@@ -129,9 +135,9 @@ class _Prune(StageWork[int, GroupResult]):
         k = self.centroids.k
         members = np.sum([a.members for a in self.assigned], axis=0) if self.assigned else np.zeros(k)
         guests = np.sum([a.guests for a in self.assigned], axis=0) if self.assigned else np.zeros(k)
-        self.groups = deal_groups(
-            np.asarray(members, np.int64), np.asarray(guests, np.int64), self.cfg.run.select_partitions
-        )
+        flow = [f for a in self.assigned for f in a.flow]
+        self.groups = deal_groups(members, guests, flow, self.cfg.run.select_partitions)
+        write_groups(ctx.work, self.cfg.run.select_partitions, self.groups)
 
     def units(self) -> list[int]:
         return list(range(self.cfg.run.select_partitions))

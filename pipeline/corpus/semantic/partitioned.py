@@ -16,8 +16,9 @@ stages (`pipeline.stages.semantic`), only when partitions and pruning are both c
    vectors, assigns each surviving document its nearest and second-nearest centroid and the boundary
    guest flag (`assign_top2`, `boundary_guests`: per row, as in one process), and writes
    (row, cluster, cosine, guest cluster) for the shard.
-2. **semantic_prune**. Its bind deals the clusters to P groups balanced by members plus guests
-   (largest first, each to the lightest group). A unit per group reads the assignment files, keeps
+2. **semantic_prune**. Its bind deals the clusters to P groups of about equal load (members plus
+   guests), growing each group along the clusters that share the most boundary guests with it
+   (`deal_groups`), so that few guests fall across groups. A unit per group reads the assignment files, keeps
    the rows of its clusters, gathers only their vectors and runs `dedup_clusters` (SemDeDup's per
    cluster search and greedy pass, the single process's code) and then D4 on what it kept
    (`d4_pruned`). It writes its drops (shard, row, step, detail, keeper, audit columns) in canonical
@@ -221,6 +222,8 @@ class AssignResult:
     sha256: str
     members: list[int] = field(default_factory=list)
     guests: list[int] = field(default_factory=list)
+    # guest flow: [own cluster, guest cluster, documents] for each pair of clusters a guest joins
+    flow: list[list[int]] = field(default_factory=list)
     seconds: float = 0.0
     reused: bool = False
 
@@ -277,23 +280,73 @@ def assign_shard(
         sha256=sha256_file(folder / rel),
         members=np.bincount(labels, minlength=k).tolist(),
         guests=np.bincount(guest_of[guest], minlength=k).tolist(),
+        flow=_flow(labels[guest], guest_of[guest]),
         seconds=round(time.perf_counter() - started, 3),
     )
     write_json_atomic(rec, asdict(out))
     return out
 
 
-def deal_groups(members: np.ndarray, guests: np.ndarray, P: int) -> np.ndarray:
-    """Group of each cluster: by load (members + guests), largest first, each to the lightest group
-    (ties: lower cluster, lower group), so a group's vectors are about 1/P of the corpus's."""
-    load = members + guests
-    group = np.zeros(len(load), np.int64)
-    held = np.zeros(P, np.int64)
-    for c in np.lexsort((np.arange(len(load)), -load)).tolist():
-        g = int(np.argmin(held))
+def _flow(own: np.ndarray, other: np.ndarray) -> list[list[int]]:
+    if not len(own):
+        return []
+    pairs, counts = np.unique(np.stack([own, other]).astype(np.int64), axis=1, return_counts=True)
+    return np.vstack([pairs, counts]).T.tolist()
+
+
+def deal_groups(members: np.ndarray, guests: np.ndarray, flow: list[list[int]], P: int) -> np.ndarray:
+    """Group of each cluster: P groups of about equal load (members + guests: the vectors a group unit
+    reads), grown so that clusters sharing boundary guests go together (a guest is compared only
+    inside its own cluster's group: see the module docstring).
+
+    A group starts from the largest cluster left and then takes, one at a time, the cluster left with
+    the most guests exchanged with the clusters it holds (the largest on ties, then the lowest id), until
+    the groups so far hold their share of the load (group g closes once (g + 1) / P of it is dealt).
+    Lazy heap: O(edges log k), so it suits a million clusters.
+    """
+    import heapq
+
+    load = (np.asarray(members, np.int64) + np.asarray(guests, np.int64)).tolist()
+    k = len(load)
+    adj: dict[int, dict[int, int]] = {}
+    for a, b, w in flow:
+        if a != b:
+            adj.setdefault(a, {})[b] = adj.setdefault(a, {}).get(b, 0) + w
+            adj.setdefault(b, {})[a] = adj.setdefault(b, {}).get(a, 0) + w
+    by_load = sorted(range(k), key=lambda c: (-load[c], c))
+    total = sum(load)
+    group = np.full(k, -1, np.int64)
+    gain: dict[int, int] = {}
+    heap: list[tuple[int, int, int]] = []
+    g, dealt, seed_at = 0, 0, 0
+    for _ in range(k):
+        c = -1
+        while heap:
+            neg, _neg_load, cand = heapq.heappop(heap)
+            if group[cand] < 0 and -neg == gain.get(cand):
+                c = cand
+                break
+        if c < 0:  # a new group, or nothing left that shares guests with this one: the largest left
+            while group[by_load[seed_at]] >= 0:
+                seed_at += 1
+            c = by_load[seed_at]
         group[c] = g
-        held[g] += load[c]
+        dealt += load[c]
+        for n, w in adj.get(c, {}).items():
+            if group[n] < 0:
+                gain[n] = gain.get(n, 0) + w
+                heapq.heappush(heap, (-gain[n], -load[n], n))
+        if g < P - 1 and dealt * P >= (g + 1) * total:
+            g += 1
+            gain, heap = {}, []
     return group
+
+
+def write_groups(work: WorkDir, P: int, group_of: np.ndarray) -> None:
+    """The group of each cluster, for the audit (`semantic-<P>/groups.json`)."""
+    folder = sem_dir(work, P)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "groups.json", np.asarray(group_of).tolist())
 
 
 # ---- 2. a group of clusters ----------------------------------------------------------------------
