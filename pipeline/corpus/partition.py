@@ -27,7 +27,7 @@ makes the same decisions with memory bounded by a partition or by a shard (`run.
 
 What is byte-identical to the single-process run (tests/test_partition.py checks it for P = 1, 3, 8):
 the layouts, the `filtered` table (same rows, same order, same row groups), and the SelectResult but
-for `seconds`. SemDeDup/D4 run as units of their own before the merge (`pipeline.stages.semantic`,
+for `seconds`. SemDeDup/D4 run as units of their own before the merge (`pipeline.stages.semantic_*`,
 `pipeline.corpus.semantic.partitioned`); their drops enter the merge through the `ExtraDrops` hook,
 after the exact duplicates and before the budgets. Not supported partitioned (a clear ConfigError):
 `packing.strategy: similarity` and `packing.doc_order: shuffle` (a permutation of all documents).

@@ -4,7 +4,7 @@ With one partition SemDeDup and D4 run inside the single select unit, which gath
 corpus (`pipeline.corpus.semantic.prune`). Partitioned, they become units of their own, as NeMo
 Curator runs semantic dedup (k-means on a sample, every vector to its centroid, SemDeDup per cluster on
 a worker), so that no process holds all vectors. Three stages run between the embed and select
-stages (`pipeline.stages.semantic`), only when partitions and pruning are both configured:
+stages (`pipeline.stages.semantic_exact`, `_assign`, `_prune`), only when partitions and pruning are both configured:
 
 0. **semantic_exact**: the select stage's own hash-partition units (`dedup_partition`), run first
    because SemDeDup works on what exact dedup kept (the single process's order). Their records are
