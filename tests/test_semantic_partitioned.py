@@ -23,7 +23,7 @@ import pytest
 from pipeline.build import run_build
 from pipeline.core.workdir import WorkDir
 from pipeline.stages.embed import embed_dir
-from schemas.config import BuildConfig
+from schemas.config import BuildConfig, ConfigError
 from schemas.manifest import Manifest
 from tests.conftest import DATA, make_config, sample_dict
 from tests.test_diversity import light_edit
@@ -298,3 +298,13 @@ def test_d4_and_budgets_partitioned_reconcile(corpus: Corpus, tmp_path: Path) ->
     assert m.extra["diversity"]["pruned_matches_filtered"]
     # D4 per group keeps ceil(0.8 x size) of each of its clusters: at most ~20% of what SemDeDup kept
     assert d4["pruned"] <= 0.2 * d4["documents_in"] + d4["clusters"]
+
+
+def test_similarity_packing_with_partitions_is_refused_before_any_work(
+    corpus: Corpus, tmp_path: Path
+) -> None:
+    cfg = corpus.config(tmp_path / "out", 3)
+    cfg = cfg.model_copy(update={"packing": cfg.packing.model_copy(update={"strategy": "similarity"})})
+    with pytest.raises(ConfigError, match=r"run.select_partitions=3: packing.strategy: similarity"):
+        run_build(cfg)
+    assert not list((tmp_path / "out").glob(".longloom/prepare-*/documents/*.parquet"))
