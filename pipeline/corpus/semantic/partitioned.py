@@ -4,7 +4,8 @@ With one partition SemDeDup and D4 run inside the single select unit, which gath
 corpus (`pipeline.corpus.semantic.prune`). Partitioned, they become units of their own, as NeMo
 Curator runs semantic dedup (k-means on a sample, every vector to its centroid, SemDeDup per cluster on
 a worker), so that no process holds all vectors. Three stages run between the embed and select
-stages (`pipeline.stages.semantic_exact`, `_assign`, `_prune`), only when partitions and pruning are both configured:
+stages (`pipeline.stages.semantic_exact`, `_assign`, `_prune`), only when partitions and pruning are
+both configured:
 
 0. **semantic_exact**: the select stage's own hash-partition units (`dedup_partition`), run first
    because SemDeDup works on what exact dedup kept (the single process's order). Their records are
@@ -18,9 +19,9 @@ stages (`pipeline.stages.semantic_exact`, `_assign`, `_prune`), only when partit
    (row, cluster, cosine, guest cluster) for the shard.
 2. **semantic_prune**. Its bind deals the clusters to P groups of about equal load (members plus
    guests), growing each group along the clusters that share the most boundary guests with it
-   (`deal_groups`), so that few guests fall across groups. A unit per group reads the assignment files, keeps
-   the rows of its clusters, gathers only their vectors and runs `dedup_clusters` (SemDeDup's per
-   cluster search and greedy pass, the single process's code) and then D4 on what it kept
+   (`deal_groups`), so that few guests fall across groups. A unit per group reads the assignment
+   files, keeps the rows of its clusters, gathers only their vectors and runs `dedup_clusters`
+   (SemDeDup's per cluster search and greedy pass, the single process's code) and then D4 on what it kept
    (`d4_pruned`). It writes its drops (shard, row, step, detail, keeper, audit columns) in canonical
    order. Its merge writes the `pruned` audit files and statistics where the single process does.
 3. The select stage's merge (`pipeline.corpus.partition.select_partitioned`, hook `ExtraDrops`) writes
@@ -38,7 +39,9 @@ stages (`pipeline.stages.semantic_exact`, `_assign`, `_prune`), only when partit
   those pairs (a group's decisions depend only on its own pairs). With no pair spanning groups the
   drops are identical; else each differing document is explained by the pairs left out (the test
   recomputes both from the vectors). Each group's statistics count the guests not read
-  (`boundary_guests_across_groups`).
+  (`boundary_guests_across_groups`). Why not compare them too: a drop decided by a pair across groups
+  depends on the partner's fate in its own group (the greedy pass is sequential in keep order), which
+  takes a second round; one reducer over all pairs would be exact but hold every pair of the corpus.
 - *D4* re-clusters what SemDeDup kept; partitioned, each group fits its own k-means (seed + 1, k from
   its survivors and `d4.kmeans`) on its own survivors instead of one over the corpus, so its clusters,
   cutoffs and drops differ from one partition's; the fraction kept per cluster is the same rule.
@@ -46,6 +49,8 @@ stages (`pipeline.stages.semantic_exact`, `_assign`, `_prune`), only when partit
   canonical order (one process writes them cluster by cluster).
 - *k = 1* (fewer than 1.5 x `docs_per_cluster` documents): the centroid is the mean of all vectors,
   summed shard by shard in float64 (one process: one float32 mean), so it can differ in its last bits.
+- `run.select_partitions` is otherwise execution-only; a selection made with partitioned SemDeDup is
+  not reused by a run with another P (`pipeline.stages.select`, `semantic-partitions.json`).
 
 Every dropped document still has exactly one `filtered` row with its reason and one `pruned` row with
 its step, partner, similarity and cluster; the manifest's counts reconcile as in one process.
