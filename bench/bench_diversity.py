@@ -7,6 +7,7 @@
     python bench/bench_diversity.py --only calibration --sizes 3000      # likewise
     python bench/bench_diversity.py --only real --sizes 10000,100000
     python bench/bench_diversity.py --only synthetic --sizes 10000,100000,1000000
+    python bench/bench_diversity.py --only partitioned --sizes 100000 --partitions 1,4
 
 1. embedders: documents/s and chunks/s of each embedder on real text (Wikipedia leads and 192/512-token
    chunks of the bundled books), in this process.
@@ -720,11 +721,107 @@ def bench_calibration(n_leads: int, specs: list[str], wiki_json: Path, min_jacca
             print(line)
 
 
+# --- partitioned SemDeDup (run.select_partitions) ---------------------------------------------------------
+
+UNIT_STAGES = ("semantic_exact", "semantic_assign", "semantic_prune", "select")
+
+
+def _unit_in_child(job: object, unit: object) -> tuple[object, float]:
+    """Run one unit in this (fresh, spawned) process; return its result and the process's peak RSS."""
+    r = job.run_unit(unit)  # type: ignore[attr-defined]
+    return r, peak_rss_mb()
+
+
+def child_partitioned(n: int, workdir: Path, windows_from: Path, partitions: int) -> dict:
+    """The windows corpus with `run.select_partitions: partitions`: prepare and embed in this process,
+    every unit of the semantic and select stages in a fresh spawned process of its own (so each unit's
+    peak RSS is its own: a unit holds its clusters' vectors, the single select unit all of them)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from pipeline.build import preflight
+    from pipeline.core.progress import Reporter
+    from pipeline.core.workdir import WorkDir
+    from pipeline.output.report import RunClock
+    from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
+    from pipeline.stages.plan import run_plan
+    from schemas.config import parse_config
+
+    corpus = window_corpus(n, windows_from, workdir)
+    out = workdir / f"out-partitioned-{partitions}-{n}"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = parse_config(
+        {
+            "run": {"select_partitions": partitions},
+            "sources": [
+                {"name": "mix", "kind": "jsonl", "paths": [str(p) for p in corpus], "id_field": "id"}
+            ],
+            "filters": {"min_tokens": 16},
+            "diversity": {"embedder": "static-tokens", "progress": False},
+            "packing": {"strategy": "greedy", "targets": [{"length": 65536}]},
+            "output": {"dir": str(out)},
+        },
+        base_dir=workdir,
+    )
+    units_rss: dict[str, list[float]] = {}
+    units_s: dict[str, float] = {}
+
+    def run_units(stage: Stage, job: StageWork, units: list) -> list:
+        if stage.name not in UNIT_STAGES:
+            return [job.run_unit(u) for u in units]
+        results = []
+        t0 = time.perf_counter()
+        for u in units:
+            ctx = mp.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+                r, rss = pool.submit(_unit_in_child, job, u).result()
+            results.append(r)
+            units_rss.setdefault(stage.name, []).append(round(rss))
+        units_s[stage.name] = round(time.perf_counter() - t0, 1)
+        return results
+
+    shards = preflight(cfg)
+    work = WorkDir(cfg)
+    clock = RunClock()
+    t0 = time.perf_counter()
+    with work.lock(lambda *a: None):
+        done = run_plan(
+            RunContext(cfg), Inputs(shards=shards), run_units, Reporter(), clock, lambda m, e: None
+        )
+    m = done["finalize"]
+    planted = json.loads((corpus[0].parent / "planted.json").read_text())
+    d = m.extra["diversity"]["semdedup"]
+    return {
+        "partitions": partitions,
+        "documents": m.sources["mix"].documents,
+        "ok": m.ok,
+        "pruned": d["pruned"],
+        "clusters": d["clusters"],
+        "boundary_guests": d["boundary_guests"],
+        "boundary_guests_across_groups": d.get("boundary_guests_across_groups"),
+        "planted_pairs_resolved": planted_pairs_resolved(out, planted),
+        "unit_peak_rss_mb": units_rss,
+        "unit_seconds_sum": units_s,
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "client_peak_rss_mb": round(peak_rss_mb()),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--only",
-        choices=["embedders", "quality", "cache", "recall", "calibration", "real", "windows", "synthetic"],
+        choices=[
+            "embedders",
+            "quality",
+            "cache",
+            "recall",
+            "calibration",
+            "real",
+            "windows",
+            "synthetic",
+            "partitioned",
+        ],
     )
     p.add_argument("--wiki-offline", default=str(WIKI_OFFLINE), help="recall: summaries_en-us.json")
     p.add_argument("--sizes", default=None, help="comma-separated document counts")
@@ -743,17 +840,21 @@ def main() -> None:
     p.add_argument("--no-order", action="store_true", help="synthetic: skip the similarity order")
     p.add_argument(
         "--child",
-        choices=["real", "windows", "synthetic", "generate", "generate-windows"],
+        choices=["real", "windows", "synthetic", "generate", "generate-windows", "partitioned"],
         help=argparse.SUPPRESS,
     )
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--embedder", default="static-minilm", help=argparse.SUPPRESS)
+    p.add_argument("--partitions", default="1,4", help="partitioned: comma-separated select_partitions")
     a = p.parse_args()
     workdir = Path(a.workdir or Path(tempfile.gettempdir()) / "longloom-bench-diversity")
     workdir.mkdir(parents=True, exist_ok=True)
     if a.child in ("real", "windows"):
         windows = Path(a.windows_from) if a.child == "windows" else None
         print(json.dumps(child_real(a.n, workdir, a.embedder, windows)))
+        return
+    if a.child == "partitioned":
+        print(json.dumps(child_partitioned(a.n, workdir, Path(a.windows_from), int(a.partitions))))
         return
     if a.child == "generate-windows":
         t0 = time.perf_counter()
@@ -804,6 +905,18 @@ def main() -> None:
             for spec in (a.embedders or "static-tokens").split(","):
                 res = run_child(["--child", "windows", *common, "--embedder", spec])
                 print(f"  {n:>9,d} documents: {json.dumps(res)}")
+    if a.only == "partitioned":  # not in the default run: a long one
+        sizes = [int(s) for s in (a.sizes or "100000").split(",")]
+        print(
+            f"windows of {a.windows_from}, static-tokens, SemDeDup with run.select_partitions; each unit of"
+        )
+        print("the semantic and select stages in a fresh process (its peak RSS is its own)")
+        for n in sizes:
+            common = ["--n", str(n), "--workdir", str(workdir), "--windows-from", a.windows_from]
+            print(f"  corpus: {json.dumps(run_child(['--child', 'generate-windows', *common]))}")
+            for P in a.partitions.split(","):
+                res = run_child(["--child", "partitioned", *common, "--partitions", P])
+                print(f"  {n:>9,d} documents, P={P}: {json.dumps(res)}")
     if a.only in (None, "synthetic"):
         sizes = [int(s) for s in (a.sizes or "10000,100000,1000000").split(",")]
         print("synthetic 256-d float16 embeddings (memmap), SemDeDup + similarity order, one child per size")

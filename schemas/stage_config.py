@@ -132,6 +132,11 @@ class SelectConfig(
     budgets, routing and layout into output shards."""
 
 
+class SemanticStageConfig(HasSources, HasTokenizer, HasFilters, HasDiversity, Protocol):
+    """semantic_exact / semantic_assign / semantic_prune (partitioned select): exact dedup by hash
+    partition, then SemDeDup and D4 per group of clusters (embedding what the embed stage left missing)."""
+
+
 class WriteConfig(HasTokenizer, HasPacking, HasOutput, Protocol):
     """write: rows from the layouts, lineage, Parquet settings."""
 

@@ -27,9 +27,10 @@ makes the same decisions with memory bounded by a partition or by a shard (`run.
 
 What is byte-identical to the single-process run (tests/test_partition.py checks it for P = 1, 3, 8):
 the layouts, the `filtered` table (same rows, same order, same row groups), and the SelectResult but
-for `seconds`. Not supported partitioned (a clear ConfigError): semantic selectors (SemDeDup/D4 need
-the embeddings by cluster: their next step), `packing.strategy: similarity` and
-`packing.doc_order: shuffle` (a permutation of all documents).
+for `seconds`. SemDeDup/D4 run as units of their own before the merge (`pipeline.stages.semantic_*`,
+`pipeline.corpus.semantic.partitioned`); their drops enter the merge through the `ExtraDrops` hook,
+after the exact duplicates and before the budgets. Not supported partitioned (a clear ConfigError):
+`packing.strategy: similarity` and `packing.doc_order: shuffle` (a permutation of all documents).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -81,10 +82,7 @@ BUDGET_SCHEMA = pa.schema(
 def check_partitioned(cfg: SelectConfig) -> None:
     """What the partitioned path cannot do yet, as one clear error before any work."""
     P = cfg.run.select_partitions
-    d = cfg.diversity
     why = []
-    if d.embedder and (d.semdedup.enabled or (d.d4.keep_fraction is not None and d.d4.keep_fraction < 1.0)):
-        why.append("diversity (SemDeDup/D4) needs the whole embedding index")
     if cfg.packing.strategy == "similarity":
         why.append("packing.strategy: similarity orders the whole corpus")
     if cfg.packing.doc_order == "shuffle":
@@ -331,7 +329,11 @@ def _doc_ids(work: WorkDir, prepared: list[PrepareResult], shard: np.ndarray, ro
 
 
 def budget_cuts(
-    cfg: SelectConfig, work: WorkDir, prepared: list[PrepareResult], units: list[PartitionResult]
+    cfg: SelectConfig,
+    work: WorkDir,
+    prepared: list[PrepareResult],
+    units: list[PartitionResult],
+    extra: Sequence[ExtraDrops] = (),
 ) -> dict[int, tuple[float, int, int]]:
     """Per budgeted source: the last kept key (u, shard, row); (-1, -1, -1) keeps nothing."""
     sources = [s.name for s in cfg.sources]
@@ -342,6 +344,7 @@ def budget_cuts(
     hist = np.zeros((len(sources), BINS), np.int64)
     for u in units:
         hist += np.load(folder / u.hist_file)
+    _extra_out_of_hist(extra, hist, budgeted)
     cuts: dict[int, tuple[float, int, int]] = {}
     for s_i, budget in budgeted.items():
         cum = np.cumsum(hist[s_i])
@@ -364,6 +367,7 @@ def budget_cuts(
         uu, sh, rw, tk = (t.column(c).to_numpy() for c in ("u", "shard", "row", "n_tokens"))
         # the bin's rows are exactly those with min(int(u * BINS), BINS - 1) == b
         inbin = np.minimum((uu * BINS).astype(np.int64), BINS - 1) == b
+        inbin &= ~_extra_in_bin(extra, s_i, b, sh, rw)
         uu, sh, rw, tk = uu[inbin], sh[inbin], rw[inbin], tk[inbin]
         o = np.lexsort((rw, sh, uu))
         within = base + np.cumsum(tk[o]) <= budget
@@ -600,9 +604,14 @@ def _packer(cfg: SelectConfig, L: int) -> Packer:
 
 
 def select_partitioned(
-    cfg: SelectConfig, work: WorkDir, prepared: list[PrepareResult], units: list[PartitionResult]
+    cfg: SelectConfig,
+    work: WorkDir,
+    prepared: list[PrepareResult],
+    units: list[PartitionResult],
+    extra: Sequence[ExtraDrops] = (),
 ) -> SelectResult:
-    """The select stage's result from its partition units (the stage's merge); see the module docstring."""
+    """The select stage's result from its partition units (the stage's merge); see the module docstring.
+    `extra`: drops of the partitioned semantic stages (`ExtraDrops`), applied before the budgets."""
     record = work.select_dir / "select.json"
     key = inputs_key(prepared)
     previous = load_verified(work, record, key)
@@ -617,7 +626,7 @@ def select_partitioned(
         raise RuntimeError(f"select: expected the results of partitions 0..{P - 1} of these inputs")
     sources = [s.name for s in cfg.sources]
     budgeted = _budgeted(cfg, sources)
-    cuts = budget_cuts(cfg, work, prepared, units)
+    cuts = budget_cuts(cfg, work, prepared, units, extra)
     sizes = np.array([pq.ParquetFile(docs_path(work, r)).metadata.num_rows for r in prepared], np.int64)
     offsets = np.r_[0, np.cumsum(sizes)].astype(np.int64)
     steps: list[str] = []
@@ -644,6 +653,7 @@ def select_partitioned(
                 duplicate_of=keeper,
             )
         dw.end()
+    _write_extra_drops(dw, extra, len(prepared), steps)  # hook: SemDeDup/D4 drops, before the budgets
 
     # source budgets: each source's documents over its cut, in (u, canonical) order as the rule ranks
     # them. One pass over the source's shards buckets the dropped rows by u (with their lineage), so the
@@ -655,6 +665,7 @@ def select_partitioned(
         K = int(min(512, max(1, -(-n_src // (1 << 18)))))
         buckets = _Buckets(folder / "budget-drops", K)
         cursors_b = [_ShardCursor(folder / u.dups_file, ["shard", "row"]) for u in units]
+        cursors_b += _extra_cursors(extra)
         for si, res in enumerate(prepared):
             if res.source != sources[s_i]:
                 for c in cursors_b:
@@ -700,6 +711,7 @@ def select_partitioned(
     closed = False
     unrouted: list[np.ndarray] = []
     cursors = [_ShardCursor(folder / u.dups_file, ["shard", "row"]) for u in units]
+    cursors += _extra_cursors(extra)
 
     def spill(ti: int, segs: tuple[np.ndarray, ...]) -> None:
         item, start, end, _row, _rs, fp = segs
@@ -912,3 +924,77 @@ def _write_layout_from_spill(
         "whole": whole,
     }
     return plan, content
+
+
+# ---- hook: drops decided by other units (partitioned SemDeDup/D4) ---------------------------------
+
+
+@dataclass(frozen=True)
+class ExtraDrops:
+    """Drops decided outside the hash partitions (`pipeline.corpus.semantic.partitioned`), merged in
+    after the exact duplicates and before the source budgets, the order one process runs its selectors
+    in. `files`: Parquet files sorted by (shard, row) with columns shard, row, source_index, u (the
+    budget's uniform number), n_tokens, step, detail and duplicate_of."""
+
+    reason: str
+    step: str
+    files: list[Path]
+
+
+def shard_cursor(path: Path, columns: list[str]) -> _ShardCursor:
+    """Rows of a file sorted by shard, handed out shard by shard (for the semantic package's merge)."""
+    return _ShardCursor(path, columns)
+
+
+def _extra_cursors(extra: Sequence[ExtraDrops]) -> list[_ShardCursor]:
+    return [_ShardCursor(f, ["shard", "row"]) for e in extra for f in e.files]
+
+
+def _extra_out_of_hist(extra: Sequence[ExtraDrops], hist: np.ndarray, budgeted: dict[int, int]) -> None:
+    """The budget histograms count exact-dedup survivors: take the extra drops' tokens out."""
+    for e in extra:
+        for f in e.files:
+            t = pq.read_table(f, columns=["source_index", "u", "n_tokens"])
+            src, u, tok = (t.column(c).to_numpy() for c in ("source_index", "u", "n_tokens"))
+            sel = np.isin(src, list(budgeted))
+            bins = np.minimum((u[sel] * BINS).astype(np.int64), BINS - 1)
+            np.subtract.at(hist, (src[sel].astype(np.int64), bins), tok[sel].astype(np.int64))
+
+
+def _extra_in_bin(
+    extra: Sequence[ExtraDrops], s_i: int, b: int, sh: np.ndarray, rw: np.ndarray
+) -> np.ndarray:
+    """Which of a budget bin's rows (shard, row) an extra step dropped."""
+    keys = [np.zeros(0, np.int64)]
+    for e in extra:
+        for f in e.files:
+            t = pq.read_table(f, columns=["u", "shard", "row"], filters=[("source_index", "=", s_i)])
+            u = t.column("u").to_numpy()
+            inbin = np.minimum((u * BINS).astype(np.int64), BINS - 1) == b
+            keys.append(
+                (t.column("shard").to_numpy()[inbin].astype(np.int64) << 40)
+                | t.column("row").to_numpy()[inbin]
+            )
+    return np.isin((sh.astype(np.int64) << 40) | rw.astype(np.int64), np.concatenate(keys))
+
+
+def _write_extra_drops(dw: _DropWriter, extra: Sequence[ExtraDrops], n_shards: int, steps: list[str]) -> None:
+    """Each extra step's `filtered` rows, shard by shard in canonical order, after the exact duplicates."""
+    for e in extra:
+        steps.append(e.step)
+        dw.start(e.reason)
+        cursors = [_ShardCursor(f, ["shard", "row", "step", "detail", "duplicate_of"]) for f in e.files]
+        for si in range(n_shards):
+            found = [t for c in cursors if (t := c.take(si)) is not None]
+            if not found:
+                continue
+            t = pa.concat_tables(found)
+            t = t.take(pc.sort_indices(t, [("row", "ascending")]))
+            dw.add(
+                np.full(t.num_rows, si, np.int64),
+                t.column("row").to_numpy(),
+                e.step,
+                t.column("detail").to_pylist(),
+                duplicate_of=t.column("duplicate_of").combine_chunks(),
+            )
+        dw.end()

@@ -30,6 +30,9 @@ from pipeline.stages.procedural import ProceduralStage
 from pipeline.stages.publish import PublishStage
 from pipeline.stages.rewriter import RewriterStage
 from pipeline.stages.select import RoutePriority, SelectStage, SimilarityOrder, select_and_layout
+from pipeline.stages.semantic_assign import SemanticAssignStage
+from pipeline.stages.semantic_exact import SemanticExactStage
+from pipeline.stages.semantic_prune import SemanticPruneStage
 from pipeline.stages.write import WriteStage
 from schemas.config import BuildConfig, ConfigError
 from schemas.manifest import Manifest
@@ -108,6 +111,10 @@ STAGES: list[Stage] = [
     PrepareStage(),
     EmbedStage(),
     LongDepStage(),
+    # partitioned SemDeDup/D4: only with run.select_partitions > 1 and SemDeDup or D4 on
+    SemanticExactStage(),
+    SemanticAssignStage(),
+    SemanticPruneStage(),
     SelectStage(corpus_selectors, packing_order, route_priority),
     WriteStage(),
     ProceduralStage(),

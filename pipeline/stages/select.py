@@ -375,7 +375,8 @@ class SelectStage(Stage):
     name = "select"
     # tokenizer: embeddings missing or stale since the embed stage are made again here
     sections = ("sources", "tokenizer", "filters", "diversity", "long_dependency", "packing", "output")
-    inputs = ("prepare", "embed", "long_dependency")
+    # semantic_prune: SemDeDup/D4 drops of a partitioned run (pipeline.stages.semantic)
+    inputs = ("prepare", "embed", "long_dependency", "semantic_prune")
     unit_noun = "step"
     config_type = SelectConfig
     task_name = "select-and-layout"
@@ -409,6 +410,7 @@ class _Select(StageWork[int | None, Any]):
         assert isinstance(stage, SelectStage)
         if unit is not None:
             return dedup_partition(cfg, self.ctx.work, prepared, unit, inputs_key(prepared))
+        self._forget_other_mode()
         return select_and_layout(
             cfg,
             self.ctx.work,
@@ -421,7 +423,23 @@ class _Select(StageWork[int | None, Any]):
     def merge(self, results: list[Any]) -> SelectResult:
         if self.cfg.run.select_partitions == 1:
             return results[0]
-        return select_partitioned(self.cfg, self.ctx.work, self.inputs["prepare"], results)
+        semantic = self.inputs.get("semantic_prune")  # its drops enter the merge before the budgets
+        extra = semantic.extra_drops(self.ctx.work) if semantic is not None else []
+        self._forget_other_mode()
+        return select_partitioned(self.cfg, self.ctx.work, self.inputs["prepare"], results, extra)
+
+    def _forget_other_mode(self) -> None:
+        """`run.select_partitions` is execution-only (the select folder's key ignores it), which holds
+        while P = 1 and P > 1 decide the same. With SemDeDup/D4 partitioned they may not (README
+        "Partitioned selection"), so the select record names the semantic partitioning it was made
+        with, and a run with another one does not reuse it."""
+        mode = self.cfg.run.select_partitions if self.inputs.get("semantic_prune") is not None else 1
+        marker = self.ctx.work.select_dir / "semantic-partitions.json"
+        seen = int(marker.read_text()) if marker.exists() else 1
+        if seen != mode:
+            (self.ctx.work.select_dir / "select.json").unlink(missing_ok=True)
+            self.ctx.work.select_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(marker, mode)
 
     def report(self, merged: SelectResult) -> StageReport:
         return select_counts(self.inputs["prepare"], merged)

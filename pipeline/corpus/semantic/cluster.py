@@ -1,6 +1,7 @@
 """Clustering and neighbour search on unit vectors, with memory bounded by cluster size.
 
-- `kmeans`: spherical k-means (faiss), fitted on a seeded sample of at most clusters x sample_per_cluster.
+- `kmeans`: spherical k-means (faiss), fitted on a seeded sample of at most clusters x sample_per_cluster
+  (`kmeans_sample` draws it, `kmeans_fit` fits it: a partitioned run calls them apart).
 - `assign`: nearest centroid of every vector, in blocks (a flat index over the k centroids);
   `assign_top2` also gives the second-nearest (SemDeDup's boundary guests).
 - `near_pairs`: all pairs above a cosine threshold inside one cluster: exact blocked products when the
@@ -28,21 +29,22 @@ def n_clusters(n: int, km: KMeansConfig) -> int:
     return int(max(1, min(k, n)))
 
 
-def kmeans(x: np.ndarray, km: KMeansConfig, seed: int) -> np.ndarray:
-    """Unit-norm centroids (k, d) of spherical k-means on a seeded sample of the rows of `x`."""
-    import faiss
-
-    n, d = x.shape
+def kmeans_sample(n: int, km: KMeansConfig, seed: int) -> tuple[int, np.ndarray]:
+    """(k, sorted row numbers of the seeded k-means sample) for `n` rows: what `kmeans` fits on. A
+    partitioned run draws the same rows by their canonical rank without holding the corpus."""
     k = n_clusters(n, km)
-    if k == 1:
-        mean = as_f32(x).mean(0, keepdims=True) if n else np.zeros((1, d), np.float32)
-        return mean / max(float(np.linalg.norm(mean)), 1e-12)
     size = min(n, k * km.sample_per_cluster)
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(n, size, replace=False)) if size < n else np.arange(n)
-    sample = as_f32(x[pick])
+    return k, pick
+
+
+def kmeans_fit(sample: np.ndarray, k: int, km: KMeansConfig, seed: int) -> np.ndarray:
+    """Unit-norm centroids (k >= 2) of spherical k-means on the sample rows (float32)."""
+    import faiss
+
     model = faiss.Kmeans(
-        d,
+        sample.shape[1],
         k,
         niter=km.iterations,
         seed=seed,
@@ -51,9 +53,23 @@ def kmeans(x: np.ndarray, km: KMeansConfig, seed: int) -> np.ndarray:
         min_points_per_centroid=1,
         verbose=False,
     )
-    model.train(sample)
+    model.train(as_f32(sample))
     c = np.asarray(model.centroids, np.float32)
     return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+
+
+def unit_mean(total: np.ndarray) -> np.ndarray:
+    """The one centroid of k = 1: the normalised mean (given as the sum of the rows, shape (1, d))."""
+    return total / max(float(np.linalg.norm(total)), 1e-12)
+
+
+def kmeans(x: np.ndarray, km: KMeansConfig, seed: int) -> np.ndarray:
+    """Unit-norm centroids (k, d) of spherical k-means on a seeded sample of the rows of `x`."""
+    n, d = x.shape
+    k, pick = kmeans_sample(n, km, seed)
+    if k == 1:
+        return unit_mean(as_f32(x).mean(0, keepdims=True) if n else np.zeros((1, d), np.float32))
+    return kmeans_fit(as_f32(x[pick]), k, km, seed)
 
 
 def assign(x: np.ndarray, centroids: np.ndarray, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from pipeline.corpus.semantic.cluster import as_f32, assign, assign_top2, group_
 from pipeline.corpus.semantic.lexical import jaccard, sketch
 from pipeline.corpus.semantic.vectors import CorpusEmbeddings
 from pipeline.embedders.registry import STATIC_MINILM, STATIC_TOKENS, default_threshold
-from schemas.diversity import IndexConfig, SemDedupConfig
+from schemas.diversity import IndexConfig, KMeansConfig, SemDedupConfig
 from schemas.records import PRUNED_SCHEMA
 from schemas.stage_config import SelectConfig
 
@@ -252,24 +252,56 @@ def semdedup_arrays(
     3. One greedy pass over the pairs (their number follows the duplicates, not the corpus): rows are
        visited in `keep` order, and a row is dropped when a kept earlier row is paired with it. Without
        guests every pair lies inside one cluster, and this is SemDeDup's per-cluster rule exactly.
+
+    Steps 2 and 3 are `dedup_clusters`, which a partitioned run calls per group of clusters
+    (`pipeline.corpus.semantic.partitioned`).
     """
-    n = len(x)
     centroids = kmeans(x, sd.kmeans, seed)
     labels, csim, labels2, csim2 = assign_top2(x, centroids)
-    order = np.lexsort((np.arange(n), _priority(sd.keep, n_tokens, csim)))  # global keep order
-    rank = np.empty(n, np.int64)
-    rank[order] = np.arange(n)
     guest = boundary_guests(centroids, labels, csim, labels2, csim2, threshold, sd.boundary_margin)
     sizes = np.bincount(labels, minlength=len(centroids))
+    return dedup_clusters(
+        x, n_tokens, labels, csim, labels2, guest, sizes, range(len(centroids)), threshold, sd, index, seed,
+        confirm, min_confirm,
+    )  # fmt: skip
+
+
+def dedup_clusters(
+    x: np.ndarray,
+    n_tokens: np.ndarray,
+    labels: np.ndarray,
+    csim: np.ndarray,
+    labels2: np.ndarray,
+    guest: np.ndarray,
+    sizes: np.ndarray,
+    clusters: Iterable[int],
+    threshold: float,
+    sd: SemDedupConfig,
+    index: IndexConfig,
+    seed: int,
+    confirm: Confirm | None = None,
+    min_confirm: float = 0.0,
+) -> DedupResult:
+    """SemDeDup's steps 2 and 3 (see `semdedup_arrays`) on rows already assigned to centroids.
+
+    The rows are in canonical order; `sizes` holds every cluster's member count (the corpus's, for the
+    audit), `clusters` the clusters whose pairs are searched: all of them in one process, one group's in
+    a partitioned run (whose rows are then that group's members and guests only).
+    """
+    n = len(x)
+    order = np.lexsort((np.arange(n), _priority(sd.keep, n_tokens, csim)))  # keep order
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
+    k = len(sizes)
     by_label = np.argsort(labels, kind="stable")
     guests = np.flatnonzero(guest)
     guests = guests[np.argsort(labels2[guests], kind="stable")]
-    guest_bounds = np.searchsorted(labels2[guests], np.arange(len(centroids) + 1))
-    member_bounds = np.searchsorted(labels[by_label], np.arange(len(centroids) + 1))
+    guest_bounds = np.searchsorted(labels2[guests], np.arange(k + 1))
+    member_bounds = np.searchsorted(labels[by_label], np.arange(k + 1))
     methods: Counter[str] = Counter()
     ai, aj, as_ = [], [], []
     largest = 0
-    for c in range(len(centroids)):
+    for c in clusters:
         m = by_label[member_bounds[c] : member_bounds[c + 1]]
         g = guests[guest_bounds[c] : guest_bounds[c + 1]]
         if len(m) + len(g) < 2 or not len(m):
@@ -314,7 +346,7 @@ def semdedup_arrays(
         across=labels[who] != labels[near],
         lexical=lex_kept,
         unconfirmed=unconfirmed,
-        clusters=len(centroids),
+        clusters=k,
         largest_cluster=largest,
         guests=int(guest.sum()),
         search=dict(methods),
@@ -395,29 +427,12 @@ class TokenSketches:
         )
 
 
-def semdedup(
-    cfg: SelectConfig, work: WorkDir, idx: DocIndex, alive: np.ndarray, prepared: list[PrepareResult]
-) -> Drop | None:
+def semdedup_pruned(
+    cfg: SelectConfig, idx: DocIndex, alive: np.ndarray, r: DedupResult, threshold: float, check: bool
+) -> tuple[Pruned, dict]:
+    """SemDeDup's drops as `Pruned` rows (positions of `idx`: `alive[row of r]`) and its statistics."""
     d = cfg.diversity
-    if not d.embedder or not d.semdedup.enabled or len(alive) < 2:
-        return None
-    started = time.perf_counter()
-    sd = d.semdedup
-    threshold = sd.threshold or default_threshold(d.embedder)
-    x = CorpusEmbeddings(cfg, idx, work).gather(alive)
-    lx = sd.lexical
-    check = lexical_check_on(cfg)
-    confirm: Confirm | None = None
-    sketches = TokenSketches(idx, lx.shingle_tokens, lx.sketch)
-    if check:
-
-        def confirm(i: np.ndarray, j: np.ndarray) -> np.ndarray:
-            return sketches.jaccard(alive[i], alive[j])
-
-    try:
-        r = semdedup_arrays(x, idx.n_tokens[alive], threshold, sd, d.index, d.seed, confirm, lx.min_jaccard)
-    finally:
-        sketches.close()
+    sd, lx = d.semdedup, d.semdedup.lexical
     out = Pruned(SEMDEDUP_STEP, SEMDEDUP_REASON, sd.keep)
     pos, near = alive[r.dropped], alive[r.nearest]
     out.add(
@@ -445,7 +460,7 @@ def semdedup(
         "keep": sd.keep,
         "documents_in": len(alive),
         "clusters": r.clusters,
-        "kmeans_sample": min(len(alive), r.clusters * sd.kmeans.sample_per_cluster),
+        "kmeans_sample": None,
         "kmeans_iterations": sd.kmeans.iterations,
         "largest_cluster": r.largest_cluster,
         "boundary_margin": sd.boundary_margin,
@@ -458,21 +473,46 @@ def semdedup(
         "pruned": len(pos),
         "pruned_tokens": int(idx.n_tokens[pos].sum()),
         "seed": d.seed,
-        "seconds": round(time.perf_counter() - started, 3),
+        "seconds": None,
     }
-    return _finish(work, idx, prepared, out, stats, "semdedup")
+    return out, stats
 
 
-def d4(
+def semdedup(
     cfg: SelectConfig, work: WorkDir, idx: DocIndex, alive: np.ndarray, prepared: list[PrepareResult]
 ) -> Drop | None:
     d = cfg.diversity
-    frac = d.d4.keep_fraction
-    if not d.embedder or frac is None or frac >= 1.0 or len(alive) < 2:
+    if not d.embedder or not d.semdedup.enabled or len(alive) < 2:
         return None
     started = time.perf_counter()
+    sd = d.semdedup
+    threshold = sd.threshold or default_threshold(d.embedder)
     x = CorpusEmbeddings(cfg, idx, work).gather(alive)
-    centroids = kmeans(x, d.d4.kmeans, d.seed + 1)
+    lx = sd.lexical
+    check = lexical_check_on(cfg)
+    confirm: Confirm | None = None
+    sketches = TokenSketches(idx, lx.shingle_tokens, lx.sketch)
+    if check:
+
+        def confirm(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+            return sketches.jaccard(alive[i], alive[j])
+
+    try:
+        r = semdedup_arrays(x, idx.n_tokens[alive], threshold, sd, d.index, d.seed, confirm, lx.min_jaccard)
+    finally:
+        sketches.close()
+    out, stats = semdedup_pruned(cfg, idx, alive, r, threshold, check)
+    stats["kmeans_sample"] = min(len(alive), r.clusters * sd.kmeans.sample_per_cluster)
+    stats["seconds"] = round(time.perf_counter() - started, 3)
+    return _finish(work, idx, prepared, out, stats, "semdedup")
+
+
+def d4_pruned(
+    x: np.ndarray, alive: np.ndarray, frac: float, km: KMeansConfig, seed: int
+) -> tuple[Pruned, int]:
+    """D4 on the vectors `x` of the documents `alive` (positions): re-cluster them, keep per cluster
+    the `frac` farthest from its centroid. Returns the drops (as positions) and the number of clusters."""
+    centroids = kmeans(x, km, seed)
     labels, csim = assign(x, centroids)
     order = np.lexsort((np.arange(len(alive)), csim, labels))  # per cluster: farthest from centroid first
     out = Pruned(D4_STEP, D4_REASON, f"farthest_from_centroid keep_fraction={frac}")
@@ -499,12 +539,25 @@ def d4(
             f"prototypical of cluster {c} ({size} documents, keep_fraction={frac})"
             for g in gone
         ]
+    return out, len(centroids)
+
+
+def d4(
+    cfg: SelectConfig, work: WorkDir, idx: DocIndex, alive: np.ndarray, prepared: list[PrepareResult]
+) -> Drop | None:
+    d = cfg.diversity
+    frac = d.d4.keep_fraction
+    if not d.embedder or frac is None or frac >= 1.0 or len(alive) < 2:
+        return None
+    started = time.perf_counter()
+    x = CorpusEmbeddings(cfg, idx, work).gather(alive)
+    out, n_centroids = d4_pruned(x, alive, frac, d.d4.kmeans, d.seed + 1)
     dropped_pos = out.col("index", "int64")
     stats = {
         "step": D4_STEP,
         "keep_fraction": frac,
         "documents_in": len(alive),
-        "clusters": len(centroids),
+        "clusters": n_centroids,
         "pruned": len(dropped_pos),
         "pruned_tokens": int(idx.n_tokens[dropped_pos].sum()),
         "seed": d.seed + 1,
