@@ -22,6 +22,7 @@ from tests.s3kit import (
     ACCESS_KEY,
     SECRET_KEY,
     download,
+    env_set,
     moto_server,
     s3_config,
     s3_env,
@@ -161,3 +162,40 @@ def test_missing_credentials_fail_before_any_work(store: tuple[str, Any], tmp_pa
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "no credentials" in lines[0] and "s3://src-bucket/" in lines[0], r.stderr
     assert stored_keys(fs, "out-nocreds") == set()
+
+
+def test_embedding_cache_on_s3_is_shared_across_machines(
+    store: tuple[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`diversity.cache_dir: s3://...` (issue 14: caches on URLs): a build fills the cache in the store;
+    a second build from a fresh scratch folder and HOME (another machine) embeds nothing, and writes the
+    same shards. In-process builds, with the store's credentials in this process's environment only."""
+    from pipeline.build import run_build
+    from tests.test_diversity import Corpus
+
+    endpoint, fs = store
+    fs.mkdir("emb-cache")
+    (tmp_path / "corpus").mkdir()
+    corpus = Corpus(tmp_path / "corpus")
+    runs = []
+    with env_set(s3_env(endpoint)):
+        for name in ("first", "second"):
+            monkeypatch.setenv("LONGLOOM_SCRATCH", str(tmp_path / name / "scratch"))
+            monkeypatch.setenv("HOME", str(tmp_path / name / "home"))
+            out = tmp_path / name / "out"
+            m = run_build(corpus.config(out, "s3://emb-cache/vectors"))  # type: ignore[arg-type]
+            assert m.ok, [c for c in m.checks if not c.ok]
+            report = json.loads((out / "report.json").read_text())["diversity"]
+            runs.append((out, report))
+    (out1, first), (out2, second) = runs
+    assert first["cache_dir"] == "s3://emb-cache/vectors"
+    assert first["embedding"]["cache_misses"] == corpus.n and first["embedding"]["model_calls"] > 0
+    assert second["embedding"]["cache_misses"] == 0 and second["embedding"]["model_calls"] == 0
+    assert second["embedding"]["cache_hits"] == corpus.n
+    stored = stored_keys(fs, "emb-cache/vectors")
+    assert any(k.endswith(".keys.npy") for k in stored) and not [k for k in stored if ".tmp-" in k]
+    # the second machine read the vectors from the store (its local copy), not from a default cache
+    assert list((tmp_path / "second" / "scratch").glob("caches/*/*/*.keys.npy"))
+    assert not list(tmp_path.glob("*/home/.cache/longloom/embeddings/*/*.npy"))
+    assert output_digest(out2) == output_digest(out1)
+    assert find_secrets([out1, out2, tmp_path / "second" / "scratch"], [SECRET_KEY, ACCESS_KEY], {}) == []

@@ -213,6 +213,92 @@ def local_copy(url: str) -> Path:
     return dest
 
 
+class KeyedFiles:
+    """A cache folder of keyed files (embedding segments, rewriter responses, long-dependency scores):
+    a local folder, or an fsspec URL read and written through this machine's local copy of it.
+
+    On a URL an entry is fetched the first time it is asked for (one GET of that entry, never the whole
+    cache) and kept in `$LONGLOOM_SCRATCH/caches/<url hash>/`; a new entry is written to a local
+    temporary file and stored with one PUT (whole or absent: a reader never sees half an entry), then
+    renamed into the local copy. Entries are named by what determines their content, so a local copy
+    never goes stale. The local copy is keyed by the redacted URL: credentials reach no path.
+    """
+
+    def __init__(self, location: str | Path) -> None:
+        loc = str(location)
+        self.remote = is_remote(loc)
+        self.location = loc
+        self.shown = shown(loc)
+        self.gets = 0  # entries fetched from the store (tests and statistics)
+        self.puts = 0
+        if self.remote:
+            self.url = loc.rstrip("/")
+            self.fs, self.root = _fs(self.url)
+            tag = hashlib.sha256(self.shown.encode()).hexdigest()[:16]
+            self.local = scratch_root() / "caches" / tag
+        else:
+            self.local = local_path(loc).expanduser()
+        self._count = threading.Lock()
+
+    def __truediv__(self, rel: str) -> str:
+        """The location of entry `rel`, as it may be shown (for a report)."""
+        return f"{self.shown.rstrip('/')}/{rel}"
+
+    def path(self, rel: str) -> Path | None:
+        """Entry `rel` as a local file (fetched from the store once if needed); None if there is none."""
+        local = self.local / rel
+        if local.exists() or not self.remote:
+            return local if local.exists() else None
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.parent / f".tmp-get-{os.getpid()}-{threading.get_ident()}-{local.name}"
+        try:
+            self.fs.get_file(f"{self.root}/{rel}", str(tmp))
+        except FileNotFoundError:
+            tmp.unlink(missing_ok=True)
+            return None
+        with self._count:
+            self.gets += 1
+        os.replace(tmp, local)
+        return local
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        p = self.path(rel)
+        try:
+            return p.read_bytes() if p is not None else None
+        except FileNotFoundError:
+            return None
+
+    def list(self, folder: str, suffix: str = "") -> list[str]:
+        """Entries directly in `folder` whose names end with `suffix`, as paths relative to the cache,
+        sorted; on a URL the store is listed (what other machines added is seen)."""
+        if not self.remote:
+            d = self.local / folder
+            names = [p.name for p in d.iterdir() if p.is_file()] if d.is_dir() else []
+        else:
+            target = f"{self.root}/{folder}".rstrip("/")
+            self.fs.invalidate_cache(target)
+            try:
+                names = [p.rsplit("/", 1)[-1] for p in self.fs.ls(target, detail=False)]
+            except FileNotFoundError:
+                names = []
+        return sorted(f"{folder}/{n}" for n in names if n.endswith(suffix) and not n.startswith(".tmp-"))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Store entry `rel` atomically (see the class): a concurrent reader finds it whole or absent."""
+        local = self.local / rel
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.parent / f".tmp-{os.getpid()}-{threading.get_ident()}-{local.name}"
+        try:
+            tmp.write_bytes(data)
+            if self.remote:
+                self.fs.put_file(str(tmp), f"{self.root}/{rel}")  # one PUT: whole or absent
+                with self._count:
+                    self.puts += 1
+            os.replace(tmp, local)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
 class Mirror:
     """This process's scratch copy of an output folder on a URL: `pull` before work, `push` after.
 
