@@ -14,6 +14,7 @@ import fsspec
 import pytest
 
 from pipeline.core import storage
+from pipeline.core.results import shard_path
 from pipeline.core.workdir import WorkDir
 from pipeline.readers.base import input_uri
 from schemas.config import ConfigError
@@ -92,6 +93,12 @@ def test_a_pull_fetches_what_others_stored_and_only_that(
     write(writer.local / "done" / "a.json", b"{}")
     writer.push()
     assert reader.pull() == 2
+    # a process that only runs units fetches what a unit names, when it names it
+    assert not (reader.local / "a.bin").exists() and reader.fetched == []
+    assert reader.fetch([reader.local / "done"]) == 1 and reader.fetched == ["done/a.json"]
+    assert not (reader.local / "a.bin").exists()
+    # the process that merges (it holds the run's lock) mirrors everything from then on
+    assert reader.fetch_all() == 1
     assert (reader.local / "a.bin").read_bytes() == b"one"
     assert reader.pull() == 0  # unchanged in the store and locally: nothing fetched again
     write(writer.local / "a.bin", b"two!")
@@ -217,3 +224,46 @@ def test_a_killed_processs_scratch_is_removed_by_the_next(store: tuple[str, Any]
     storage.Mirror(url)
     assert not dead.exists()
     assert any(d.name.endswith(f"-{os.getpid()}") for d in base.iterdir())
+
+
+def test_a_unit_on_another_machine_fetches_only_what_it_names(
+    store: tuple[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14 (scale): a process that only runs units (a Dask worker) fetches a write unit's layout,
+    the prepared shards its rows draw from and its own file and record, not the whole output prefix;
+    and with only those it writes the same bytes."""
+    from pipeline.build import run_stages
+    from pipeline.stages.base import RunContext
+    from pipeline.stages.write import WriteStage
+
+    url, fs = store
+    root = url.removeprefix("memory://")
+    fs.mkdir(root.split("/")[0])
+    small = {"shard_tokens": 65536, "row_group_tokens": 16384}
+    cfg = make_config(tmp_path / "unused")
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": url, **small})})
+    inputs = run_stages(cfg)
+    selected, prepared = inputs["select"], inputs["prepare"]
+    assert len(prepared) >= 4 and sum(p.n_shards for p in selected.targets) >= 4
+    stored = fs.find(root)
+
+    # another machine: its own scratch folder, a mirror that knows nothing yet, the run lock elsewhere
+    monkeypatch.setattr(storage, "_MIRRORS", {})
+    monkeypatch.setenv("LONGLOOM_SCRATCH", str(tmp_path / "worker"))
+    ti, k = WriteStage().bind(RunContext(cfg), inputs).units()[-1]  # the last shard of the last target
+    rel = shard_path(selected.targets[ti], k)
+    original = fs.cat_file(f"{root}/{rel}")
+    fs.rm_file(f"{root}/{rel}")  # the unit must write its shard again, from what it fetched
+    storage.pull(url)
+    job = WriteStage().bind(RunContext(cfg), inputs)
+    assert not job.run_unit((ti, k)).reused
+    storage.push(url)
+    assert fs.cat_file(f"{root}/{rel}") == original  # the same bytes as the full run's
+    m = storage.mirror(url)
+    local = [p for p in m.local.rglob("*") if p.is_file()]
+    assert len(local) <= len(stored) / 3, (len(local), len(stored))  # 7 of 86 files here
+    fetched = m.fetched  # the log of GETs
+    assert len(local) == len(fetched) + 1  # and the shard it wrote: nothing else reached this machine
+    drawn = {f.rsplit("/", 1)[-1].split(".")[0] for f in fetched if "/documents/" in f}
+    assert 0 < len(drawn) < len(prepared), drawn  # not every prepared shard
+    assert not [f for f in fetched if f.startswith(("data/", "audit/")) or "/filtered/" in f]

@@ -29,7 +29,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -149,6 +149,15 @@ def check_store(url: str, what: str, must_exist: bool) -> None:
         raise StorageError(f"{what}: {shown}: no filesystem for this URL scheme ({err})") from None
     except Exception as err:  # backends raise anything: one clear line
         raise StorageError(f"{what}: {shown}: {explain(err)}") from None
+
+
+def write_probe(url: str) -> None:
+    """List the bucket of `url`, write a small object at `url` and delete it (a cluster check that the
+    credentials this process finds may write there); raises what the backend raises."""
+    fs, root = _fs(url, preflight=True)
+    fs.ls(root.split("/", 1)[0], detail=False)
+    fs.pipe_file(root, b"longloom probe\n")
+    fs.rm_file(root)
 
 
 def glob(pattern: str) -> list[str]:
@@ -320,6 +329,12 @@ class Mirror:
         # were last known to be the same content (pulled or pushed)
         self._local: dict[str, tuple[int, int]] = {}
         self._remote: dict[str, str] = {}
+        # Stored files this process has not fetched yet (rel path -> identity). A process that only
+        # runs units (a Dask worker) fetches what each unit names (`fetch`); the process that holds
+        # the run's lock merges stages' results, so it mirrors everything (`fetch_all`, `full`).
+        self._pending: dict[str, str] = {}
+        self.full = False
+        self.fetched: list[str] = []  # every file fetched, in order (tests and statistics)
         self._lock = threading.RLock()  # units on threads of one process share its mirror
 
     def _listing(self) -> dict[str, dict[str, Any]]:
@@ -336,11 +351,14 @@ class Mirror:
         return st.st_size, st.st_mtime_ns
 
     def pull(self) -> int:
-        """Fetch every stored file that changed since this process last saw it, and drop local copies of
-        files removed from the store; the count of changes."""
+        """Learn what changed in the store since this process last saw it: drop local copies of files
+        removed from the store, and fetch the changed files (`full`) or note them as pending, to be
+        fetched when a unit names them (`fetch`); the count of changes."""
         n = 0
         with self._lock:
             listing = self._listing()
+            for rel in [r for r in self._pending if r not in listing]:
+                del self._pending[rel]
             # removed from the store by another process (e.g. finalize on a worker deleting stale
             # shards) and unchanged here since: remove the local copy too
             for rel in [r for r in self._local if r not in listing]:
@@ -353,14 +371,54 @@ class Mirror:
                 ident = _ident(meta)
                 if self._remote.get(rel) == ident and self._stat(rel) == self._local.get(rel):
                     continue
-                dest = self.local / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                tmp = dest.parent / f".tmp-pull-{dest.name}"
-                self.fs.get_file(f"{self.root}/{rel}", str(tmp))
-                os.replace(tmp, dest)
-                self._remote[rel], self._local[rel] = ident, self._stat(rel) or (0, 0)
                 n += 1
+                if self.full:
+                    self._get(rel, ident)
+                    continue
+                if rel in self._local and self._stat(rel) == self._local[rel]:
+                    # replaced in the store, unchanged here: the old copy must not be read as current
+                    (self.local / rel).unlink(missing_ok=True)
+                    del self._local[rel]
+                    self._remote.pop(rel, None)
+                self._pending[rel] = ident
         return n
+
+    def _get(self, rel: str, ident: str) -> None:
+        dest = self.local / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".tmp-pull-{dest.name}"
+        self.fs.get_file(f"{self.root}/{rel}", str(tmp))
+        os.replace(tmp, dest)
+        self._remote[rel], self._local[rel] = ident, self._stat(rel) or (0, 0)
+        self._pending.pop(rel, None)
+        self.fetched.append(rel)
+
+    def fetch(self, paths: Iterable[str | Path] | None) -> int:
+        """Fetch the pending files among `paths` (files or folders of this mirror, absolute or relative;
+        a folder means every file under it); None: every pending file. The count fetched."""
+        with self._lock:
+            if paths is None:
+                wanted = sorted(self._pending)
+            else:
+                prefixes = set()
+                for p in paths:
+                    named = Path(p).relative_to(self.local) if Path(p).is_absolute() else Path(p)
+                    prefixes.add(named.as_posix().rstrip("/"))
+                wanted = [
+                    r
+                    for r in sorted(self._pending)
+                    if r in prefixes or any(r.startswith(f"{q}/") for q in prefixes)
+                ]
+            for rel in wanted:
+                self._get(rel, self._pending[rel])
+            return len(wanted)
+
+    def fetch_all(self) -> int:
+        """From now on mirror everything (the process that merges the stages' results): fetch every
+        pending file, and every changed file at each later `pull`."""
+        with self._lock:
+            self.full = True
+            return self.fetch(None)
 
     def _files(self) -> Iterator[str]:
         for dirpath, _, names in os.walk(self.local):
@@ -387,6 +445,8 @@ class Mirror:
             changed.sort(key=rank)
             data = [r for r in changed if rank(r)[0] == 0]
             records = [r for r in changed if rank(r)[0] > 0]
+            for rel in changed:
+                self._pending.pop(rel, None)  # written here: this process's copy is the one stored
             for rel in data:
                 self._put(rel, present[rel])
             if records:
@@ -450,6 +510,17 @@ def output_path(dir: str) -> Path:
 def pull(dir: str) -> int:
     """`Mirror.pull` for a URL output folder; nothing for a local one."""
     return mirror(dir).pull() if is_remote(dir) else 0
+
+
+def fetch(dir: str, paths: Iterable[str | Path] | None) -> int:
+    """`Mirror.fetch` for a URL output folder (what a unit names, None: everything); nothing for a
+    local one."""
+    return mirror(dir).fetch(paths) if is_remote(dir) else 0
+
+
+def fetch_all(dir: str) -> int:
+    """`Mirror.fetch_all` for a URL output folder; nothing for a local one."""
+    return mirror(dir).fetch_all() if is_remote(dir) else 0
 
 
 def push(dir: str) -> int:

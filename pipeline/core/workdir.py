@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.storage import output_path
+from pipeline.core.storage import fetch_all, output_path
 from schemas.config import PREPARE_SECTIONS, ROW_SECTIONS, BuildConfig, config_hash, section_hash
 
 CONFIG_HASH_FILE = "config-hash"  # under .longloom/: the config hash of the run that holds the folder
@@ -27,6 +27,7 @@ class WorkDir:
 
     def __init__(self, cfg: BuildConfig) -> None:
         # a URL output is worked on through this process's mirror of it (pipeline.core.storage)
+        self.dir = cfg.output.dir
         self.out = output_path(cfg.output.dir)
         self.root = self.out / ".longloom"
         self.config_hash = config_hash(cfg)
@@ -86,6 +87,9 @@ class WorkDir:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             # which config this folder's run is of, before any output exists (see build.check_unnamed_output)
             (self.root / CONFIG_HASH_FILE).write_text(self.config_hash + "\n", encoding="utf-8")
+            # the process that holds the run merges the stages' results: it mirrors a store's folder
+            # whole (a process that only runs units fetches what each unit names)
+            fetch_all(self.dir)
             yield
         finally:
             os.close(fd)  # releases the lock
