@@ -25,10 +25,14 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import json
 import os
 import shutil
+import socket
 import tempfile
 import threading
+import time
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -39,7 +43,8 @@ from schemas.redact import redact_url
 LOCAL_PROTOCOLS = ("file", "local")
 # Never mirrored to the store: per-process files (the run lock, helper-process records) and
 # temporaries an atomic sink is still writing.
-_PRIVATE = (".longloom/lock", ".longloom/helpers/")
+_PRIVATE = (".longloom/lock", ".longloom/helpers/", ".longloom/run-lock", ".longloom/probes/")
+LOCK_OBJECT = ".longloom/run-lock"  # the run's lock on a store (`StoreLock`), kept out of every mirror
 
 
 class StorageError(ValueError):
@@ -341,7 +346,8 @@ class Mirror:
         self.fs.invalidate_cache()
         if not self.fs.exists(self.root):
             return {}
-        return {p[len(self.root) :].lstrip("/"): i for p, i in self.fs.find(self.root, detail=True).items()}
+        found = {p[len(self.root) :].lstrip("/"): i for p, i in self.fs.find(self.root, detail=True).items()}
+        return {rel: i for rel, i in found.items() if not rel.startswith(_PRIVATE)}
 
     def _stat(self, rel: str) -> tuple[int, int] | None:
         try:
@@ -467,6 +473,139 @@ class Mirror:
         with contextlib.suppress(Exception):  # only spares the next pull a download
             self.fs.invalidate_cache(target)
             self._remote[rel] = _ident(self.fs.info(target))
+
+
+class StoreLock:
+    """One run at a time on an output folder in a store, whatever machine each client runs on.
+
+    The lock is an object (`LOCK_OBJECT`) created with a conditional PUT (`If-None-Match: *`, s3fs's
+    `mode="create"`): of two clients creating it, one succeeds, the other gets FileExistsError and
+    waits. It holds the holder's host, pid and a random token, and the holder rewrites it every
+    `heartbeat` seconds. A waiter takes it over (deletes it, then creates its own) when the holder is
+    on this machine and its process is gone (a SIGKILLed client resumed here), or when the object has
+    not changed for `ttl` seconds by the waiter's own clock (no two machines' clocks are compared).
+    Between judging a lock stale and deleting it, a waiter checks that it is unchanged; two waiters
+    taking over the same stale lock at the same instant can still both delete, a window of one request.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        ttl: float | None = None,
+        heartbeat: float | None = None,
+        poll: float | None = None,
+        host: str | None = None,
+    ) -> None:
+        self.shown = redact_url(url.rstrip("/"))
+        self.fs, root = _fs(url.rstrip("/"))
+        self.path = f"{root}/{LOCK_OBJECT}"
+        self.ttl = ttl if ttl is not None else float(os.environ.get("LONGLOOM_STORE_LOCK_TTL", "120"))
+        self.heartbeat = heartbeat if heartbeat is not None else min(30.0, self.ttl / 4)
+        self.poll = poll if poll is not None else min(5.0, self.ttl / 10)
+        self.host = host or socket.gethostname()
+        self.token = uuid.uuid4().hex
+        self.beats = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _body(self) -> bytes:
+        rec = {"host": self.host, "pid": os.getpid(), "token": self.token, "beat": self.beats}
+        return (json.dumps(rec, sort_keys=True) + "\n").encode()
+
+    def _read(self) -> tuple[dict[str, Any] | None, str | None]:
+        """(the lock's record, a digest of its bytes), or (None, None) when there is no lock."""
+        self.fs.invalidate_cache(self.path)
+        try:
+            data = self.fs.cat_file(self.path)
+        except FileNotFoundError:
+            return None, None
+        try:
+            rec = json.loads(data)
+        except ValueError:
+            rec = {}  # not ours to read: only its age can free it
+        return (rec if isinstance(rec, dict) else {}), hashlib.sha256(data).hexdigest()
+
+    def _gone_here(self, rec: dict[str, Any]) -> bool:
+        pid = rec.get("pid")
+        if rec.get("host") != self.host or not isinstance(pid, int):
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def acquire(self, log: Any = print, timeout: float | None = None) -> None:
+        """Wait until this client holds the lock (TimeoutError after `timeout` seconds, if given)."""
+        start = time.monotonic()
+        seen: str | None = None
+        seen_at = start
+        said = False
+        while True:
+            try:
+                self.fs.pipe_file(self.path, self._body(), mode="create")
+                break
+            except FileExistsError:
+                pass
+            rec, tag = self._read()
+            if rec is None:
+                continue  # released between our PUT and our read: try again at once
+            now = time.monotonic()
+            if tag != seen:
+                seen, seen_at = tag, now
+            if self._gone_here(rec) or now - seen_at > self.ttl:
+                if self._read()[1] == tag:  # unchanged since judged stale
+                    log(
+                        f"{self.shown}: taking over the lock of a run that is gone (host {rec.get('host')}, "
+                        f"pid {rec.get('pid')})"
+                    )
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm_file(self.path)
+                continue
+            if not said:
+                log(
+                    f"{self.shown}: another run holds this output folder (host {rec.get('host')}, pid "
+                    f"{rec.get('pid')}); waiting for it to finish"
+                )
+                said = True
+            if timeout is not None and now - start > timeout:
+                raise TimeoutError(
+                    f"{self.shown}: still locked by host {rec.get('host')}, pid {rec.get('pid')}"
+                )
+            time.sleep(self.poll)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name="longloom-store-lock", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            rec, _ = self._read()
+            if rec is None or rec.get("token") != self.token:
+                return  # taken over (this client was judged gone): never overwrite another's lock
+            self.beats += 1
+            with contextlib.suppress(Exception):  # a missed beat only brings the takeover closer
+                self.fs.pipe_file(self.path, self._body())
+
+    def release(self) -> None:
+        """Stop the heartbeat and delete the lock if it is still this client's."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        rec, _ = self._read()
+        if rec is not None and rec.get("token") == self.token:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self.path)
+
+    @contextlib.contextmanager
+    def held(self, log: Any = print) -> Iterator[None]:
+        self.acquire(log)
+        try:
+            yield
+        finally:
+            self.release()
 
 
 def _reap_dead(base: Path) -> None:
