@@ -116,8 +116,9 @@ class StageWork(ABC, Generic[U, R]):
         # goes with it, so no executor can forget it
         @functools.wraps(run)
         def run_unit(self: StageWork[U, R], unit: U, progress: UnitProgress | None = None) -> R:
-            if type(self).needs is not StageWork.needs:
-                storage.fetch(self.ctx.cfg.output.dir, self.needs(unit))
+            out = self.ctx.cfg.output.dir
+            if storage.is_remote(out) and type(self).needs is not StageWork.needs:
+                storage.fetch(out, self.needs(unit))  # a local folder has everything already
             return run(self, unit, progress)
 
         run_unit._fetches_needs = True  # type: ignore[attr-defined]
