@@ -143,6 +143,21 @@ def cmd_server(args: argparse.Namespace) -> int:
     return start_server(args.host, args.port)
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from flows import cluster
+
+    if args.action == "local":
+        return cluster.run_local(args.workers, args.port)
+    if not args.dask_address:
+        raise ConfigError("cluster check: give the scheduler, --dask-address tcp://HOST:8786")
+    output = args.output or (_load(args.config, None).output.dir if args.config else None)
+    rep = cluster.check(args.dask_address, output, os.environ.get("PREFECT_API_URL"))
+    print("\n".join(rep.lines))
+    for line in rep.problems:
+        print(f"problem: {line}", file=sys.stderr)
+    return 1 if rep.problems else 0
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from pipeline.synth.procedural.score import (
         load_eval,
@@ -372,6 +387,19 @@ def parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=4200)
     srv.set_defaults(func=cmd_server)
+
+    cl = sub.add_parser(
+        "cluster",
+        help="`cluster check`: run a probe on every Dask worker (same Longloom and packages, Prefect API "
+        "reachable, store writable, scratch space); `cluster local`: start a scheduler and workers here",
+    )
+    cl.add_argument("action", choices=["check", "local"])
+    cl.add_argument("config", nargs="?", help="check: the config whose output.dir to probe")
+    cl.add_argument("--dask-address", help="check: the scheduler, e.g. tcp://10.0.0.5:8786")
+    cl.add_argument("--output", help="check: the output folder to probe (overrides the config's)")
+    cl.add_argument("--workers", type=int, default=2, help="local: how many workers (default 2)")
+    cl.add_argument("--port", type=int, help="local: the scheduler's port (default: a free one)")
+    cl.set_defaults(func=cmd_cluster)
 
     sc = sub.add_parser("score", help="grade model answers against a procedural evaluation export")
     sc.add_argument("eval", help="output folder of a run (or the eval Parquet files)")

@@ -88,18 +88,16 @@ def preflight(cfg: BuildConfig) -> list[InputShard]:
 def check_stores(cfg: BuildConfig) -> None:
     """ConfigError (one line naming the URL and what is missing) for every object store the config
     names that does not answer with the credentials found: before any input is listed or work done."""
-    for field, value in (
-        ("diversity.cache_dir", cfg.diversity.cache_dir),
-        ("rewriter.cache_dir", cfg.rewriter.cache_dir),
-        ("long_dependency.cache_dir", cfg.long_dependency.cache_dir),
-    ):
-        if value and storage.is_remote(str(value)):
-            raise ConfigError(
-                f"{field}: {storage.shown(str(value))}: caches on a URL are not supported yet; use a local "
-                "or shared folder, or leave it unset (the rewriter's default cache is stored with output.dir)"
-            )
     checks = [(p, f"source {s.name!r}") for s in cfg.sources for p in s.paths]
     checks.append((cfg.output.dir, "output.dir"))
+    # caches are read and written through the store (`storage.KeyedFiles`); only the ones in use
+    for field, value, used in (
+        ("diversity.cache_dir", cfg.diversity.cache_dir, bool(cfg.diversity.embedder)),
+        ("rewriter.cache_dir", cfg.rewriter.cache_dir, cfg.rewriter.enabled),
+        ("long_dependency.cache_dir", cfg.long_dependency.cache_dir, cfg.long_dependency.enabled),
+    ):
+        if value and used:
+            checks.append((str(value), field))
     seen: set[str] = set()
     for path, what in checks:
         if not storage.is_remote(path):

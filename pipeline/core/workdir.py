@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.storage import output_path
+from pipeline.core.storage import StoreLock, fetch_all, is_remote, output_path
 from schemas.config import PREPARE_SECTIONS, ROW_SECTIONS, BuildConfig, config_hash, section_hash
 
 CONFIG_HASH_FILE = "config-hash"  # under .longloom/: the config hash of the run that holds the folder
@@ -27,6 +27,7 @@ class WorkDir:
 
     def __init__(self, cfg: BuildConfig) -> None:
         # a URL output is worked on through this process's mirror of it (pipeline.core.storage)
+        self.dir = cfg.output.dir
         self.out = output_path(cfg.output.dir)
         self.root = self.out / ".longloom"
         self.config_hash = config_hash(cfg)
@@ -78,16 +79,26 @@ class WorkDir:
         """
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        held: StoreLock | None = None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 log(f"{self.out}: another run holds this output folder; waiting for it to finish")
                 fcntl.flock(fd, fcntl.LOCK_EX)
+            if is_remote(self.dir):
+                # the flock keeps out runs on this machine; clients on other machines meet at the store
+                held = StoreLock(self.dir)
+                held.acquire(log)
             # which config this folder's run is of, before any output exists (see build.check_unnamed_output)
             (self.root / CONFIG_HASH_FILE).write_text(self.config_hash + "\n", encoding="utf-8")
+            # the process that holds the run merges the stages' results: it mirrors a store's folder
+            # whole (a process that only runs units fetches what each unit names)
+            fetch_all(self.dir)
             yield
         finally:
+            if held is not None:
+                held.release()
             os.close(fd)  # releases the lock
 
     def remove_temporaries(self) -> int:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from pipeline.core.parquet_io import atomic_path, read_tokens_into, sha256_file, write_json_atomic
 from pipeline.core.results import EmbedResult, tokens_file_of
+from pipeline.core.storage import KeyedFiles, is_remote
 from pipeline.core.tokenizer import Tokenizer, tokenizer_for
 from pipeline.core.workdir import WorkDir
 from pipeline.embedders.cache import KEY_DTYPE, EmbeddingCache
@@ -63,10 +64,12 @@ def embed_dir(cfg: HasDiversity, work: WorkDir) -> Path:
     return work.root / f"embed-{embed_key(cfg, work)}"
 
 
-def cache_dir(cfg: HasDiversity) -> Path:
-    return (
-        Path(cfg.diversity.cache_dir).expanduser() if cfg.diversity.cache_dir else cache_root() / "embeddings"
-    )
+def cache_dir(cfg: HasDiversity) -> str:
+    """The embedding cache: a local folder, or an fsspec URL (`s3://...`; see `EmbeddingCache`)."""
+    d = cfg.diversity.cache_dir
+    if d and is_remote(d):
+        return d
+    return str(Path(d).expanduser() if d else cache_root() / "embeddings")
 
 
 def chunk_tokens_for(cfg: HasDiversity, model: Embedder | ModelInfo) -> int:
@@ -89,8 +92,9 @@ def uses_cache(spec: str) -> bool:
     return spec != STATIC_TOKENS
 
 
-def _info_file(cfg: HasDiversity, identity: str) -> Path:
-    return cache_dir(cfg) / "models" / f"{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
+def _info_file(identity: str) -> str:
+    """Where a model's dimension and window are recorded, relative to the cache."""
+    return f"models/{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
 
 
 def model_info(cfg: HasDiversity, spec: str, tok: Tokenizer) -> tuple[ModelInfo, Embedder | None]:
@@ -102,17 +106,17 @@ def model_info(cfg: HasDiversity, spec: str, tok: Tokenizer) -> tuple[ModelInfo,
     """
     if uses_cache(spec):
         identity = embedder_identity(spec)
-        path = _info_file(cfg, identity)
+        files = KeyedFiles(cache_dir(cfg))
         try:
-            rec = json.loads(path.read_text())
+            rec = json.loads(files.read_bytes(_info_file(identity)) or b"")
             if rec["identity"] == identity:
                 return ModelInfo(identity, int(rec["dim"]), rec["max_seq_tokens"]), None
         except (OSError, ValueError, KeyError, TypeError):
             pass  # not recorded yet (or unreadable): load the model and record it
     embedder = load_embedder(spec, cfg.diversity.device, tok)
     if uses_cache(spec):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, asdict(embedder.info))
+        record = json.dumps(asdict(embedder.info), indent=2, sort_keys=True) + "\n"
+        files.write_bytes(_info_file(identity), record.encode())
     return embedder.info, embedder
 
 

@@ -2,21 +2,25 @@
 
 One small JSON file per key under a two-character fan-out directory, written atomically (temporary
 file + rename), so an interrupted run leaves only complete entries and a rerun resumes from them.
-Entries hold scores and hashes only: no text, no endpoint URL, no key.
+Entries hold scores and hashes only: no text, no endpoint URL, no key. The root may be an fsspec URL
+(`long_dependency.cache_dir: s3://...`): entries go through `pipeline.core.storage.KeyedFiles` (a hit
+fetches that one entry; a new one is stored with one PUT, whole or absent).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from pipeline.core.storage import KeyedFiles
 
 
 class ScoreCache:
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+        self.files = KeyedFiles(root)
+        self.root = self.files.local  # the local copy (the cache itself for a local root)
         self.hits = 0
         self.misses = 0
 
@@ -24,18 +28,18 @@ class ScoreCache:
     def digest(key: dict[str, Any]) -> str:
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
-    def _path(self, key: dict[str, Any]) -> Path:
+    def _rel(self, key: dict[str, Any]) -> str:
         d = self.digest(key)
-        return self.root / d[:2] / f"{d}.json"
+        return f"{d[:2]}/{d}.json"
 
     def get(self, key: dict[str, Any]) -> dict[str, Any] | None:
-        p = self._path(key)
-        try:
-            rec = json.loads(p.read_text())
-        except FileNotFoundError:
+        data = self.files.read_bytes(self._rel(key))
+        if data is None:
             self.misses += 1
             return None
-        except json.JSONDecodeError:  # cannot happen with atomic writes, but never trust a cache blindly
+        try:
+            rec = json.loads(data)
+        except ValueError:  # cannot happen with atomic writes, but never trust a cache blindly
             self.misses += 1
             return None
         if rec.get("key") != key:  # a digest collision or a foreign file: recompute
@@ -45,8 +49,6 @@ class ScoreCache:
         return dict(rec["result"])
 
     def put(self, key: dict[str, Any], result: dict[str, Any]) -> None:
-        p = self._path(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f"{p.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "result": result}, sort_keys=True))
-        os.replace(tmp, p)
+        self.files.write_bytes(
+            self._rel(key), json.dumps({"key": key, "result": result}, sort_keys=True).encode()
+        )

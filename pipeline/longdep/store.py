@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.storage import is_remote
 from pipeline.core.workdir import WorkDir
 from pipeline.longdep.scorer import METHOD
 from schemas.longdep import LongDepConfig
@@ -35,9 +36,11 @@ def scores_file(cfg: HasLongDependency, work: WorkDir, shard_id: str) -> Path:
     return longdep_dir(cfg, work) / f"{shard_id}.parquet"
 
 
-def cache_dir(cfg: HasLongDependency) -> Path:
+def cache_dir(cfg: HasLongDependency) -> str | Path:
+    """The score cache: `long_dependency.cache_dir` (a folder or an fsspec URL), else under the user's
+    cache folder."""
     ld = cfg.long_dependency
     if ld.cache_dir:
-        return Path(ld.cache_dir).expanduser()
+        return ld.cache_dir if is_remote(ld.cache_dir) else Path(ld.cache_dir).expanduser()
     root = os.environ.get("LONGLOOM_CACHE", str(Path.home() / ".cache" / "longloom"))
     return Path(root) / "longdep"

@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pipeline.core.results import EmbedResult, SelectResult
+from pipeline.core.storage import shown
 from pipeline.core.workdir import WorkDir
 from pipeline.embedders.documents import cache_dir
 from pipeline.output.audit import merge_audit
@@ -84,7 +85,7 @@ def diversity_run_stats(
     steps, order = _step_stats(work, selected)
     return {
         "embedding": embed_run_stats(embedded),
-        "cache_dir": str(cache_dir(cfg)),
+        "cache_dir": shown(cache_dir(cfg)),
         **{r: {"seconds": s.get("seconds")} for r, s in steps.items() if s is not None},
         "order": {k: {"seconds": v.get("seconds")} for k, v in order.items()},
     }

@@ -19,11 +19,13 @@ backend-independent stages. Nothing here imports Prefect.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
+from pipeline.core import storage
 from pipeline.core.progress import UnitProgress
 from pipeline.core.workdir import WorkDir, folder_key
 from schemas.config import BuildConfig
@@ -85,7 +87,13 @@ class Inputs:
 
 
 class StageWork(ABC, Generic[U, R]):
-    """One stage bound to one run: its units, how to run one, how to merge their results."""
+    """One stage bound to one run: its units, how to run one, how to merge their results.
+
+    On an output folder in an object store, a process that only runs units (a Dask worker) holds in
+    its mirror only what it fetched (`pipeline.core.storage.Mirror`). A stage that says what a unit
+    reads (`needs`) gets those files fetched before each `run_unit`; any other stage gets every stored
+    file fetched when it is bound, as before.
+    """
 
     def __init__(self, stage: Stage, ctx: RunContext, inputs: Inputs) -> None:
         self.stage = stage
@@ -95,6 +103,32 @@ class StageWork(ABC, Generic[U, R]):
         self.inputs = inputs
         self.depends = stage.depends_on(inputs)
         self.key = stage.key(ctx, self.depends)
+        if type(self).needs is StageWork.needs:
+            storage.fetch(ctx.cfg.output.dir, None)  # no list of what a unit reads: everything
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        run = cls.__dict__.get("run_unit")
+        if run is None or getattr(run, "_fetches_needs", False):
+            return
+
+        # every executor calls run_unit (in this process, Prefect tasks, Dask workers): the fetch
+        # goes with it, so no executor can forget it
+        @functools.wraps(run)
+        def run_unit(self: StageWork[U, R], unit: U, progress: UnitProgress | None = None) -> R:
+            out = self.ctx.cfg.output.dir
+            if storage.is_remote(out) and type(self).needs is not StageWork.needs:
+                storage.fetch(out, self.needs(unit))  # a local folder has everything already
+            return run(self, unit, progress)
+
+        run_unit._fetches_needs = True  # type: ignore[attr-defined]
+        cls.run_unit = run_unit  # type: ignore[method-assign]
+
+    def needs(self, unit: U) -> list[Path] | None:
+        """The files and folders of the output folder that `run_unit(unit)` reads, its own outputs and
+        records included (what its reuse check verifies). None: everything (the default). It may
+        fetch what it must read to answer (`storage.fetch`), e.g. a layout naming the input shards."""
+        return None
 
     @abstractmethod
     def units(self) -> list[U]: ...

@@ -60,6 +60,12 @@ class _Embed(StageWork[PrepareResult, Any]):
     def run_unit(self, unit: PrepareResult, progress: UnitProgress | None = None) -> Any:
         return embed_shard(self.cfg, self.ctx.work, unit)
 
+    def needs(self, unit: PrepareResult) -> list[Path]:
+        """The prepared shard's documents and tokens, and its own embeddings and record (reuse check)."""
+        work = self.ctx.work
+        own = [embed_dir(self.cfg, work) / f"{unit.shard_id}{ext}" for ext in (".npy", ".json")]
+        return [*(work.prepare_dir / unit.files[k] for k in ("documents", "tokens")), *own]
+
     def report(self, merged: list[Any]) -> StageReport:
         prepared = self.inputs["prepare"]
         return StageReport(items_in=sum(r.kept for r in prepared), items_out=sum(e.documents for e in merged))

@@ -155,6 +155,16 @@ def _add(counter: dict[str, int], key: str, n: int) -> None:
         counter[key] = counter.get(key, 0) + n
 
 
+def shard_files(shard_id: str) -> dict[str, str]:
+    """The files a prepared shard is made of, by kind, relative to the stage folder."""
+    return {
+        "documents": f"documents/{shard_id}.parquet",
+        "filtered": f"filtered/{shard_id}.parquet",
+        "quarantine": f"quarantine/{shard_id}.parquet",
+        "tokens": f"tokens/{shard_id}.int32",
+    }
+
+
 def prepare_shard(
     cfg: PrepareConfig, shard: InputShard, work: WorkDir, progress: UnitProgress | None = None
 ) -> PrepareResult:
@@ -172,12 +182,7 @@ def prepare_shard(
     verifier = TokenVerifier(cfg, tok, shard.shard_id)
     filters = filters_for_source(cfg, shard.source)
     folder = work.prepare_dir
-    paths = {
-        "documents": f"documents/{shard.shard_id}.parquet",
-        "filtered": f"filtered/{shard.shard_id}.parquet",
-        "quarantine": f"quarantine/{shard.shard_id}.parquet",
-        "tokens": f"tokens/{shard.shard_id}.int32",
-    }
+    paths = shard_files(shard.shard_id)
     res = PrepareResult(
         shard_id=shard.shard_id,
         source=shard.source,
@@ -448,6 +453,12 @@ class _Prepare(StageWork[InputShard, PrepareResult]):
 
     def run_unit(self, unit: InputShard, progress: UnitProgress | None = None) -> PrepareResult:
         return prepare_shard(self.cfg, unit, self.ctx.work, progress)
+
+    def needs(self, unit: InputShard) -> list[Path]:
+        """Its own record and files (what the reuse check verifies); its input comes from the source."""
+        work = self.ctx.work
+        files = [work.prepare_dir / rel for rel in shard_files(unit.shard_id).values()]
+        return [work.prepare_record(unit.shard_id), *files]
 
     def report(self, merged: list[PrepareResult]) -> StageReport:
         return prepare_counts(merged)

@@ -29,7 +29,7 @@ from pipeline.core.lineage import run_lineage
 from pipeline.core.parquet_io import ParquetSink, write_json_atomic
 from pipeline.core.progress import UnitProgress
 from pipeline.core.results import SelectResult
-from pipeline.core.storage import output_path
+from pipeline.core.storage import is_remote, output_path
 from pipeline.core.tokenizer import tokenizer_for
 from pipeline.core.workdir import WorkDir
 from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
@@ -82,12 +82,13 @@ def stage_dir(work: WorkDir) -> Path:
     return work.rewriter_dir
 
 
-def cache_dir(cfg: RewriterStageConfig) -> Path:
+def cache_dir(cfg: RewriterStageConfig) -> str | Path:
+    """The response cache: `rewriter.cache_dir` (a folder or an fsspec URL), else under the output's work
+    folder (for a URL output, this process's mirror of it, stored with it)."""
     rw = cfg.rewriter
-    # under the output's work folder: for a URL output, this process's mirror of it (stored with it)
-    return (
-        Path(rw.cache_dir) if rw.cache_dir else output_path(cfg.output.dir) / ".longloom" / "rewriter-cache"
-    )
+    if rw.cache_dir:
+        return rw.cache_dir if is_remote(rw.cache_dir) else Path(rw.cache_dir)
+    return output_path(cfg.output.dir) / ".longloom" / "rewriter-cache"
 
 
 @dataclass

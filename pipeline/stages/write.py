@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.core import storage
 from pipeline.core.faults import crash_point
 from pipeline.core.lineage import lineage_steps, run_lineage
 from pipeline.core.parquet_io import (
@@ -550,6 +551,21 @@ class _Write(StageWork[tuple[int, int], WrittenShard]):
             self.steps,
             progress,
         )
+
+    def needs(self, unit: tuple[int, int]) -> list[Path]:
+        """The shard's layout, the prepared shards its rows draw from (read from the layout), and its
+        own file and record (the reuse check): never every prepared shard."""
+        ti, k = unit
+        selected, work = self.inputs["select"], self.ctx.work
+        plan = selected.targets[ti]
+        layout = work.select_dir / plan.layout_file
+        storage.fetch(self.ctx.cfg.output.dir, [layout])
+        first = k * plan.rows_per_shard
+        rows = _read_layout_rows(layout, first, min(plan.n_rows, first + plan.rows_per_shard))
+        prepared = self.inputs["prepare"]
+        drawn = [prepared[int(i)] for i in np.unique(rows.column("shard").to_numpy())]
+        files = [work.prepare_dir / r.files[kind] for r in drawn for kind in ("documents", "tokens")]
+        return [layout, *files, work.out / shard_path(plan, k), work.written_record(plan.config_name, k)]
 
     def report(self, merged: list[WrittenShard]) -> StageReport:
         return write_counts(self.inputs["select"], [w.entry for w in merged])
