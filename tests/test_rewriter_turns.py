@@ -181,8 +181,12 @@ def test_four_or_more_verified_turns_per_32k_context(tmp_path: Path) -> None:
             assert re.search(re.escape(header) + r"(, continued)?\n$", before), (header, before[-120:])
         context_end = user[: user.rindex(questions[0]["text"])].rstrip()
         cut = json.loads(r["params"])["context_cut"]
-        assert cut["start"] in ("document", "sentence", "line") and cut["end"] in ("sentence", "word")
-        if cut["end"] == "sentence":
+        assert cut["start"] in ("document", "sentence", "line") and cut["end"] in (
+            "sentence",
+            "clause",
+            "word",
+        )
+        if cut["end"] != "word":
             # a sentence (or clause at a line end) closes the context; quotes and brackets may follow it
             assert context_end.rstrip("\"')]}”’")[-1] in ".!?;:", context_end[-80:]
             sentence_ends += 1

@@ -18,7 +18,7 @@ from pipeline.synth.chat.boundaries import token_char_starts
 from pipeline.synth.chat.haystack import Haystack
 from pipeline.synth.chat.templates import ChatTemplate, RenderedChat
 
-TailCut = Literal["word", "sentence"]
+TailCut = Literal["word", "sentence", "clause"]
 
 # --- assembly -------------------------------------------------------------------------------------------
 
@@ -213,7 +213,7 @@ def assemble_chat(
     `start_attempts`: when the tail cannot be sized exactly, the context starts at the next line
     boundary, up to this many starts (1: exactly at the first). `tail`: "word" cuts the haystack at a
     word end (a sentence end where one fits); "sentence" only at a sentence, paragraph or clause-at-line
-    end.
+    end; "clause" at those or at a clause end (";" or ":") inside a line.
 
     `start_mid_line`: `start_token` is an inline boundary inside a line (" " before a sentence's first
     word, or the first of two spaces before it) and the context starts at that word, without the
@@ -559,7 +559,9 @@ def _fit_tail(
     """A char end e and a whitespace filler f such that tok(hay.text[cs[s]:e] + f + terminator) has
     exactly `want` tokens, with e at a word end (a sentence end where one fits): the context never
     stops mid-word. With `cut="sentence"`, e must be a sentence end, a paragraph (document) end, or
-    a line end after a clause (";" or ":").
+    a line end after a clause (";" or ":", trailing spaces allowed); with `cut="clause"`, a clause end
+    inside a line too. A document piece that the packer cut off from the rest of its document does
+    not end a paragraph.
     None when no such end is near; the caller then starts the context a line later.
 
     Candidates are tried near the haystack's own token boundaries first (cheap: each try tokenizes
@@ -586,7 +588,8 @@ def _fit_tail(
 
     # ends of document pieces whose document goes on past them (the packer split it there): the
     # blank line after them is the join, not the document's own paragraph break
-    open_ends = {p.char_end for p in hay.parts if _continues(p.meta)} if cut == "sentence" else set()
+    clean = cut != "word"
+    open_ends = {p.char_end for p in hay.parts if _continues(p.meta)} if clean else set()
 
     def line_end(e: int) -> bool:
         """Only spaces or tabs between e and the next line break (verse lines often carry a trailing
@@ -612,12 +615,12 @@ def _fit_tail(
         return 3
 
     def clean_end(e: int) -> bool:
-        return clean_rank(e) < 3
+        return clean_rank(e) <= (1 if cut == "sentence" else 2)
 
-    ok_end = clean_end if cut == "sentence" else word_end
+    ok_end = clean_end if clean else word_end
 
     def rank(e: int) -> int:  # which ends are preferred: sentence ends (word cut), cleaner ends
-        return clean_rank(e) if cut == "sentence" else int(not sentence_end(e))
+        return clean_rank(e) if clean else int(not sentence_end(e))
 
     for radius in (4, 16, 64):
         lo, hi = max(s, k0 - radius), min(len(hay), k0 + radius)

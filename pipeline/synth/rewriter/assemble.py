@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.synth.chat import AssembledChat, AssemblyError, ChatTemplate, HaystackTooShort, assemble_chat
-from pipeline.synth.chat.assemble import mid_line_start
+from pipeline.synth.chat.assemble import TailCut, mid_line_start
 from pipeline.synth.rewriter.contexts import Context, Passage, document_header, head_tokens
 from pipeline.synth.rewriter.evidence import NormalizedText
 from pipeline.synth.rewriter.plan import SamplePlan
@@ -305,6 +305,14 @@ def _starts(ctx: Context, limit: int, lo: int = 0) -> list[_Start]:
     return docs + at_line + mid
 
 
+def _end_kind(text: str, e: int) -> str:
+    """What a clean context end at haystack char e closes: a paragraph (or document piece), a sentence
+    or a clause."""
+    if e >= len(text) or text[e : e + 2] == "\n\n":
+        return "paragraph"
+    return "sentence" if text[:e].rstrip(_SENTENCE_CLOSE)[-1:] in ".!?" else "clause"
+
+
 def _assemble_documents(
     chat: ChatTemplate,
     messages: list[dict[str, str]],
@@ -336,8 +344,10 @@ def _assemble_documents(
         until = int(np.searchsorted(ctx.hay.char_starts, first, "right")) - 1 - _PASSAGE_MARGIN
         starts += _starts(ctx, until, head)
     starts = starts[:_MAX_STARTS]
-    # a clean end from every candidate start first; then a word end (the plain cut) from the same starts
-    for tail in ("sentence", "word"):
+    # a sentence, paragraph or clause-at-line end from every candidate start first, then a clause end
+    # inside a line, then a word end (the plain cut), from the same starts
+    tails: tuple[TailCut, ...] = ("sentence", "clause", "word")
+    for tail in tails:
         for st in starts:
             prefix = instruction + (continued(st.part) if st.kind == "sentence" else "")
             try:
@@ -360,6 +370,8 @@ def _assemble_documents(
             cut: dict[str, Any] = {"start": st.kind, "start_token": st.token, "end": tail}
             if st.mid_line:
                 cut["mid_line"] = True
+            if tail != "word":
+                cut["end_at"] = _end_kind(ctx.hay.text, asm.runs[-1].hay_char_end)
             return asm, cut
     asm = assemble_chat(
         chat,
