@@ -76,11 +76,14 @@ def main() -> None:
             for r in pq.read_table(f).to_pylist()
         ]
         cuts: Counter[str] = Counter()
+        ends: Counter[str] = Counter()
         turns = []
         sup = tot = 0
         for r in rows:
             cut = json.loads(r["params"]).get("context_cut") or {"start": "plain", "end": "word"}
-            cuts[f"{cut['start']}->{cut['end']}"] += 1
+            start = cut["start"] + (" inside a line" if cut.get("mid_line") else "")
+            cuts[f"{start}->{cut['end']}"] += 1
+            ends[cut.get("end_at", cut["end"])] += 1
             turns.append(len(r["questions"]))
             sup += int(np.sum(r["loss_mask"]))
             tot += len(r["input_ids"])
@@ -88,9 +91,12 @@ def main() -> None:
         print(
             f"{args.samples} samples x {args.length} tokens, {args.turns} turns asked ({args.format}): "
             f"accepted {st['accepted']}/{st['requested']}, turns verified {qa.get('accepted')}/{qa.get('requested')}, "
-            f"turns per kept sample min {min(turns, default=0)} mean {np.mean(turns) if turns else 0:.1f}"
+            f"turns per kept sample min {min(turns, default=0)} mean {np.mean(turns) if turns else 0:.1f}, "
+            f"turns rejected {qa.get('rejected')}"
         )
-        print(f"context cuts (start->end): {dict(sorted(cuts.items()))}")
+        print(
+            f"context cuts (start->end): {dict(sorted(cuts.items()))}; ends at: {dict(sorted(ends.items()))}"
+        )
         print(
             f"supervised tokens {sup} of {tot} ({100 * sup / max(1, tot):.2f}%), "
             f"{sup / max(1, len(rows)):.0f} per sample; stage {seconds:.1f} s"

@@ -6,7 +6,9 @@ rewriter templates embed), so the same prompt always gets the same answer, whate
 
 Faults are scripted per prompt: a `FaultRule` matches prompts (a substring or a predicate) and lists
 what successive attempts of one prompt get: "429:<retry-after seconds>", "500", "503", "401",
-"hang:<seconds>", "invalid_json", "bad_quote", "quote:<text>" (use this evidence quote), or "ok";
+"hang:<seconds>", "invalid_json", "bad_quote", "quote:<text>" (use this evidence quote),
+"unsupported_answer" (a good question and evidence, and an answer stating facts found in neither),
+or "ok";
 "empty_choices" (a 200 whose `choices` is empty), "drip:<seconds>" (a good answer whose body is sent
 in small pieces spread over that many seconds: every read is quick, the whole is slow), and
 "echo_key" (a good answer that also quotes the Authorization header and the query string it got).
@@ -253,7 +255,9 @@ class FakeOpenAIServer:
         if k < len(rule.actions):
             return rule.actions[k]
         last = rule.actions[-1]
-        return last if last.startswith(("quote:", "bad_quote", "invalid_json")) else "ok"
+        return (
+            last if last.startswith(("quote:", "bad_quote", "invalid_json", "unsupported_answer")) else "ok"
+        )
 
     def _handle(self, h: Any, body: dict[str, Any]) -> None:
         prompt = "\n".join(m.get("content", "") for m in body.get("messages", []))
@@ -307,6 +311,8 @@ class FakeOpenAIServer:
         else:
             quote = action.split(":", 1)[1] if action.startswith("quote:") else None
             answer = default_answer(prompt, bad_quote=action == "bad_quote", quote=quote)
+            if action == "unsupported_answer" and "answer" in answer:
+                answer["answer"] = f"The moon base Tycho-{_tag(prompt)} was painted violet in 2291."
             if action == "echo_key":  # like a debugging proxy that reports what it received
                 answer["note"] = f"received {auth} at {path}"
             content = json.dumps(answer)

@@ -26,6 +26,7 @@ from pipeline.build import run_build
 from pipeline.core.workdir import WorkDir
 from pipeline.stages.rewriter import run_rewriter
 from pipeline.stages.select import SelectResult
+from pipeline.synth.rewriter.strategies import ANSWER_SUPPORT, answer_support
 from schemas.config import BuildConfig, ConfigError, config_hash
 from tests.conftest import make_config
 from tests.openai_server import FakeOpenAIServer, FaultRule, default_answer
@@ -181,8 +182,12 @@ def test_four_or_more_verified_turns_per_32k_context(tmp_path: Path) -> None:
             assert re.search(re.escape(header) + r"(, continued)?\n$", before), (header, before[-120:])
         context_end = user[: user.rindex(questions[0]["text"])].rstrip()
         cut = json.loads(r["params"])["context_cut"]
-        assert cut["start"] in ("document", "sentence", "line") and cut["end"] in ("sentence", "word")
-        if cut["end"] == "sentence":
+        assert cut["start"] in ("document", "sentence", "line") and cut["end"] in (
+            "sentence",
+            "clause",
+            "word",
+        )
+        if cut["end"] != "word":
             # a sentence (or clause at a line end) closes the context; quotes and brackets may follow it
             assert context_end.rstrip("\"')]}”’")[-1] in ".!?;:", context_end[-80:]
             sentence_ends += 1
@@ -254,6 +259,59 @@ def test_a_sample_below_min_turns_is_rejected_and_every_turn_audited(
         # questions come in passage order: each later one reaches back less far than the first
         distances = [q["dependency_distance"] for q in r["questions"]]
         assert all(d > 0 for d in distances) and distances[0] == max(distances)
+
+
+def _words(text: str) -> set[str]:
+    return {w.lower() for w in re.findall(r"[A-Za-z0-9]+", text)}
+
+
+def test_an_answer_its_evidence_does_not_support_is_rejected_and_audited(
+    packed: tuple[Path, SelectResult], tmp_path: Path
+) -> None:
+    src, selected = packed
+    out = tmp_path / "out"
+    shutil.copytree(src / "data", out / "data")
+    # two turns answer with facts of their own (a good question and a good quote, a foreign answer)
+    with FakeOpenAIServer(faults=[FaultRule("<passage>", ["unsupported_answer"], claim=2)]) as srv:
+        section = rewriter_section(
+            srv.base_url,
+            strategies=[{"kind": "chunk_qa", "samples": 4, "turns_per_context": 3, "min_turns": 1}],
+        )
+        cfg = make_config(out, rewriter=section)
+        res = run_rewriter(cfg, WorkDir(cfg), selected)
+        faulted = [c for c in srv.calls if c.action == "unsupported_answer"]
+    st = res.stats
+    assert st["accepted"] == 4 and st["reconciles"] and st["qa_turns"]["reconciles"]
+    assert st["qa_turns"]["accepted"] == 10 and st["qa_turns"]["rejected"] == {"answer_unsupported": 2}
+    turns = [a for a in read_audit(cfg) if a["status"] == "turn_rejected"]
+    assert sorted(a["reason"] for a in turns) == ["answer_unsupported"] * 2 and len(faulted) == 2
+    for a in turns:
+        raw = json.loads(a["raw_response"])
+        # the rejected answer: most of its words are in neither its quote nor its question
+        foreign = _words(raw["answer"]) - _words(raw["evidence"]) - _words(raw["question"])
+        assert len(foreign) > len(_words(raw["answer"])) / 2, raw
+        assert "not found:" in a["detail"]
+    for r in read_samples(cfg, "rewriter"):  # every kept answer is words of its own evidence
+        user = r["messages"][0]["content"]
+        for q in r["questions"]:
+            ev = r["evidence"][q["evidence"][0]]
+            answer = r["messages"][q["message_index"] + 1]["content"]
+            assert _words(answer) <= _words(user[ev["char_start"] : ev["char_end"]]) | _words(q["text"])
+
+
+@pytest.mark.parametrize(
+    ("answer", "sources", "supported"),
+    [
+        ("Yes.", ["The harbour froze in 1709."], None),  # no content words: nothing to check
+        ("It froze in 1709.", ["The harbour froze in 1709."], True),
+        ("The harbour froze.", ["When did the harbour freeze?", "It was cold."], True),  # from the question
+        ("Ships sailed to Lisbon in 1709.", ["The harbour froze in 1709."], False),  # 1 of 4 words
+        ("The harbour froze; ships sailed.", ["The harbour froze in 1709."], True),  # 2 of 4: half
+    ],
+)
+def test_answer_support_share(answer: str, sources: list[str], supported: bool | None) -> None:
+    found = answer_support(answer, sources)
+    assert (None if found is None else found[0] >= ANSWER_SUPPORT) is supported
 
 
 @pytest.mark.parametrize(

@@ -690,6 +690,13 @@ def _report(
         else []
     )
     hist = np.histogram(np.asarray(depths, float), bins=10, range=(0, 1))[0].tolist() if depths else [0] * 10
+    # documents format: where contexts start and how they end, recounted from the rows' params (a
+    # word end is the fallback where no clean end sized the sample exactly)
+    cuts: Counter[str] = Counter()
+    for params in kept.column("params").to_pylist() if kept.num_rows else []:
+        cut = json.loads(params).get("context_cut")
+        if cut:
+            cuts[f"{cut['start']}->{cut['end']}"] += 1
     checks = [
         {
             "name": "rewriter: requested = accepted + rejected + failed",
@@ -720,6 +727,14 @@ def _report(
         "skipped_inputs": plan.skipped_inputs,
         "dependency_distance": by_task_dist,
         "evidence_depth_histogram": hist,
+        **(
+            {
+                "context_cuts": dict(sorted(cuts.items())),
+                "context_word_ends": sum(n for k, n in cuts.items() if k.endswith("->word")),
+            }
+            if cuts
+            else {}
+        ),
         "usage": {k: u.as_dict() for k, u in sorted(usage.items())},
         "totals": total.as_dict(),
         "currency_note": "cost = tokens x rewriter.prices[model] per million",

@@ -18,7 +18,7 @@ from pipeline.synth.chat.boundaries import token_char_starts
 from pipeline.synth.chat.haystack import Haystack
 from pipeline.synth.chat.templates import ChatTemplate, RenderedChat
 
-TailCut = Literal["word", "sentence"]
+TailCut = Literal["word", "sentence", "clause"]
 
 # --- assembly -------------------------------------------------------------------------------------------
 
@@ -201,6 +201,7 @@ def assemble_chat(
     verify: bool = True,
     start_attempts: int = 8,
     tail: TailCut = "word",
+    start_mid_line: bool = False,
 ) -> AssembledChat:
     """A chat whose length under `length_counts` is exactly `target_length`.
 
@@ -212,9 +213,16 @@ def assemble_chat(
     `start_attempts`: when the tail cannot be sized exactly, the context starts at the next line
     boundary, up to this many starts (1: exactly at the first). `tail`: "word" cuts the haystack at a
     word end (a sentence end where one fits); "sentence" only at a sentence, paragraph or clause-at-line
-    end.
+    end; "clause" at those or at a clause end (";" or ":") inside a line.
+
+    `start_mid_line`: `start_token` is an inline boundary inside a line (" " before a sentence's first
+    word, or the first of two spaces before it) and the context starts at that word, without the
+    spaces (the prefix ends the line before it); the text up to the next safe boundary is tokenized
+    again, so the ids stay those of the rendered text. Takes no pieces and one start.
     """
     tok = template.tok
+    if start_mid_line and (pieces or start_attempts != 1):
+        raise ValueError("a mid-line start takes no pieces and exactly one start (start_attempts=1)")
     if prefix and not prefix.endswith("\n"):
         raise ValueError(
             "prefix must be empty or end with a line break (so the context starts on a new line)"
@@ -257,6 +265,7 @@ def assemble_chat(
         inline_window,
         start_attempts,
         tail,
+        start_mid_line,
     )
     content = prefix + ctx.text + suffix
     msgs[context_message]["content"] = content
@@ -338,6 +347,7 @@ def _assemble_context(
     inline_window: int,
     start_attempts: int = 8,
     tail: TailCut = "word",
+    start_mid_line: bool = False,
 ) -> _Context:
     """Haystack tokens + pieces at safe boundaries + an exactly sized tail: `budget` tokens in all.
 
@@ -345,6 +355,29 @@ def _assemble_context(
     "of 24"); then the context starts one line later, which moves the cut elsewhere.
     """
     line_b = hay.line_bounds
+    if start_mid_line:
+        ib = hay.inline_bounds
+        j = int(np.searchsorted(ib, start_token))
+        if j >= len(ib) or int(ib[j]) != start_token:
+            raise ValueError(f"haystack token {start_token} is not an inline boundary")
+        ctx = _try_context(
+            hay,
+            list(texts),
+            list(piece_ids),
+            pieces,
+            term_ids,
+            terminator,
+            budget,
+            start_token,
+            inline_window,
+            tail,
+            True,
+        )
+        if ctx is None:
+            raise AssemblyError(
+                f"could not size the context to {budget} tokens from haystack token {start_token}"
+            )
+        return ctx
     i = int(np.searchsorted(line_b, start_token))
     if i >= len(line_b):
         raise HaystackTooShort(budget, 0)
@@ -379,8 +412,10 @@ def _try_context(
     h0: int,
     inline_window: int,
     tail: TailCut = "word",
+    mid_line: bool = False,
 ) -> _Context | None:
-    """One assembly from haystack token h0, or None when the tail cannot be sized exactly there."""
+    """One assembly from haystack token h0, or None when the tail cannot be sized exactly there.
+    `mid_line`: h0 is an inline boundary and the context starts after its spaces (no pieces)."""
     tok = hay.tok
     line_b, inline_b, sent_b = hay.line_bounds, hay.inline_bounds, hay.sentence_bounds
     piece_total = sum(len(p) for p in piece_ids)
@@ -439,6 +474,20 @@ def _try_context(
     runs: list[HaystackRun] = []
     tpos = cpos = 0
     cur = h0
+    if mid_line:
+        # drop the space before the sentence's first word; re-tokenize up to the next safe boundary
+        # (its left neighbour is unchanged, so the haystack's split there still holds)
+        h1 = int(any_b[np.searchsorted(any_b, h0, "right")]) if any_b[-1] > h0 else len(hay)
+        if h1 > s:
+            return None
+        ca, cb = mid_line_start(hay.text, int(cs[h0])), int(cs[h1])
+        if not ca < cb:
+            return None
+        head_ids = tok.encode(hay.text[ca:cb])
+        id_parts.append(head_ids)
+        text_parts.append(hay.text[ca:cb])
+        runs.append(HaystackRun(ca, cb, 0, cb - ca, 0, len(head_ids)))
+        tpos, cpos, cur = len(head_ids), cb - ca, h1
 
     def add_run(a: int, b: int) -> None:
         nonlocal tpos, cpos
@@ -491,13 +540,28 @@ def _try_context(
 _TAIL_FILLERS = ("", "\n ", " \n ", "\n \n ", " \n \n ", "\n \n \n ")
 
 
+def mid_line_start(text: str, c: int) -> int:
+    """Where a context that starts at an inline boundary at char c begins: after its spaces."""
+    while c < len(text) and text[c] in " \t":
+        c += 1
+    return c
+
+
+def _continues(meta: Mapping[str, Any]) -> bool:
+    """Whether a packed segment stops before its document's end (from its lineage fields)."""
+    end, total = meta.get("doc_token_end"), meta.get("doc_tokens")
+    return end is not None and total is not None and int(end) < int(total)
+
+
 def _fit_tail(
     hay: Haystack, s: int, want: int, terminator: str, cut: TailCut = "word"
 ) -> tuple[int, str, np.ndarray] | None:
     """A char end e and a whitespace filler f such that tok(hay.text[cs[s]:e] + f + terminator) has
     exactly `want` tokens, with e at a word end (a sentence end where one fits): the context never
     stops mid-word. With `cut="sentence"`, e must be a sentence end, a paragraph (document) end, or
-    a line end after a clause (";" or ":").
+    a line end after a clause (";" or ":", trailing spaces allowed); with `cut="clause"`, a clause end
+    inside a line too. A document piece that the packer cut off from the rest of its document does
+    not end a paragraph.
     None when no such end is near; the caller then starts the context a line later.
 
     Candidates are tried near the haystack's own token boundaries first (cheap: each try tokenizes
@@ -522,17 +586,41 @@ def _fit_tail(
     def sentence_end(e: int) -> bool:
         return e > 0 and text[e - 1] in ".!?" and (e >= len(text) or text[e].isspace())
 
-    def clean_end(e: int) -> bool:
-        """A sentence end (a closing quote or bracket may follow the mark), a paragraph's end, or a
-        line that ends a clause (verse and lists rarely end sentences at a size that fits)."""
-        if e >= len(text) or text[e : e + 2] == "\n\n":
-            return e > 0 and not text[e - 1].isspace()
-        body = text[max(0, e - 3) : e].rstrip("\"')]}”’")
-        if not body or not text[e].isspace():
-            return False
-        return body[-1] in ".!?" or (text[e] == "\n" and body[-1] in ";:")
+    # ends of document pieces whose document goes on past them (the packer split it there): the
+    # blank line after them is the join, not the document's own paragraph break
+    clean = cut != "word"
+    open_ends = {p.char_end for p in hay.parts if _continues(p.meta)} if clean else set()
 
-    ok_end = clean_end if cut == "sentence" else word_end
+    def line_end(e: int) -> bool:
+        """Only spaces or tabs between e and the next line break (verse lines often carry a trailing
+        space)."""
+        n = text.find("\n", e, e + 64)
+        return n >= 0 and not text[e:n].strip(" \t")
+
+    def clean_rank(e: int) -> int:
+        """0: a sentence end (a closing quote or bracket may follow the mark) or a paragraph's end; 1:
+        a line that ends a clause (";" or ":"); 2: a clause end inside a line; 3: none of these. Verse
+        and lists rarely end sentences at a size that fits; clause ends make a clean cut likely."""
+        if e <= 0 or e > len(text) or text[e - 1].isspace():
+            return 3
+        if (e >= len(text) or text[e : e + 2] == "\n\n") and e not in open_ends:
+            return 0
+        body = text[max(0, e - 3) : e].rstrip("\"')]}”’")
+        if not body or e >= len(text) or not text[e].isspace():
+            return 3
+        if body[-1] in ".!?":
+            return 0
+        if body[-1] in ";:":
+            return 1 if line_end(e) else 2
+        return 3
+
+    def clean_end(e: int) -> bool:
+        return clean_rank(e) <= (1 if cut == "sentence" else 2)
+
+    ok_end = clean_end if clean else word_end
+
+    def rank(e: int) -> int:  # which ends are preferred: sentence ends (word cut), cleaner ends
+        return clean_rank(e) if clean else int(not sentence_end(e))
 
     for radius in (4, 16, 64):
         lo, hi = max(s, k0 - radius), min(len(hay), k0 + radius)
@@ -540,12 +628,12 @@ def _fit_tail(
         good = [e for e in ends if len(count(e)) == want]
         if good:
             centre = int(cs[min(k0, len(hay))])
-            e = min(good, key=lambda x: (not sentence_end(x), abs(x - centre), x))
+            e = min(good, key=lambda x: (rank(x), abs(x - centre), x))
             return e, "", count(e)
     # word ends near the estimate, sentence ends first, each with the fillers in turn
     centre = int(cs[min(max(k0, s), len(hay))])
     near = [e for d in range(400) for e in (centre + d, centre - d) if c_s <= e <= len(text) and ok_end(e)]
-    near.sort(key=lambda e: (not sentence_end(e), abs(e - centre)))
+    near.sort(key=lambda e: (rank(e), abs(e - centre)))
     for f in _TAIL_FILLERS:
         for e in near:
             if len(count(e)) <= want and len(count(e, f)) == want:

@@ -11,11 +11,15 @@ model can get away with reading, so distances and the tail check are conservativ
 
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from pipeline.synth.chat import AssembledChat, AssemblyError, ChatTemplate, HaystackTooShort, assemble_chat
+from pipeline.synth.chat.assemble import TailCut, mid_line_start
 from pipeline.synth.rewriter.contexts import Context, Passage, document_header, head_tokens
 from pipeline.synth.rewriter.evidence import NormalizedText
 from pipeline.synth.rewriter.plan import SamplePlan
@@ -114,7 +118,7 @@ def build_record(
         cut: dict[str, Any] | None = None
         try:
             if rw.context_format == "documents":
-                asm, cut = _assemble_documents(chat, messages, cm, ctx, sample_length, rw, suffix)
+                asm, cut = _assemble_documents(chat, messages, cm, ctx, passages, sample_length, rw, suffix)
             else:
                 asm = assemble_chat(
                     chat, messages, cm, ctx.hay, sample_length, length_counts=rw.length_counts, suffix=suffix
@@ -225,8 +229,10 @@ def build_record(
     }
 
 
-_MAX_STARTS = 96
+_MAX_STARTS = 320
+_PASSAGE_MARGIN = 64  # tokens kept between a late start and the first passage
 _SENTENCE_CLOSE = "\"')]}”’"
+_SENTENCE_OPEN = "\"'([“‘"
 
 
 def _header_start(text: str, part_char_start: int) -> int:
@@ -234,36 +240,77 @@ def _header_start(text: str, part_char_start: int) -> int:
     return text.rfind("\n", 0, max(0, part_char_start - 1)) + 1
 
 
-def _starts(ctx: Context, limit: int) -> list[tuple[int, str, int]]:
-    """Candidate starts of a documents-format context, best first: (haystack token, kind, part). Kinds:
-    "document" (a document's header line) and "sentence" (a line inside a document piece that begins a
-    sentence, a clause or a paragraph; the context then opens with that document's header, continued),
-    all within the first `limit` tokens."""
+def begins_sentence(text: str, c: int, lo: int) -> bool:
+    """Whether text[c:] begins a paragraph (a blank line before it), or a sentence or clause: its
+    first character (after an opening quote or bracket) is a capital or a digit, and the text of the
+    same document before it (from `lo`) ends with . ! ? ; or : (closing quotes and brackets may
+    follow the mark)."""
+    if c <= lo:
+        return bool(text[c : c + 1].strip())
+    before = text[max(lo, c - 256) : c]
+    if before[len(before.rstrip()) :].count("\n") >= 2:  # a blank line (maybe with spaces) before it
+        return bool(text[c : c + 1].strip())
+    first = text[c : c + 2].lstrip(_SENTENCE_OPEN)[:1]
+    if not (first.isupper() or first.isdigit()):
+        return False
+    return before.rstrip().rstrip(_SENTENCE_CLOSE)[-1:] in (".", "!", "?", ";", ":")
+
+
+@dataclass(frozen=True)
+class _Start:
+    token: int  # haystack token where the context starts
+    kind: str  # "document" (a header line) or "sentence"
+    part: int  # the haystack part (document piece) it opens
+    mid_line: bool  # a sentence start inside a line (an inline boundary: the spaces before it are dropped)
+
+
+def _starts(ctx: Context, limit: int, lo: int = 0) -> list[_Start]:
+    """Candidate starts of a documents-format context in haystack tokens [lo, limit), best first: a
+    document's header line; then a line inside a document piece that begins a sentence, a clause or a
+    paragraph; then a sentence start inside a line. A context opening inside a document opens with
+    that document's header, continued."""
     hay = ctx.hay
     text, cs = hay.text, hay.char_starts
-    lines = [int(h) for h in hay.line_bounds if h < min(limit, len(hay))]
-    if not lines:
-        return []
+    n = min(limit, len(hay))
+
+    def within(bounds: np.ndarray) -> list[int]:
+        return bounds[np.searchsorted(bounds, lo) : np.searchsorted(bounds, n)].tolist()
+
+    lines = within(hay.line_bounds)
     line_at = {int(cs[h]): h for h in lines}
-    last_char = int(cs[lines[-1]])
-    out: list[tuple[int, str, int]] = []
+    first_char = int(cs[min(lo, len(hay))])
+    last_char = int(cs[n]) if n < len(hay) else len(text)
+    docs: list[_Start] = []
     for k, part in enumerate(hay.parts):
         if part.char_start > last_char:
             break
+        if part.char_start < first_char:
+            continue
         h = line_at.get(_header_start(text, part.char_start))
         if h is None or (k == 0 and int(part.meta.get("doc_token_start") or 0) > 0):
             continue  # a row that begins inside a document begins wherever the packer cut it
-        out.append((h, "document", k))
-    for h in lines:
-        c = int(cs[h])
-        k = ctx._part_at(c)
-        part = hay.parts[k]
-        if not part.char_start < c < part.char_end:
+        docs.append(_Start(h, "document", k, False))
+    at_line: list[_Start] = []
+    mid: list[_Start] = []
+    inline = within(hay.inline_bounds)
+    part_starts = [p.char_start for p in hay.parts]
+    for h, is_mid in [(h, False) for h in lines] + [(h, True) for h in inline]:
+        c = mid_line_start(text, int(cs[h])) if is_mid else int(cs[h])  # drops the spaces before the word
+        if not text[c : c + 1].strip():
             continue
-        before = text[part.char_start : c].rstrip()
-        if text[c - 2 : c] == "\n\n" or before.rstrip(_SENTENCE_CLOSE)[-1:] in (".", "!", "?", ";", ":"):
-            out.append((h, "sentence", k))
-    return out[:_MAX_STARTS]
+        k = max(0, bisect.bisect_right(part_starts, c) - 1)
+        part = hay.parts[k]
+        if part.char_start < c < part.char_end and begins_sentence(text, c, part.char_start):
+            (mid if is_mid else at_line).append(_Start(h, "sentence", k, is_mid))
+    return docs + at_line + mid
+
+
+def _end_kind(text: str, e: int) -> str:
+    """What a clean context end at haystack char e closes: a paragraph (or document piece), a sentence
+    or a clause."""
+    if e >= len(text) or text[e : e + 2] == "\n\n":
+        return "paragraph"
+    return "sentence" if text[:e].rstrip(_SENTENCE_CLOSE)[-1:] in ".!?" else "clause"
 
 
 def _assemble_documents(
@@ -271,24 +318,38 @@ def _assemble_documents(
     messages: list[dict[str, str]],
     cm: int,
     ctx: Context,
+    passages: list[Passage],
     sample_length: int,
     rw: RewriterConfig,
     suffix: str,
 ) -> tuple[AssembledChat, dict[str, Any]]:
     """The instruction, then the documents with their header lines, cut at a document or sentence start
-    and at a sentence, clause-at-line or paragraph end; where no such end sizes the sample exactly, at
-    a word end (recorded in params.context_cut)."""
+    and at a sentence, clause-at-line or paragraph end; where no such end sizes the sample exactly
+    from any start, at a word end (recorded in params.context_cut).
+
+    Whether a start gives an exactly sized context that ends cleanly is a matter of luck (the clean
+    ends near the size leave a gap the whitespace fillers close for about one start in eight), so many
+    starts are tried: those in the first head_tokens() first, then later ones up to the first passage
+    (which must stay inside the context)."""
     instruction = rw.instruction.strip() + "\n\n"
     header = document_header(rw.document_header)
 
     def continued(k: int) -> str:  # the header of a document the context opens inside of
         return header({**ctx.hay.parts[k].meta, "doc_token_start": 1}) + "\n"
 
-    starts = _starts(ctx, head_tokens(sample_length))
-    # a clean end from every candidate start first; then a word end (the plain cut) from the same starts
-    for tail in ("sentence", "word"):
-        for h, kind, k in starts:
-            prefix = instruction + (continued(k) if kind == "sentence" else "")
+    head = head_tokens(sample_length)
+    starts = _starts(ctx, head)
+    if passages:
+        first = min(p.char_start for p in passages)
+        until = int(np.searchsorted(ctx.hay.char_starts, first, "right")) - 1 - _PASSAGE_MARGIN
+        starts += _starts(ctx, until, head)
+    starts = starts[:_MAX_STARTS]
+    # a sentence, paragraph or clause-at-line end from every candidate start first, then a clause end
+    # inside a line, then a word end (the plain cut), from the same starts
+    tails: tuple[TailCut, ...] = ("sentence", "clause", "word")
+    for tail in tails:
+        for st in starts:
+            prefix = instruction + (continued(st.part) if st.kind == "sentence" else "")
             try:
                 asm = assemble_chat(
                     chat,
@@ -299,13 +360,19 @@ def _assemble_documents(
                     length_counts=rw.length_counts,
                     prefix=prefix,
                     suffix=suffix,
-                    start_token=h,
+                    start_token=st.token,
                     start_attempts=1,
                     tail=tail,
+                    start_mid_line=st.mid_line,
                 )
             except (AssemblyError, HaystackTooShort):
                 continue
-            return asm, {"start": kind, "start_token": h, "end": tail}
+            cut: dict[str, Any] = {"start": st.kind, "start_token": st.token, "end": tail}
+            if st.mid_line:
+                cut["mid_line"] = True
+            if tail != "word":
+                cut["end_at"] = _end_kind(ctx.hay.text, asm.runs[-1].hay_char_end)
+            return asm, cut
     asm = assemble_chat(
         chat,
         messages,

@@ -24,13 +24,15 @@ from pipeline.synth.chat import Haystack
 from pipeline.synth.rewriter.evidence import NormalizedText
 
 # context_format "documents": the context starts within the first head_tokens() haystack tokens (at a
-# document's header, or at a line that begins a sentence), and passages are taken after that.
+# document's header, or where a sentence begins), and passages are taken after that.
 HEAD_TOKENS = 2048
 
 
 def head_tokens(sample_length: int) -> int:
-    """How far in a documents-format context may start: 2048 tokens, an eighth of short samples."""
-    return min(HEAD_TOKENS, sample_length // 8)
+    """How far in a documents-format context may start: 2048 tokens, a quarter of short samples.
+    A clean, exactly sized cut needs a few dozen candidate starts; in verse (long sentences over
+    many lines) an eighth of an 8K sample held too few of them."""
+    return min(HEAD_TOKENS, sample_length // 4)
 
 
 @dataclass(frozen=True)

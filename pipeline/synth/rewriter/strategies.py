@@ -217,6 +217,167 @@ def _not_leaking(question: str, answer: str, quotes: list[str]) -> None:
         raise Rejection("answer_in_question", f"the question contains its answer {answer!r}")
 
 
+# Answer support: most content words of a QA answer must occur in its evidence quotes or its question.
+# An answer that brings words of its own states facts the quoted evidence does not give (a model that
+# answers from memory, or about another passage); the quote alone is checked against the context.
+ANSWER_SUPPORT = 0.5
+_WORD = re.compile(r"[^\W_]+")
+_STOPWORDS = frozenset(
+    [
+        "a",
+        "an",
+        "the",
+        "and",
+        "or",
+        "but",
+        "nor",
+        "so",
+        "yet",
+        "of",
+        "in",
+        "on",
+        "at",
+        "to",
+        "for",
+        "from",
+        "by",
+        "with",
+        "without",
+        "about",
+        "into",
+        "onto",
+        "over",
+        "under",
+        "as",
+        "than",
+        "then",
+        "that",
+        "this",
+        "these",
+        "those",
+        "there",
+        "here",
+        "it",
+        "its",
+        "it's",
+        "is",
+        "are",
+        "was",
+        "were",
+        "be",
+        "been",
+        "being",
+        "am",
+        "do",
+        "does",
+        "did",
+        "done",
+        "has",
+        "have",
+        "had",
+        "having",
+        "not",
+        "no",
+        "yes",
+        "i",
+        "you",
+        "he",
+        "she",
+        "we",
+        "they",
+        "them",
+        "him",
+        "her",
+        "his",
+        "hers",
+        "their",
+        "theirs",
+        "our",
+        "ours",
+        "your",
+        "yours",
+        "my",
+        "me",
+        "us",
+        "who",
+        "whom",
+        "whose",
+        "which",
+        "what",
+        "when",
+        "where",
+        "why",
+        "how",
+        "all",
+        "any",
+        "both",
+        "each",
+        "few",
+        "more",
+        "most",
+        "other",
+        "some",
+        "such",
+        "only",
+        "own",
+        "same",
+        "too",
+        "very",
+        "can",
+        "will",
+        "just",
+        "should",
+        "would",
+        "could",
+        "may",
+        "might",
+        "must",
+        "shall",
+        "also",
+        "says",
+        "said",
+        "say",
+        "according",
+        "text",
+        "document",
+        "passage",
+        "states",
+        "stated",
+    ]
+)
+
+
+def content_words(text: str) -> list[str]:
+    """Lower-cased words of a text that carry content: not stop words, longer than one letter."""
+    return [
+        w
+        for w in (m.lower() for m in _WORD.findall(text))
+        if w not in _STOPWORDS and (len(w) > 1 or w.isdigit())
+    ]
+
+
+def answer_support(answer: str, sources: list[str]) -> tuple[float, list[str]] | None:
+    """The share of the answer's content words found among the sources' words, and the words not
+    found; None for an answer without content words ("Yes.", "No.")."""
+    words = content_words(answer)
+    if not words:
+        return None
+    have = set(content_words(" ".join(sources)))
+    missing = [w for w in words if w not in have]
+    return 1 - len(missing) / len(words), missing
+
+
+def _supported(answer: str, sources: list[str]) -> None:
+    found = answer_support(answer, sources)
+    if found is not None and found[0] < ANSWER_SUPPORT:
+        share, missing = found
+        raise Rejection(
+            "answer_unsupported",
+            f"{share:.0%} of the answer's content words are in its evidence or question "
+            f"({ANSWER_SUPPORT:.0%} needed); not found: {', '.join(dict.fromkeys(missing))[:200]}",
+        )
+
+
 def _chunk_qa(obj: dict[str, Any], rw: RewriterConfig) -> Draft:
     question = text_field(obj, "question")
     answer = text_field(obj, "answer")
@@ -228,6 +389,7 @@ def _chunk_qa(obj: dict[str, Any], rw: RewriterConfig) -> Draft:
         raise ParseFailure("missing_field", "field 'evidence' is missing or empty")
     quotes = [_check_quote(q, rw) for q in quotes if q.strip()]
     _not_leaking(question, answer, quotes)
+    _supported(answer, [*quotes, question])
     return Draft(
         turns=[{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
         quotes=[DraftQuote(q, None) for q in quotes],
