@@ -53,8 +53,10 @@ sys.exit(code)
 """
 
 
-def build(tmp_path: Path, env: dict[str, str], **overrides: Any) -> tuple[list[dict[str, Any]], str]:
-    """Run `longloom build` through the bootstrap; (unit events, the flow run's id)."""
+def build(
+    tmp_path: Path, env: dict[str, str], **overrides: Any
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run `longloom build` through the bootstrap; (unit events, its flow run as the API has it)."""
     config = write_config(tmp_path, tmp_path / "out", **overrides)
     log = tmp_path / "units.json"
     run_env = base_env(
