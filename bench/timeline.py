@@ -79,7 +79,7 @@ for s in STAGES:
         wrap_bind(type(s))
 code = 1
 try:
-    code = flows.cli.main(sys.argv[1:])
+    code = flows.cli.main()  # as the `longloom` command calls it (argv from sys.argv)
 finally:
     mark("main returned")
     with open(os.environ["LONGLOOM_TIMELINE"], "w") as fh:

@@ -28,8 +28,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from flows.api import temporary_server_pids
 from pipeline.core import storage
-from pipeline.core.helpers import reap_orphans
+from pipeline.core.helpers import forget_helpers, reap_orphans, record_helpers
 from pipeline.core.progress import UnitProgress
 from pipeline.core.workdir import WorkDir
 from pipeline.stages.base import Inputs, RunContext, StageWork
@@ -152,6 +153,8 @@ def early_start(cfg: BuildConfig, command: str | None, shards: list[Any]) -> Ite
     work = WorkDir(cfg)
     with work.lock(_say):
         reap_orphans(work.root, _say)  # a killed run's helpers go before anything is written
+        # this run's temporary API, recorded from now on: a kill -9 from here leaves no unknown orphan
+        record = record_helpers(work.root, temporary_server_pids())
         work.remove_temporaries()
         job = stages[0].bind(RunContext(cfg, command), Inputs(shards=shards))
         early = EarlyStart(cfg, stages[0].name, job.key, job, [_Unit(u) for u in job.units()])
@@ -169,6 +172,7 @@ def early_start(cfg: BuildConfig, command: str | None, shards: list[Any]) -> Ite
             early.stop()
             if not interrupted:  # Ctrl-C: exit now, the process's end releases the lock
                 early.wait_running()  # nothing is still writing when the lock goes
+            forget_helpers(record)
 
 
 def active(cfg: BuildConfig) -> EarlyStart | None:

@@ -1,4 +1,5 @@
-"""`longloom build` starts the first stage's units before Prefect is imported (issue 19: fixed cost).
+"""Prefect's fixed cost in `longloom build` (issue 19): the first stage's units start before Prefect is
+imported, and the command's exit skips the interpreter's last full garbage collection.
 
 Real command lines against the session's Prefect server: a small bootstrap runs `flows.cli.main` with
 every stage unit's start and end recorded (time, thread, whether `flows.build` was imported yet), then
@@ -140,3 +141,27 @@ def test_a_failed_early_unit_is_retried_by_its_task_run(
     (retried,) = [r for name, r in runs.items() if name.startswith("prepare-shard") and r["run_count"] == 2]
     assert retried["state_type"] == "COMPLETED"
     assert flow_run["state_type"] == "COMPLETED"
+
+
+@pytest.mark.parametrize("as_command", [True, False])
+def test_the_command_line_skips_the_last_garbage_collection_of_its_exit(
+    tmp_path: Path, as_command: bool
+) -> None:
+    """`longloom ...` (argv from the command line) freezes what is alive when the command is done, so
+    interpreter shutdown's full collection does not walk it (seconds after a Prefect build); a caller
+    passing argv (a test, a script) keeps its garbage collector as it was."""
+    config = write_config(tmp_path, tmp_path / "out")
+    call = "flows.cli.main()" if as_command else f"flows.cli.main(['validate', {str(config)!r}])"
+    code = (
+        "import atexit, gc, sys\nimport flows.cli\n"
+        f"sys.argv = ['longloom', 'validate', {str(config)!r}]\n"
+        "atexit.register(lambda: print('frozen objects:', gc.get_freeze_count()))\n"
+        f"sys.exit({call})\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=base_env(), capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "valid; 5 input shards" in res.stdout
+    frozen = int(res.stdout.split("frozen objects:")[1])
+    assert (frozen > 10_000) if as_command else (frozen == 0)
