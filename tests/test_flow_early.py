@@ -165,3 +165,30 @@ def test_the_command_line_skips_the_last_garbage_collection_of_its_exit(
     assert "valid; 5 input shards" in res.stdout
     frozen = int(res.stdout.split("frozen objects:")[1])
     assert (frozen > 10_000) if as_command else (frozen == 0)
+
+
+def test_a_build_does_not_rebuild_the_flow_for_its_task_runner(
+    tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flow gets the config's task runner without `with_options`, whose new `Flow` regenerates the
+    JSON schema of `BuildConfig` (the flow's parameter) on every build."""
+    import prefect.flows
+
+    from flows.build import build as build_flow
+    from flows.build import run
+    from tests.conftest import make_config
+
+    made: list[Any] = []
+    schema = prefect.flows.parameter_schema
+
+    def counted(fn: Any) -> Any:
+        made.append(fn)
+        return schema(fn)
+
+    monkeypatch.setattr(prefect.flows, "parameter_schema", counted)
+    runner_before = build_flow.task_runner
+    cfg = make_config(tmp_path / "out")
+    result = run(cfg)
+    assert result["checks_ok"] and result["rows"]
+    assert made == [], "a Flow was constructed for this build"
+    assert build_flow.task_runner is runner_before  # the module's flow is left as it was
