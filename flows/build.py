@@ -10,8 +10,11 @@ is done and verified.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import re
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,6 +25,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import flows
+import flows.early
 from flows.api import prefect_api, run_helpers
 from pipeline.build import (
     longloom_commit,
@@ -60,7 +64,11 @@ def unit_task(job: StageWork, unit: Any) -> Any:
         # and bind the stage again here, so every path it holds is a path of this process's mirror.
         storage.pull(out)
         job = job.stage.bind(job.ctx, job.inputs)
-    res = job.run_unit(unit, throttled(logger.info, job.label(unit)))
+    progress = throttled(logger.info, job.label(unit))
+    # a unit `longloom build` started before the flow existed (flows.early): wait for it, or take it
+    early = flows.early.active(job.ctx.cfg)
+    started = early.adopt(job.key, unit, progress) if early is not None else None
+    res = started.result() if started is not None else job.run_unit(unit, progress)
     storage.push(out)  # the unit's files, then its record last (nothing for a local output)
     line = job.log_line(res)
     if line:
@@ -178,17 +186,34 @@ def build(config: BuildConfig, command: str | None = None) -> dict[str, Any]:
     # an output folder on a URL: resume from what the store holds (no-ops for a local folder)
     storage.pull(cfg.output.dir)
 
+    early = flows.early.active(cfg)  # holds the lock already, its units running (flows.early)
+    lead: dict[str, float] = {}  # per stage: how long its units ran before the flow reached it
+
     def run_units(stage: Stage, job: StageWork, units: list[Any]) -> list[Any]:
+        if early is not None and stage.name == early.stage:
+            lead[stage.name] = time.perf_counter() - early.started
+            early.stop()  # from here the task runner decides how many units run at once
         storage.push(cfg.output.dir)  # what the earlier stages' merges wrote, before workers read it
         done = gather(stage_task(stage, cfg).map(unmapped(job), units), rep, stage.name, job.advance)
         storage.pull(cfg.output.dir)  # what the units committed, for the merge
         return done
 
-    with work.lock(logger.info), run_helpers(work.root, logger.info):
-        work.remove_temporaries()
+    with contextlib.ExitStack() as held:
+        if early is None:  # else the early start took the lock and removed the temporaries
+            held.enter_context(work.lock(logger.info))
+        held.enter_context(run_helpers(work.root, logger.info))
+        if early is None:
+            work.remove_temporaries()
         clock = RunClock()
+        if early is not None:
+            clock._t0 = early.started  # the run began when its first units did
+            logger.info("%s: %d units started before the flow run", early.stage, len(early.units))
 
         def after_report(manifest: Manifest, extra: dict[str, Any]) -> None:
+            if early is not None and early.stage in clock.stages:
+                # the stage's seconds count from its early start, not from when the flow reached it
+                st = clock.stages[early.stage]
+                st.seconds = round(st.seconds + lead.get(early.stage, 0.0), 3)
             address = redact_url(cfg.run.dask_address) if cfg.run.dask_address else "local"
             runner = f"dask {address}" if cfg.run.task_runner == "dask" else "threads"
             report = build_report(manifest, clock, shown, runner, command)
@@ -240,7 +265,20 @@ def run(cfg: BuildConfig, command: str | None = None) -> dict[str, Any]:
         # workers may start elsewhere: give them an output path that does not depend on their cwd
         cfg = with_overrides(cfg, "output", dir=str(Path(cfg.output.dir).resolve()))
     with prefect_api() as (api_url, _):
-        return build.with_options(task_runner=task_runner_for(cfg, api_url))(cfg, command=command)
+        return with_task_runner(build, task_runner_for(cfg, api_url))(cfg, command=command)
+
+
+F = TypeVar("F")
+
+
+def with_task_runner(f: F, runner: Any) -> F:
+    """`f.with_options(task_runner=runner)` without building the flow again: `with_options` constructs
+    a new `Flow`, and its constructor regenerates the JSON schema of the flow's parameters (the whole
+    `BuildConfig`: 0.4-0.8 s of CPU on every build, measured on a loaded 2-core machine). A copy
+    shares that schema; only the task runner differs."""
+    g = copy.copy(f)
+    g.task_runner = runner  # type: ignore[attr-defined]
+    return g
 
 
 def main(argv: list[str] | None = None) -> int:
