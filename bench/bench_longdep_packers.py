@@ -114,6 +114,7 @@ def main() -> None:
     model = offline_gemma(device="cpu", threads=args.threads)
     cache = ScoreCache(work / "score-cache")
     table = []
+    scores: dict[str, np.ndarray] = {}
     for strategy in ("greedy", "best_fit", "similarity"):
         out, build_cfg = build(work, strategy, args.length, args.seed)
         tok = tokenizer_for(build_cfg)
@@ -137,6 +138,7 @@ def main() -> None:
             "seconds": round(secs, 1),
         }
         table.append(row)
+        scores[strategy] = s
         print(json.dumps(row), flush=True)
     print()
     print("| strategy | rows | scored | mean | p10 | median | p90 | mean raw | scoring s |")
@@ -146,6 +148,27 @@ def main() -> None:
             f"| {r['strategy']} | {r['rows']} | {r['scored']} | {r['mean']:.4f} | {r['p10']:.4f} | "
             f"{r['p50']:.4f} | {r['p90']:.4f} | {r['mean_raw']:.4f} | {r['seconds']} |"
         )
+    print()
+    print("| comparison | difference of means | two-sided permutation p (10,000 shuffles) |")
+    print("|---|---|---|")
+    for a, b in (("similarity", "greedy"), ("similarity", "best_fit"), ("best_fit", "greedy")):
+        diff, p = permutation_test(scores[a], scores[b], seed=args.seed)
+        print(f"| {a} - {b} | {diff:+.4f} | {p:.3f} |")
+
+
+def permutation_test(a: np.ndarray, b: np.ndarray, seed: int, shuffles: int = 10_000) -> tuple[float, float]:
+    """Difference of the mean row scores, and how often relabelling the rows at random gives one at least
+    as far from zero: a test that assumes nothing about the scores' distribution."""
+    if not len(a) or not len(b):
+        return float("nan"), float("nan")
+    observed = float(a.mean() - b.mean())
+    pooled = np.concatenate([a, b])
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(shuffles):
+        rng.shuffle(pooled)
+        hits += abs(pooled[: len(a)].mean() - pooled[len(a) :].mean()) >= abs(observed) - 1e-12
+    return observed, (hits + 1) / (shuffles + 1)
 
 
 if __name__ == "__main__":
