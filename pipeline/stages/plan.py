@@ -29,6 +29,7 @@ from pipeline.stages.prepare import PrepareStage
 from pipeline.stages.procedural import ProceduralStage
 from pipeline.stages.publish import PublishStage
 from pipeline.stages.rewriter import RewriterStage
+from pipeline.stages.scatter import ScatterStage
 from pipeline.stages.select import RoutePriority, SelectStage, SimilarityOrder, select_and_layout
 from pipeline.stages.write import WriteStage
 from schemas.config import BuildConfig, ConfigError
@@ -108,6 +109,7 @@ STAGES: list[Stage] = [
     PrepareStage(),
     EmbedStage(),
     LongDepStage(),
+    ScatterStage(),  # only when run.select_partitions > 1: the partition units' input files
     SelectStage(corpus_selectors, packing_order, route_priority),
     WriteStage(),
     ProceduralStage(),
