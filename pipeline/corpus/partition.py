@@ -774,6 +774,7 @@ def select_partitioned(
                 [f"same sha256 as {k}" for k in keeper.to_pylist()],
                 duplicate_of=keeper,
             )
+            trim_heap()
         dw.end()
 
     # source budgets: each source's documents over its cut, in (u, canonical) order as the rule ranks
@@ -809,11 +810,14 @@ def select_partitioned(
                 picked = picked.append_column("row", pa.array(over))
                 buckets.add(np.minimum((u[over] * K).astype(np.int64), K - 1), picked)
             del t
+            trim_heap()
         for part in buckets.drain():
             part = part.take(
                 pc.sort_indices(part, [("u", "ascending"), ("shard", "ascending"), ("row", "ascending")])
             )
             dw.add_lineage(part.column("shard").to_numpy(), part, BUDGET_STEP, detail)
+            del part
+            trim_heap()  # each shard and bucket is large and short-lived: give its pages back
     if dw._count.any():
         steps.append(BUDGET_STEP)
     dw.end()
@@ -883,6 +887,7 @@ def select_partitioned(
                 unrouted.append(g[choice < 0])
         for ti, pk in enumerate(packers):
             spill(ti, pk.seg.take(pk.done_rows() - 1))
+        trim_heap()
 
     if unrouted:
         dw.start("target_budgets_full")
