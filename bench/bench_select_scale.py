@@ -14,8 +14,9 @@ lognormal lengths (median ~245 tokens, long tail, as bench/bench_packing.py's we
 Each variant runs as `python bench/bench_select_scale.py --child ...`; its peak RSS is sampled every
 20 ms (psutil, the child's own process: selection starts no helpers). `partitions 1` is today's
 single-process `select_and_layout`; `partitions P > 1` runs the partitioned path
-(`pipeline.corpus.partition`): P dedup units one after the other in the child, each measured for its
-own peak RSS (the memory a worker taking that unit needs) and the final layout pass. The corpus is
+(`pipeline.corpus.partition`): one scatter unit per shard, then P dedup units, one after the other,
+each in its own child measured for its own peak RSS (the memory a worker taking that unit needs),
+and the final layout pass (the merge). The corpus is
 generated once per size under --work and reused.
 """
 
@@ -142,7 +143,15 @@ def child(payload: dict[str, Any]) -> None:
     """Run the select stage (mode `single`), one partition unit (`unit`) or the merge (`merge`) on a
     synthesized corpus; print one JSON line of what it did."""
     from pipeline.core.workdir import WorkDir
-    from pipeline.corpus.partition import PartitionResult, dedup_partition, part_dir, select_partitioned
+    from pipeline.corpus.partition import (
+        PartitionResult,
+        ScatterResult,
+        dedup_partition,
+        part_dir,
+        scatter_dir,
+        scatter_shard,
+        select_partitioned,
+    )
     from pipeline.stages.plan import select
     from pipeline.stages.prepare import PrepareResult
     from pipeline.stages.select import inputs_key
@@ -163,8 +172,15 @@ def child(payload: dict[str, Any]) -> None:
         work.prepare_dir.symlink_to(corpus.resolve(), target_is_directory=True)
     prepared = [PrepareResult.from_json(r) for r in json.loads((corpus / "prepared.json").read_text())]
     t0 = time.perf_counter()
+    if payload["mode"] == "scatter":
+        s = scatter_shard(cfg, work, prepared, payload["unit"])
+        print(json.dumps({"seconds": time.perf_counter() - t0, "documents": s.documents}))
+        return
     if payload["mode"] == "unit":
-        u = dedup_partition(cfg, work, prepared, payload["unit"], inputs_key(prepared))
+        P = cfg.run.select_partitions
+        recs = sorted(scatter_dir(work, P).glob("s*.json"))
+        scattered = [ScatterResult(**json.loads(f.read_text())) for f in recs]
+        u = dedup_partition(cfg, work, prepared, payload["unit"], inputs_key(prepared), scattered)
         print(json.dumps({"seconds": time.perf_counter() - t0, "documents": u.documents}))
         return
     if payload["mode"] == "merge":
@@ -250,16 +266,29 @@ def main(argv: list[str] | None = None) -> int:
                 "web_budget": int(facts["web_tokens"] * 0.8), "mode": "single" if p == 1 else "merge",
             }  # fmt: skip
             load = os.getloadavg()[0]
+            scatters = [
+                measure([*me, json.dumps({**payload, "mode": "scatter", "unit": s})])
+                for s in range(facts["shards"] if p > 1 else 0)
+            ]
             units = [
                 measure([*me, json.dumps({**payload, "mode": "unit", "unit": u})])
                 for u in range(p if p > 1 else 0)
             ]
             r = measure([*me, json.dumps(payload)])
-            r["units"] = units
+            r["units"], r["scatters"] = units, scatters
+            r["load_after"] = os.getloadavg()[0]
             unit_s = sum(u["seconds"] for u in units)
             unit_peak = max((u["peak"] for u in units), default=0)
+            if scatters:
+                print(
+                    f"  partitions {p}: scatter {sum(u['seconds'] for u in scatters):.1f} s in all "
+                    f"({max(u['seconds'] for u in scatters):.1f} s longest, largest peak "
+                    f"{max(u['peak'] for u in scatters) / MIB:,.0f} MiB)",
+                    flush=True,
+                )
             print(
-                f"  partitions {p}: units {unit_s:.1f} s in all (largest peak {unit_peak / MIB:,.0f} MiB), "
+                f"  partitions {p}: units {unit_s:.1f} s in all, {max((u['seconds'] for u in units), default=0):.1f} s "
+                f"longest (largest peak {unit_peak / MIB:,.0f} MiB), "
                 f"{'merge' if p > 1 else 'select'} {r['seconds']:.1f} s (peak {r['peak'] / MIB:,.0f} MiB), "
                 f"{r['rows']} rows, dropped {r['dropped']}, layout {r['layouts'][0][:12]}, "
                 f"filtered {r['filtered'][:12]}; load {load:.1f}",
@@ -269,18 +298,24 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out, ignore_errors=True)
     print(f"\nselect stage, {args.strategy}, exact dedup + source budget, diversity off:\n")
     print(
-        "| documents | partitions | units: wall s (sum) | units: peak RSS (largest) "
-        "| merge/select: wall s | merge/select: peak RSS | total wall s | load |"
+        "| documents | partitions | scatter: wall s (sum) | scatter: peak RSS (largest) "
+        "| units: wall s (sum) | units: peak RSS (largest) "
+        "| merge/select: wall s | merge/select: peak RSS | total wall s | load (start, end) |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def cells(us: list[dict[str, Any]]) -> tuple[str, str]:
+        if not us:
+            return "—", "—"
+        return f"{sum(u['seconds'] for u in us):.1f}", f"{max(u['peak'] for u in us) / MIB:,.0f} MiB"
+
     for n, p, r, load in rows:
-        us = r["units"]
-        unit_s = f"{sum(u['seconds'] for u in us):.1f}" if us else "—"
-        unit_peak = f"{max(u['peak'] for u in us) / MIB:,.0f} MiB" if us else "—"
-        total = sum(u["seconds"] for u in us) + r["seconds"]
+        sc_s, sc_peak = cells(r["scatters"])
+        unit_s, unit_peak = cells(r["units"])
+        total = sum(u["seconds"] for u in r["units"] + r["scatters"]) + r["seconds"]
         print(
-            f"| {n:,} | {p if p > 1 else '1 (today)'} | {unit_s} | {unit_peak} | {r['seconds']:.1f} "
-            f"| {r['peak'] / MIB:,.0f} MiB | {total:.1f} | {load:.1f} |"
+            f"| {n:,} | {p if p > 1 else '1 (single process)'} | {sc_s} | {sc_peak} | {unit_s} | {unit_peak} "
+            f"| {r['seconds']:.1f} | {r['peak'] / MIB:,.0f} MiB | {total:.1f} | {load:.1f}, {r['load_after']:.1f} |"
         )
     return 0
 

@@ -26,7 +26,13 @@ from pipeline.core.packing import BestFitPacker, GreedyPacker, pack_best_fit, pa
 from pipeline.core.parquet_io import ParquetSink
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.filters import stable_uniform
-from pipeline.corpus.partition import dedup_partition, hash_bytes, select_partitioned
+from pipeline.corpus.partition import (
+    ScatterResult,
+    dedup_partition,
+    hash_bytes,
+    scatter_shard,
+    select_partitioned,
+)
 from pipeline.stages.base import Stage
 from pipeline.stages.plan import STAGES, select
 from pipeline.stages.prepare import PrepareResult
@@ -153,8 +159,13 @@ def run(
     if P == 0:  # today's single-process path
         return select(cfg, work, prepared), work
     key = inputs_key(prepared)
-    units = [dedup_partition(cfg, work, prepared, p, key) for p in range(P)]
+    scattered = scatter(cfg, work, prepared)
+    units = [dedup_partition(cfg, work, prepared, p, key, scattered) for p in range(P)]
     return select_partitioned(cfg, work, prepared, units), work
+
+
+def scatter(cfg: BuildConfig, work: WorkDir, prepared: list[PrepareResult]) -> list[ScatterResult]:
+    return [scatter_shard(cfg, work, prepared, si) for si in range(len(prepared))]
 
 
 def digest(path: Path) -> str:
@@ -240,10 +251,11 @@ def test_partition_units_rerun_from_records(tmp_path: Path) -> None:
     _res, work = run(corpus, tmp_path / "o", case, web_tokens, prepared, 3)
     cfg = config(tmp_path / "o", case, web_tokens, 3)
     key = inputs_key(prepared)
-    first = dedup_partition(cfg, work, prepared, 1, key)
+    scattered = scatter(cfg, work, prepared)
+    first = dedup_partition(cfg, work, prepared, 1, key, scattered)
     folder = work.select_dir / "partitions-3"
     (folder / first.dups_file).write_bytes(b"garbage")
-    again = dedup_partition(cfg, work, prepared, 1, key)
+    again = dedup_partition(cfg, work, prepared, 1, key, scattered)
     assert digest(folder / again.dups_file) == first.sha256["dups"]
 
 
@@ -265,6 +277,11 @@ def test_stage_units_are_partitions(tmp_path: Path) -> None:
     shutil.copytree(corpus, work.prepare_dir)
     inputs = Inputs()
     inputs.record("prepare", "k", prepared, None, frozenset())
+    scatter_stage = next(s for s in STAGES if s.name == "scatter")
+    assert scatter_stage.enabled(cfg) and not scatter_stage.enabled(config(tmp_path, case, web_tokens, 1))
+    sc = scatter_stage.bind(RunContext(cfg), inputs)
+    assert sc.units() == list(range(len(prepared)))
+    inputs.record("scatter", "k", sc.merge([sc.run_unit(u) for u in sc.units()]), None, frozenset())
     sw = select_stage().bind(RunContext(cfg), inputs)
     assert sw.units() == [0, 1, 2, 3]
     merged = sw.merge([sw.run_unit(u) for u in sw.units()])
@@ -344,3 +361,127 @@ def test_partitioned_build_matches_the_pinned_bytes(tmp_path: Path) -> None:
     run_build(parse_config(data, base_dir=DATA), command=PINNED_COMMAND)
     assert sorted((tmp_path / "out" / ".longloom").glob("select-*/partitions-3/part-0000[0-2].json"))
     assert output_digests(tmp_path / "out") == EXPECTED
+
+
+def test_partition_units_open_no_documents_file(tmp_path: Path) -> None:
+    """Issue 14 item 2: every shard is read once, by its scatter unit; the partition units read only
+    their partition's scatter files. With the documents files gone after the scatter pass, every
+    partition unit still runs, and the merge (documents back) matches the single process byte for byte."""
+    case = CASES["best_fit, budget, one target"]
+    corpus = tmp_path / "corpus"
+    prepared, web_tokens = make_corpus(corpus, seed=4)
+    single, w0 = run(corpus, tmp_path / "single", case, web_tokens, prepared, 0)
+    cfg = config(tmp_path / "o", case, web_tokens, 3)
+    work = WorkDir(cfg)
+    work.prepare_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(corpus, work.prepare_dir)
+    scattered = scatter(cfg, work, prepared)
+    assert [sum(r.rows) for r in scattered] == [r.documents for r in prepared]
+    docs = work.prepare_dir / "documents"
+    docs.rename(tmp_path / "hidden")  # no partition unit can open a documents file now
+    key = inputs_key(prepared)
+    units = [dedup_partition(cfg, work, prepared, p, key, scattered) for p in range(3)]
+    assert sum(u.documents for u in units) == sum(r.documents for r in prepared)
+    (tmp_path / "hidden").rename(docs)
+    got = select_partitioned(cfg, work, prepared, units)
+    assert got.filtered_sha256 == single.filtered_sha256
+    assert [t.layout_sha256 for t in got.targets] == [t.layout_sha256 for t in single.targets]
+    assert digest(work.select_dir / got.filtered_file) == digest(w0.select_dir / single.filtered_file)
+
+
+def test_scatter_units_resume_from_verified_records(tmp_path: Path) -> None:
+    """A scatter unit with a verified record is reused (its files untouched); a changed file, or a
+    missing record (a unit killed before its record), makes it run again and rewrite its files."""
+    case = CASES["best_fit, budget, one target"]
+    corpus = tmp_path / "corpus"
+    prepared, web_tokens = make_corpus(corpus, seed=6)
+    cfg = config(tmp_path / "o", case, web_tokens, 4)
+    work = WorkDir(cfg)
+    work.prepare_dir.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(corpus, work.prepare_dir)
+    first = scatter_shard(cfg, work, prepared, 2)
+    folder = work.select_dir / "partitions-4" / "scatter"
+    files = [folder / f"p{p:05d}" / "s00002.parquet" for p in range(4)]
+    assert [digest(f) for f in files] == first.sha256
+    stamp = [f.stat().st_mtime_ns for f in files]
+    assert scatter_shard(cfg, work, prepared, 2) == first
+    assert [f.stat().st_mtime_ns for f in files] == stamp  # reused, not rewritten
+    files[1].write_bytes(b"garbage")
+    assert scatter_shard(cfg, work, prepared, 2).sha256 == first.sha256
+    assert digest(files[1]) == first.sha256[1]
+    (folder / "s00002.json").unlink()
+    files[3].unlink()
+    assert scatter_shard(cfg, work, prepared, 2).sha256 == first.sha256
+    # the partition files hold every row of the shard once, in canonical order, with its hash
+    t = pq.read_table(work.prepare_dir / prepared[2].files["documents"])
+    got = pa.concat_tables([pq.read_table(f) for f in files])
+    assert sorted(got.column("row").to_pylist()) == list(range(t.num_rows))
+    for f in files:
+        rows = pq.read_table(f).column("row").to_pylist()
+        assert rows == sorted(rows)
+    want = {r: bytes.fromhex(h) for r, h in enumerate(t.column("content_hash").to_pylist())}
+    assert all(
+        want[r] == h
+        for r, h in zip(got.column("row").to_pylist(), got.column("hash").to_pylist(), strict=True)
+    )
+
+
+def test_filtered_and_layout_row_groups_are_small_and_identical(tmp_path: Path) -> None:
+    """Issue 14 item 1: the merge's memory grew with the corpus while it held a 1,048,576-row group of
+    `filtered` rows; both select paths now write the `filtered` table and the layouts in row groups of
+    at most 65,536 rows, and stay byte-identical across a row-group boundary (70,000 duplicates)."""
+    n = 70_000
+    rng = np.random.default_rng(8)
+    (tmp_path / "corpus" / "documents").mkdir(parents=True)
+    base = [hashlib.sha256(rng.bytes(8)).hexdigest() for _ in range(n)]
+    prepared = []
+    for si, hashes in enumerate([base, base[::-1]]):  # shard 1: copies of shard 0, in another order
+        n_tokens = rng.integers(1, 60, n)
+        table = pa.table(
+            {
+                "source": pa.array(["web"] * n, pa.string()),
+                "uri": pa.array([f"web-{si}.jsonl"] * n, pa.string()),
+                "record": pa.array(np.arange(n, dtype=np.int64) + 1),
+                "doc_id": pa.array([f"web/{si}/{r}" for r in range(n)], pa.string()),
+                "content_hash": pa.array(hashes, pa.string()),
+                "n_chars": pa.array(n_tokens),
+                "n_bytes": pa.array(n_tokens),
+                "n_tokens": pa.array(n_tokens),
+                "token_start": pa.array(np.cumsum(n_tokens) - n_tokens),
+            },
+            schema=DOC_SCHEMA,
+        )
+        rel = f"documents/s{si}.parquet"
+        with ParquetSink(tmp_path / "corpus" / rel, DOC_SCHEMA) as sink:
+            sink.write(table)
+        prepared.append(
+            PrepareResult(
+                shard_id=f"s{si}",
+                source="web",
+                uri=f"s{si}",
+                revision=None,
+                input_bytes=0,
+                records_read=n,
+                quarantined={},
+                documents=n,
+                tokens_read=int(n_tokens.sum()),
+                filtered={},
+                filtered_tokens={},
+                kept=n,
+                kept_tokens=int(n_tokens.sum()),
+                files={"documents": rel},
+                sha256={"documents": sink.sha256 or ""},
+            )
+        )
+    case = {"strategy": "greedy", "targets": [{"length": 64}], "budget": None, "last_row": "pad"}
+    single, w0 = run(tmp_path / "corpus", tmp_path / "single", case, 0, prepared, 0)
+    got, w = run(tmp_path / "corpus", tmp_path / "p2", case, 0, prepared, 2)
+    for res, wd in ((single, w0), (got, w)):
+        for rel in [res.filtered_file] + [t.layout_file for t in res.targets]:
+            meta = pq.ParquetFile(wd.select_dir / rel).metadata
+            sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            assert sum(sizes) > 65_536 and max(sizes) == 65_536, (rel, sizes)
+    assert single.filtered["web"]["exact_duplicate"] == n
+    assert digest(w.select_dir / got.filtered_file) == digest(w0.select_dir / single.filtered_file)
+    for t in single.targets:
+        assert digest(w.select_dir / t.layout_file) == digest(w0.select_dir / t.layout_file)

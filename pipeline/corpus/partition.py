@@ -2,12 +2,17 @@
 
 `pipeline.stages.select.select_and_layout` loads every document of the corpus into one `DocIndex`
 (doc ids as Python strings, hashes as 64-byte hex), so its memory grows with the corpus. This module
-makes the same decisions with memory bounded by a partition or by a shard (`run.select_partitions`):
+makes the same decisions with memory bounded by a partition or by a shard (`run.select_partitions`),
+and reads every shard's hashes once in all (not once per partition):
 
+0. **Scatter units** (`scatter_shard`, one per prepared shard, independent; the `scatter` stage,
+   `pipeline/stages/scatter.py`). A unit reads its shard's `doc_id`, `content_hash` and `n_tokens`
+   columns once and writes one small file per partition: the rows whose hash falls in that
+   partition (bytes 8..16 of the sha256, modulo P, so every copy of a text lands in one partition),
+   in canonical row order, with the hash as 32 raw bytes. Its record (written last) holds each
+   file's sha256, so resume reuses verified files and a killed unit leaves no record.
 1. **Partition units** (`dedup_partition`, one per partition, independent: run them on any worker).
-   Documents are hash-partitioned by their content hash (bytes 8..16 of the sha256, modulo P), so
-   every copy of a text lands in one partition. A unit reads the `content_hash` column of every
-   shard's documents file, keeps its own rows (hashes as 32 raw bytes, not 64 hex characters), and
+   A unit reads only its partition's scatter files (one per shard, never a documents file), and
    decides exact duplicates by the single-process rule: the first copy in canonical order (shard,
    row) is kept. It writes its duplicates (sorted by shard, row, with the keeper's doc id) and, for
    sources with a token budget, its surviving documents' budget keys (source, u, shard, row,
@@ -35,6 +40,7 @@ after the exact duplicates and before the budgets. Not supported partitioned (a 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import time
@@ -59,9 +65,13 @@ from schemas.config import ConfigError
 from schemas.records import FILTERED_SCHEMA, LAYOUT_SCHEMA
 from schemas.stage_config import SelectConfig
 
-ROW_GROUP = 1 << 20  # pyarrow's default row group length: chunks of it keep files byte-identical
+# Rows per row group of the layout and `filtered` files, in both select paths (select.py writes its
+# tables in chunks of it too, so the files stay byte-identical). Not pyarrow's default of 1,048,576:
+# the merge holds one row group while writing it, and a million `filtered` rows with their lineage
+# strings were the part of its memory that grew with the corpus (bench/bench_select_scale.py).
+ROW_GROUP = 1 << 16
 BINS = 1 << 16  # histogram bins over u for the budget cut
-BATCH = 1 << 16  # rows per batch when streaming partition files
+BATCH = 1 << 13  # rows per row group and batch of partition files: the merge holds one per partition
 DEDUP_STEP, BUDGET_STEP = "exact_dedup@1", "source_budget@1"
 _NIBBLE = np.full(256, 255, np.uint8)
 _NIBBLE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
@@ -142,6 +152,137 @@ def part_dir(work: WorkDir, P: int) -> Path:
     return work.select_dir / f"partitions-{P}"
 
 
+SCATTER_SCHEMA = pa.schema(
+    [("hash", pa.binary(32)), ("row", pa.int64()), ("n_tokens", pa.int64()), ("doc_id", pa.string())]
+)
+
+
+def scatter_dir(work: WorkDir, P: int) -> Path:
+    return part_dir(work, P) / "scatter"
+
+
+def scatter_file(work: WorkDir, P: int, p: int, si: int) -> Path:
+    # a folder per partition: a partition unit lists one folder; no folder holds P x shards files
+    return scatter_dir(work, P) / f"p{p:05d}" / f"s{si:05d}.parquet"
+
+
+@dataclass
+class ScatterResult:
+    """What one scatter unit wrote: its shard's rows split by partition; persisted as its record."""
+
+    shard: int
+    shard_id: str
+    partitions: int
+    documents_sha256: str  # the documents file it was made from: the unit's key
+    documents: int
+    rows: list[int]  # rows per partition
+    sha256: list[str]  # per partition file
+    seconds: float = 0.0
+    peak_rss: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def scatter_shard(cfg: SelectConfig, work: WorkDir, prepared: list[PrepareResult], si: int) -> ScatterResult:
+    """One scatter unit: shard `si`'s (doc_id, hash, n_tokens) split into one file per partition."""
+    P = cfg.run.select_partitions
+    res = prepared[si]
+    rec = scatter_dir(work, P) / f"s{si:05d}.json"
+    key = res.sha256.get("documents", "")
+    prev = _load_scatter(work, rec, si, P, key)
+    if prev is not None:
+        return prev
+    started = time.perf_counter()
+    path = docs_path(work, res)
+    t = pq.read_table(path, columns=["doc_id", "content_hash", "n_tokens"])
+    raw = hash_bytes(t.column("content_hash"), str(path))
+    part = partition_of(raw, P)
+    order = np.argsort(part, kind="stable")  # by partition; canonical (row) order within one
+    bounds = np.searchsorted(part[order], np.arange(P + 1))
+    ntok = t.column("n_tokens").to_numpy().astype(np.int64)
+    doc_id = t.column("doc_id")
+    rows, shas = [], []
+    for p in range(P):
+        idx = order[bounds[p] : bounds[p + 1]]
+        h = raw[idx]
+        table = pa.table(
+            [
+                pa.FixedSizeBinaryArray.from_buffers(
+                    pa.binary(32), len(idx), [None, pa.py_buffer(h.tobytes())]
+                ),
+                pa.array(idx.astype(np.int64)),
+                pa.array(ntok[idx]),
+                doc_id.take(pa.array(idx)),
+            ],
+            schema=SCATTER_SCHEMA,
+        )
+        # not durable: the record's checksums are verified before a file is reused
+        with ParquetSink(scatter_file(work, P, p, si), SCATTER_SCHEMA, durable=False) as sink:
+            sink.write(table)
+        rows.append(len(idx))
+        shas.append(sink.sha256 or "")
+    out = ScatterResult(
+        shard=si,
+        shard_id=res.shard_id,
+        partitions=P,
+        documents_sha256=key,
+        documents=t.num_rows,
+        rows=rows,
+        sha256=shas,
+        seconds=round(time.perf_counter() - started, 3),
+        peak_rss=_peak_rss(),
+    )
+    crash_point("scatter")
+    write_json_atomic(rec, out.to_json())
+    trim_heap()
+    return out
+
+
+def _load_scatter(work: WorkDir, rec: Path, si: int, P: int, key: str) -> ScatterResult | None:
+    if not rec.exists():
+        return None
+    try:
+        r = ScatterResult(**json.loads(rec.read_text()))
+    except (ValueError, TypeError):
+        return None
+    if (r.shard, r.partitions, r.documents_sha256) != (si, P, key) or len(r.sha256) != P:
+        return None
+    for p, want in enumerate(r.sha256):
+        f = scatter_file(work, P, p, si)
+        if not f.exists() or sha256_file(f) != want:
+            return None
+    return r
+
+
+def read_scattered(work: WorkDir, P: int, p: int, scattered: list[ScatterResult]) -> pa.Table:
+    """Partition `p`'s rows of every shard, in canonical order, with a `shard` column; each file is
+    checked against its scatter record (a worker reads what the scatter unit wrote, or fails)."""
+    parts = []
+    for r in scattered:
+        f = scatter_file(work, P, p, r.shard)
+        data = f.read_bytes()
+        if hashlib.sha256(data).hexdigest() != r.sha256[p]:
+            raise RuntimeError(
+                f"{f}: does not match its scatter record (shard {r.shard_id}); delete "
+                f"{scatter_dir(work, P) / f's{r.shard:05d}.json'} and rerun the build"
+            )
+        t = pq.read_table(pa.BufferReader(data))
+        parts.append(t.append_column("shard", pa.array(np.full(t.num_rows, r.shard, np.int32))))
+    if not parts:
+        return SCATTER_SCHEMA.empty_table().append_column("shard", pa.array([], pa.int32()))
+    return pa.concat_tables(parts)
+
+
+def _raw_of(col: pa.ChunkedArray) -> np.ndarray:
+    """(n, 32) uint8 from a fixed_size_binary(32) column."""
+    arr = col.combine_chunks()
+    if len(arr) == 0:
+        return np.zeros((0, 32), np.uint8)
+    buf = np.frombuffer(arr.buffers()[1], np.uint8)
+    return buf[arr.offset * 32 : (arr.offset + len(arr)) * 32].reshape(len(arr), 32)
+
+
 @dataclass
 class PartitionResult:
     """What one partition unit decided; persisted as its record."""
@@ -172,9 +313,15 @@ def _budgeted(cfg: SelectConfig, sources: list[str]) -> dict[int, int]:
 
 
 def dedup_partition(
-    cfg: SelectConfig, work: WorkDir, prepared: list[PrepareResult], p: int, inputs_key: str
+    cfg: SelectConfig,
+    work: WorkDir,
+    prepared: list[PrepareResult],
+    p: int,
+    inputs_key: str,
+    scattered: list[ScatterResult],
 ) -> PartitionResult:
-    """One partition unit: exact duplicates among the documents whose hash falls in partition `p`."""
+    """One partition unit: exact duplicates among the documents whose hash falls in partition `p`,
+    read from the scatter units' files of that partition (no documents file is opened)."""
     P = cfg.run.select_partitions
     folder = part_dir(work, P)
     rec = folder / f"part-{p:05d}.json"
@@ -184,22 +331,19 @@ def dedup_partition(
     started = time.perf_counter()
     sources = [s.name for s in cfg.sources]
     budgeted = _budgeted(cfg, sources)
-    shard_p, row_p, raw_p, tok_p = [], [], [], []
-    for si, res in enumerate(prepared):
-        path = docs_path(work, res)
-        t = pq.read_table(path, columns=["content_hash", "n_tokens"])
-        raw = hash_bytes(t.column("content_hash"), str(path))
-        mine = np.flatnonzero(partition_of(raw, P) == p)
-        shard_p.append(np.full(len(mine), si, np.int32))
-        row_p.append(mine.astype(np.int64))
-        raw_p.append(raw[mine])
-        tok_p.append(t.column("n_tokens").to_numpy()[mine].astype(np.int64))
-        del t, raw
-    shard = np.concatenate(shard_p) if shard_p else np.zeros(0, np.int32)
-    row = np.concatenate(row_p) if row_p else np.zeros(0, np.int64)
-    raw = np.concatenate(raw_p) if raw_p else np.zeros((0, 32), np.uint8)
-    ntok = np.concatenate(tok_p) if tok_p else np.zeros(0, np.int64)
-    del shard_p, row_p, raw_p, tok_p
+    scattered = sorted(scattered, key=lambda r: r.shard)
+    if [r.shard for r in scattered] != list(range(len(prepared))) or any(
+        r.partitions != P for r in scattered
+    ):
+        raise RuntimeError(
+            f"select partition {p}: expected the scatter results of shards 0..{len(prepared) - 1}"
+        )
+    mine = read_scattered(work, P, p, scattered)
+    shard = mine.column("shard").to_numpy().astype(np.int32)
+    row = mine.column("row").to_numpy().astype(np.int64)
+    raw = _raw_of(mine.column("hash"))
+    ntok = mine.column("n_tokens").to_numpy().astype(np.int64)
+    doc_ids = mine.column("doc_id")
     n = len(shard)
     alive = np.ones(n, bool)
     dup_pos = np.zeros(0, np.int64)
@@ -224,7 +368,7 @@ def dedup_partition(
         "budget": f"budget-{p:05d}.parquet",
         "hist": f"hist-{p:05d}.npy",
     }
-    keeper_ids = _doc_ids(work, prepared, shard[keeper_pos], row[keeper_pos])
+    keeper_ids = doc_ids.take(pa.array(keeper_pos)).combine_chunks()
     _write(
         folder / files["dups"],
         pa.table(
@@ -310,19 +454,6 @@ def _load_unit(folder: Path, rec: Path, key: str) -> PartitionResult | None:
         if not f.exists() or sha256_file(f) != r.sha256.get(kind):
             return None
     return r
-
-
-def _doc_ids(work: WorkDir, prepared: list[PrepareResult], shard: np.ndarray, row: np.ndarray) -> pa.Array:
-    """doc_id of each (shard, row), read shard by shard."""
-    out: list[str | None] = [None] * len(shard)
-    for s in np.unique(shard):
-        where = np.flatnonzero(shard == s)
-        t = pq.read_table(docs_path(work, prepared[int(s)]), columns=["doc_id"])
-        for j, d in zip(
-            where.tolist(), t.column("doc_id").take(pa.array(row[where])).to_pylist(), strict=True
-        ):
-            out[j] = d
-    return pa.array(out, pa.string())
 
 
 # ---- budget cut ------------------------------------------------------------------------------------
@@ -652,6 +783,7 @@ def select_partitioned(
                 [f"same sha256 as {k}" for k in keeper.to_pylist()],
                 duplicate_of=keeper,
             )
+            trim_heap()
         dw.end()
     _write_extra_drops(dw, extra, len(prepared), steps)  # hook: SemDeDup/D4 drops, before the budgets
 
@@ -689,11 +821,14 @@ def select_partitioned(
                 picked = picked.append_column("row", pa.array(over))
                 buckets.add(np.minimum((u[over] * K).astype(np.int64), K - 1), picked)
             del t
+            trim_heap()
         for part in buckets.drain():
             part = part.take(
                 pc.sort_indices(part, [("u", "ascending"), ("shard", "ascending"), ("row", "ascending")])
             )
             dw.add_lineage(part.column("shard").to_numpy(), part, BUDGET_STEP, detail)
+            del part
+            trim_heap()  # each shard and bucket is large and short-lived: give its pages back
     if dw._count.any():
         steps.append(BUDGET_STEP)
     dw.end()
@@ -764,6 +899,7 @@ def select_partitioned(
                 unrouted.append(g[choice < 0])
         for ti, pk in enumerate(packers):
             spill(ti, pk.seg.take(pk.done_rows() - 1))
+        trim_heap()
 
     if unrouted:
         dw.start("target_budgets_full")

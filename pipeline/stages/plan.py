@@ -29,6 +29,7 @@ from pipeline.stages.prepare import PrepareStage
 from pipeline.stages.procedural import ProceduralStage
 from pipeline.stages.publish import PublishStage
 from pipeline.stages.rewriter import RewriterStage
+from pipeline.stages.scatter import ScatterStage
 from pipeline.stages.select import RoutePriority, SelectStage, SimilarityOrder, select_and_layout
 from pipeline.stages.semantic_assign import SemanticAssignStage
 from pipeline.stages.semantic_exact import SemanticExactStage
@@ -111,6 +112,7 @@ STAGES: list[Stage] = [
     PrepareStage(),
     EmbedStage(),
     LongDepStage(),
+    ScatterStage(),  # only when run.select_partitions > 1: the partition units' input files
     # partitioned SemDeDup/D4: only with run.select_partitions > 1 and SemDeDup or D4 on
     SemanticExactStage(),
     SemanticAssignStage(),

@@ -25,7 +25,13 @@ from pipeline.core.results import PrepareResult, SelectResult, TargetPlan, input
 from pipeline.core.results import load_verified_selection as _load_verified
 from pipeline.core.workdir import WorkDir
 from pipeline.corpus.index import DocIndex, Drop, Selector, config_name, load_doc_index
-from pipeline.corpus.partition import PartitionResult, check_partitioned, dedup_partition, select_partitioned
+from pipeline.corpus.partition import (
+    ROW_GROUP,
+    PartitionResult,
+    check_partitioned,
+    dedup_partition,
+    select_partitioned,
+)
 from pipeline.output.report import select_counts
 from pipeline.stages.base import Inputs, RunContext, Stage, StageWork
 from schemas.config import ConfigError
@@ -275,7 +281,7 @@ def _write_layout(
     name = config_name(L)
     rel = f"layout-{name}.parquet"
     with ParquetSink(work.select_dir / rel, LAYOUT_SCHEMA) as sink:
-        sink.write(table)
+        _write_chunked(sink, table)
     split = lay.split_items()
     rps = max(1, cfg.output.shard_tokens // L)
     return TargetPlan(
@@ -303,6 +309,12 @@ def _write_layout(
     )
 
 
+def _write_chunked(sink: ParquetSink, table: pa.Table) -> None:
+    """One row group per ROW_GROUP rows, as the partitioned merge writes (byte-identical files)."""
+    for a in range(0, table.num_rows, ROW_GROUP):
+        sink.write(table.slice(a, ROW_GROUP))
+
+
 def _write_drops(
     work: WorkDir, idx: DocIndex, drops: list[Drop], prepared: list[PrepareResult]
 ) -> tuple[str, str, dict[str, dict[str, int]], dict[str, dict[str, int]]]:
@@ -322,7 +334,7 @@ def _write_drops(
                 by_tokens[name][d.reason] = by_tokens[name].get(d.reason, 0) + int(
                     idx.n_tokens[d.index[mask]].sum()
                 )
-            sink.write(_drop_table(work, idx, d, prepared))
+            _write_chunked(sink, _drop_table(work, idx, d, prepared))
     return rel, sha256_file(work.select_dir / rel), by_reason, by_tokens
 
 
@@ -375,8 +387,9 @@ class SelectStage(Stage):
     name = "select"
     # tokenizer: embeddings missing or stale since the embed stage are made again here
     sections = ("sources", "tokenizer", "filters", "diversity", "long_dependency", "packing", "output")
-    # semantic_prune: SemDeDup/D4 drops of a partitioned run (pipeline.stages.semantic)
-    inputs = ("prepare", "embed", "long_dependency", "semantic_prune")
+    # scatter: the partition files its partition units read (the scatter stage runs only when P > 1);
+    # semantic_prune: SemDeDup/D4 drops of a partitioned run (pipeline.stages.semantic_prune)
+    inputs = ("prepare", "scatter", "embed", "long_dependency", "semantic_prune")
     unit_noun = "step"
     config_type = SelectConfig
     task_name = "select-and-layout"
@@ -396,7 +409,9 @@ class SelectStage(Stage):
 
 class _Select(StageWork[int | None, Any]):
     """One unit over the whole corpus, or (`run.select_partitions` > 1) one unit per hash partition of
-    the content hashes (`pipeline.corpus.partition`) and a streaming merge that lays out the rows."""
+    the content hashes, reading that partition's files from the scatter stage
+    (`pipeline.stages.scatter`, `pipeline.corpus.partition`), and a streaming merge that lays out
+    the rows."""
 
     def units(self) -> list[int | None]:
         P = self.cfg.run.select_partitions
@@ -409,7 +424,8 @@ class _Select(StageWork[int | None, Any]):
         stage, cfg, prepared = self.stage, self.cfg, self.inputs["prepare"]
         assert isinstance(stage, SelectStage)
         if unit is not None:
-            return dedup_partition(cfg, self.ctx.work, prepared, unit, inputs_key(prepared))
+            scattered = self.inputs["scatter"]
+            return dedup_partition(cfg, self.ctx.work, prepared, unit, inputs_key(prepared), scattered)
         self._forget_other_mode()
         return select_and_layout(
             cfg,

@@ -36,7 +36,7 @@ class SemanticExactStage(PartitionedSemantic):
     """Exact dedup by hash partition, before SemDeDup (which works on what it kept)."""
 
     name = "semantic_exact"
-    inputs = ("prepare",)
+    inputs = ("prepare", "scatter")
     unit_noun = "partitions"
     task_name = "semantic-exact-partition"
 
@@ -56,7 +56,8 @@ class _Exact(StageWork[int, PartitionResult]):
 
     def run_unit(self, unit: int, progress: UnitProgress | None = None) -> PartitionResult:
         prepared: list[PrepareResult] = self.inputs["prepare"]
-        return dedup_partition(self.cfg, self.ctx.work, prepared, unit, inputs_key(prepared))
+        scattered = self.inputs["scatter"]  # the partition files the scatter stage wrote
+        return dedup_partition(self.cfg, self.ctx.work, prepared, unit, inputs_key(prepared), scattered)
 
     def label(self, unit: int) -> str:
         return f"semantic exact {unit}/{self.cfg.run.select_partitions}"
