@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -172,16 +173,25 @@ def child(payload: dict[str, Any]) -> None:
         work.prepare_dir.symlink_to(corpus.resolve(), target_is_directory=True)
     prepared = [PrepareResult.from_json(r) for r in json.loads((corpus / "prepared.json").read_text())]
     t0 = time.perf_counter()
+    began = time.time()  # wall clock, comparable across the units run at one time
     if payload["mode"] == "scatter":
         s = scatter_shard(cfg, work, prepared, payload["unit"])
-        print(json.dumps({"seconds": time.perf_counter() - t0, "documents": s.documents}))
+        print(
+            json.dumps(
+                {"seconds": time.perf_counter() - t0, "documents": s.documents, "span": [began, time.time()]}
+            )
+        )
         return
     if payload["mode"] == "unit":
         P = cfg.run.select_partitions
         recs = sorted(scatter_dir(work, P).glob("s*.json"))
         scattered = [ScatterResult(**json.loads(f.read_text())) for f in recs]
         u = dedup_partition(cfg, work, prepared, payload["unit"], inputs_key(prepared), scattered)
-        print(json.dumps({"seconds": time.perf_counter() - t0, "documents": u.documents}))
+        print(
+            json.dumps(
+                {"seconds": time.perf_counter() - t0, "documents": u.documents, "span": [began, time.time()]}
+            )
+        )
         return
     if payload["mode"] == "merge":
         folder = part_dir(work, cfg.run.select_partitions)
@@ -204,6 +214,7 @@ def child(payload: dict[str, Any]) -> None:
 
 
 def measure(cmd: list[str]) -> dict[str, Any]:
+    started = time.perf_counter()
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)}
     )
@@ -229,7 +240,24 @@ def measure(cmd: list[str]) -> dict[str, Any]:
         raise RuntimeError(f"{' '.join(cmd)} failed with exit code {code}")
     r = dict(json.loads(out.strip().splitlines()[-1]))
     r["peak"] = peak
+    r["wall"] = time.perf_counter() - started  # seen from outside: the child's start-up included
     return r
+
+
+def span(results: list[dict[str, Any]]) -> float:
+    """Seconds from the first unit's start to the last unit's end (0 for none)."""
+    if not results:
+        return 0.0
+    return max(r["span"][1] for r in results) - min(r["span"][0] for r in results)
+
+
+def measure_all(cmds: list[list[str]], workers: int) -> tuple[list[dict[str, Any]], float]:
+    """Run the units' commands `workers` at a time (as that many Dask workers would); their results in
+    order, and the phase's wall time from the first start to the last end."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(measure, cmds))
+    return results, time.perf_counter() - started
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-partition", type=int, default=1_000_000, help="documents per partition for 0")
     ap.add_argument("--strategy", default="best_fit", choices=["best_fit", "greedy"])
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "longloom-bench-select")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="units run this many at a time (as on that many workers); peak RSS stays per unit",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -266,16 +300,23 @@ def main(argv: list[str] | None = None) -> int:
                 "web_budget": int(facts["web_tokens"] * 0.8), "mode": "single" if p == 1 else "merge",
             }  # fmt: skip
             load = os.getloadavg()[0]
-            scatters = [
-                measure([*me, json.dumps({**payload, "mode": "scatter", "unit": s})])
-                for s in range(facts["shards"] if p > 1 else 0)
-            ]
-            units = [
-                measure([*me, json.dumps({**payload, "mode": "unit", "unit": u})])
-                for u in range(p if p > 1 else 0)
-            ]
+            scatters, scatter_wall = measure_all(
+                [
+                    [*me, json.dumps({**payload, "mode": "scatter", "unit": s})]
+                    for s in range(facts["shards"] if p > 1 else 0)
+                ],
+                args.workers,
+            )
+            units, units_wall = measure_all(
+                [[*me, json.dumps({**payload, "mode": "unit", "unit": u})] for u in range(p if p > 1 else 0)],
+                args.workers,
+            )
             r = measure([*me, json.dumps(payload)])
             r["units"], r["scatters"] = units, scatters
+            r["elapsed"] = scatter_wall + units_wall + r["wall"]
+            # the same without the children's start-ups (long-lived workers have none): from the first
+            # unit's start to the last one's end in each phase, then the merge
+            r["work_elapsed"] = span(scatters) + span(units) + r["seconds"]
             r["load_after"] = os.getloadavg()[0]
             unit_s = sum(u["seconds"] for u in units)
             unit_peak = max((u["peak"] for u in units), default=0)
@@ -300,9 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "| documents | partitions | scatter: wall s (sum) | scatter: peak RSS (largest) "
         "| units: wall s (sum) | units: peak RSS (largest) "
-        "| merge/select: wall s | merge/select: peak RSS | total wall s | load (start, end) |"
+        "| merge/select: wall s | merge/select: peak RSS | total wall s "
+        f"| elapsed s, {args.workers} at a time (without / with process start-ups) | load (start, end) |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
     def cells(us: list[dict[str, Any]]) -> tuple[str, str]:
         if not us:
@@ -315,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         total = sum(u["seconds"] for u in r["units"] + r["scatters"]) + r["seconds"]
         print(
             f"| {n:,} | {p if p > 1 else '1 (single process)'} | {sc_s} | {sc_peak} | {unit_s} | {unit_peak} "
-            f"| {r['seconds']:.1f} | {r['peak'] / MIB:,.0f} MiB | {total:.1f} | {load:.1f}, {r['load_after']:.1f} |"
+            f"| {r['seconds']:.1f} | {r['peak'] / MIB:,.0f} MiB | {total:.1f} "
+            f"| {r['work_elapsed']:.1f} / {r['elapsed']:.1f} "
+            f"| {load:.1f}, {r['load_after']:.1f} |"
         )
     return 0
 
