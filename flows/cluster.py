@@ -32,6 +32,7 @@ from importlib import metadata
 from typing import Any
 
 from pipeline.core import storage
+from pipeline.core.helpers import die_with_parent
 from schemas.redact import redact_url
 
 # What must match between the client and the workers: tasks are pickled by reference to Longloom's
@@ -218,6 +219,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Each child in a session of its own, so that Ctrl-C at the terminal reaches only `cluster local`, which
+# stops the workers and then the scheduler (the whole group's SIGINT raced: a worker could exit before
+# the parent saw the interrupt and looked like a crash); and each gets SIGTERM if `cluster local` dies,
+# even by SIGKILL (Linux), so no orphan stays behind.
+_OWN_SESSION: dict[str, Any] = {"start_new_session": True, "preexec_fn": die_with_parent}
+
+
 @contextlib.contextmanager
 def local_cluster(
     workers: int, port: int | None = None, host: str = "127.0.0.1", nthreads: int = 1
@@ -239,7 +247,8 @@ def local_cluster(
                     "--port",
                     str(port),
                     "--no-dashboard",
-                ]
+                ],
+                **_OWN_SESSION,
             )
         )
         for i in range(workers):
@@ -254,7 +263,8 @@ def local_cluster(
                         "--no-dashboard",
                         "--name",
                         f"local-{i}",
-                    ]
+                    ],
+                    **_OWN_SESSION,
                 )
             )
         yield address, procs

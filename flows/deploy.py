@@ -25,6 +25,7 @@ from prefect import flow
 
 from flows.build import run
 from pipeline.build import longloom_commit, rebuild_command
+from pipeline.core.helpers import die_with_parent
 from schemas.config import load_config, with_overrides
 
 FLOW_NAME = "longloom-build-file"
@@ -101,16 +102,6 @@ def server_env(host: str, port: int, base: dict[str, str] | None = None) -> dict
     return env
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when `longloom server` dies, even by SIGKILL (Linux)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -121,7 +112,7 @@ def supervise(cmd: list[str], env: dict[str, str], grace: float = 20.0) -> int:
     exited `grace` seconds after a signal, the group is killed. Never returns while the child runs:
     a stopped `longloom server` leaves no server holding the port.
     """
-    child = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    child = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
     deadline: list[float] = []
 
     def forward(signum: int, _frame: Any) -> None:

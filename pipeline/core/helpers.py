@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -96,3 +98,14 @@ def forget_helpers(record: Path | None) -> None:
     """The run ended normally and stops its own helpers: drop its record."""
     if record is not None:
         record.unlink(missing_ok=True)
+
+
+def die_with_parent() -> None:
+    """In a child before exec: get SIGTERM when the process that started it dies, even by SIGKILL
+    (Linux; elsewhere nothing), so a helper is never left behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
