@@ -270,7 +270,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     dest = Path(args.to) if args.to else out / "exports" / args.format
     try:
-        res = export(out, dest, args.format, configs=args.config, with_boundaries=args.with_boundaries)
+        res = export(
+            out,
+            dest,
+            args.format,
+            configs=args.config,
+            with_boundaries=args.with_boundaries,
+            mds_python=args.mds_python,
+        )
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -345,11 +352,17 @@ def parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser(
         "export",
-        help="write OUTPUT_DIR's configs in a trainer's format (megatron: .bin/.idx via megatron-core), "
-        "with a Parquet sidecar of each row's lineage keyed by sequence index",
+        help="write OUTPUT_DIR's configs in a trainer's format (megatron: .bin/.idx via megatron-core; mds: "
+        "MosaicML shards via mosaicml-streaming), with a Parquet sidecar of each row's lineage keyed by "
+        "sequence index",
     )
     ex.add_argument("output_dir", help="a finished build's output folder")
-    ex.add_argument("--format", required=True, choices=["megatron"])
+    ex.add_argument("--format", required=True, choices=["megatron", "mds"])
+    ex.add_argument(
+        "--mds-python",
+        help="for --format mds: the Python of an environment with mosaicml-streaming (e.g. llm-foundry's), "
+        "which writes the shards (default: $LONGLOOM_MDS_PYTHON, else this one)",
+    )
     ex.add_argument("--to", help="destination folder (default: OUTPUT_DIR/exports/FORMAT); replaced whole")
     ex.add_argument(
         "--config",

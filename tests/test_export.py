@@ -1,5 +1,7 @@
 """`longloom export`: Megatron `.bin/.idx` written by megatron-core's builder, read back by its
-`IndexedDataset`, with the lineage sidecar, document boundaries, and an all-or-nothing destination."""
+`IndexedDataset`, with the lineage sidecar, document boundaries, and an all-or-nothing destination;
+MosaicML MDS shards written by mosaicml-streaming's `MDSWriter` in another Python (it cannot be
+installed beside Longloom) and read back there by its `StreamingDataset`."""
 
 from __future__ import annotations
 
@@ -205,3 +207,53 @@ def test_cli_error_is_one_line(built: tuple[Manifest, Path], tmp_path: Path) -> 
         f"error: --config nope: not a config with token ids in {out.resolve()}; "
         "choose from pretrain_16384, pretrain_65536, procedural"
     ]
+
+
+# The Python of an environment with mosaicml-streaming (e.g. an llm-foundry one): the MDS round trip
+# runs there. Without it only the refusal is tested.
+MDS_PYTHON = os.environ.get("LONGLOOM_MDS_PYTHON")
+# Read back with streaming's own reader, in its environment: every sample's tokens, in order.
+MDS_READER = """
+import json, sys
+from streaming import StreamingDataset
+from streaming.base.util import clean_stale_shared_memory
+clean_stale_shared_memory()
+ds = StreamingDataset(local=sys.argv[1], shuffle=False, batch_size=1)
+with open(sys.argv[2], "w") as f:
+    for i in range(ds.num_samples):
+        f.write(json.dumps(ds.get_item(i)["tokens"].tolist()) + "\\n")
+"""
+
+
+def test_mds_export_without_streaming_says_where_to_get_it(
+    built: tuple[Manifest, Path], tmp_path: Path
+) -> None:
+    _, out = built
+    dest = tmp_path / "mds"
+    with pytest.raises(ExportError) as err:  # this environment has no mosaicml-streaming
+        export(out, dest, "mds", configs=["pretrain_16384"], mds_python=sys.executable)
+    message = str(err.value)
+    assert "mosaicml-streaming" in message and "--mds-python" in message and "\n" not in message
+    assert not dest.exists() and not list(tmp_path.glob(".mds.*"))  # nothing half-written left
+
+
+@pytest.mark.skipif(not MDS_PYTHON, reason="LONGLOOM_MDS_PYTHON: a Python with mosaicml-streaming")
+def test_mds_round_trip_read_back_by_streaming(built: tuple[Manifest, Path], tmp_path: Path) -> None:
+    manifest, out = built
+    assert MDS_PYTHON is not None
+    dest = tmp_path / "mds"
+    res = export(out, dest, "mds", mds_python=MDS_PYTHON)
+    files = config_files(manifest)
+    assert {c.name for c in res.configs} == {"pretrain_16384", "pretrain_65536", "procedural"}
+    meta = json.loads((dest / MARKER).read_text())
+    for c in res.configs:
+        rows = parquet_rows(out, files[c.name])
+        dumped = tmp_path / f"{c.name}.jsonl"
+        subprocess.run([MDS_PYTHON, "-c", MDS_READER, str(dest / c.name / "mds"), str(dumped)], check=True)
+        got = [json.loads(line) for line in dumped.read_text().splitlines()]
+        assert got == [row["input_ids"] for row in rows], c.name
+        side = pq.read_table(dest / c.name / "lineage.parquet").to_pylist()
+        assert [s["index"] for s in side] == list(range(len(rows)))
+        assert [(s["source_file"], s["source_row"]) for s in side] == [(r["_file"], r["_row"]) for r in rows]
+        described = next(d for d in meta["configs"] if d["name"] == c.name)
+        assert described["mds_folder"] == f"{c.name}/mds" and described["rows"] == len(rows)

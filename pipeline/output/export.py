@@ -11,8 +11,10 @@ size of the output. The export is written into a hidden folder beside the destin
 into place at the end, with `export.json` written last: a killed export never looks complete, and a
 re-run replaces the previous export whole.
 
-MosaicML's MDS format is not offered: `mosaicml-streaming` cannot be installed beside this
-project's pinned environment (README, "Exports").
+`--format mds` writes MosaicML MDS shards with `mosaicml-streaming`'s own `MDSWriter`, which cannot be
+installed beside this project's environment (its pins and its torchvision import): the writer runs in
+the training environment's Python (`pipeline/output/mds_writer.py`, run by path) and the rows are
+streamed to it; the sidecar is written here, as for Megatron.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ import glob
 import json
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -39,7 +42,9 @@ from schemas.manifest import Manifest
 from schemas.records import BOUNDARY_FIELDS
 
 EXPORT_FORMAT = "longloom-export@1"
-FORMATS = ("megatron",)
+FORMATS = ("megatron", "mds")
+MDS_FOLDER = "mds"  # inside a config's folder: MDSWriter's shards and index.json
+MDS_PYTHON_ENV = "LONGLOOM_MDS_PYTHON"  # the interpreter that has mosaicml-streaming
 MARKER = "export.json"  # written last: its presence means the export is complete
 SIDECAR = "lineage.parquet"
 PREFIX = "tokens"  # Megatron path prefix inside a config's folder: tokens.bin + tokens.idx
@@ -64,6 +69,7 @@ class ConfigExport:
             "rows": self.rows,
             "tokens": self.tokens,
             "megatron_prefix": f"{self.name}/{PREFIX}" if fmt == "megatron" else None,
+            "mds_folder": f"{self.name}/{MDS_FOLDER}" if fmt == "mds" else None,
             "dtype": dtype,
             "sidecar": f"{self.name}/{SIDECAR}",
             "sidecar_key": "index",
@@ -210,6 +216,75 @@ class _MegatronWriter:
         self._builder.finalize(get_idx_path(str(self.prefix)))
 
 
+class _MdsWriter:
+    """One config's MDS shards, written by `mds_writer.py` in the Python that has mosaicml-streaming
+    (a child process fed the rows on its standard input)."""
+
+    dtype = "int32"
+
+    def __init__(self, folder: Path, python: str) -> None:
+        import struct
+        import subprocess
+
+        self._header = struct.Struct("<Q")
+        self.folder = folder
+        script = Path(__file__).with_name("mds_writer.py")
+        try:
+            self._proc = subprocess.Popen(
+                [python, str(script), str(folder), "zstd"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        except OSError as err:
+            raise ExportError(f"--mds-python {python}: cannot run it ({err})") from None
+        self.python = python
+        self.rows = self.tokens = 0
+
+    def add_rows(self, values: np.ndarray, offsets: np.ndarray) -> None:
+        assert self._proc.stdin is not None
+        parts: list[bytes] = []
+        for r in range(len(offsets) - 1):
+            ids = values[offsets[r] : offsets[r + 1]].astype("<i4", copy=False)
+            parts += [self._header.pack(len(ids)), ids.tobytes()]
+        try:
+            self._proc.stdin.write(b"".join(parts))
+        except BrokenPipeError:
+            self._fail()
+        self.rows += len(offsets) - 1
+        self.tokens += int(offsets[-1] - offsets[0])
+
+    def close(self) -> None:
+        assert self._proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            self._proc.stdin.close()
+        out = self._proc.stdout.read().decode() if self._proc.stdout else ""
+        if self._proc.wait() != 0:
+            self._fail()
+        got = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+        if got != {"rows": self.rows, "tokens": self.tokens}:
+            raise ExportError(f"{self.folder}: the MDS writer reports {got}, {self.rows} rows were sent")
+
+    def abort(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    def _fail(self) -> NoReturn:
+        if self._proc.poll() is None:
+            self._proc.kill()
+        code = self._proc.wait()
+        err = self._proc.stderr.read().decode(errors="replace").strip() if self._proc.stderr else ""
+        last = err.splitlines()[-1] if err else f"exit code {code}"
+        if code == 3:  # mds_writer.MISSING_STREAMING
+            raise ExportError(
+                f"--format mds: {self.python} {last}. mosaicml-streaming cannot be installed beside "
+                f"Longloom (it pins numpy<2.2 and transformers<5); point --mds-python (or {MDS_PYTHON_ENV}) "
+                "at the Python of an environment that has it, e.g. your llm-foundry environment"
+            )
+        raise ExportError(f"--format mds: the MDS writer ({self.python}) failed: {last}")
+
+
 def _export_config(
     out: Path,
     name: str,
@@ -217,11 +292,17 @@ def _export_config(
     work: Path,
     n_vocab: int,
     with_boundaries: bool,
+    fmt: str = "megatron",
+    mds_python: str | None = None,
 ) -> tuple[ConfigExport, str]:
     folder = work / name
     folder.mkdir(parents=True)
     result = ConfigExport(name=name)
-    writer = _MegatronWriter(folder / PREFIX, n_vocab)
+    writer: _MegatronWriter | _MdsWriter
+    if fmt == "mds":
+        writer = _MdsWriter(folder / MDS_FOLDER, mds_python or sys.executable)
+    else:
+        writer = _MegatronWriter(folder / PREFIX, n_vocab)
     sidecar: ParquetSink | None = None
     try:
         for rel, sha, n_rows in shards:
@@ -289,6 +370,8 @@ def _export_config(
     except BaseException:
         if sidecar is not None:
             sidecar.abort()
+        if isinstance(writer, _MdsWriter):
+            writer.abort()
         raise
     return result, np.dtype(writer.dtype).name
 
@@ -327,8 +410,12 @@ def export(
     fmt: str,
     configs: list[str] | None = None,
     with_boundaries: bool = False,
+    mds_python: str | None = None,
 ) -> ExportResult:
-    """Export the configs (all with token ids if None) of the output folder `out` into `dest`."""
+    """Export the configs (all with token ids if None) of the output folder `out` into `dest`.
+
+    `mds_python`: for `fmt="mds"`, the interpreter that has mosaicml-streaming (default:
+    $LONGLOOM_MDS_PYTHON, else this one)."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt}: not supported; choose one of {', '.join(FORMATS)}")
     out, dest = out.resolve(), dest.resolve()
@@ -357,7 +444,14 @@ def export(
     try:
         for name in names:
             res, dtype = _export_config(
-                out, name, available[name], work, manifest.tokenizer.n_vocab, with_boundaries
+                out,
+                name,
+                available[name],
+                work,
+                manifest.tokenizer.n_vocab,
+                with_boundaries,
+                fmt,
+                mds_python or os.environ.get(MDS_PYTHON_ENV),
             )
             done.append(res)
             described.append(res.as_dict(fmt, dtype, with_boundaries))
