@@ -91,6 +91,12 @@ def test_cluster_check_names_the_worker_without_credentials(tmp_path: Path, api:
                 said.append(line)
             pids = [int(p) for p in re.findall(r"pid (\d+)", "".join(said))]
             assert len(pids) == 2 and address in said[-1]  # the scheduler and one worker
+            # keep reading what the cluster prints (its processes' logs share the pipe): a full pipe
+            # would block them, and the parent's own "stopping" line, at Ctrl-C
+            drain = threading.Thread(
+                target=lambda: [said.append(ln) for ln in local.stdout or []], daemon=True
+            )
+            drain.start()
             extra = subprocess.Popen(
                 [
                     sys.executable,
