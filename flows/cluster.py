@@ -282,7 +282,7 @@ def local_cluster(
 
 
 def _interrupt(signum: int, frame: Any) -> None:
-    """A terminated `local` (SIGTERM) stops its processes as Ctrl-C does."""
+    """Ctrl-C or SIGTERM: `local` stops its processes."""
     raise KeyboardInterrupt
 
 
@@ -300,6 +300,9 @@ def run_local(workers: int, port: int | None = None) -> int:
         print(
             f"ready: longloom build CONFIG --dask-address {address}   (Ctrl-C stops the cluster)", flush=True
         )
+        # Ctrl-C stops the cluster: set here, after the dask client, whose event loop may have replaced
+        # the SIGINT handler (the loop below would then never see the interrupt)
+        signal.signal(signal.SIGINT, _interrupt)
         try:
             while all(p.poll() is None for p in procs):
                 time.sleep(0.5)
