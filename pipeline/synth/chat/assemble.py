@@ -355,24 +355,19 @@ def _assemble_context(
     "of 24"); then the context starts one line later, which moves the cut elsewhere.
     """
     line_b = hay.line_bounds
+
+    def attempt_from(start: int, mid_line: bool = False) -> _Context | None:
+        return _try_context(
+            hay, list(texts), list(piece_ids), pieces, term_ids, terminator, budget, start,
+            inline_window, tail, mid_line,
+        )  # fmt: skip
+
     if start_mid_line:
         ib = hay.inline_bounds
         j = int(np.searchsorted(ib, start_token))
         if j >= len(ib) or int(ib[j]) != start_token:
             raise ValueError(f"haystack token {start_token} is not an inline boundary")
-        ctx = _try_context(
-            hay,
-            list(texts),
-            list(piece_ids),
-            pieces,
-            term_ids,
-            terminator,
-            budget,
-            start_token,
-            inline_window,
-            tail,
-            True,
-        )
+        ctx = attempt_from(start_token, mid_line=True)
         if ctx is None:
             raise AssemblyError(
                 f"could not size the context to {budget} tokens from haystack token {start_token}"
@@ -384,18 +379,7 @@ def _assemble_context(
     for attempt in range(start_attempts):
         if i + attempt >= len(line_b):
             break
-        ctx = _try_context(
-            hay,
-            list(texts),
-            list(piece_ids),
-            pieces,
-            term_ids,
-            terminator,
-            budget,
-            int(line_b[i + attempt]),
-            inline_window,
-            tail,
-        )
+        ctx = attempt_from(int(line_b[i + attempt]))
         if ctx is not None:
             return ctx
     raise AssemblyError(f"could not size the context to {budget} tokens from haystack token {start_token}")
