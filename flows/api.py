@@ -203,7 +203,7 @@ def kept_server(home: Path | None = None) -> Server | None:
 
 
 @contextlib.contextmanager
-def _home_lock(home: Path) -> Iterator[None]:
+def home_lock(home: Path) -> Iterator[None]:
     """Two builds starting at once find or start one server between them."""
     import fcntl
 
@@ -220,7 +220,7 @@ def find_or_start_kept(home: Path | None = None) -> Server:
     """The recorded kept server, or a new one started detached (own session: Ctrl-C of a build does
     not reach it) and recorded under the Prefect home. A stale record (dead pid) is replaced."""
     home = home or prefect_home()
-    with _home_lock(home):
+    with home_lock(home):
         found = kept_server(home)
         if found is not None:
             return found
@@ -249,7 +249,7 @@ def find_or_start_kept(home: Path | None = None) -> Server:
 def stop_kept(home: Path | None = None, grace: float = 20.0) -> str:
     """Stop the kept server recorded under the Prefect home; a line saying what happened."""
     home = home or prefect_home()
-    with _home_lock(home):
+    with home_lock(home):
         record = read_record(home)
         proc = same_process(record) if record else None
         (home / RECORD_NAME).unlink(missing_ok=True)
@@ -272,9 +272,14 @@ def stop_kept(home: Path | None = None, grace: float = 20.0) -> str:
     return f"stopped the Prefect server at {record['url']} (pid {record['pid']})"
 
 
+def api_configured() -> bool:
+    """Whether PREFECT_API_URL is set (environment or active profile): then Longloom starts no server."""
+    return bool(os.environ.get("PREFECT_API_URL") or _profile_api_url(prefect_home()))
+
+
 def launch(mode: str | None = None) -> Server | None:
     """Start (or find) the server the build will use, without waiting for it; None if one is configured."""
-    if os.environ.get("PREFECT_API_URL") or _profile_api_url(prefect_home()):
+    if api_configured():
         return None
     return find_or_start_kept() if server_mode(mode) == "keep" else start_temporary()
 

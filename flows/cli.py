@@ -23,6 +23,15 @@ def _load(path: str | None, output: str | None) -> BuildConfig:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    if not args.no_prefect:
+        from flows import warm
+        from flows.api import api_configured, server_mode
+
+        if warm.enabled() and not api_configured() and server_mode(args.prefect_server) == "keep":
+            # a child of the warm build process (Prefect imported) runs it, config checks included
+            handed = warm.hand_over(args.argv)
+            if handed is not None:
+                return handed
     cfg = _load(args.config, args.output)
     runner = "dask" if args.dask_address else args.runner
     cfg = with_overrides(cfg, "run", task_runner=runner, dask_address=args.dask_address, workers=args.workers)
@@ -137,7 +146,12 @@ def cmd_server(args: argparse.Namespace) -> int:
         from flows.api import kept_server, stop_kept
 
         if args.action == "stop":
+            from flows import warm
+
             print(stop_kept())
+            stopped = warm.stop()  # it would end on its own within seconds of the server
+            if stopped:
+                print(stopped)
             return 0
         found = kept_server()
         print(f"running at {found.url} (pid {found.pid}; log {found.log})" if found else "not running")
@@ -447,6 +461,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # as given: a build hands them on (flows.warm)
     try:
         return int(args.func(args))
     except ConfigError as err:
