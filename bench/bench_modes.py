@@ -6,8 +6,11 @@
 Each repeat runs, one after the other (interleaved, so a change in machine load hits every mode):
 - `prefect cold`: `longloom build --prefect-server temporary`: the command starts a temporary Prefect
   API for this build and stops it at the end (its database already exists: migrations are not timed);
-- `prefect warm`: `longloom build --prefect-server keep` with the kept local server already running
-  (started by an untimed first build, stopped with `longloom server stop` at the end);
+- `prefect warm`: `longloom build --prefect-server keep` with the kept local server and the warm build
+  process already running (started by an untimed first build, stopped with `longloom server stop` at
+  the end): the build runs in a child forked from the warm process (flows.warm);
+- the same with `LONGLOOM_WARM_BUILD=0`: kept server, but the command imports Prefect and runs the
+  flow itself (what the warm process saves);
 - `--no-prefect`: the same stages in-process;
 - `bare encoder`: the default tokenizer's `encode_batch` alone over the corpus texts (parsed outside the
   timing; bench/bench_build.py's `bare` child);
@@ -18,13 +21,15 @@ Each repeat runs, one after the other (interleaved, so a change in machine load 
   is compared with what it replaces under the same load.
 Commands run as real processes (`python -m flows.cli ...`) from an empty output folder; seconds are
 wall time of the whole command, tokens/s counts the corpus' tokens as the bare encoder counts them.
-Peak RSS is sampled every 20 ms over the command's process tree (psutil) and, separately, for the
-command's own process; the warm server's RSS (not part of the build's tree) is shown on its own.
+Peak RSS is sampled every 20 ms over the build's processes (psutil: the command's tree and the warm
+process's children, their RSS counting the pages they share with it) and, separately, for the
+command's own process; the kept server's and the idle warm process's RSS are shown on their own.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -54,13 +59,35 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(cmd: list[str], env: dict[str, str], cwd: Path = ROOT) -> dict[str, Any]:
-    """Wall seconds, CPU seconds, peak RSS of the process tree and of the process alone, last stdout line.
+def _warm_process(env: dict[str, str]) -> psutil.Process | None:
+    """The warm build process (flows.warm) recorded under the bench's Prefect home, if it runs."""
+    try:
+        record = json.loads((Path(env["PREFECT_HOME"]) / "longloom-warm.json").read_text())
+        return psutil.Process(int(record["pid"]))
+    except (OSError, ValueError, KeyError, psutil.Error):
+        return None
 
-    CPU seconds (user + system of the command and every descendant it waited for, e.g. a temporary API;
-    not the kept server, which outlives the build) change far less with the machine's load than wall time.
+
+def _rss(procs: list[psutil.Process]) -> int:
+    total = 0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
+
+
+def measure(cmd: list[str], env: dict[str, str], cwd: Path = ROOT) -> dict[str, Any]:
+    """Wall seconds, CPU seconds, peak RSS of the build's processes and of the command alone, last stdout line.
+
+    The build's processes: the command and its descendants, and the warm build process's children (a
+    keep-mode build runs in a child forked from it, not in the command's own tree; flows.warm).
+    CPU seconds (user + system of the command and every descendant it waited for, e.g. a temporary API,
+    plus the warm children's as last sampled; not the kept server nor the warm process, which outlive
+    the build) change far less with the machine's load than wall time.
     """
     cpu0 = _children_cpu()
+    warm = _warm_process(env)
+    warm_cpu: dict[int, float] = {}  # per warm child: its CPU seconds (and its children's) last seen
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     peak = own_peak = 0
@@ -72,9 +99,18 @@ def measure(cmd: list[str], env: dict[str, str], cwd: Path = ROOT) -> dict[str, 
         while not done.is_set():
             try:
                 own = p.memory_info().rss
-                total = own + sum(c.memory_info().rss for c in p.children(recursive=True))
+                tree = p.children(recursive=True)
             except psutil.Error:
-                total = own = 0
+                own, tree = 0, []
+            forked: list[psutil.Process] = []
+            if warm is not None:
+                with contextlib.suppress(psutil.Error):
+                    forked = warm.children(recursive=True)
+            for c in forked:
+                with contextlib.suppress(psutil.Error):
+                    t = c.cpu_times()
+                    warm_cpu[c.pid] = t.user + t.system + t.children_user + t.children_system
+            total = own + _rss(tree) + _rss(forked)
             peak, own_peak = max(peak, total), max(own_peak, own)
             done.wait(0.02)
 
@@ -89,14 +125,27 @@ def measure(cmd: list[str], env: dict[str, str], cwd: Path = ROOT) -> dict[str, 
     if code != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed with exit code {code}")
     lines = out.strip().splitlines()
-    cpu = _children_cpu() - cpu0
-    return {"seconds": seconds, "cpu": cpu, "peak": peak, "own": own_peak, "last": lines[-1] if lines else ""}
+    cpu = _children_cpu() - cpu0 + sum(warm_cpu.values())
+    return {
+        "seconds": seconds,
+        "cpu": cpu,
+        "peak": peak,
+        "own": own_peak,
+        "forked": bool(warm_cpu),
+        "last": lines[-1] if lines else "",
+    }
 
 
 def kept_server_rss(env: dict[str, str]) -> int:
     record = json.loads((Path(env["PREFECT_HOME"]) / "longloom-server.json").read_text())
     p = psutil.Process(int(record["pid"]))
     return int(p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True)))
+
+
+def warm_process_rss(env: dict[str, str]) -> int:
+    """The idle warm build process's RSS (0 if none runs)."""
+    warm = _warm_process(env)
+    return _rss([warm]) if warm is not None else 0
 
 
 def datatrove_cmd(corpus: Path, out: Path, tokenizer_file: Path) -> list[str] | None:
@@ -173,10 +222,17 @@ def main(argv: list[str] | None = None) -> int:
     build = [*cli, "build", str(config), "--output", str(out)]
     modes: dict[str, list[str] | None] = {
         "longloom build (Prefect, cold: temporary API)": [*build, "--prefect-server", "temporary"],
-        "longloom build (Prefect, warm: kept server)": [*build, "--prefect-server", "keep"],
+        "longloom build (Prefect, warm: kept server + warm build process)": [
+            *build,
+            "--prefect-server",
+            "keep",
+        ],
+        "longloom build (Prefect, kept server, LONGLOOM_WARM_BUILD=0)": [*build, "--prefect-server", "keep"],
         "longloom build --no-prefect": [*build, "--no-prefect"],
     }
-    envs: dict[str, dict[str, str]] = {}
+    envs: dict[str, dict[str, str]] = {
+        "longloom build (Prefect, kept server, LONGLOOM_WARM_BUILD=0)": {**env, "LONGLOOM_WARM_BUILD": "0"}
+    }
     if args.baseline:
         # the same commands with the other checkout's code first on the path (and as the cwd's code)
         # each right after its counterpart, so the pair meets about the same load
@@ -214,8 +270,11 @@ def main(argv: list[str] | None = None) -> int:
                 if name.startswith("bare"):
                     child = json.loads(r["last"])
                     tokens, r["seconds"] = child["tokens"], child["seconds"]
-                if "warm" in name:
+                if "kept" in name:
                     r["server"] = kept_server_rss(env)
+                    r["warm"] = warm_process_rss(env)
+                if "warm build process" in name and not r["forked"]:
+                    raise RuntimeError(f"{name}: no child of the warm build process ran the build")
                 results[name].append(r)
                 print(
                     f"  #{rep + 1} {name}: {r['seconds']:.1f} s ({r['cpu']:.1f} s CPU), peak RSS {r['peak'] / MIB:.0f} MiB "
@@ -235,7 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, rs in results.items():
         best = min(r["seconds"] for r in rs)
-        extra = f" (+ kept server {max(r['server'] for r in rs) / MIB:.0f} MiB)" if "warm" in name else ""
+        extra = ""
+        if "kept" in name:
+            extra = f" (+ kept server {max(r['server'] for r in rs) / MIB:.0f} MiB"
+            warm = max(r["warm"] for r in rs)
+            extra += f", idle warm process {warm / MIB:.0f} MiB)" if "warm build" in name else ")"
         print(
             f"| {name} | {best:.1f} / {max(r['seconds'] for r in rs):.1f} | {min(r['cpu'] for r in rs):.1f} "
             f"| {tokens / best / 1e6:.2f} "
