@@ -131,7 +131,9 @@ def one_run(config: Path, output: Path, mode: str, env: dict[str, str], work: Pa
 
     shutil.rmtree(output, ignore_errors=True)
     timeline = work / "timeline.json"
-    env = {**env, "LONGLOOM_TIMELINE": str(timeline)}
+    # the marks are taken in the command's own process: a keep-mode build must not be handed to a
+    # child of the warm build process (flows.warm; bench/bench_modes.py times that mode)
+    env = {**env, "LONGLOOM_TIMELINE": str(timeline), "LONGLOOM_WARM_BUILD": "0"}
     args = ["build", str(config), "--output", str(output)]
     args += ["--no-prefect"] if mode == "no-prefect" else ["--prefect-server", mode]
     server_cpu0, _ = _server_cpu(Path(env["PREFECT_HOME"]))

@@ -148,8 +148,8 @@ def cmd_server(args: argparse.Namespace) -> int:
         if args.action == "stop":
             from flows import warm
 
+            stopped = warm.stop()  # first: it would end on its own within seconds of the server
             print(stop_kept())
-            stopped = warm.stop()  # it would end on its own within seconds of the server
             if stopped:
                 print(stopped)
             return 0
