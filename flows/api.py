@@ -7,7 +7,8 @@ local server, chosen by `LONGLOOM_PREFECT_SERVER` (or `longloom build --prefect-
   builds through `$PREFECT_HOME/longloom-server.json` (pid, start time, command line, URL); a record
   whose process is gone or is not that process any more is ignored and replaced. It outlives the
   build on purpose (later builds skip the start-up, the UI keeps the run history) and is stopped by
-  `longloom server stop`. The default when the build runs at a terminal.
+  `longloom server stop`. The default when the build runs at a terminal. Beside it runs the warm
+  build process, from which such builds fork their flow process (`flows.warm`).
 - `temporary`: a server for this build only, stopped when it ends; the default elsewhere (CI, cron,
   scripts, tests) so that nothing is left running.
 

@@ -155,6 +155,11 @@ def cmd_server(args: argparse.Namespace) -> int:
             return 0
         found = kept_server()
         print(f"running at {found.url} (pid {found.pid}; log {found.log})" if found else "not running")
+        from flows import warm
+
+        line = warm.status()
+        if found and line:
+            print(line)
         return 0 if found else 1
     from flows.deploy import start_server
 

@@ -153,6 +153,19 @@ def stop(home: Path | None = None) -> str | None:
     return f"stopped the warm build process (pid {proc.pid})" if proc else None
 
 
+def status(home: Path | None = None) -> str | None:
+    """A line on the warm process recorded under the Prefect home, or None if none runs."""
+    record = _read_record(home or prefect_home())
+    proc = same_process(record) if record else None
+    if proc is None:
+        return None
+    with contextlib.suppress(psutil.Error):
+        forks = len(proc.children())
+        mib = proc.memory_info().rss / 2**20
+        return f"warm build process: pid {proc.pid}, {mib:.0f} MiB, running {forks} build(s)"
+    return None
+
+
 def find_or_start(home: Path, timeout: float = 120.0) -> Warm:
     """The warm process for this client's fingerprint: the recorded one, or a new one (an older one
     with another fingerprint is stopped first), waited for until it listens."""
