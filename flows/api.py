@@ -109,10 +109,19 @@ class Server:
 
     def wait_healthy(self, timeout: float) -> None:
         what = "Prefect's local server" if self.kept else "Prefect's temporary API"
+        restarts = 0 if self.kept else 1
         with waiting(f"starting {what} (a new database takes up to a minute or more)"):
             deadline = time.monotonic() + timeout
             while not healthy(self.url, timeout=1.0):
                 gone = self.proc.poll() is not None if self.proc else not psutil.pid_exists(self.pid)
+                if gone and restarts:
+                    # once more: seen when a killed run's temporary API, still running until this run
+                    # ends it, held the shared database while this one started
+                    restarts -= 1
+                    _TEMPORARY.discard(self.pid)
+                    fresh = start_temporary()
+                    self.url, self.pid, self.proc = fresh.url, fresh.pid, fresh.proc
+                    continue
                 if gone or time.monotonic() > deadline:
                     tail = ""
                     if self.log and self.log.exists():

@@ -81,6 +81,31 @@ def test_temporary_api_left_by_a_killed_build_is_ended_by_the_next_run(tmp_path:
 
 
 @pytest.mark.slow
+def test_a_temporary_api_that_exits_while_starting_is_started_once_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A temporary API that dies during start-up (seen while a killed run's server still held the
+    shared database) is started again; a kept server that dies is reported, not restarted."""
+    from flows.api import ApiError, Server, healthy
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])  # a real server process that already exited
+    dead.wait()
+    server = Server(url="http://127.0.0.1:9/api", pid=dead.pid, kept=False, proc=dead)
+    try:
+        server.wait_healthy(180)
+        assert server.pid != dead.pid and server.proc is not None and server.proc.poll() is None
+        assert healthy(server.url)
+    finally:
+        server.stop()
+    assert server.proc is not None and server.proc.poll() is not None  # stopped: the new one, not the dead
+    kept = Server(url="http://127.0.0.1:9/api", pid=dead.pid, kept=True, proc=dead)
+    with pytest.raises(ApiError, match="exited"):
+        kept.wait_healthy(30)
+
+
+@pytest.mark.slow
 def test_dask_workers_report_to_the_flows_temporary_api_and_start_no_server(tmp_path: Path) -> None:
     client_home, worker_home = tmp_path / "client-home", tmp_path / "worker-home"
     port = free_port()
