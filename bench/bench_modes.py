@@ -287,11 +287,13 @@ def main(argv: list[str] | None = None) -> int:
         tokens = sum(t["tokens"] for t in json.loads((out / "manifest.json").read_text())["targets"])
         print(f"(tokens: the {tokens:,} tokens of the output rows)")
     ref = min(r["seconds"] for r in results["longloom build --no-prefect"])
+    dt_runs = results.get("datatrove tokenization pipeline, 1 task")
+    dt_best = min(r["seconds"] for r in dt_runs) if dt_runs else None
     print(f"\n{label}, tokenizer {tokenizer}, best of {args.repeats}:\n")
     print(
-        "| run | seconds (best / worst) | CPU s (best) | M tok/s | vs --no-prefect | peak RSS, tree | own process |"
+        "| run | seconds (best / worst) | CPU s (best) | M tok/s | vs --no-prefect | vs datatrove | peak RSS, tree | own process |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, rs in results.items():
         best = min(r["seconds"] for r in rs)
         extra = ""
@@ -302,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {name} | {best:.1f} / {max(r['seconds'] for r in rs):.1f} | {min(r['cpu'] for r in rs):.1f} "
             f"| {tokens / best / 1e6:.2f} "
-            f"| {ref / best:.2f}× | {max(r['peak'] for r in rs) / MIB:,.0f} MiB{extra} "
+            f"| {ref / best:.2f}× | {f'{dt_best / best:.1f}×' if dt_best else '—'} "
+            f"| {max(r['peak'] for r in rs) / MIB:,.0f} MiB{extra} "
             f"| {max(r['own'] for r in rs) / MIB:,.0f} MiB |"
         )
     shutil.rmtree(out, ignore_errors=True)
