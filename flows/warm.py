@@ -294,7 +294,7 @@ def serve(home: Path, address: str) -> None:
                 print("the kept Prefect server is gone: exiting", flush=True)
                 return
             continue
-        conn.settimeout(None)
+        conn.settimeout(10.0)  # a client that connects and says nothing must not hold up the others
         try:
             request, fds = _receive(conn)
         except (OSError, ValueError) as err:
@@ -306,6 +306,7 @@ def serve(home: Path, address: str) -> None:
             continue
         if os.fork() == 0:
             server.close()
+            conn.settimeout(None)
             _child(conn, request, fds)  # never returns
         conn.close()
         for fd in fds:
