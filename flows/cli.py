@@ -9,12 +9,18 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import flows
-from schemas.config import BuildConfig, ConfigError, load_config, with_overrides
+from schemas.errors import ConfigError
+
+if TYPE_CHECKING:
+    from schemas.config import BuildConfig
 
 
 def _load(path: str | None, output: str | None) -> BuildConfig:
+    from schemas.config import load_config, with_overrides
+
     cfg = load_config(path or flows.DEFAULT_CONFIG)
     if not output:
         return cfg
@@ -32,6 +38,8 @@ def cmd_build(args: argparse.Namespace) -> int:
             handed = warm.hand_over(args.argv)
             if handed is not None:
                 return handed
+    from schemas.config import with_overrides
+
     cfg = _load(args.config, args.output)
     runner = "dask" if args.dask_address else args.runner
     cfg = with_overrides(cfg, "run", task_runner=runner, dask_address=args.dask_address, workers=args.workers)
@@ -166,6 +174,13 @@ def cmd_server(args: argparse.Namespace) -> int:
     return start_server(args.host, args.port)
 
 
+def cmd_warm_process(args: argparse.Namespace) -> int:
+    from flows import warm
+
+    warm.serve(args.home, "\0" + args.address, main)
+    return 0
+
+
 def cmd_cluster(args: argparse.Namespace) -> int:
     from flows import cluster
 
@@ -224,6 +239,8 @@ def cmd_export_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
+    from schemas.config import BuildConfig
+
     print(json.dumps(BuildConfig.model_json_schema(), indent=2))
     return 0
 
@@ -423,6 +440,14 @@ def parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=4200)
     srv.set_defaults(func=cmd_server)
+
+    wp = sub.add_parser(
+        "warm-process",
+        help="(started by `longloom build` in keep mode) the process builds fork from; see flows/warm.py",
+    )
+    wp.add_argument("home", type=Path)
+    wp.add_argument("address")
+    wp.set_defaults(func=cmd_warm_process)
 
     cl = sub.add_parser(
         "cluster",

@@ -43,6 +43,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,6 @@ CODE_ROOT = Path(__file__).resolve().parent.parent
 # what a child imports anyway on a build (measured: modules new in `sys.modules` after a build that
 # started from `import flows.build`); each is optional, a missing one is imported by the child if needed
 PRELOAD = (
-    "flows.cli",
     "flows.build",
     "flows.early",
     "fastapi.encoders",  # Prefect's serialize_parameters
@@ -79,6 +79,7 @@ PRELOAD = (
 )
 # set by a shell or by the terminal and irrelevant to what the imports above read
 VOLATILE_ENV = frozenset({"PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES"})
+Command = Callable[[list[str]], int]  # `flows.cli.main`, passed in: this module does not import the CLI
 GRACE = 30.0  # seconds a child whose client is gone gets to stop after its interrupt
 _IN_CHILD = False  # set in a forked child: its build runs here, it never hands over again
 _finishing = threading.Event()  # set in a child once its build returned
@@ -179,7 +180,7 @@ def find_or_start(home: Path, timeout: float = 120.0) -> Warm:
             (home / RECORD_NAME).unlink(missing_ok=True)
         address = _socket_name(home, fp)
         log = home / "longloom-warm.log"
-        cmd = [sys.executable, "-m", "flows.warm", str(home), address.lstrip("\0")]
+        cmd = [sys.executable, "-m", "flows.cli", "warm-process", str(home), address.lstrip("\0")]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         with open(log, "ab") as out:
             proc = subprocess.Popen(
@@ -272,8 +273,9 @@ def hand_over(argv: list[str]) -> int | None:
 # --- the warm process ------------------------------------------------------------------------------------
 
 
-def serve(home: Path, address: str) -> None:
-    """Listen on `address`, fork a child per build; return when the kept server is gone or on SIGTERM."""
+def serve(home: Path, address: str, command: Command) -> None:
+    """Listen on `address`, fork a child per build that runs `command(argv)` (`flows.cli.main`); return
+    when the kept server is gone or on SIGTERM."""
     limit_malloc_arenas()  # inherited by every child (see flows.api)
     for name in PRELOAD:
         with contextlib.suppress(ImportError):
@@ -307,7 +309,7 @@ def serve(home: Path, address: str) -> None:
         if os.fork() == 0:
             server.close()
             conn.settimeout(None)
-            _child(conn, request, fds)  # never returns
+            _child(conn, request, fds, command)  # never returns
         conn.close()
         for fd in fds:
             os.close(fd)
@@ -350,7 +352,7 @@ def _watch_client(conn: socket.socket) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _child(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None:
+def _child(conn: socket.socket, request: dict[str, Any], fds: list[int], command: Command) -> None:
     """Become the client's build process: its fds, folder, umask, environment and signals; then run."""
     global _IN_CHILD
     _IN_CHILD = True
@@ -383,9 +385,7 @@ def _child(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None
         threading.Thread(
             target=_watch_client, args=(conn,), name="longloom-client-watch", daemon=True
         ).start()
-        from flows.cli import main
-
-        rc = main(argv)
+        rc = command(argv)
     except SystemExit as done:
         rc = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     except KeyboardInterrupt:
@@ -416,10 +416,3 @@ def _exit_status(conn: socket.socket, rc: int) -> None:
         sys.stderr.flush()
     with contextlib.suppress(OSError):
         conn.sendall(json.dumps({"exit": rc}).encode() + b"\n")
-
-
-if __name__ == "__main__":
-    # run as `flows.warm`, not `__main__`: the children's `_IN_CHILD` must be the one `flows.cli` reads
-    from flows import warm
-
-    warm.serve(Path(sys.argv[1]), "\0" + sys.argv[2])

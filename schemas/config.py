@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from schemas.diversity import DiversityConfig
+from schemas.errors import ConfigError
 from schemas.longdep import LongDepConfig
 from schemas.publish import CardConfig, PublishConfig
 from schemas.redact import redact_url
@@ -416,10 +417,6 @@ ROW_SECTIONS: dict[str, tuple[str, ...]] = {
     "procedural": (*PRETRAINING_SECTIONS, "procedural"),
     "rewriter": (*PRETRAINING_SECTIONS, "rewriter"),
 }
-
-
-class ConfigError(ValueError):
-    """A configuration problem, worded for the person who wrote the YAML."""
 
 
 def _describe(err: ValidationError, origin: str) -> str:
