@@ -22,8 +22,10 @@ How (Linux; elsewhere, or with `LONGLOOM_WARM_BUILD=0`, builds run as before):
   client: a fingerprint of the interpreter, `sys.path`, the mtimes and sizes of Longloom's sources and
   of the folders holding installed packages, and the environment (hashed, never stored). Anything else
   replaces it with a new one (the first build after a change pays the imports once more).
-- It forks only while it has a single thread (nothing it imports starts one), so the child inherits
-  no lock held by a thread that does not exist in it.
+- It forks only while it has a single Python thread (checked), so the child inherits no interpreter
+  lock held by a thread that does not exist in it. Two libraries it imports start native threads
+  (numpy's OpenBLAS pool, pyarrow's jemalloc background thread); both register fork handlers
+  (`pthread_atfork`) that leave their state consistent in the child.
 
 No library does this: `multiprocessing`'s forkserver serves Python callables of one parent, not
 another command's terminal, environment and signals.
