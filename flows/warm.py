@@ -77,9 +77,12 @@ PRELOAD = (
     "fastokens",
     "quicktok",
 )
+# the folders of `sys.path` that installers write packages into (pip, Debian's python3-* packages)
+PACKAGE_FOLDERS = frozenset({"site-packages", "dist-packages"})
 # set by a shell or by the terminal and irrelevant to what the imports above read
 VOLATILE_ENV = frozenset({"PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES"})
 GRACE = 30.0  # seconds a child whose client is gone gets to stop after its interrupt
+GRACE_ENV = "LONGLOOM_WARM_GRACE"  # seconds instead of GRACE (the client's environment; tests lower it)
 _IN_CHILD = False  # set in a forked child: its build runs here, it never hands over again
 _finishing = threading.Event()  # set in a child once its build returned
 
@@ -98,8 +101,12 @@ def fingerprint(env: dict[str, str] | None = None) -> str:
     h.update(sys.executable.encode())
     for entry in sys.path:
         h.update(b"\0path\0" + entry.encode())
-        with contextlib.suppress(OSError):
-            h.update(struct.pack("<q", os.stat(entry or ".").st_mtime_ns))  # a package (un)installed
+        # a package (un)installed changes its folder's mtime. Only package folders count: a source
+        # checkout or working folder on the path gets new entries all the time (an output folder, a
+        # tool's cache, an editor's swap file), and each one replaced the warm process for nothing
+        if Path(entry).name in PACKAGE_FOLDERS:
+            with contextlib.suppress(OSError):
+                h.update(struct.pack("<q", os.stat(entry).st_mtime_ns))
     for folder in ("flows", "pipeline", "schemas"):
         for path in sorted((CODE_ROOT / folder).rglob("*.py")):
             st = path.stat()
@@ -324,6 +331,13 @@ def _receive(conn: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     return json.loads(body), fds
 
 
+def _grace() -> float:
+    try:
+        return float(os.environ.get(GRACE_ENV) or GRACE)
+    except ValueError:
+        return GRACE
+
+
 def _watch_client(conn: socket.socket) -> None:
     """In the child: the client never sends after its request, so EOF means it is gone (killed)."""
     with contextlib.suppress(OSError):
@@ -332,7 +346,7 @@ def _watch_client(conn: socket.socket) -> None:
     if _finishing.is_set():
         return
     os.kill(os.getpid(), signal.SIGINT)  # stop as a Ctrl-C would: temporaries removed, lock released
-    time.sleep(GRACE)
+    time.sleep(_grace())
     os.kill(os.getpid(), signal.SIGKILL)
 
 
