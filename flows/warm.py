@@ -173,7 +173,9 @@ def find_or_start(home: Path, timeout: float = 120.0) -> Warm:
             (home / RECORD_NAME).unlink(missing_ok=True)
         address = _socket_name(home, fp)
         log = home / "longloom-warm.log"
-        cmd = [sys.executable, "-m", "flows.warm", str(home), address.lstrip("\0")]
+        # -P: the client's folder is not put first on the warm process's import path (a user's own
+        # `pipeline/` or `schemas/` there was imported instead of Longloom's); it gets the client's path
+        cmd = [sys.executable, "-P", "-m", "flows.warm", str(home), address.lstrip("\0")]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         with open(log, "ab") as out:
             proc = subprocess.Popen(
@@ -239,9 +241,12 @@ def hand_over(argv: list[str]) -> int | None:
     os.umask(umask)
     payload = json.dumps({"argv": argv, "cwd": os.getcwd(), "umask": umask, "env": dict(os.environ)}).encode()
     with conn:
-        socket.send_fds(conn, [struct.pack("!I", len(payload)) + payload], _std_fds())
-        replies = conn.makefile("rb")
-        first = replies.readline()
+        try:
+            socket.send_fds(conn, [struct.pack("!I", len(payload)) + payload], _std_fds())
+            replies = conn.makefile("rb")
+            first = replies.readline()
+        except OSError:  # the warm process ended meanwhile (replaced by a client of another fingerprint)
+            first = b""
         if not first:
             print(
                 "longloom: the warm build process did not start the build; running it here", file=sys.stderr

@@ -358,10 +358,11 @@ def test_two_builds_at_once_are_two_children_of_one_warm_process(
     env, home = warm["env"], warm["home"]
     pid = warm_pid(home)
     outs = [tmp_path / "a" / "out", tmp_path / "b" / "out"]
+    configs = [write_config(o.parent, o) for o in outs]
     logs = [open(o.parent / "client.err", "w+") for o in outs]  # noqa: SIM115 (closed below)
     clients = [
-        start(["build", str(write_config(o.parent, o))], env, stdout=subprocess.DEVNULL, stderr=log)
-        for o, log in zip(outs, logs, strict=True)
+        start(["build", str(cfg)], env, stdout=subprocess.DEVNULL, stderr=log)
+        for cfg, log in zip(configs, logs, strict=True)
     ]
     most = 0
     try:
@@ -417,6 +418,27 @@ def test_changed_fingerprint_replaces_the_warm_process(warm: dict[str, Any], tmp
     back = run(["build", str(write_config(tmp_path / "back", tmp_path / "back" / "out"))], warm["env"])
     assert back.returncode == 0, back.stderr[-3000:]
     assert warm_pid(home) != new["pid"]
+
+
+@pytest.mark.slow
+def test_warm_process_started_from_a_folder_with_a_package_named_like_longlooms(
+    warm: dict[str, Any], tmp_path: Path
+) -> None:
+    """A user's project with its own `pipeline/` package: the warm process a build starts from there
+    imports Longloom's, as the client does (it used to put the client's folder first on its path)."""
+    project = tmp_path / "project"
+    (project / "pipeline").mkdir(parents=True)
+    (project / "pipeline" / "__init__.py").write_text(
+        "raise RuntimeError('the project folder was imported')\n"
+    )
+    write_config(project, project / "out")
+    old = warm_pid(warm["home"])
+    changed = {**warm["env"], "LONGLOOM_WARM_TEST_MARK": "shadow"}  # a new warm process, started here
+    res = run(["build", "c.yaml"], changed, cwd=project)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "running this build in this process" not in res.stderr, res.stderr[-3000:]
+    new = warm_pid(warm["home"])
+    assert new != old and psutil.Process(new).cwd() == str(project)
 
 
 @pytest.mark.slow
