@@ -254,7 +254,10 @@ def hand_over(argv: list[str]) -> int | None:
             return None
         child = int(json.loads(first)["pid"])
 
+        forwarded: list[int] = []
+
         def forward(signum: int, frame: Any) -> None:
+            forwarded.append(signum)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)
 
@@ -264,6 +267,11 @@ def hand_over(argv: list[str]) -> int | None:
             msg = json.loads(line)
             if "exit" in msg:
                 return int(msg["exit"])
+    if forwarded and forwarded[-1] != signal.SIGINT:
+        # the child died of the SIGTERM/SIGHUP it was sent, without an exit status: so does the client,
+        # as it would have run the build itself (its parent sees "killed by SIGTERM", not a status 1)
+        signal.signal(forwarded[-1], signal.SIG_DFL)
+        os.kill(os.getpid(), forwarded[-1])
     print(f"error: the build process (pid {child}) ended without an exit status", file=sys.stderr)
     return 1
 

@@ -293,12 +293,13 @@ def test_config_error_is_the_same_line_and_status_as_without_the_warm_process(
 
 
 def interrupted_build(
-    warm: dict[str, Any], tmp_path: Path, sig: int
+    warm: dict[str, Any], tmp_path: Path, sig: int, handed: bool = True
 ) -> tuple[subprocess.Popen[str], int, Path, list[psutil.Process]]:
     """Start a build, wait until its first unit wrote, send `sig` to the client only."""
     env, home = warm["env"], warm["home"]
     pid = warm_pid(home)
     out = tmp_path / "out"
+    tmp_path.mkdir(parents=True, exist_ok=True)
     log = open(tmp_path / "client.err", "w")  # noqa: SIM115 (the client writes it; closed by GC)
     client = start(["build", str(write_config(tmp_path, out))], env, stdout=subprocess.DEVNULL, stderr=log)
     wait_for(lambda: first_unit_started(out) or client.poll() is not None, 300, "the first unit", 0.05)
@@ -306,7 +307,7 @@ def interrupted_build(
         "the build ended before it could be interrupted: " + (tmp_path / "client.err").read_text()[-2000:]
     )
     kids = children_of(pid)
-    assert kids, "no child of the warm process runs the build"
+    assert bool(kids) == handed, f"children of the warm process: {kids}"
     os.kill(client.pid, sig)
     return client, pid, out, kids
 
@@ -349,6 +350,30 @@ def test_sigkill_of_the_client_ends_the_child(
     again = run(["build", str(tmp_path / "c.yaml")], warm["env"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert_same_output(out, small_shard_reference)
+
+
+@pytest.mark.slow
+def test_sigterm_of_the_client_ends_both_as_without_the_warm_process(
+    warm: dict[str, Any], tmp_path: Path
+) -> None:
+    """SIGTERM kills a build process at once (no handler); the client ends the same way, as the client
+    that ran the build itself does (its parent sees a death by SIGTERM, not an exit status of 1)."""
+    client, pid, _, kids = interrupted_build(warm, tmp_path / "warm", signal.SIGTERM)
+    try:
+        rc = client.wait(timeout=120)
+    finally:
+        kill_group(client)
+    _, alive = psutil.wait_procs(kids, timeout=60)
+    assert not alive, "the child outlived the SIGTERM"
+    wait_no_children(pid, 30)
+    assert warm_pid(warm["home"]) == pid, "SIGTERM reached the warm process"
+    off = {**warm["env"], "LONGLOOM_WARM_BUILD": "0"}
+    here, _, _, _ = interrupted_build({**warm, "env": off}, tmp_path / "here", signal.SIGTERM, handed=False)
+    try:
+        rc_here = here.wait(timeout=120)
+    finally:
+        kill_group(here)
+    assert rc == rc_here == -signal.SIGTERM, (tmp_path / "warm" / "client.err").read_text()[-2000:]
 
 
 @pytest.mark.slow
