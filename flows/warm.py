@@ -82,6 +82,7 @@ PACKAGE_FOLDERS = frozenset({"site-packages", "dist-packages"})
 # set by a shell or by the terminal and irrelevant to what the imports above read
 VOLATILE_ENV = frozenset({"PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES"})
 GRACE = 30.0  # seconds a child whose client is gone gets to stop after its interrupt
+REQUEST_TIMEOUT = 5.0  # seconds the warm process waits for a connected client's request
 GRACE_ENV = "LONGLOOM_WARM_GRACE"  # seconds instead of GRACE (the client's environment; tests lower it)
 _IN_CHILD = False  # set in a forked child: its build runs here, it never hands over again
 _finishing = threading.Event()  # set in a child once its build returned
@@ -301,13 +302,16 @@ def serve(home: Path, address: str) -> None:
                 print("the kept Prefect server is gone: exiting", flush=True)
                 return
             continue
-        conn.settimeout(None)
+        # a client sends its request at once; one that connects and stays silent (stopped, hung) must
+        # not hold up every later build: it gets REQUEST_TIMEOUT seconds (a socket timeout is an OSError)
+        conn.settimeout(REQUEST_TIMEOUT)
         try:
             request, fds = _receive(conn)
         except (OSError, ValueError) as err:
             print(f"a connection was refused: {err}", flush=True)
             conn.close()
             continue
+        conn.settimeout(None)
         if request is None:  # a probe
             conn.close()
             continue

@@ -146,7 +146,12 @@ def start(
 
 
 def watched(
-    args: list[str], env: dict[str, str], folder: Path, watch: int, prefix: list[str] = CLI
+    args: list[str],
+    env: dict[str, str],
+    folder: Path,
+    watch: int,
+    prefix: list[str] = CLI,
+    timeout: float = 600,
 ) -> tuple[int, str, str, set[int]]:
     """Run a client to its end, its output in files (a full pipe would block it while the test polls),
     noting the children the process `watch` has meanwhile; (status, stdout, stderr, children seen)."""
@@ -154,7 +159,7 @@ def watched(
     with open(folder / "client.out", "w+") as out, open(folder / "client.err", "w+") as err:
         client = start(args, env, prefix=prefix, stdout=out, stderr=err)
         try:
-            deadline = time.monotonic() + 600
+            deadline = time.monotonic() + timeout
             while client.poll() is None and time.monotonic() < deadline:
                 seen |= {c.pid for c in children_of(watch)}
                 time.sleep(0.1)
@@ -374,6 +379,30 @@ def test_sigterm_of_the_client_ends_both_as_without_the_warm_process(
     finally:
         kill_group(here)
     assert rc == rc_here == -signal.SIGTERM, (tmp_path / "warm" / "client.err").read_text()[-2000:]
+
+
+@pytest.mark.slow
+def test_a_silent_connection_does_not_hold_up_later_builds(
+    warm: dict[str, Any], tmp_path: Path, small_shard_reference: dict[str, Any]
+) -> None:
+    """A process that connects to the warm process and sends nothing (a client stopped or hung right
+    after connecting) held up every later build for as long as it stayed connected."""
+    import socket
+
+    env, home = warm["env"], warm["home"]
+    pid = warm_pid(home)
+    record = warm_record(home)
+    assert record is not None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.connect(record["address"])
+        out = tmp_path / "out"
+        rc, _, stderr, seen = watched(
+            ["build", str(write_config(tmp_path, out))], env, tmp_path, pid, timeout=180
+        )
+        assert rc == 0, stderr[-3000:]
+    assert seen and "running this build in this process" not in stderr, stderr[-3000:]
+    assert warm_pid(home) == pid
+    assert_same_output(out, small_shard_reference)
 
 
 @pytest.mark.slow
