@@ -502,9 +502,8 @@ def test_server_stop_ends_the_warm_process_and_so_does_the_servers_death(
     env, home = warm["env"], warm["home"]
     old = psutil.Process(warm_pid(home))
     stop = run(["server", "stop"], env)
-    assert stop.returncode == 0 and f"stopped the warm build process (pid {old.pid})" in stop.stdout, (
-        stop.stdout + stop.stderr
-    )
+    # it stops the server first: the warm process may see that and end before it is stopped (no line)
+    assert stop.returncode == 0 and "stopped the Prefect server" in stop.stdout, stop.stdout + stop.stderr
     _, alive = psutil.wait_procs([old], timeout=30)
     assert not alive and warm_procs(home) == [] and warm_record(home) is None
 
