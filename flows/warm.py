@@ -79,10 +79,14 @@ PRELOAD = (
     "fastokens",
     "quicktok",
 )
+# the folders of `sys.path` that installers write packages into (pip, Debian's python3-* packages)
+PACKAGE_FOLDERS = frozenset({"site-packages", "dist-packages"})
 # set by a shell or by the terminal and irrelevant to what the imports above read
 VOLATILE_ENV = frozenset({"PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES"})
 Command = Callable[[list[str]], int]  # `flows.cli.main`, passed in: this module does not import the CLI
 GRACE = 30.0  # seconds a child whose client is gone gets to stop after its interrupt
+REQUEST_TIMEOUT = 5.0  # seconds the warm process waits for a connected client's request
+GRACE_ENV = "LONGLOOM_WARM_GRACE"  # seconds instead of GRACE (the client's environment; tests lower it)
 _IN_CHILD = False  # set in a forked child: its build runs here, it never hands over again
 _finishing = threading.Event()  # set in a child once its build returned
 
@@ -101,8 +105,12 @@ def fingerprint(env: dict[str, str] | None = None) -> str:
     h.update(sys.executable.encode())
     for entry in sys.path:
         h.update(b"\0path\0" + entry.encode())
-        with contextlib.suppress(OSError):
-            h.update(struct.pack("<q", os.stat(entry or ".").st_mtime_ns))  # a package (un)installed
+        # a package (un)installed changes its folder's mtime. Only package folders count: a source
+        # checkout or working folder on the path gets new entries all the time (an output folder, a
+        # tool's cache, an editor's swap file), and each one replaced the warm process for nothing
+        if Path(entry).name in PACKAGE_FOLDERS:
+            with contextlib.suppress(OSError):
+                h.update(struct.pack("<q", os.stat(entry).st_mtime_ns))
     for folder in ("flows", "pipeline", "schemas"):
         for path in sorted((CODE_ROOT / folder).rglob("*.py")):
             st = path.stat()
@@ -182,7 +190,9 @@ def find_or_start(home: Path, timeout: float = 120.0) -> Warm:
             (home / RECORD_NAME).unlink(missing_ok=True)
         address = _socket_name(home, fp)
         log = home / "longloom-warm.log"
-        cmd = [sys.executable, "-m", "flows.cli", "warm-process", str(home), address.lstrip("\0")]
+        # -P: the client's folder is not put first on the warm process's import path (a user's own
+        # `pipeline/` or `schemas/` there was imported instead of Longloom's); it gets the client's path
+        cmd = [sys.executable, "-P", "-m", "flows.cli", "warm-process", str(home), address.lstrip("\0")]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         with open(log, "ab") as out:
             proc = subprocess.Popen(
@@ -248,9 +258,12 @@ def hand_over(argv: list[str]) -> int | None:
     os.umask(umask)
     payload = json.dumps({"argv": argv, "cwd": os.getcwd(), "umask": umask, "env": dict(os.environ)}).encode()
     with conn:
-        socket.send_fds(conn, [struct.pack("!I", len(payload)) + payload], _std_fds())
-        replies = conn.makefile("rb")
-        first = replies.readline()
+        try:
+            socket.send_fds(conn, [struct.pack("!I", len(payload)) + payload], _std_fds())
+            replies = conn.makefile("rb")
+            first = replies.readline()
+        except OSError:  # the warm process ended meanwhile (replaced by a client of another fingerprint)
+            first = b""
         if not first:
             print(
                 "longloom: the warm build process did not start the build; running it here", file=sys.stderr
@@ -258,7 +271,10 @@ def hand_over(argv: list[str]) -> int | None:
             return None
         child = int(json.loads(first)["pid"])
 
+        forwarded: list[int] = []
+
         def forward(signum: int, frame: Any) -> None:
+            forwarded.append(signum)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)
 
@@ -268,6 +284,11 @@ def hand_over(argv: list[str]) -> int | None:
             msg = json.loads(line)
             if "exit" in msg:
                 return int(msg["exit"])
+    if forwarded and forwarded[-1] != signal.SIGINT:
+        # the child died of the SIGTERM/SIGHUP it was sent, without an exit status: so does the client,
+        # as it would have run the build itself (its parent sees "killed by SIGTERM", not a status 1)
+        signal.signal(forwarded[-1], signal.SIG_DFL)
+        os.kill(os.getpid(), forwarded[-1])
     print(f"error: the build process (pid {child}) ended without an exit status", file=sys.stderr)
     return 1
 
@@ -298,13 +319,16 @@ def serve(home: Path, address: str, command: Command) -> None:
                 print("the kept Prefect server is gone: exiting", flush=True)
                 return
             continue
-        conn.settimeout(10.0)  # a client that connects and says nothing must not hold up the others
+        # a client sends its request at once; one that connects and stays silent (stopped, hung) must
+        # not hold up every later build: it gets REQUEST_TIMEOUT seconds (a socket timeout is an OSError)
+        conn.settimeout(REQUEST_TIMEOUT)
         try:
             request, fds = _receive(conn)
         except (OSError, ValueError) as err:
             print(f"a connection was refused: {err}", flush=True)
             conn.close()
             continue
+        conn.settimeout(None)
         if request is None:  # a probe
             conn.close()
             continue
@@ -342,6 +366,13 @@ def _receive(conn: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     return json.loads(body), fds
 
 
+def _grace() -> float:
+    try:
+        return float(os.environ.get(GRACE_ENV) or GRACE)
+    except ValueError:
+        return GRACE
+
+
 def _watch_client(conn: socket.socket) -> None:
     """In the child: the client never sends after its request, so EOF means it is gone (killed)."""
     with contextlib.suppress(OSError):
@@ -350,7 +381,7 @@ def _watch_client(conn: socket.socket) -> None:
     if _finishing.is_set():
         return
     os.kill(os.getpid(), signal.SIGINT)  # stop as a Ctrl-C would: temporaries removed, lock released
-    time.sleep(GRACE)
+    time.sleep(_grace())
     os.kill(os.getpid(), signal.SIGKILL)
 
 

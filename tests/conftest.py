@@ -40,6 +40,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # file; session fixtures count for the file that started them).
 SLOW_FILES_FIRST: tuple[str, ...] = (
     "test_diversity.py",
+    "test_warm_build.py",
     "test_resume.py",
     "test_flow.py",
     "test_longdep_stage.py",
