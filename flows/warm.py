@@ -81,8 +81,14 @@ PRELOAD = (
 )
 # the folders of `sys.path` that installers write packages into (pip, Debian's python3-* packages)
 PACKAGE_FOLDERS = frozenset({"site-packages", "dist-packages"})
-# set by a shell or by the terminal and irrelevant to what the imports above read
-VOLATILE_ENV = frozenset({"PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES"})
+# set by a shell, a terminal or a login session, different in every window or tab, and read by none of
+# the imports above (the child still gets them, with the rest of the command's environment): they do
+# not make a new warm process
+VOLATILE_ENV = frozenset(
+    {"PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES", "WINDOWID", "TERM_SESSION_ID", "ITERM_SESSION_ID"}
+    | {"KITTY_WINDOW_ID", "WT_SESSION", "TMUX", "TMUX_PANE", "STY", "SSH_CLIENT", "SSH_CONNECTION"}
+    | {"SSH_TTY", "GPG_TTY", "XDG_SESSION_ID", "XDG_VTNR"}
+)
 Command = Callable[[list[str]], int]  # `flows.cli.main`, passed in: this module does not import the CLI
 GRACE = 30.0  # seconds a child whose client is gone gets to stop after its interrupt
 REQUEST_TIMEOUT = 5.0  # seconds the warm process waits for a connected client's request

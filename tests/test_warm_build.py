@@ -542,3 +542,15 @@ def test_fingerprint_follows_package_folders_not_other_folders_on_the_path(
     (packages / "newpkg").mkdir()
     _later(packages)
     assert warm_module.fingerprint(env) != before
+
+
+def test_fingerprint_ignores_a_terminals_own_variables_not_others() -> None:
+    """Another terminal window or SSH session must not replace the warm process; any variable the
+    imports might read must."""
+    from flows import warm as warm_module
+
+    env = {"HOME": "/home/u", "TERM": "xterm-256color", "WINDOWID": "1", "SSH_CONNECTION": "a 1 b 22"}
+    before = warm_module.fingerprint(env)
+    assert warm_module.fingerprint({**env, "WINDOWID": "2", "SSH_CONNECTION": "c 2 b 22"}) == before
+    assert warm_module.fingerprint({**env, "TERM": "dumb"}) != before
+    assert warm_module.fingerprint({**env, "HF_HOME": "/data/hf"}) != before
