@@ -115,8 +115,8 @@ class Server:
             while not healthy(self.url, timeout=1.0):
                 gone = self.proc.poll() is not None if self.proc else not psutil.pid_exists(self.pid)
                 if gone and restarts:
-                    # once more: seen when a killed run's temporary API, still running until this run
-                    # ends it, held the shared database while this one started
+                    # once more: seen once in the test suite while a killed run's temporary API (still
+                    # running until this run ends it) most likely held the shared database
                     restarts -= 1
                     _TEMPORARY.discard(self.pid)
                     fresh = start_temporary()

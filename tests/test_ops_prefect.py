@@ -84,8 +84,8 @@ def test_temporary_api_left_by_a_killed_build_is_ended_by_the_next_run(tmp_path:
 def test_a_temporary_api_that_exits_while_starting_is_started_once_more(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A temporary API that dies during start-up (seen while a killed run's server still held the
-    shared database) is started again; a kept server that dies is reported, not restarted."""
+    """A temporary API that dies during start-up (seen once while a killed run's server most likely
+    held the shared database) is started again; a kept server that dies is reported, not restarted."""
     from flows.api import ApiError, Server, healthy
 
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
