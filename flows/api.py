@@ -195,13 +195,21 @@ def start_temporary() -> Server:
     return Server(url=f"http://127.0.0.1:{port}/api", pid=proc.pid, kept=False, proc=proc)
 
 
-def read_record(home: Path | None = None) -> dict[str, Any] | None:
-    path = (home or prefect_home()) / RECORD_NAME
+def read_record(home: Path | None = None, name: str = RECORD_NAME) -> dict[str, Any] | None:
+    """A process record under the Prefect home (the kept server's, or `name`'s); None if unreadable."""
+    path = (home or prefect_home()) / name
     try:
         record = json.loads(path.read_text())
         return record if isinstance(record, dict) else None
     except (OSError, ValueError):
         return None
+
+
+def write_record(home: Path, name: str, record: dict[str, Any]) -> None:
+    """Replace the record `name` under the Prefect home at once (readers see the old one or the new)."""
+    tmp = home / f".{name}.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, home / name)
 
 
 def kept_server(home: Path | None = None) -> Server | None:
@@ -250,9 +258,7 @@ def find_or_start_kept(home: Path | None = None) -> Server:
                 start_new_session=True,
             )
         record = {**process_identity(psutil.Process(proc.pid)), "url": url, "log": str(log)}
-        tmp = home / f".{RECORD_NAME}.tmp"
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, home / RECORD_NAME)
+        write_record(home, RECORD_NAME, record)
         return Server(url=url, pid=proc.pid, kept=True, log=log)
 
 

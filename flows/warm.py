@@ -52,8 +52,17 @@ from typing import Any
 
 import psutil
 
-from flows.api import ApiError, find_or_start_kept, home_lock, kept_server, limit_malloc_arenas, prefect_home
-from pipeline.core.helpers import process_identity, same_process
+from flows.api import (
+    ApiError,
+    find_or_start_kept,
+    home_lock,
+    kept_server,
+    limit_malloc_arenas,
+    prefect_home,
+    read_record,
+    write_record,
+)
+from pipeline.core.helpers import end_processes, process_identity, same_process
 from pipeline.core.progress import waiting
 
 ENV = "LONGLOOM_WARM_BUILD"  # "0": every build imports Prefect itself (for A/B measurements)
@@ -140,31 +149,17 @@ class Warm:
     address: str
 
 
-def _read_record(home: Path) -> dict[str, Any] | None:
-    try:
-        record = json.loads((home / RECORD_NAME).read_text())
-        return record if isinstance(record, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
 def _stop(record: dict[str, Any], grace: float = 10.0) -> psutil.Process | None:
     proc = same_process(record)
-    if proc is None:
-        return None
-    with contextlib.suppress(psutil.Error):
-        proc.terminate()
-    _, alive = psutil.wait_procs([proc], timeout=grace)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
+    if proc is not None:
+        end_processes([proc], grace)
     return proc
 
 
 def stop(home: Path | None = None) -> str | None:
     """End the warm process recorded under the Prefect home (builds it runs go on); a line, or None."""
     home = home or prefect_home()
-    record = _read_record(home)
+    record = read_record(home, RECORD_NAME)
     (home / RECORD_NAME).unlink(missing_ok=True)
     proc = _stop(record) if record else None
     return f"stopped the warm build process (pid {proc.pid})" if proc else None
@@ -172,7 +167,7 @@ def stop(home: Path | None = None) -> str | None:
 
 def status(home: Path | None = None) -> str | None:
     """A line on the warm process recorded under the Prefect home, or None if none runs."""
-    record = _read_record(home or prefect_home())
+    record = read_record(home or prefect_home(), RECORD_NAME)
     proc = same_process(record) if record else None
     if proc is None:
         return None
@@ -188,7 +183,7 @@ def find_or_start(home: Path, timeout: float = 120.0) -> Warm:
     with another fingerprint is stopped first), waited for until it listens."""
     fp = fingerprint()
     with home_lock(home):
-        record = _read_record(home)
+        record = read_record(home, RECORD_NAME)
         if record and record.get("fingerprint") == fp and same_process(record) is not None:
             return Warm(int(record["pid"]), str(record["address"]))
         if record:
@@ -211,9 +206,7 @@ def find_or_start(home: Path, timeout: float = 120.0) -> Warm:
                 start_new_session=True,  # a Ctrl-C of this build does not reach it
             )
         record = {**process_identity(psutil.Process(proc.pid)), "address": address, "fingerprint": fp}
-        tmp = home / f".{RECORD_NAME}.tmp"
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, home / RECORD_NAME)
+        write_record(home, RECORD_NAME, record)
         with waiting("starting Longloom's warm build process (imports Prefect once for later builds)"):
             deadline = time.monotonic() + timeout
             while True:

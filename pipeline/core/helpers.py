@@ -82,16 +82,22 @@ def reap_orphans(work_root: Path, log: Callable[[str], Any], grace: float = 10.0
         procs = [p for p in (same_process(h) for h in helpers) if p is not None]
         for p in procs:
             log(f"ending {' '.join(p.cmdline()[:3])}... (pid {p.pid}), left running by a killed run")
-            with contextlib.suppress(psutil.Error):
-                p.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=grace)
-        for p in alive:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        psutil.wait_procs(alive, timeout=grace)
+        end_processes(procs, grace)
         reaped += [p.pid for p in procs]
         path.unlink(missing_ok=True)
     return reaped
+
+
+def end_processes(procs: list[psutil.Process], grace: float) -> None:
+    """SIGTERM each, then SIGKILL those still running after `grace` seconds, and wait for them."""
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=grace)
 
 
 def forget_helpers(record: Path | None) -> None:
